@@ -1,0 +1,195 @@
+"""The ``pogdiff`` command line.
+
+Prefect reads its settings at import time, so the environment (``PREFECT_HOME`` under the
+settings' home, an API URL if one is configured, no hub downloads) is prepared before anything
+imports prefect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from pogdiff.config import ConfigError, RetrainConfig, load_config
+from storage.settings import REPO_ROOT, Settings, load_settings
+
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+
+
+def _prepare_env(settings: Settings) -> None:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("PREFECT_HOME", str(settings.prefect_home))
+    # The first start of the ephemeral server runs database migrations (about a minute on 2 cores).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    if settings.prefect_api_url:
+        os.environ["PREFECT_API_URL"] = settings.prefect_api_url
+    Path(settings.prefect_home).mkdir(parents=True, exist_ok=True)
+
+
+def _fmt(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
+def print_comparison(metrics: dict[str, float], previous: dict[str, float]) -> None:
+    """Bucket x metric table: the new model beside the previous champion."""
+    names = sorted({k.split("/", 1)[1] for k in metrics if "/" in k})
+    print(f"\n{'bucket':<9}{'metric':<12}{'new':>8}{'champion':>10}")
+    for bucket in ("many", "medium", "few", "overall"):
+        for m in names:
+            key = f"{bucket}/{m}"
+            if key in metrics:
+                print(f"{bucket:<9}{m:<12}{_fmt(metrics[key]):>8}{_fmt(previous.get(key)):>10}")
+
+
+def _run_retrain(source: Path, config: RetrainConfig, settings: Settings) -> dict:
+    from storage.parquet import check_source
+
+    check_source(source, config.ingest)  # one clear line for a bad source, before any flow starts
+    from flows.retrain import retrain
+
+    return retrain(str(source), config)
+
+
+def _report(result: dict, settings: Settings, started: float) -> None:
+    ing, cap, img, dec = result["ingest"], result["captions"], result["images"], result["decision"]
+    print(f"\nretrain finished in {time.time() - started:.0f} s")
+    if ing["accepted"] == 0:
+        print(f"  ingest:   unchanged data, nothing re-ingested ({ing['unchanged']} rows, snapshot {ing['snapshot_id']})")
+    else:
+        print(f"  ingest:   {ing['accepted']} new rows, {ing['unchanged']} unchanged, rejected {ing['rejected'] or 0}")
+    print(f"  index:    {cap['embedded']} captions embedded, {cap['captions'] - cap['embedded']} reused; "
+          f"{img['computed']} image features computed")
+    print(f"  mlflow:   run {result['run_id']}, {dec['model_name']} version {dec['version']} "
+          f"-> {'champion' if dec['promoted'] else 'challenger'} ({dec['reason']})")
+    print_comparison(result["metrics"], dec["champion_metrics"])
+    home = settings.home
+    print("\nOpen the MLflow UI on this data:")
+    print(f"  .venv/bin/mlflow ui --backend-store-uri {settings.mlflow_tracking_uri} --port 5000")
+    print("Open the Prefect UI on this data:")
+    print(f"  PREFECT_HOME={home / 'prefect'} .venv/bin/prefect server start")
+
+
+def cmd_demo(args, settings: Settings) -> int:
+    from pogdiff import demo
+
+    config = load_config(args.config)
+    source = Path(args.data) if args.data else Path(settings.data_root) / "demo-longtail"
+    if not (source / "captions.csv").exists():
+        summary = demo.generate_longtail(source, seed=args.seed)
+        print(f"generated the demo data set: {summary['images']} images of {summary['individuals']} individuals in {source}")
+    else:
+        print(f"using the demo data set in {source}")
+    started = time.time()
+    _report(_run_retrain(source, config, settings), settings, started)
+    return 0
+
+
+def cmd_retrain(args, settings: Settings) -> int:
+    started = time.time()
+    _report(_run_retrain(Path(args.source), load_config(args.config), settings), settings, started)
+    return 0
+
+
+def cmd_ingest(args, settings: Settings) -> int:
+    from storage.parquet import ingest_folder
+
+    cfg = load_config(args.config).ingest
+    report = ingest_folder(Path(args.source), Path(settings.dataset_uri), cfg)
+    if args.json:
+        print(json.dumps({"accepted": report.accepted, "rejected": report.rejected, "snapshot_id": report.snapshot_id,
+                          "unchanged": report.unchanged, "total_rows": report.total_rows}))
+    else:
+        print(f"accepted {report.accepted}, unchanged {report.unchanged}, total {report.total_rows}, snapshot {report.snapshot_id}")
+        for reason, n in report.rejected.items():
+            print(f"  rejected {reason}: {n}")
+    return 0
+
+
+def cmd_demo_data(args, settings: Settings) -> int:
+    from pogdiff import demo
+
+    summary = demo.generate_longtail(Path(args.out), seed=args.seed)
+    print(f"wrote {summary['images']} images of {summary['individuals']} individuals to {args.out}")
+    return 0
+
+
+def cmd_base_build(args, settings: Settings) -> int:
+    import shutil
+
+    from pogdiff.base import BaseRecipe, build_base
+    from pogdiff.model import BUILTIN_MODELS
+
+    recipe = BaseRecipe(steps=args.steps) if args.steps else BaseRecipe()
+    work = Path(settings.runs_dir) / "base-build"
+    started = time.time()
+
+    def progress(step: int, m: dict[str, float]) -> None:
+        if step % 100 == 0 or step == recipe.steps:
+            print(f"step {step}/{recipe.steps} loss {m['loss']:.4f} ({time.time() - started:.0f} s)", flush=True)
+
+    result = build_base(work, recipe, on_step=progress)
+    out = Path(args.out) if args.out else BUILTIN_MODELS["builtin:shapes32"]
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(result.model_dir, out)
+    print(f"base model written to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pogdiff", description="PoGDiff fine-tuning pipeline")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="generate the demo long-tailed data (if missing) and run the retrain flow on it")
+    d.add_argument("--config", default=str(DEMO_CONFIG), help="retrain config YAML (default: configs/demo.yaml)")
+    d.add_argument("--data", help="demo data folder (default: <data_root>/demo-longtail)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the demo data generator")
+    d.set_defaults(func=cmd_demo)
+
+    r = sub.add_parser("retrain", help="run the retrain flow on a source folder (images + captions file)")
+    r.add_argument("source")
+    r.add_argument("--config", help="retrain config YAML (default: built-in defaults)")
+    r.set_defaults(func=cmd_retrain)
+
+    i = sub.add_parser("ingest", help="ingest a source folder into the Parquet dataset")
+    i.add_argument("source")
+    i.add_argument("--config", help="retrain config YAML whose 'ingest' section applies")
+    i.add_argument("--json", action="store_true", help="print the report as JSON")
+    i.set_defaults(func=cmd_ingest)
+
+    g = sub.add_parser("demo-data", help="write the demo long-tailed data set to a folder")
+    g.add_argument("out")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_demo_data)
+
+    b = sub.add_parser("base", help="the embedded base model")
+    bsub = b.add_subparsers(dest="base_command", required=True)
+    bb = bsub.add_parser("build", help="pretrain the base model with the fixed recipe (pogdiff/base.py)")
+    bb.add_argument("--out", help="where to write the model (default: the packaged builtin:shapes32)")
+    bb.add_argument("--steps", type=int, help="override the recipe's steps (for a quick look)")
+    bb.set_defaults(func=cmd_base_build)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from storage.parquet import SourceError
+
+    try:
+        settings = load_settings()
+        _prepare_env(settings)
+        return args.func(args, settings)
+    except (SourceError, ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Typed configuration, one model per pipeline stage.
+
+Every default is defined here and only here. Every model forbids unknown keys, so a typo in a
+config file (``lamda: 2``) stops the run before any work starts with an error that names the key.
+Options with a closed set of values are ``Literal`` types, validated at load time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or mapping is invalid; the message names the offending key."""
+
+
+class _Stage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IngestConfig(_Stage):
+    """How a caption–image source is read and validated."""
+
+    captions_file: str = "captions.csv"  # csv or jsonl, relative to the source folder
+    image_column: str = "image"
+    caption_column: str = "caption"
+    allowed_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
+    min_side: int = Field(8, ge=1)  # pixels; smaller images are rejected
+    max_pixels: int = Field(64_000_000, ge=1)  # decompression-bomb guard, checked before decoding
+    max_caption_chars: int = Field(1000, ge=1)
+    caption_overflow: Literal["reject", "truncate"] = "reject"
+    same_image_other_caption: Literal["keep", "reject"] = "keep"
+
+
+class IndexConfig(_Stage):
+    """Caption embedding, the caption neighbour graph and the effective density."""
+
+    embedder: Literal["minilm"] = "minilm"
+    k: int = Field(5, ge=1)  # neighbours stored per caption
+    density_bandwidth: float = Field(0.05, gt=0)  # kernel width in cosine distance (1 - cos)
+    image_feature: Literal["pixels"] = "pixels"
+    image_feature_size: int = Field(16, ge=2)  # side of the downsampled image used as feature
+    batch_size: int = Field(64, ge=1)
+
+
+class PoGConfig(_Stage):
+    """The objective and its neighbour weight (DESIGN §4).
+
+    psi_i = lam * s_img(i, i')^a * (rho_eff(y_i) / mean rho_eff)^(-b) * w(t)
+    """
+
+    method: Literal["vanilla", "pogdiff", "cbdm"] = "pogdiff"
+    loss_form: Literal["B", "A"] = "B"
+    lam: float = Field(1.0, ge=0)
+    a: float = Field(1.0, ge=0)
+    b: float = Field(0.5, ge=0)
+    k: int = Field(5, ge=1)  # neighbours drawn from (at most the index's k)
+    neighbour_sampling: Literal["similarity", "uniform"] = "similarity"
+    psi_threshold: float = Field(1e-3, ge=0)  # neighbour branch runs only where psi > threshold
+    psi_max: float = Field(10.0, gt=0)
+    timestep_weight: Literal["constant", "linear"] = "constant"
+    cbdm_tau: float = Field(1.0, ge=0)
+
+
+class TrainConfig(_Stage):
+    """Fine-tuning budget and optimisation."""
+
+    base_model: str = "builtin:shapes32"  # builtin name, local diffusers-style folder
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    caption_dropout: float = Field(0.1, ge=0, lt=1)
+    snr_gamma: float | None = Field(None, gt=0)
+    seed: int = 0
+    checkpoint_every: int = Field(100, ge=1)
+    pog: PoGConfig = PoGConfig()
+
+
+class BucketConfig(_Stage):
+    """Frequency buckets by training images per caption: many > many_above, few < few_below."""
+
+    many_above: int = Field(100, ge=0)
+    few_below: int = Field(20, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "BucketConfig":
+        if self.few_below > self.many_above + 1:
+            raise ValueError("few_below must not exceed many_above + 1 (buckets would overlap)")
+        return self
+
+
+class EvaluateConfig(_Stage):
+    """Generation for evaluation and the metrics computed on it."""
+
+    images_per_caption: int = Field(8, ge=1)
+    num_inference_steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(3.0, ge=0)
+    seed: int = 1234
+    batch_size: int = Field(128, ge=1)
+    feature_extractor: Literal["pixels"] = "pixels"
+    feature_size: int = Field(16, ge=2)
+    gate: Literal["judge", "nearest"] = "judge"  # gRecall accuracy gate (DESIGN §6)
+    buckets: BucketConfig = BucketConfig()
+
+
+class RegisterConfig(_Stage):
+    """MLflow experiment, registered model and the promotion gate."""
+
+    experiment: str = "pogdiff"
+    model_name: str = "pogdiff-demo"
+    gate_metric: str = "few/grecall"
+    min_improvement: float = 0.0  # promote when new > champion + min_improvement
+
+
+class RetrainConfig(_Stage):
+    """The whole retrain flow: one section per stage."""
+
+    ingest: IngestConfig = IngestConfig()
+    index: IndexConfig = IndexConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegisterConfig = RegisterConfig()  # the register stage ("register" would shadow BaseModel.register)
+
+
+def _explain(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown config key '{key}'")
+        else:
+            parts.append(f"config key '{key}': {e['msg']}")
+    return "; ".join(parts)
+
+
+def parse_config(data: dict[str, Any] | None, model: type[_Stage] = RetrainConfig) -> Any:
+    """Validate a mapping into ``model``; raise ``ConfigError`` naming each bad key."""
+    try:
+        return model.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(_explain(err)) from None
+
+
+def load_config(path: str | Path | None, model: type[_Stage] = RetrainConfig) -> Any:
+    """Read a YAML file into ``model``; ``None`` gives the defaults."""
+    if path is None:
+        return model()
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, not {type(data).__name__}")
+    return parse_config(data, model)

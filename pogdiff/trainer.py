@@ -1,0 +1,234 @@
+"""The fine-tuning loop: one trainer for vanilla, CBDM and PoGDiff, so comparisons are fair.
+
+It never talks to a tracking server: progress goes to the ``on_step(step, metrics)`` callback.
+Checkpoints are written atomically every ``checkpoint_every`` steps and the run resumes from the
+latest one, so an interrupted fine-tune continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pogdiff.config import TrainConfig
+from pogdiff.model import PixelDiffusionPipeline
+from pogdiff.neighbours import (
+    NeighbourGraph,
+    image_similarity,
+    psi_weight,
+    sample_member_images,
+    sample_neighbour_captions,
+)
+from pogdiff.objectives import cbdm_loss, min_snr_weight, pogdiff_loss, vanilla_loss
+
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """In-memory training set. images ``[N, 3, H, W]`` in [-1, 1]; captions ``C`` strings; graph indexes them."""
+
+    images: torch.Tensor
+    captions: list[str]
+    graph: NeighbourGraph
+
+    def __post_init__(self):
+        n = self.images.shape[0]
+        if n == 0:
+            raise ValueError("training set is empty")
+        if self.graph.caption_of.shape != (n,):
+            raise ValueError(f"caption_of has shape {tuple(self.graph.caption_of.shape)}, expected ({n},)")
+        if self.graph.num_captions != len(self.captions):
+            raise ValueError(f"graph has {self.graph.num_captions} captions, data has {len(self.captions)}")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model_dir: Path
+    steps: int
+    resumed_from: int
+    seconds: float
+    final: dict[str, float]
+
+
+def _quartile_means(values: torch.Tensor, t: torch.Tensor, num_train_timesteps: int, name: str) -> dict[str, float]:
+    """Mean of ``values`` ``[B]`` per timestep quartile, keys ``{name}/q1..q4`` (only non-empty ones)."""
+    q = (t * 4 // num_train_timesteps).clamp(0, 3)
+    out = {}
+    for i in range(4):
+        sel = q == i
+        if sel.any():
+            out[f"{name}/q{i + 1}"] = values[sel].float().mean().item()
+    return out
+
+
+def _checkpoint_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def _save_checkpoint(root: Path, step: int, unet, optimizer, lr_sched, generators: list[torch.Generator], keep: int = 2) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}, tmp / "unet.safetensors")
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "lr_sched": lr_sched.state_dict(), "rng": [g.get_state() for g in generators]},
+            tmp / "state.pt",
+        )
+        (tmp / "step.json").write_text(json.dumps({"step": step}))
+        os.replace(tmp, root / f"step-{step:08d}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in _checkpoint_dirs(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(path: Path, unet, optimizer, lr_sched, generators: list[torch.Generator]) -> int:
+    unet.load_state_dict(load_file(path / "unet.safetensors"))
+    # weights_only: our own checkpoint, but never unpickle arbitrary objects.
+    state = torch.load(path / "state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    lr_sched.load_state_dict(state["lr_sched"])
+    for g, st in zip(generators, state["rng"], strict=True):
+        g.set_state(st)
+    return int(json.loads((path / "step.json").read_text())["step"])
+
+
+def train(
+    pipe: PixelDiffusionPipeline,
+    data: TrainData,
+    cfg: TrainConfig,
+    out_dir: Path,
+    on_step: StepCallback | None = None,
+    resume: bool = True,
+) -> TrainResult:
+    """Fine-tune ``pipe.unet`` on ``data`` with ``cfg.pog.method``; write ``out_dir/model``.
+
+    Per step: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, one forward for y, and for PoGDiff a
+    no-grad forward for the neighbour caption y' on the samples whose psi exceeds the threshold.
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    ckpt_root = out_dir / "checkpoints"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    unet = pipe.unet.to(device).train()
+    sched = pipe.scheduler
+    T = sched.config.num_train_timesteps
+    prediction_type = sched.config.prediction_type
+    pog = cfg.pog
+
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    warm = max(cfg.lr_warmup_steps, 1)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
+    # Data order, noise and timesteps come from `gen` alone, so every method sees the same batches;
+    # neighbour draws use their own stream and never shift the data stream.
+    gen = torch.Generator().manual_seed(cfg.seed)
+    gen_nb = torch.Generator().manual_seed(cfg.seed + 1)
+    generators = [gen, gen_nb]
+
+    start = 0
+    if resume and (ckpts := _checkpoint_dirs(ckpt_root)):
+        start = _load_checkpoint(ckpts[-1], unet, optimizer, lr_sched, generators)
+
+    hidden, mask = pipe.text_encoder.encode(data.captions + [""])
+    hidden, mask = hidden.to(device), mask.to(device)
+    null = len(data.captions)
+    graph = data.graph
+    ratio = graph.density_ratio()
+    alphas = sched.alphas_cumprod.to(device)
+    n_images, n_captions = data.images.shape[0], len(data.captions)
+    metrics: dict[str, float] = {}
+
+    for step in range(start, cfg.steps):
+        idx = torch.randint(n_images, (cfg.batch_size,), generator=gen)
+        cap = graph.caption_of[idx]
+        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
+        cond = torch.where(drop, torch.full_like(cap, null), cap)
+        noise = torch.randn(data.images[idx].shape, generator=gen)
+        t = torch.randint(T, (cfg.batch_size,), generator=gen)
+        x0, noise, t_dev = data.images[idx].to(device), noise.to(device), t.to(device)
+        xt = sched.add_noise(x0, noise, t_dev)
+        target = noise if prediction_type == "epsilon" else sched.get_velocity(x0, noise, t_dev)
+
+        pred = unet(xt, t_dev, hidden[cond], encoder_attention_mask=mask[cond]).sample
+        extra: dict[str, torch.Tensor] = {}
+        if pog.method == "vanilla":
+            terms = vanilla_loss(pred, target)
+        elif pog.method == "pogdiff":
+            nb_cap = sample_neighbour_captions(graph, cap, pog.k, pog.neighbour_sampling, gen_nb)
+            has = (nb_cap >= 0) & ~drop
+            psi = torch.zeros(cfg.batch_size)
+            if has.any():
+                other = sample_member_images(graph, nb_cap[has], gen_nb)
+                s_img = image_similarity(graph, idx[has], other)
+                psi[has] = psi_weight(s_img, ratio[cap[has]], t[has], T, pog.lam, pog.a, pog.b, pog.timestep_weight, pog.psi_max)
+            # Sparse neighbour branch: the extra forward runs only where the target actually moves.
+            active = psi > pog.psi_threshold
+            psi = torch.where(active, psi, torch.zeros_like(psi))
+            nb = pred.detach().clone()
+            if active.any():
+                a_dev = active.to(device)
+                c_nb = nb_cap[active].to(device)
+                with torch.no_grad():
+                    nb[a_dev] = unet(xt[a_dev], t_dev[a_dev], hidden[c_nb], encoder_attention_mask=mask[c_nb]).sample
+            terms = pogdiff_loss(pred, target, nb, psi.to(device), pog.loss_form)
+            extra = {"psi": psi, "active": active.float()}
+        elif pog.method == "cbdm":
+            # y' uniform over the other captions (the fine-tuning setting of the official code).
+            other = torch.randint(max(n_captions - 1, 1), (cfg.batch_size,), generator=gen_nb)
+            y2 = torch.where(other >= cap, other + 1, other) if n_captions > 1 else cap
+            weight = (pog.cbdm_tau * t.float() / T) * (~drop).float()
+            y2_dev = y2.to(device)
+            nb = unet(xt, t_dev, hidden[y2_dev], encoder_attention_mask=mask[y2_dev]).sample
+            terms = cbdm_loss(pred, target, nb, weight.to(device))
+        else:
+            raise ValueError(f"unknown method {pog.method!r}")
+
+        loss_vec = terms["loss"]
+        if cfg.snr_gamma is not None:
+            ab = alphas[t_dev]
+            loss_vec = loss_vec * min_snr_weight(ab / (1 - ab), cfg.snr_gamma, prediction_type)
+        loss = loss_vec.mean()
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss is {loss.item()} at step {step + 1}; stopped, last good checkpoint kept in {ckpt_root}"
+            )
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        lr_sched.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        metrics = {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr_sched.get_last_lr()[0]}
+        for name, v in terms.items():
+            if name != "loss":
+                metrics[f"term/{name}"] = v.detach().float().mean().item()
+        metrics.update(_quartile_means(loss_vec.detach().cpu(), t, T, "loss"))
+        if extra:
+            metrics["psi/mean"] = extra["psi"].mean().item()
+            metrics["psi/active_share"] = extra["active"].mean().item()
+            metrics.update(_quartile_means(extra["psi"], t, T, "psi"))
+        if on_step is not None:
+            on_step(step + 1, metrics)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            _save_checkpoint(ckpt_root, step + 1, unet, optimizer, lr_sched, generators)
+
+    unet.eval()
+    model_dir = out_dir / "model"
+    pipe.save_pretrained(model_dir, extra={"method": pog.method, "steps": cfg.steps})
+    return TrainResult(model_dir, cfg.steps, start, time.perf_counter() - started, metrics)

@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""Set up ``.venv`` (if missing or out of date) and run the demo or the tests.
+
+    python3 run.py demo [pogdiff demo options]
+    python3 run.py test [pytest options]
+
+torch is installed first, pinned, so a CPU-only machine never pulls a multi-GB CUDA build; on a GPU
+machine install the CUDA build of the same version into .venv first (see README).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+PY = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+STAMP = VENV / ".pogdiff-installed"
+TORCH = "torch==2.13.0"
+
+
+def ensure_env() -> None:
+    """(Re)install when pyproject.toml changed since the last successful install."""
+    key = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + TORCH.encode()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == key and PY.exists():
+        return
+    if not PY.exists():
+        print(f"creating {VENV.name}/ ...", flush=True)
+        venv.create(VENV, with_pip=True)
+    pip = [str(PY), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    print(f"installing {TORCH} ...", flush=True)
+    subprocess.run([*pip, TORCH], check=True)
+    print("installing the project and its dependencies ...", flush=True)
+    subprocess.run([*pip, "-e", f"{ROOT}[dev]"], check=True)
+    STAMP.write_text(key)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("demo", "test"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    ensure_env()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if argv[0] == "demo":
+        cmd = [str(PY), "-m", "flows.cli", "demo", *argv[1:]]
+    else:
+        cmd = [str(PY), "-m", "pytest", *argv[1:]]
+    return subprocess.run(cmd, cwd=ROOT, env=env).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,68 @@
+"""Joins the Parquet dataset and the LanceDB tables into the arrays the trainer and evaluator use."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from storage import parquet, vectors
+from storage.images import decode_images
+
+
+@dataclass(frozen=True)
+class StoredTrainingSet:
+    """N images, C captions (sorted by caption id). images uint8 ``[N, s, s, 3]``; caption_of ``[N]``;
+    nb_index ``[C, k]`` (-1 where missing); nb_sims ``[C, k]``; density, counts ``[C]``; features ``[N, F]``."""
+
+    image_ids: list[str]
+    images: np.ndarray
+    caption_ids: list[str]
+    captions: list[str]
+    caption_of: np.ndarray
+    nb_index: np.ndarray
+    nb_sims: np.ndarray
+    density: np.ndarray
+    counts: np.ndarray
+    features: np.ndarray
+
+
+def _caption_id(caption: str) -> str:
+    # Must equal pogdiff.index.caption_id; storage does not import the method library.
+    return hashlib.sha256(caption.encode("utf-8")).hexdigest()[:32]
+
+
+def load_training_set(dataset: Path, lancedb_uri: str, extractor: str, size: int) -> StoredTrainingSet:
+    """Read every accepted image with its caption's neighbours and its image feature."""
+    table = parquet.read_images(dataset, columns=["id", "caption", "image"])
+    if table.num_rows == 0:
+        raise ValueError(f"dataset {dataset} has no images; run ingest first")
+    caps = vectors.read_caption_table(lancedb_uri)
+    if caps is None:
+        raise ValueError(f"LanceDB at {lancedb_uri} has no '{vectors.CAPTIONS}' table; run index first")
+    cap_ids = caps.column("caption_id").to_pylist()
+    row = {c: i for i, c in enumerate(cap_ids)}
+    image_captions = table.column("caption").to_pylist()
+    missing = {c for c in image_captions if _caption_id(c) not in row}
+    if missing:
+        raise ValueError(f"{len(missing)} captions of the dataset are not indexed (e.g. {sorted(missing)[0]!r}); run index")
+    image_ids = table.column("id").to_pylist()
+    feats = vectors.read_image_features(lancedb_uri, extractor)
+    lacking = [i for i in image_ids if i not in feats]
+    if lacking:
+        raise ValueError(f"{len(lacking)} images have no '{extractor}' feature (e.g. {lacking[0]}); run index")
+    nb_ids = caps.column("neighbour_ids").to_pylist()
+    return StoredTrainingSet(
+        image_ids=image_ids,
+        images=decode_images(table.column("image").to_pylist(), size),
+        caption_ids=cap_ids,
+        captions=caps.column("caption").to_pylist(),
+        caption_of=np.array([row[_caption_id(c)] for c in image_captions], np.int64),
+        nb_index=np.array([[row.get(j, -1) for j in r] for r in nb_ids], np.int64),
+        nb_sims=np.asarray(caps.column("neighbour_sims").combine_chunks().flatten(), np.float32).reshape(len(cap_ids), -1),
+        density=np.asarray(caps.column("density"), np.float64),
+        counts=np.asarray(caps.column("count"), np.int64),
+        features=np.stack([feats[i] for i in image_ids]),
+    )

@@ -1,0 +1,25 @@
+"""Ingest task: a caption–image source folder into the Parquet dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from pogdiff.config import IngestConfig
+from storage import parquet
+from storage.settings import Settings
+
+
+@task(name="ingest", retries=2, retry_delay_seconds=[2, 10])
+def ingest(source: str, settings: Settings, cfg: IngestConfig) -> parquet.IngestReport:
+    """Validate and append new rows; rejected rows go to the quarantine. Re-runs write nothing new."""
+    report = parquet.ingest_folder(Path(source), settings.dataset_uri, cfg)
+    log = get_run_logger()
+    if report.accepted == 0:
+        log.info("ingest: no new rows (%d unchanged) — dataset snapshot %s reused", report.unchanged, report.snapshot_id)
+    else:
+        log.info("ingest: %d new rows, %d unchanged, snapshot %s", report.accepted, report.unchanged, report.snapshot_id)
+    if report.rejected:
+        log.warning("ingest: quarantined %s", report.rejected)
+    return report

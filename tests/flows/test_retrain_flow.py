@@ -1,0 +1,86 @@
+"""End to end: the retrain flow on a tiny data set, on a real Prefect test server, LanceDB and MLflow."""
+
+import csv
+
+import lancedb
+import pytest
+from mlflow.tracking import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+
+from pogdiff import demo
+from pogdiff.config import parse_config
+from pogdiff.model import PixelDiffusionPipeline
+from storage import parquet, tracking
+
+K = 3
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_spec):
+    root = tmp_path_factory.mktemp("e2e")
+    source = root / "source"
+    summary = demo.generate_longtail(source, seed=3, size=16, max_count=8, alpha=1.0, min_count=1)
+    base = root / "base"
+    PixelDiffusionPipeline.new(tiny_spec, seed=0).save_pretrained(base)
+    config = parse_config({
+        "index": {"k": K},
+        "train": {"base_model": str(base), "steps": 3, "batch_size": 8, "checkpoint_every": 2},
+        "evaluate": {"images_per_caption": 2, "num_inference_steps": 2, "buckets": {"many_above": 4, "few_below": 2}},
+        "registry": {"experiment": "e2e", "model_name": "e2e-model"},
+    })
+    return root, source, summary, config
+
+
+def test_retrain_flow_end_to_end(prefect_server, setup, monkeypatch):
+    root, source, summary, config = setup
+    home = root / "home"
+    monkeypatch.setenv("POGDIFF_HOME", str(home))
+    from flows.retrain import retrain
+
+    first = retrain(str(source), config)
+
+    # ingest: every row of the captions file landed in Parquet, nothing quarantined
+    with open(source / "captions.csv", newline="") as f:
+        n_rows = sum(1 for _ in csv.DictReader(f))
+    assert first["ingest"]["accepted"] == n_rows == summary["images"]
+    assert parquet.read_images(home / "dataset", columns=["id"]).num_rows == n_rows
+    assert parquet.read_quarantine(home / "dataset").num_rows == 0
+
+    # index: every caption has a vector, k neighbours (24 distinct captions) and a density
+    caps = lancedb.connect(str(home / "lancedb")).open_table("captions").to_arrow()
+    assert caps.num_rows == 24 == first["captions"]["embedded"]
+    ids = set(caps.column("caption_id").to_pylist())
+    for row in caps.to_pylist():
+        assert len(row["neighbour_ids"]) == K and set(row["neighbour_ids"]) <= ids - {row["caption_id"]}
+        assert row["density"] >= row["count"] > 0
+    assert first["images"]["computed"] == n_rows
+
+    # MLflow: a finished run with per-bucket metrics and per-step losses; a version with an alias
+    tracking.configure(f"sqlite:///{home / 'mlflow.db'}")
+    client = MlflowClient()
+    run = client.get_run(first["run_id"])
+    assert run.info.status == "FINISHED"
+    assert {"overall/grecall", "overall/accuracy", "few/grecall", "many/grecall"} <= set(run.data.metrics)
+    assert len(client.get_metric_history(first["run_id"], "train/loss")) == 3
+    assert run.data.params["train.pog.method"] == "pogdiff"
+    assert run.data.tags["dataset_snapshot_id"] == first["ingest"]["snapshot_id"]
+    assert run.inputs.dataset_inputs, "dataset lineage missing"
+    v1 = client.get_model_version("e2e-model", "1")
+    assert v1.run_id == first["run_id"]
+    model = client.get_registered_model("e2e-model")
+    assert model.aliases.get("challenger") in (1, "1") and model.aliases.get("champion") in (1, "1")
+
+    # a second run over unchanged data re-ingests and re-embeds nothing, but trains a new version
+    second = retrain(str(source), config)
+    assert second["ingest"]["accepted"] == 0 and second["ingest"]["unchanged"] == n_rows
+    assert second["captions"]["embedded"] == 0 and second["captions"]["written"] == 0
+    assert second["images"]["computed"] == 0
+    assert second["run_id"] != first["run_id"]
+    assert second["decision"]["version"] == "2"
+    assert client.get_registered_model("e2e-model").aliases.get("challenger") in (2, "2")

@@ -1,0 +1,209 @@
+"""The demo data set: rendering, the long-tailed folder, the balanced draw and the detector."""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pogdiff.demo import (
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    Individual,
+    Instance,
+    all_individuals,
+    balanced_draw,
+    detect,
+    generate_longtail,
+    longtail_counts,
+    parse_caption,
+    render,
+    sample_instance,
+)
+
+
+def _random_renders(n: int, size: int, seed: int) -> tuple[np.ndarray, list[Individual]]:
+    rng = np.random.default_rng(seed)
+    individuals = all_individuals()
+    truth = [individuals[int(rng.integers(len(individuals)))] for _ in range(n)]
+    images = np.stack([render(ind, sample_instance(rng, "full"), size) for ind in truth])
+    return images, truth
+
+
+def _accuracy(images: np.ndarray, truth: list[Individual]) -> float:
+    return float(np.mean([found == ind for found, ind in zip(detect(images), truth, strict=True)]))
+
+
+def test_vocabulary() -> None:
+    assert len(all_individuals()) == len(set(all_individuals())) == 24
+    assert all_individuals() == all_individuals()
+    colours = np.array(list(COLOURS.values()), dtype=float)
+    backgrounds = np.array(list(BACKGROUNDS.values()), dtype=float)
+    between_colours = np.linalg.norm(colours[:, None] - colours[None], axis=-1)
+    assert between_colours[~np.eye(len(colours), dtype=bool)].min() > 150
+    assert np.linalg.norm(colours[:, None] - backgrounds[None], axis=-1).min() > 150
+
+
+def test_parse_caption_round_trips() -> None:
+    for individual in all_individuals():
+        assert parse_caption(individual.caption) == individual
+    assert Individual("circle", "red").caption == "a red circle"
+    for other in ("a purple dog", "a red", "red circle", "a red circle ", "an red circle", ""):
+        assert parse_caption(other) is None
+
+
+def test_sample_instance() -> None:
+    assert sample_instance(np.random.default_rng(0), "canonical") == Instance(0.5, 0.5, 0.28, 0.0, "black")
+    rng = np.random.default_rng(0)
+    draws = [sample_instance(rng, "full") for _ in range(400)]
+    assert all(0.35 <= d.cx <= 0.65 and 0.35 <= d.cy <= 0.65 for d in draws)
+    assert all(0.22 <= d.scale <= 0.34 and 0.0 <= d.rotation < 360.0 for d in draws)
+    assert {d.background for d in draws} == set(BACKGROUNDS)
+    assert draws[:5] == [sample_instance(np.random.default_rng(0), "full")] + draws[1:5]
+    with pytest.raises(ValueError, match="variation"):
+        sample_instance(rng, "wild")  # type: ignore[arg-type]
+
+
+def test_render_is_deterministic_and_varies() -> None:
+    individual = Individual("triangle", "cyan")
+    instance = Instance(0.4, 0.6, 0.3, 17.0, "dark olive")
+    image = render(individual, instance, size=24)
+    assert image.shape == (24, 24, 3) and image.dtype == np.uint8
+    assert np.array_equal(image, render(individual, instance, size=24))
+    moved = Instance(0.5, 0.6, 0.3, 17.0, "dark olive")
+    turned = Instance(0.4, 0.6, 0.3, 50.0, "dark olive")
+    recoloured = Individual("triangle", "red")
+    for other in (render(individual, moved, 24), render(individual, turned, 24), render(recoloured, instance, 24)):
+        assert not np.array_equal(image, other)
+    # anti-aliased: edge pixels are blends, and the corners show the pure background
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 2
+    assert tuple(image[0, 0]) == BACKGROUNDS["dark olive"]
+
+
+def test_cross_and_square_cover_different_areas() -> None:
+    canonical = Instance(0.5, 0.5, 0.28, 0.0, "black")
+    area = {s: (render(Individual(s, "red"), canonical, 64)[..., 0] > 115).mean() for s in SHAPES}
+    # circle pi r^2, square 2 r^2, cross ~1.65 r^2, triangle ~1.30 r^2 with r = 0.28
+    assert area["circle"] > area["square"] > area["cross"] > area["triangle"]
+
+
+def test_detect_clean_renders() -> None:
+    images, truth = _random_renders(1000, 32, seed=1)
+    accuracy = _accuracy(images, truth)
+    assert accuracy >= 0.995, f"detect accuracy on clean 32 px renders: {accuracy:.4f}"
+    images, truth = _random_renders(1000, 16, seed=2)
+    accuracy = _accuracy(images, truth)
+    assert accuracy >= 0.95, f"detect accuracy on clean 16 px renders: {accuracy:.4f}"
+
+
+def test_detect_noisy_renders() -> None:
+    images, truth = _random_renders(1000, 32, seed=3)
+    noise = np.random.default_rng(4).normal(0.0, 12.0, images.shape)
+    noisy = np.clip(np.rint(images + noise), 0, 255).astype(np.uint8)
+    accuracy = _accuracy(noisy, truth)
+    assert accuracy >= 0.95, f"detect accuracy at noise sigma 12, 32 px: {accuracy:.4f}"
+
+
+def test_detect_rejects_what_is_not_one_shape() -> None:
+    blank = np.zeros((1, 32, 32, 3), dtype=np.uint8)
+    backgrounds = np.stack([np.full((32, 32, 3), rgb, dtype=np.uint8) for rgb in BACKGROUNDS.values()])
+    assert detect(blank) == [None]
+    assert detect(backgrounds) == [None] * len(BACKGROUNDS)
+    red_circle = render(Individual("circle", "red"), Instance(0.5, 0.5, 0.3, 0.0, "black"), 32)
+    dim = (red_circle // 3).astype(np.uint8)  # a dark red is not the demo's red
+    purple = red_circle.copy()
+    purple[..., 2] = red_circle[..., 0] // 2  # (230, 30, 115): between red and magenta
+    speck = np.zeros((32, 32, 3), dtype=np.uint8)
+    speck[10:13, 10:13] = COLOURS["red"]  # 9 pixels < 2% of the image
+    flood = np.zeros((32, 32, 3), dtype=np.uint8)
+    flood[2:30, 2:30] = COLOURS["red"]  # 77% of the image
+    assert detect(np.stack([dim, purple, speck, flood])) == [None] * 4
+    assert detect(red_circle[None]) == [Individual("circle", "red")]
+
+
+def test_detect_validates_input() -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        detect(np.zeros((1, 32, 32, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="16"):
+        detect(np.zeros((1, 8, 8, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="H, W=H, 3"):
+        detect(np.zeros((1, 32, 30, 3), dtype=np.uint8))
+
+
+def test_longtail_counts() -> None:
+    counts = longtail_counts()
+    assert len(counts) == 24 and counts[0] == 150 and counts == sorted(counts, reverse=True)
+    assert counts == [max(2, round(150 / r**1.1)) for r in range(1, 25)]
+    assert longtail_counts(5, max_count=10, alpha=3.0, min_count=2) == [10, 2, 2, 2, 2]
+    with pytest.raises(ValueError):
+        longtail_counts(min_count=0)
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _read_png(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        assert (image.format, image.mode) == ("PNG", "RGB")
+        return np.asarray(image)
+
+
+def test_generate_longtail(tmp_path: Path) -> None:
+    summary = generate_longtail(tmp_path / "a", seed=5)
+    expected = longtail_counts()
+    rows = _read_csv(tmp_path / "a" / "captions.csv")
+    assert list(rows[0]) == ["image", "caption", "shape", "colour"]
+    assert len(rows) == summary["images"] == sum(expected)
+    assert summary["individuals"] == 24
+    per_caption = Counter(row["caption"] for row in rows)
+    assert sorted(per_caption.values()) == sorted(expected)
+    assert per_caption == summary["counts"]
+    for row in rows:
+        individual = parse_caption(row["caption"])
+        assert individual == Individual(row["shape"], row["colour"])
+        assert row["image"].startswith(f"images/{row['colour']}_{row['shape']}_")
+        assert (tmp_path / "a" / row["image"]).is_file()
+    truth = _read_csv(tmp_path / "a" / "attributes.csv")
+    assert list(truth[0]) == ["image", "shape", "colour", "cx", "cy", "scale", "rotation", "background"]
+    assert [t["image"] for t in truth] == [row["image"] for row in rows]
+    assert all(0.22 <= float(t["scale"]) <= 0.34 and t["background"] in BACKGROUNDS for t in truth)
+    assert not list((tmp_path / "a").rglob("*.tmp"))
+
+    images = np.stack([_read_png(tmp_path / "a" / t["image"]) for t in truth])
+    assert images.shape == (len(truth), 32, 32, 3)
+    expected_individuals = [Individual(t["shape"], t["colour"]) for t in truth]
+    agree = np.mean([f == e for f, e in zip(detect(images), expected_individuals, strict=True)])
+    assert agree >= 0.99, f"detect agrees with the ground-truth table on {agree:.4f} of the images"
+
+    generate_longtail(tmp_path / "b", seed=5)
+    generate_longtail(tmp_path / "c", seed=6)
+    same = ["captions.csv", "attributes.csv"] + [rows[k]["image"] for k in (0, 100, len(rows) - 1)]
+    for name in same:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert (tmp_path / "a" / "captions.csv").read_bytes() != (tmp_path / "c" / "captions.csv").read_bytes()
+    assert (tmp_path / "a" / "attributes.csv").read_bytes() != (tmp_path / "c" / "attributes.csv").read_bytes()
+    first = rows[0]["image"]
+    assert (tmp_path / "a" / first).read_bytes() != (tmp_path / "c" / first).read_bytes()
+
+
+def test_balanced_draw() -> None:
+    images, captions = balanced_draw(50, seed=7)
+    assert images.shape == (50, 32, 32, 3) and images.dtype == np.uint8
+    counts = Counter(captions)
+    assert len(counts) == 24 and max(counts.values()) - min(counts.values()) <= 1
+    again_images, again_captions = balanced_draw(50, seed=7)
+    assert again_captions == captions and np.array_equal(again_images, images)
+    other_images, other_captions = balanced_draw(50, seed=8)
+    assert other_captions != captions
+    full_images, full_captions = balanced_draw(48, seed=7, size=16, variation="full")
+    assert full_images.shape == (48, 16, 16, 3)
+    assert Counter(full_captions) == Counter(ind.caption for ind in all_individuals() * 2)
+    found = detect(full_images)
+    assert np.mean([f is not None and f.caption == c for f, c in zip(found, full_captions)]) >= 0.95

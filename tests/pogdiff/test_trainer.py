@@ -1,0 +1,94 @@
+"""The trainer: psi = 0 is plain fine-tuning, the sparse neighbour branch, resume, the NaN guard."""
+
+import numpy as np
+import pytest
+import torch
+
+from pogdiff import demo
+from pogdiff.config import PoGConfig, TrainConfig
+from pogdiff.model import PixelDiffusionPipeline, to_tensor
+from pogdiff.neighbours import NeighbourGraph, effective_density, knn_graph
+from pogdiff.text import load_text_encoder
+from pogdiff.trainer import TrainData, TrainingDiverged, train
+
+
+@pytest.fixture(scope="module")
+def data() -> TrainData:
+    rng = np.random.default_rng(0)
+    inds = demo.all_individuals()[:6]
+    counts = [12, 6, 3, 2, 2, 1]
+    images, caption_of = [], []
+    for c, (ind, n) in enumerate(zip(inds, counts)):
+        for _ in range(n):
+            images.append(demo.render(ind, demo.sample_instance(rng, "full"), 16))
+            caption_of.append(c)
+    captions = [i.caption for i in inds]
+    vec = load_text_encoder().embed(captions)
+    nb, sims = knn_graph(vec, 3)
+    rho = effective_density(vec, torch.tensor(counts, dtype=torch.float32), 0.05)
+    imgs = np.stack(images)
+    feats = torch.nn.functional.normalize(to_tensor(imgs).flatten(1) - to_tensor(imgs).flatten(1).mean(1, keepdim=True), dim=1)
+    graph = NeighbourGraph.build(torch.tensor(caption_of), nb, sims, rho, feats)
+    return TrainData(to_tensor(imgs), captions, graph)
+
+
+def _cfg(steps=3, **pog):
+    return TrainConfig(steps=steps, batch_size=8, learning_rate=1e-3, checkpoint_every=2, pog=PoGConfig(**pog))
+
+
+def _weights(pipe):
+    return torch.cat([p.detach().flatten() for p in pipe.unet.parameters()])
+
+
+def test_pogdiff_with_zero_lambda_is_exactly_vanilla(data, tiny_spec, tmp_path):
+    a = PixelDiffusionPipeline.new(tiny_spec, seed=0)
+    b = PixelDiffusionPipeline.new(tiny_spec, seed=0)
+    ra = train(a, data, _cfg(method="vanilla"), tmp_path / "a")
+    rb = train(b, data, _cfg(method="pogdiff", lam=0.0), tmp_path / "b")
+    assert torch.equal(_weights(a), _weights(b))
+    assert ra.final["loss"] == rb.final["loss"]
+    assert rb.final["psi/active_share"] == 0.0
+
+
+def test_neighbour_branch_runs_only_on_active_samples(data, tiny_spec, tmp_path):
+    pipe = PixelDiffusionPipeline.new(tiny_spec, seed=0)
+    sizes = []
+    pipe.unet.register_forward_hook(lambda mod, args, out: sizes.append(args[0].shape[0]))
+    active = []
+    # a = 0 makes psi depend on density only, so a threshold between the rare and common psi splits the batch
+    train(pipe, data, _cfg(steps=4, method="pogdiff", lam=1.0, a=0.0, psi_threshold=0.9),
+          tmp_path / "run", on_step=lambda s, m: active.append(round(m["psi/active_share"] * 8)))
+    # per step: the batch forward (8), then one forward over exactly the active samples, if any
+    expected = [n for k in active for n in ([8, k] if k else [8])]
+    assert sizes == expected
+    assert 0 < sum(active) < 32  # some samples borrowed, some did not
+
+
+def test_resume_continues_from_the_last_checkpoint(data, tiny_spec, tmp_path):
+    once = PixelDiffusionPipeline.new(tiny_spec, seed=0)
+    train(once, data, _cfg(steps=4, method="pogdiff"), tmp_path / "once")
+    twice = PixelDiffusionPipeline.new(tiny_spec, seed=0)
+    train(twice, data, _cfg(steps=2, method="pogdiff"), tmp_path / "twice")
+    fresh = PixelDiffusionPipeline.new(tiny_spec, seed=0)  # a new process would start from the base again
+    result = train(fresh, data, _cfg(steps=4, method="pogdiff"), tmp_path / "twice")
+    assert result.resumed_from == 2
+    torch.testing.assert_close(_weights(fresh), _weights(once))
+
+
+def test_cbdm_runs_and_reports_its_terms(data, tiny_spec, tmp_path):
+    pipe = PixelDiffusionPipeline.new(tiny_spec, seed=0)
+    r = train(pipe, data, _cfg(steps=2, method="cbdm"), tmp_path / "cbdm")
+    assert {"term/reg", "term/commit", "term/mse"} <= set(r.final)
+    assert (r.model_dir / "pogdiff.json").exists()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tiny_spec, tmp_path):
+    pipe = PixelDiffusionPipeline.new(tiny_spec, seed=0)
+    train(pipe, data, _cfg(steps=2, method="vanilla"), tmp_path / "run")
+    good = (tmp_path / "run" / "checkpoints" / "step-00000002" / "unet.safetensors").read_bytes()
+    bad = TrainData(data.images * float("nan"), data.captions, data.graph)
+    with pytest.raises(TrainingDiverged, match="step 3"):
+        train(PixelDiffusionPipeline.new(tiny_spec, seed=0), bad, _cfg(steps=4, method="vanilla"), tmp_path / "run")
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts[-1] == "step-00000002"
+    assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "unet.safetensors").read_bytes() == good

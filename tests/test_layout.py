@@ -1,0 +1,63 @@
+"""Architecture rules: the method library stays pure; configs reject unknown keys by name."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pogdiff.config import ConfigError, RetrainConfig, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+FORBIDDEN = {"prefect", "mlflow", "lancedb"}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_pogdiff_library_imports_no_orchestration_or_store():
+    files = sorted((ROOT / "pogdiff").rglob("*.py"))
+    assert files
+    bad = {str(f.relative_to(ROOT)): sorted(_imports(f) & FORBIDDEN) for f in files if _imports(f) & FORBIDDEN}
+    assert not bad, f"pogdiff/ must stay pure: {bad}"
+
+
+def test_pogdiff_imports_without_loading_forbidden_modules():
+    code = ("import sys, pogdiff.trainer, pogdiff.evaluation, pogdiff.index, pogdiff.base; "
+            "print(sorted(m for m in ('prefect', 'mlflow', 'lancedb') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.pog\.lamda'"):
+        parse_config({"train": {"pog": {"lamda": 2}}})
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match=r"config key 'train\.steps'"):
+        parse_config({"train": {"steps": "many"}})
+
+
+def test_bad_literal_is_named():
+    with pytest.raises(ConfigError, match=r"train\.pog\.method"):
+        parse_config({"train": {"pog": {"method": "magic"}}})
+
+
+def test_demo_config_loads_and_missing_file_is_one_line(tmp_path):
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    assert isinstance(cfg, RetrainConfig) and cfg.train.pog.method == "pogdiff"
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(tmp_path / "list.yaml")
