@@ -80,12 +80,14 @@ def cmd_demo(args, settings: Settings) -> int:
     from pogdiff import demo
 
     config = load_config(args.config)
-    source = Path(args.data) if args.data else Path(settings.data_root) / "demo-longtail"
-    if not (source / "captions.csv").exists():
-        summary = demo.generate_longtail(source, seed=args.seed)
-        print(f"generated the demo data set: {summary['images']} images of {summary['individuals']} individuals in {source}")
+    if args.data:  # the user's own copy: used as it is, never generated over
+        source = Path(args.data)
     else:
-        print(f"using the demo data set in {source}")
+        source = Path(settings.data_root) / "demo-longtail"
+        if not (source / "captions.csv").exists():
+            summary = demo.generate_longtail(source, seed=args.seed)
+            print(f"generated the demo data set: {summary['images']} images of {summary['individuals']} individuals in {source}")
+    print(f"source: {source}")
     started = time.time()
     _report(_run_retrain(source, config, settings), settings, started)
     return 0
@@ -149,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="generate the demo long-tailed data (if missing) and run the retrain flow on it")
     d.add_argument("--config", default=str(DEMO_CONFIG), help="retrain config YAML (default: configs/demo.yaml)")
-    d.add_argument("--data", help="demo data folder (default: <data_root>/demo-longtail)")
+    d.add_argument("--data", help="use this demo data folder as it is (default: <data_root>/demo-longtail, generated if missing)")
     d.add_argument("--seed", type=int, default=0, help="seed of the demo data generator")
     d.set_defaults(func=cmd_demo)
 

@@ -9,7 +9,7 @@ Input: a DataFrame, one row per prompt::
     prompt               str    required
     seed                 int    default 0
     num_images           int    default 1      images generated for this row
-    guidance_scale       float  default 3.0    classifier-free guidance weight
+    guidance_scale       float  default 1.0    classifier-free guidance weight (1 = none)
     num_inference_steps  int    default 25     DDIM steps
 
 Output: uint8 ``[sum(num_images), H, W, 3]``, the images of row 0 first, then row 1, ...
@@ -37,7 +37,7 @@ PROMPT = "prompt"
 OPTIONAL_COLUMNS: dict[str, tuple[type, int | float]] = {
     "seed": (int, 0),
     "num_images": (int, 1),
-    "guidance_scale": (float, 3.0),
+    "guidance_scale": (float, 1.0),
     "num_inference_steps": (int, 25),
 }
 DEVICE_ENV = "POGDIFF_DEVICE"  # e.g. "cpu" to keep a GPU free; default: cuda when available

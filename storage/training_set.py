@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pogdiff.index import caption_id
 from storage import parquet, vectors
 from storage.images import decode_images
 
@@ -29,11 +29,6 @@ class StoredTrainingSet:
     features: np.ndarray
 
 
-def _caption_id(caption: str) -> str:
-    # Must equal pogdiff.index.caption_id; storage does not import the method library.
-    return hashlib.sha256(caption.encode("utf-8")).hexdigest()[:32]
-
-
 def load_training_set(dataset: Path, lancedb_uri: str, extractor: str, size: int) -> StoredTrainingSet:
     """Read every accepted image with its caption's neighbours and its image feature."""
     table = parquet.read_images(dataset, columns=["id", "caption", "image"])
@@ -45,7 +40,7 @@ def load_training_set(dataset: Path, lancedb_uri: str, extractor: str, size: int
     cap_ids = caps.column("caption_id").to_pylist()
     row = {c: i for i, c in enumerate(cap_ids)}
     image_captions = table.column("caption").to_pylist()
-    missing = {c for c in image_captions if _caption_id(c) not in row}
+    missing = {c for c in image_captions if caption_id(c) not in row}
     if missing:
         raise ValueError(f"{len(missing)} captions of the dataset are not indexed (e.g. {sorted(missing)[0]!r}); run index")
     image_ids = table.column("id").to_pylist()
@@ -59,10 +54,10 @@ def load_training_set(dataset: Path, lancedb_uri: str, extractor: str, size: int
         images=decode_images(table.column("image").to_pylist(), size),
         caption_ids=cap_ids,
         captions=caps.column("caption").to_pylist(),
-        caption_of=np.array([row[_caption_id(c)] for c in image_captions], np.int64),
+        caption_of=np.array([row[caption_id(c)] for c in image_captions], np.int64),
         nb_index=np.array([[row.get(j, -1) for j in r] for r in nb_ids], np.int64),
-        nb_sims=np.asarray(caps.column("neighbour_sims").combine_chunks().flatten(), np.float32).reshape(len(cap_ids), -1),
-        density=np.asarray(caps.column("density"), np.float64),
-        counts=np.asarray(caps.column("count"), np.int64),
+        nb_sims=np.array(caps.column("neighbour_sims").combine_chunks().flatten(), np.float32).reshape(len(cap_ids), -1),
+        density=np.array(caps.column("density"), np.float64),
+        counts=np.array(caps.column("count"), np.int64),
         features=np.stack([feats[i] for i in image_ids]),
     )
