@@ -57,7 +57,7 @@ def load_training_set(dataset: Path, lancedb_uri: str, extractor: str, size: int
         caption_of=np.array([row[caption_id(c)] for c in image_captions], np.int64),
         nb_index=np.array([[row.get(j, -1) for j in r] for r in nb_ids], np.int64),
         nb_sims=np.array(caps.column("neighbour_sims").combine_chunks().flatten(), np.float32).reshape(len(cap_ids), -1),
-        density=np.array(caps.column("density"), np.float64),
-        counts=np.array(caps.column("count"), np.int64),
+        density=caps.column("density").to_numpy().astype(np.float64, copy=True),
+        counts=caps.column("count").to_numpy().astype(np.int64, copy=True),
         features=np.stack([feats[i] for i in image_ids]),
     )
