@@ -77,7 +77,9 @@ class TrainConfig(_Stage):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     caption_dropout: float = Field(0.1, ge=0, lt=1)
-    snr_gamma: float | None = Field(None, gt=0)
+    snr_gamma: float | None = Field(None, gt=0)  # Min-SNR-gamma weighting; 5.0 is the usual choice
+    gradient_accumulation_steps: int = Field(1, ge=1)  # micro-batches of batch_size per optimizer step
+    ema_decay: float | None = Field(None, ge=0, le=1)  # EMA of the weights; the saved model is the EMA
     seed: int = 0
     checkpoint_every: int = Field(100, ge=1)
     pog: PoGConfig = PoGConfig()

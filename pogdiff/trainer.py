@@ -75,17 +75,39 @@ def _quartile_means(values: torch.Tensor, t: torch.Tensor, num_train_timesteps: 
     return out
 
 
+class EMA:
+    """Exponential moving average of the trainable weights: shadow <- d * shadow + (1 - d) * theta."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: p.detach().clone().float() for k, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for k, p in model.named_parameters():
+            if k in self.shadow:
+                self.shadow[k].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        for k, p in model.named_parameters():
+            if k in self.shadow:
+                p.copy_(self.shadow[k].to(p.dtype))
+
+
 def _checkpoint_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
 
 
-def _save_checkpoint(root: Path, step: int, unet, optimizer, lr_sched, generators: list[torch.Generator], keep: int = 2) -> None:
+def _save_checkpoint(root: Path, step: int, unet, optimizer, lr_sched, generators: list[torch.Generator], ema: EMA | None, keep: int = 2) -> None:
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}, tmp / "unet.safetensors")
+        if ema is not None:
+            save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, tmp / "ema.safetensors")
         torch.save(
             {"optimizer": optimizer.state_dict(), "lr_sched": lr_sched.state_dict(), "rng": [g.get_state() for g in generators]},
             tmp / "state.pt",
@@ -98,8 +120,12 @@ def _save_checkpoint(root: Path, step: int, unet, optimizer, lr_sched, generator
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(path: Path, unet, optimizer, lr_sched, generators: list[torch.Generator]) -> int:
+def _load_checkpoint(path: Path, unet, optimizer, lr_sched, generators: list[torch.Generator], ema: EMA | None) -> int:
     unet.load_state_dict(load_file(path / "unet.safetensors"))
+    if ema is not None:
+        if not (path / "ema.safetensors").exists():
+            raise ValueError(f"checkpoint {path} has no EMA weights but ema_decay is set; resume with the same config")
+        ema.shadow = load_file(path / "ema.safetensors", device=str(next(unet.parameters()).device))
     # weights_only: our own checkpoint, but never unpickle arbitrary objects.
     state = torch.load(path / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
@@ -141,9 +167,10 @@ def train(
     gen_nb = torch.Generator().manual_seed(cfg.seed + 1)
     generators = [gen, gen_nb]
 
+    ema = EMA(unet, cfg.ema_decay) if cfg.ema_decay is not None else None
     start = 0
     if resume and (ckpts := _checkpoint_dirs(ckpt_root)):
-        start = _load_checkpoint(ckpts[-1], unet, optimizer, lr_sched, generators)
+        start = _load_checkpoint(ckpts[-1], unet, optimizer, lr_sched, generators, ema)
 
     hidden, mask = pipe.text_encoder.encode(data.captions + [""])
     hidden, mask = hidden.to(device), mask.to(device)
@@ -154,7 +181,8 @@ def train(
     n_images, n_captions = data.images.shape[0], len(data.captions)
     metrics: dict[str, float] = {}
 
-    for step in range(start, cfg.steps):
+    def micro_batch() -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+        """One forward of ``cfg.batch_size`` samples: per-sample weighted loss, terms, psi stats, t."""
         idx = torch.randint(n_images, (cfg.batch_size,), generator=gen)
         cap = graph.caption_of[idx]
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
@@ -203,31 +231,47 @@ def train(
         if cfg.snr_gamma is not None:
             ab = alphas[t_dev]
             loss_vec = loss_vec * min_snr_weight(ab / (1 - ab), cfg.snr_gamma, prediction_type)
-        loss = loss_vec.mean()
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss is {loss.item()} at step {step + 1}; stopped, last good checkpoint kept in {ckpt_root}"
-            )
-        loss.backward()
+        return loss_vec, terms, extra, t
+
+    accum = cfg.gradient_accumulation_steps
+    for step in range(start, cfg.steps):
+        parts = []
+        for _ in range(accum):
+            loss_vec, terms, extra, t = micro_batch()
+            loss = loss_vec.mean()
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss is {loss.item()} at step {step + 1}; stopped, last good checkpoint kept in {ckpt_root}"
+                )
+            # Scaled so the accumulated gradient is that of the mean over all micro-batches.
+            (loss / accum).backward()
+            parts.append((loss_vec.detach().cpu(), {k: v.detach().float().mean().item() for k, v in terms.items()}, extra, t))
         grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
         optimizer.step()
         lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(unet)
 
-        metrics = {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": lr_sched.get_last_lr()[0]}
-        for name, v in terms.items():
+        losses = torch.cat([p[0] for p in parts])
+        ts = torch.cat([p[3] for p in parts])
+        metrics = {"loss": losses.mean().item(), "grad_norm": float(grad_norm), "lr": lr_sched.get_last_lr()[0]}
+        for name in parts[0][1]:
             if name != "loss":
-                metrics[f"term/{name}"] = v.detach().float().mean().item()
-        metrics.update(_quartile_means(loss_vec.detach().cpu(), t, T, "loss"))
-        if extra:
-            metrics["psi/mean"] = extra["psi"].mean().item()
-            metrics["psi/active_share"] = extra["active"].mean().item()
-            metrics.update(_quartile_means(extra["psi"], t, T, "psi"))
+                metrics[f"term/{name}"] = sum(p[1][name] for p in parts) / accum
+        metrics.update(_quartile_means(losses, ts, T, "loss"))
+        if parts[0][2]:
+            psi = torch.cat([p[2]["psi"] for p in parts])
+            metrics["psi/mean"] = psi.mean().item()
+            metrics["psi/active_share"] = torch.cat([p[2]["active"] for p in parts]).mean().item()
+            metrics.update(_quartile_means(psi, ts, T, "psi"))
         if on_step is not None:
             on_step(step + 1, metrics)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _save_checkpoint(ckpt_root, step + 1, unet, optimizer, lr_sched, generators)
+            _save_checkpoint(ckpt_root, step + 1, unet, optimizer, lr_sched, generators, ema)
 
+    if ema is not None:
+        ema.copy_to(unet)  # as the diffusers examples do: the saved model carries the EMA weights
     unet.eval()
     model_dir = out_dir / "model"
     pipe.save_pretrained(model_dir, extra={"method": pog.method, "steps": cfg.steps})

@@ -92,3 +92,58 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tiny_spec, tmp_
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert ckpts[-1] == "step-00000002"
     assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "unet.safetensors").read_bytes() == good
+
+
+def _cfg_extra(steps, **kw):
+    return TrainConfig(steps=steps, batch_size=8, learning_rate=1e-3, checkpoint_every=2, pog=PoGConfig(method="vanilla"), **kw)
+
+
+def test_ema_extremes(data, tiny_spec, tmp_path):
+    # decay 1: the shadow never moves, so the saved model is the initial one; decay 0: it is the trained one
+    init = _weights(PixelDiffusionPipeline.new(tiny_spec, seed=0))
+    frozen = PixelDiffusionPipeline.new(tiny_spec, seed=0)
+    train(frozen, data, _cfg_extra(2, ema_decay=1.0), tmp_path / "one")
+    assert torch.equal(_weights(frozen), init)
+    plain = PixelDiffusionPipeline.new(tiny_spec, seed=0)
+    train(plain, data, _cfg_extra(2), tmp_path / "plain")
+    follow = PixelDiffusionPipeline.new(tiny_spec, seed=0)
+    train(follow, data, _cfg_extra(2, ema_decay=0.0), tmp_path / "zero")
+    torch.testing.assert_close(_weights(follow), _weights(plain))
+    assert not torch.equal(_weights(plain), init)
+
+
+def test_ema_survives_resume(data, tiny_spec, tmp_path):
+    once = PixelDiffusionPipeline.new(tiny_spec, seed=0)
+    train(once, data, _cfg_extra(4, ema_decay=0.5), tmp_path / "once")
+    train(PixelDiffusionPipeline.new(tiny_spec, seed=0), data, _cfg_extra(2, ema_decay=0.5), tmp_path / "twice")
+    again = PixelDiffusionPipeline.new(tiny_spec, seed=0)
+    assert train(again, data, _cfg_extra(4, ema_decay=0.5), tmp_path / "twice").resumed_from == 2
+    torch.testing.assert_close(_weights(again), _weights(once))
+
+
+def test_gradient_accumulation_runs_micro_batches_per_step(data, tiny_spec, tmp_path):
+    pipe = PixelDiffusionPipeline.new(tiny_spec, seed=0)
+    sizes, steps = [], []
+    pipe.unet.register_forward_hook(lambda mod, args, out: sizes.append(args[0].shape[0]))
+    r = train(pipe, data, _cfg_extra(3, gradient_accumulation_steps=2), tmp_path / "acc",
+              on_step=lambda s, m: steps.append(s))
+    assert steps == [1, 2, 3] and sizes == [8] * 6
+    assert np.isfinite(r.final["loss"])
+
+
+def test_accumulated_gradient_is_the_mean_over_micro_batches(data, tiny_spec, tmp_path):
+    # The first micro-batch of an accumulated step draws the same data as a plain step, so its
+    # contribution to the gradient must be exactly the plain gradient divided by the accumulation count.
+    def first_step_grads(accum, out):
+        pipe = PixelDiffusionPipeline.new(tiny_spec, seed=0)
+        seen = []
+        pipe.unet.conv_in.weight.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.clone()))
+        cfg = TrainConfig(steps=1, batch_size=4, gradient_accumulation_steps=accum, pog=PoGConfig(method="vanilla"))
+        train(pipe, data, cfg, tmp_path / out)
+        return seen
+
+    plain = first_step_grads(1, "plain")
+    accumulated = first_step_grads(3, "acc")
+    assert len(plain) == 1 and len(accumulated) == 3
+    torch.testing.assert_close(accumulated[0], plain[0] / 3)
+    assert not torch.allclose(accumulated[1], accumulated[0])  # later micro-batches add their own gradient
