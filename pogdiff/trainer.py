@@ -154,6 +154,11 @@ def train(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     unet = pipe.unet.to(device).train()
     sched = pipe.scheduler
+    if cfg.prediction_type is not None:
+        # As the diffusers examples' --prediction_type: train the model towards another target.
+        sched.register_to_config(prediction_type=cfg.prediction_type)
+    if cfg.mixed_precision == "fp16" and device.type != "cuda":
+        raise ValueError("mixed_precision 'fp16' needs a CUDA device; use 'bf16' on CPU")
     T = sched.config.num_train_timesteps
     prediction_type = sched.config.prediction_type
     pog = cfg.pog
@@ -234,20 +239,26 @@ def train(
         return loss_vec, terms, extra, t
 
     accum = cfg.gradient_accumulation_steps
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    # Weights and optimizer state stay fp32; fp16 gradients are loss-scaled (a no-op otherwise).
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
     for step in range(start, cfg.steps):
         parts = []
         for _ in range(accum):
-            loss_vec, terms, extra, t = micro_batch()
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                loss_vec, terms, extra, t = micro_batch()
             loss = loss_vec.mean()
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"loss is {loss.item()} at step {step + 1}; stopped, last good checkpoint kept in {ckpt_root}"
                 )
             # Scaled so the accumulated gradient is that of the mean over all micro-batches.
-            (loss / accum).backward()
+            scaler.scale(loss / accum).backward()
             parts.append((loss_vec.detach().cpu(), {k: v.detach().float().mean().item() for k, v in terms.items()}, extra, t))
+        scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:

@@ -147,3 +147,32 @@ def test_accumulated_gradient_is_the_mean_over_micro_batches(data, tiny_spec, tm
     assert len(plain) == 1 and len(accumulated) == 3
     torch.testing.assert_close(accumulated[0], plain[0] / 3)
     assert not torch.allclose(accumulated[1], accumulated[0])  # later micro-batches add their own gradient
+
+
+def test_bf16_autocast_keeps_fp32_weights_and_trains(data, tiny_spec, tmp_path):
+    pipe = PixelDiffusionPipeline.new(tiny_spec, seed=0)
+    before = _weights(pipe).clone()
+    r = train(pipe, data, _cfg_extra(2, mixed_precision="bf16"), tmp_path / "bf16")
+    assert all(p.dtype == torch.float32 for p in pipe.unet.parameters())
+    assert np.isfinite(r.final["loss"]) and not torch.equal(_weights(pipe), before)
+    # the autocast run differs from the fp32 run (bf16 forwards), so autocast really was on
+    fp32 = PixelDiffusionPipeline.new(tiny_spec, seed=0)
+    assert train(fp32, data, _cfg_extra(2), tmp_path / "fp32").final["loss"] != r.final["loss"]
+
+
+def test_fp16_needs_cuda(data, tiny_spec, tmp_path):
+    cfg = _cfg_extra(1, mixed_precision="fp16")
+    if torch.cuda.is_available():  # loss-scaled fp16 trains and keeps fp32 weights
+        pipe = PixelDiffusionPipeline.new(tiny_spec, seed=0)
+        assert np.isfinite(train(pipe, data, cfg, tmp_path / "x").final["loss"])
+        assert all(p.dtype == torch.float32 for p in pipe.unet.parameters())
+    else:
+        with pytest.raises(ValueError, match="fp16"):
+            train(PixelDiffusionPipeline.new(tiny_spec, seed=0), data, cfg, tmp_path / "x")
+
+
+def test_prediction_type_override_is_saved_with_the_model(data, tiny_spec, tmp_path):
+    pipe = PixelDiffusionPipeline.new(tiny_spec, seed=0)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    r = train(pipe, data, _cfg_extra(1, prediction_type="epsilon"), tmp_path / "eps")
+    assert PixelDiffusionPipeline.from_pretrained(str(r.model_dir)).scheduler.config.prediction_type == "epsilon"
