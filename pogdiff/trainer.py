@@ -153,6 +153,8 @@ def train(
     ckpt_root = out_dir / "checkpoints"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     unet = pipe.unet.to(device).train()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     sched = pipe.scheduler
     if cfg.prediction_type is not None:
         # As the diffusers examples' --prediction_type: train the model towards another target.

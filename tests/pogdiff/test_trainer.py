@@ -176,3 +176,12 @@ def test_prediction_type_override_is_saved_with_the_model(data, tiny_spec, tmp_p
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     r = train(pipe, data, _cfg_extra(1, prediction_type="epsilon"), tmp_path / "eps")
     assert PixelDiffusionPipeline.from_pretrained(str(r.model_dir)).scheduler.config.prediction_type == "epsilon"
+
+
+def test_gradient_checkpointing_gives_the_same_training(data, tiny_spec, tmp_path):
+    plain = PixelDiffusionPipeline.new(tiny_spec, seed=0)
+    train(plain, data, _cfg_extra(2), tmp_path / "plain")
+    ckpt = PixelDiffusionPipeline.new(tiny_spec, seed=0)
+    train(ckpt, data, _cfg_extra(2, gradient_checkpointing=True), tmp_path / "ckpt")
+    assert ckpt.unet.is_gradient_checkpointing
+    torch.testing.assert_close(_weights(ckpt), _weights(plain))
