@@ -80,6 +80,7 @@ class TrainConfig(_Stage):
     snr_gamma: float | None = Field(None, gt=0)  # Min-SNR-gamma weighting; 5.0 is the usual choice
     gradient_accumulation_steps: int = Field(1, ge=1)  # micro-batches of batch_size per optimizer step
     ema_decay: float | None = Field(None, ge=0, le=1)  # EMA of the weights; the saved model is the EMA
+    lora_rank: int | None = Field(None, ge=1)  # LoRA on the attention projections instead of full fine-tuning
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast of the forwards; fp16 needs CUDA
     prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: the base model's own

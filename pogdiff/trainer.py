@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from pogdiff.config import TrainConfig
@@ -31,6 +32,7 @@ from pogdiff.neighbours import (
 from pogdiff.objectives import cbdm_loss, min_snr_weight, pogdiff_loss, vanilla_loss
 
 StepCallback = Callable[[int, dict[str, float]], None]
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the attention projections, as in the diffusers LoRA example
 
 
 class TrainingDiverged(RuntimeError):
@@ -155,6 +157,12 @@ def train(
     unet = pipe.unet.to(device).train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if cfg.lora_rank is not None:
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # trainable LoRA weights stay fp32 whatever the base dtype
     sched = pipe.scheduler
     if cfg.prediction_type is not None:
         # As the diffusers examples' --prediction_type: train the model towards another target.
@@ -165,7 +173,8 @@ def train(
     prediction_type = sched.config.prediction_type
     pog = cfg.pog
 
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     warm = max(cfg.lr_warmup_steps, 1)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
     # Data order, noise and timesteps come from `gen` alone, so every method sees the same batches;
@@ -258,7 +267,7 @@ def train(
             scaler.scale(loss / accum).backward()
             parts.append((loss_vec.detach().cpu(), {k: v.detach().float().mean().item() for k, v in terms.items()}, extra, t))
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         lr_sched.step()
@@ -285,6 +294,10 @@ def train(
 
     if ema is not None:
         ema.copy_to(unet)  # as the diffusers examples do: the saved model carries the EMA weights
+    if cfg.lora_rank is not None:
+        unet.save_lora_adapter(out_dir / "lora")  # the adapter alone, a few hundred KB
+        unet.fuse_lora()  # the model folder holds plain UNet weights, loadable without peft
+        unet.unload_lora()
     unet.eval()
     model_dir = out_dir / "model"
     pipe.save_pretrained(model_dir, extra={"method": pog.method, "steps": cfg.steps})

@@ -185,3 +185,23 @@ def test_gradient_checkpointing_gives_the_same_training(data, tiny_spec, tmp_pat
     train(ckpt, data, _cfg_extra(2, gradient_checkpointing=True), tmp_path / "ckpt")
     assert ckpt.unet.is_gradient_checkpointing
     torch.testing.assert_close(_weights(ckpt), _weights(plain))
+
+
+def test_lora_trains_only_attention_projections(data, tiny_spec, tmp_path):
+    base = PixelDiffusionPipeline.new(tiny_spec, seed=0)
+    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    r = train(base, data, _cfg_extra(3, lora_rank=4), tmp_path / "lora")
+    assert (tmp_path / "lora" / "lora").is_dir()
+    after = PixelDiffusionPipeline.from_pretrained(str(r.model_dir)).unet.state_dict()
+    assert set(after) == set(before)  # plain UNet weights, no adapter keys
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(any(f".{t}." in k for t in ("to_q", "to_k", "to_v", "to_out")) for k in changed), sorted(changed)[:5]
+
+
+def test_lora_resume_matches_an_uninterrupted_run(data, tiny_spec, tmp_path):
+    once = PixelDiffusionPipeline.new(tiny_spec, seed=0)
+    train(once, data, _cfg_extra(4, lora_rank=4), tmp_path / "once")
+    train(PixelDiffusionPipeline.new(tiny_spec, seed=0), data, _cfg_extra(2, lora_rank=4), tmp_path / "twice")
+    again = PixelDiffusionPipeline.new(tiny_spec, seed=0)
+    assert train(again, data, _cfg_extra(4, lora_rank=4), tmp_path / "twice").resumed_from == 2
+    torch.testing.assert_close(_weights(again), _weights(once))
