@@ -112,12 +112,13 @@ def test_ema_extremes(data, tiny_spec, tmp_path):
     assert not torch.equal(_weights(plain), init)
 
 
-def test_ema_survives_resume(data, tiny_spec, tmp_path):
+@pytest.mark.parametrize("extra", [{"ema_decay": 0.5}, {"lora_rank": 4}], ids=["ema", "lora"])
+def test_resume_with_extra_state_matches_an_uninterrupted_run(data, tiny_spec, tmp_path, extra):
     once = PixelDiffusionPipeline.new(tiny_spec, seed=0)
-    train(once, data, _cfg_extra(4, ema_decay=0.5), tmp_path / "once")
-    train(PixelDiffusionPipeline.new(tiny_spec, seed=0), data, _cfg_extra(2, ema_decay=0.5), tmp_path / "twice")
+    train(once, data, _cfg_extra(4, **extra), tmp_path / "once")
+    train(PixelDiffusionPipeline.new(tiny_spec, seed=0), data, _cfg_extra(2, **extra), tmp_path / "twice")
     again = PixelDiffusionPipeline.new(tiny_spec, seed=0)
-    assert train(again, data, _cfg_extra(4, ema_decay=0.5), tmp_path / "twice").resumed_from == 2
+    assert train(again, data, _cfg_extra(4, **extra), tmp_path / "twice").resumed_from == 2
     torch.testing.assert_close(_weights(again), _weights(once))
 
 
@@ -197,11 +198,3 @@ def test_lora_trains_only_attention_projections(data, tiny_spec, tmp_path):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(any(f".{t}." in k for t in ("to_q", "to_k", "to_v", "to_out")) for k in changed), sorted(changed)[:5]
 
-
-def test_lora_resume_matches_an_uninterrupted_run(data, tiny_spec, tmp_path):
-    once = PixelDiffusionPipeline.new(tiny_spec, seed=0)
-    train(once, data, _cfg_extra(4, lora_rank=4), tmp_path / "once")
-    train(PixelDiffusionPipeline.new(tiny_spec, seed=0), data, _cfg_extra(2, lora_rank=4), tmp_path / "twice")
-    again = PixelDiffusionPipeline.new(tiny_spec, seed=0)
-    assert train(again, data, _cfg_extra(4, lora_rank=4), tmp_path / "twice").resumed_from == 2
-    torch.testing.assert_close(_weights(again), _weights(once))
