@@ -59,13 +59,19 @@ def _run_retrain(source: Path, config: RetrainConfig, settings: Settings) -> dic
 
 def _report(result: dict, settings: Settings, started: float) -> None:
     ing, cap, img, dec = result["ingest"], result["captions"], result["images"], result["decision"]
+    snap = result["snapshot"]
     print(f"\nretrain finished in {time.time() - started:.0f} s")
-    if ing["accepted"] == 0:
-        print(f"  ingest:   unchanged data, nothing re-ingested ({ing['unchanged']} rows, snapshot {ing['snapshot_id']})")
+    if ing["cached"]:
+        print(f"  ingest:   source unchanged since its last ingest: skipped (cached); {snap['rows']} rows, snapshot {snap['snapshot_id']}")
+    elif ing["accepted"] == 0:
+        print(f"  ingest:   nothing new ({ing['unchanged']} rows unchanged, snapshot {snap['snapshot_id']})")
     else:
         print(f"  ingest:   {ing['accepted']} new rows, {ing['unchanged']} unchanged, rejected {ing['rejected'] or 0}")
-    print(f"  index:    {cap['embedded']} captions embedded, {cap['captions'] - cap['embedded']} reused; "
-          f"{img['computed']} image features computed")
+    if cap["cached"] and img["cached"]:
+        print(f"  index:    dataset snapshot unchanged: skipped (cached); {cap['captions']} captions")
+    else:
+        print(f"  index:    {cap['embedded']} captions embedded, {cap['captions'] - cap['embedded']} reused; "
+              f"{img['computed']} image features computed")
     print(f"  mlflow:   run {result['run_id']}, {dec['model_name']} version {dec['version']} "
           f"-> {'champion' if dec['promoted'] else 'challenger'} ({dec['reason']})")
     print_comparison(result["metrics"], dec["champion_metrics"])
@@ -177,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--out", help="where to write the model (default: the packaged builtin:shapes32)")
     bb.add_argument("--steps", type=int, help="override the recipe's steps (for a quick look)")
     bb.set_defaults(func=cmd_base_build)
+    from flows import cli_serve
+
+    cli_serve.add_commands(sub)
     return p
 
 

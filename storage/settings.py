@@ -38,6 +38,10 @@ class _YamlFile(PydanticBaseSettingsSource):
         return data
 
 
+def _http_or_none(uri: str | None) -> str | None:
+    return uri.rstrip("/") if uri and uri.startswith(("http://", "https://")) else None
+
+
 class Settings(BaseSettings):
     """Every location the pipeline reads or writes."""
 
@@ -50,6 +54,7 @@ class Settings(BaseSettings):
     runs_dir: Path | None = None  # training outputs and checkpoints; default <home>/runs
     mlflow_tracking_uri: str | None = None  # default sqlite:///<home>/mlflow.db
     mlflow_artifact_root: str | None = None  # default <home>/mlartifacts
+    mlflow_ui_url: str | None = None  # where reviewers open runs; default the tracking URI when it is http(s)
     prefect_api_url: str | None = None  # unset: Prefect's ephemeral server
     prefect_home: Path | None = None  # default <home>/prefect
 
@@ -64,6 +69,7 @@ class Settings(BaseSettings):
             "runs_dir": self.runs_dir or home / "runs",
             "mlflow_tracking_uri": self.mlflow_tracking_uri or f"sqlite:///{home / 'mlflow.db'}",
             "mlflow_artifact_root": self.mlflow_artifact_root or str(home / "mlartifacts"),
+            "mlflow_ui_url": self.mlflow_ui_url or _http_or_none(self.mlflow_tracking_uri),
             "prefect_home": self.prefect_home or home / "prefect",
         }
         for k, v in fill.items():

@@ -5,6 +5,10 @@ import csv
 import lancedb
 import pytest
 from mlflow.tracking import MlflowClient
+from PIL import Image
+from prefect import get_client
+from prefect.artifacts import Artifact
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.testing.utilities import prefect_test_harness
 
 from pogdiff import demo
@@ -76,11 +80,30 @@ def test_retrain_flow_end_to_end(prefect_server, setup, monkeypatch):
     model = client.get_registered_model("e2e-model")
     assert model.aliases.get("challenger") in (1, "1") and model.aliases.get("champion") in (1, "1")
 
-    # a second run over unchanged data re-ingests and re-embeds nothing, but trains a new version
-    second = retrain(str(source), config)
-    assert second["ingest"]["accepted"] == 0 and second["ingest"]["unchanged"] == n_rows
-    assert second["captions"]["embedded"] == 0 and second["captions"]["written"] == 0
-    assert second["images"]["computed"] == 0
+    # the run page tells the story: a markdown artifact with the bucket table and the decision
+    artifact = Artifact.get("retrain-report")
+    assert artifact is not None and "| few | grecall |" in artifact.data and "version 1" in artifact.data
+    assert first["run_id"] in artifact.data
+
+    # a second run over unchanged data skips ingest and index (cache hits), but trains a new version
+    state = retrain(str(source), config, return_state=True)
+    second = state.result()
+    assert second["ingest"]["cached"] and second["captions"]["cached"] and second["images"]["cached"]
+    assert second["snapshot"] == first["snapshot"]
+    with get_client(sync_client=True) as api:
+        runs = api.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    states = {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+    assert states["ingest"] == states["index-captions"] == states["index-images"] == "Cached", states
+    assert states["train"] == states["register"] == "Completed", states
     assert second["run_id"] != first["run_id"]
     assert second["decision"]["version"] == "2"
     assert client.get_registered_model("e2e-model").aliases.get("challenger") in (2, "2")
+
+    # a new image in the source is a cache miss: ingest runs and adds exactly that row
+    extra = source / "extra.png"
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(extra)
+    with open(source / "captions.csv", "a", newline="") as f:
+        csv.writer(f).writerow(["extra.png", "a red circle", "circle", "red"])
+    third = retrain(str(source), config)
+    assert not third["ingest"]["cached"] and third["ingest"]["accepted"] == 1
+    assert third["snapshot"]["rows"] == n_rows + 1 and not third["captions"]["cached"]

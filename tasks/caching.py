@@ -1,0 +1,62 @@
+"""Prefect cache keys for the stages whose output is fully determined by their inputs.
+
+Ingest is keyed by (source fingerprint, ingest config, dataset store); the index tasks by (dataset
+snapshot, index config, both stores). A retrain over unchanged data therefore shows ingest and index
+as ``Cached`` and goes straight to training. Training and registration are never cached: each run
+is a new model. ``PREFECT_TASKS_REFRESH_CACHE=true`` forces every cached stage to run again.
+
+Results are persisted as JSON (never pickle) under ``<home>/prefect-results``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from storage.fingerprint import source_fingerprint, store_generation
+from storage.settings import Settings
+
+
+def _key(*parts: Any) -> str:
+    def plain(p: Any) -> Any:
+        return p.model_dump(mode="json") if isinstance(p, BaseModel) else str(p)
+
+    return hashlib.sha256(json.dumps([plain(p) for p in parts], sort_keys=True).encode()).hexdigest()
+
+
+def ingest_key(context, parameters: dict[str, Any]) -> str:
+    settings: Settings = parameters["settings"]
+    return _key(
+        "ingest",
+        source_fingerprint(parameters["source"]),
+        parameters["cfg"],
+        settings.dataset_uri,
+        store_generation(settings.dataset_uri),
+    )
+
+
+def index_key(context, parameters: dict[str, Any]) -> str:
+    settings: Settings = parameters["settings"]
+    return _key(
+        context.task.name,
+        parameters["snapshot_id"],
+        parameters["cfg"],
+        settings.dataset_uri,
+        store_generation(settings.dataset_uri),
+        settings.lancedb_uri,
+        store_generation(settings.lancedb_uri),
+    )
+
+
+def cached(task, key_fn, settings: Settings):
+    """``task`` with its cache key, persisted JSON results and the result folder under settings."""
+    return task.with_options(
+        cache_key_fn=key_fn,
+        persist_result=True,
+        result_storage=Path(settings.home) / "prefect-results",
+        result_serializer="json",
+    )

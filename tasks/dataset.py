@@ -1,0 +1,19 @@
+"""The dataset's current snapshot: what every later stage of a flow run is keyed and logged by."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from storage import parquet
+from storage.settings import Settings
+
+
+@task(name="dataset-snapshot", retries=2, retry_delay_seconds=[2, 10])
+def dataset_snapshot(settings: Settings) -> dict:
+    """``{"snapshot_id", "rows"}`` of the Parquet dataset as it is now.
+
+    Read after ingest rather than taken from the ingest report, because a cached ingest report can
+    predate rows another source added to the same dataset since.
+    """
+    ids = parquet.read_images(settings.dataset_uri, columns=["id"]).column("id").to_pylist()
+    return {"snapshot_id": parquet.snapshot_id(settings.dataset_uri), "rows": len(ids)}
