@@ -1,4 +1,4 @@
-"""Ingest task: a caption–image source folder into the Parquet dataset."""
+"""Ingest task: a caption–image source (folder + captions file, Parquet, WebDataset shards) into the Parquet dataset."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from storage.settings import Settings
 @task(name="ingest", retries=2, retry_delay_seconds=[2, 10])
 def ingest(source: str, settings: Settings, cfg: IngestConfig) -> parquet.IngestReport:
     """Validate and append new rows; rejected rows go to the quarantine. Re-runs write nothing new."""
-    report = parquet.ingest_folder(Path(source), settings.dataset_uri, cfg)
+    report = parquet.ingest(Path(source), settings.dataset_uri, cfg)
     log = get_run_logger()
     if report.accepted == 0:
         log.info("ingest: no new rows (%d unchanged) — dataset snapshot %s reused", report.unchanged, report.snapshot_id)

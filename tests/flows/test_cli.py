@@ -1,5 +1,6 @@
 """The command line: bad input on the demo path is one clear line naming the file, not a traceback."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +42,43 @@ def test_unknown_config_key_is_named_before_any_work(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip() == "error: unknown config key 'train.stepz'"
     assert not (tmp_path / "home" / "data").exists()  # nothing generated, nothing ingested
+
+
+def _tiny_source(folder: Path) -> Path:
+    import io
+
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    lines = ["image,caption"]
+    for i in range(3):
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(buffer, "PNG")
+        (folder / f"{i}.png").write_bytes(buffer.getvalue())
+        lines.append(f"{i}.png,shape {i}")
+    (folder / "bad.png").write_bytes(b"")
+    lines.append("bad.png,zero bytes")
+    (folder / "captions.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_ingest_json_report_and_rerun_is_a_no_op(tmp_path):
+    src = _tiny_source(tmp_path / "src")
+    first = _pogdiff("ingest", str(src), "--json", home=tmp_path / "home")
+    assert first.returncode == 0, first.stderr
+    report = json.loads(first.stdout)
+    assert (report["accepted"], report["rejected"], report["source_kind"]) == (3, {"not_an_image": 1}, "folder")
+    assert len(report["snapshot_id"]) == 16
+    again = json.loads(_pogdiff("ingest", str(src), "--json", home=tmp_path / "home").stdout)
+    assert (again["accepted"], again["unchanged"], again["snapshot_id"]) == (0, 3, report["snapshot_id"])
+
+
+def test_ingest_prints_a_report_table_and_bad_sources_are_one_line(tmp_path):
+    src = _tiny_source(tmp_path / "src")
+    out = _pogdiff("ingest", str(src), "--workers", "1", home=tmp_path / "home")
+    assert out.returncode == 0, out.stderr
+    rows = {" ".join(line.strip("│┃ ").split()) for line in out.stdout.splitlines()}
+    assert {"accepted │ 3", "unchanged │ 0", "rejected: not_an_image │ 1"} <= rows
+    missing = _pogdiff("ingest", str(tmp_path / "nowhere"), home=tmp_path / "home")
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [f"error: source folder not found: {tmp_path / 'nowhere'}"]

@@ -1,4 +1,4 @@
-"""Parquet ingest: schema, round trip, quarantine reasons, idempotence, atomic writes."""
+"""Parquet ingest of a folder source: schema, round trip, quarantine reasons, idempotence, atomic writes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -23,7 +24,7 @@ from storage.parquet import (
     Reason,
     SourceError,
     caption_counts,
-    ingest_folder,
+    ingest,
     read_images,
     read_quarantine,
     snapshot_id,
@@ -79,7 +80,7 @@ def quarantine_reasons(dataset: Path) -> dict[str, str]:
 
 def test_happy_path_rows_columns_and_image_round_trip(tmp_path: Path) -> None:
     src, ds = make_source(tmp_path, n=3), tmp_path / "ds"
-    report = ingest_folder(src, ds, CFG, batch_id="b1", workers=2)
+    report = ingest(src, ds, CFG, batch_id="b1", workers=2)
 
     assert (report.accepted, report.unchanged, report.rejected, report.total_rows) == (3, 0, {}, 3)
     assert report.batch_id == "b1"
@@ -89,17 +90,19 @@ def test_happy_path_rows_columns_and_image_round_trip(tmp_path: Path) -> None:
     assert table.column("id").to_pylist() == sorted(table.column("id").to_pylist())
     for row in table.to_pylist():
         original = (src / row["key"]).read_bytes()
-        assert row["image"] == original
         expected_id = hashlib.sha256(original + b"\0" + row["caption"].encode()).hexdigest()[:32]
         assert row["id"] == expected_id
+        assert row["image_sha256"] == hashlib.sha256(original).hexdigest()
         assert row["caption"] == row["caption"].strip() and row["caption"].startswith("caption ")
         assert (row["width"], row["height"]) == (16, 12)
         assert row["format"] == ("PNG" if row["key"].endswith(".png") else "JPEG")
         assert row["source"] == str(src)
         assert row["batch_id"] == "b1"
         assert row["ingested_at"].tzinfo is not None
-        with Image.open(io.BytesIO(row["image"])) as im:
-            assert im.size == (16, 12)
+        # Stored: the central 12x12 square (smaller than the resolution, so not enlarged), as PNG.
+        with Image.open(io.BytesIO(row["image"])) as im, Image.open(io.BytesIO(original)) as orig:
+            assert (im.format, im.mode, im.size) == ("PNG", "RGB", (12, 12))
+            assert np.array_equal(np.asarray(im), np.asarray(orig.convert("RGB").crop((2, 0, 14, 12))))
     assert part_files(ds) == ["images/part-b1-00000.parquet"]
     assert report.snapshot_id == snapshot_id(ds) != "empty"
     assert read_quarantine(ds).num_rows == 0
@@ -108,7 +111,7 @@ def test_happy_path_rows_columns_and_image_round_trip(tmp_path: Path) -> None:
 
 def test_metadata_json_keeps_extra_columns(tmp_path: Path) -> None:
     src, ds = make_source(tmp_path, n=2), tmp_path / "ds"
-    ingest_folder(src, ds, CFG)
+    ingest(src, ds, CFG)
     table = read_images(ds, columns=["key", "metadata"])
     assert table.column_names == ["key", "metadata"]
     meta = {k: json.loads(m) for k, m in zip(table.column("key").to_pylist(), table.column("metadata").to_pylist())}
@@ -121,9 +124,9 @@ def test_rerun_is_idempotent(tmp_path: Path) -> None:
     with open(src / "captions.csv", "a", encoding="utf-8") as handle:
         handle.write("junk.png,junk,x\nimg/0.png,caption 0,dup\n")
 
-    first = ingest_folder(src, ds, CFG, batch_id="one")
+    first = ingest(src, ds, CFG, batch_id="one")
     files, quarantine = part_files(ds), read_quarantine(ds)
-    second = ingest_folder(src, ds, CFG, batch_id="two")
+    second = ingest(src, ds, CFG, batch_id="two")
 
     assert (first.accepted, first.unchanged) == (4, 0)
     assert (second.accepted, second.unchanged) == (0, 4)
@@ -137,12 +140,12 @@ def test_rerun_is_idempotent(tmp_path: Path) -> None:
 
 def test_new_image_added_later_is_the_only_one_accepted(tmp_path: Path) -> None:
     src, ds = make_source(tmp_path, n=2), tmp_path / "ds"
-    before = ingest_folder(src, ds, CFG, batch_id="b1")
+    before = ingest(src, ds, CFG, batch_id="b1")
     (src / "img" / "new.png").write_bytes(image_bytes(colour=99))
     with open(src / "captions.csv", "a", encoding="utf-8") as handle:
         handle.write("img/new.png,a new caption,s9\n")
 
-    after = ingest_folder(src, ds, CFG, batch_id="b2")
+    after = ingest(src, ds, CFG, batch_id="b2")
     assert (after.accepted, after.unchanged, after.total_rows) == (1, 2, 3)
     assert after.snapshot_id != before.snapshot_id
     new = read_images(ds).filter(pc.equal(read_images(ds).column("batch_id"), "b2"))
@@ -191,7 +194,7 @@ def test_every_reason_code_from_crafted_inputs(tmp_path: Path) -> None:
     (src / "captions.csv").write_bytes(b"\n".join(lines) + b"\n")
     cfg = IngestConfig(allowed_formats=("PNG", "JPEG"), min_side=8, max_pixels=10_000, max_caption_chars=40)
 
-    report = ingest_folder(src, ds, cfg, workers=3)
+    report = ingest(src, ds, cfg, workers=3)
 
     assert report.accepted == 2  # ok.png and inner_link.png (different caption, so a different id)
     reasons = quarantine_reasons(ds)
@@ -228,7 +231,7 @@ def test_too_many_pixels_is_checked_before_decoding(tmp_path: Path) -> None:
     src.mkdir()
     (src / "bomb.png").write_bytes(image_bytes(size=(400, 400), colour=2)[:100])
     write_csv(src, [{"image": "bomb.png", "caption": "bomb"}])
-    ingest_folder(src, ds, IngestConfig(max_pixels=1000))
+    ingest(src, ds, IngestConfig(max_pixels=1000))
     assert quarantine_reasons(ds) == {"bomb.png": "too_many_pixels"}
 
 
@@ -238,7 +241,7 @@ def test_pil_bomb_limit_does_not_pre_empt_max_pixels(tmp_path: Path, monkeypatch
     src.mkdir()
     (src / "big.png").write_bytes(image_bytes(size=(40, 40)))
     write_csv(src, [{"image": "big.png", "caption": "forty"}])
-    report = ingest_folder(src, ds, IngestConfig(max_pixels=10_000))
+    report = ingest(src, ds, IngestConfig(max_pixels=10_000))
     assert report.accepted == 1
     assert Image.MAX_IMAGE_PIXELS == 100  # restored after the ingest
 
@@ -248,7 +251,7 @@ def test_caption_overflow_truncate(tmp_path: Path) -> None:
     src.mkdir()
     (src / "a.png").write_bytes(image_bytes())
     write_csv(src, [{"image": "a.png", "caption": "abcdefghij" * 3}])
-    report = ingest_folder(src, ds, IngestConfig(max_caption_chars=12, caption_overflow="truncate"))
+    report = ingest(src, ds, IngestConfig(max_caption_chars=12, caption_overflow="truncate"))
     assert report.accepted == 1
     assert read_images(ds).column("caption").to_pylist() == ["abcdefghijab"]
 
@@ -260,11 +263,11 @@ def test_same_image_other_caption_policy(tmp_path: Path) -> None:
     (src / "b.png").write_bytes(image_bytes(colour=4))
     write_csv(src, [{"image": "a.png", "caption": "first"}, {"image": "b.png", "caption": "second"}])
 
-    keep = ingest_folder(src, tmp_path / "keep", IngestConfig(same_image_other_caption="keep"))
+    keep = ingest(src, tmp_path / "keep", IngestConfig(same_image_other_caption="keep"))
     assert keep.accepted == 2 and keep.rejected == {}
 
     cfg = IngestConfig(same_image_other_caption="reject")
-    reject = ingest_folder(src, tmp_path / "reject", cfg)
+    reject = ingest(src, tmp_path / "reject", cfg)
     assert reject.accepted == 1
     assert reject.rejected == {"same_image_other_caption": 1}
     assert quarantine_reasons(tmp_path / "reject") == {"b.png": "same_image_other_caption"}
@@ -274,9 +277,9 @@ def test_same_image_other_caption_policy(tmp_path: Path) -> None:
     other.mkdir()
     (other / "c.png").write_bytes(image_bytes(colour=4))
     write_csv(other, [{"image": "c.png", "caption": "third"}])
-    again = ingest_folder(other, tmp_path / "reject", cfg)
+    again = ingest(other, tmp_path / "reject", cfg)
     assert (again.accepted, again.rejected) == (0, {"same_image_other_caption": 1})
-    rerun = ingest_folder(src, tmp_path / "reject", cfg)
+    rerun = ingest(src, tmp_path / "reject", cfg)
     assert (rerun.accepted, rerun.unchanged) == (0, 1)
     assert read_quarantine(tmp_path / "reject").num_rows == 2
 
@@ -297,7 +300,7 @@ def test_jsonl_source(tmp_path: Path) -> None:
     (src / "caps.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     cfg = IngestConfig(captions_file="caps.jsonl", image_column="file", caption_column="text")
 
-    report = ingest_folder(src, ds, cfg)
+    report = ingest(src, ds, cfg)
 
     assert report.accepted == 2
     table = read_images(ds)
@@ -341,7 +344,7 @@ def test_source_errors_name_the_file(tmp_path: Path, setup: str, expected: str) 
         (src / "captions.csv").write_bytes(b"")
 
     with pytest.raises(SourceError) as err:
-        ingest_folder(src, ds, cfg)
+        ingest(src, ds, cfg)
     message = str(err.value)
     assert message.startswith(expected.format(src=src))
     assert "\n" not in message
@@ -352,8 +355,8 @@ def test_chunks_write_one_part_each_and_workers_do_not_change_the_result(tmp_pat
     src = make_source(tmp_path, n=7)
     with open(src / "captions.csv", "a", encoding="utf-8") as handle:
         handle.write("nope.png,missing,x\n")
-    one = ingest_folder(src, tmp_path / "one", CFG, batch_id="b", workers=1, chunk_rows=3)
-    many = ingest_folder(src, tmp_path / "many", CFG, batch_id="b", workers=4, chunk_rows=512)
+    one = ingest(src, tmp_path / "one", CFG, batch_id="b", workers=1, chunk_rows=3)
+    many = ingest(src, tmp_path / "many", CFG, batch_id="b", workers=4, chunk_rows=512)
     assert one.snapshot_id == many.snapshot_id
     assert part_files(tmp_path / "one") == [
         "images/part-b-00000.parquet",
@@ -367,10 +370,10 @@ def test_chunks_write_one_part_each_and_workers_do_not_change_the_result(tmp_pat
 
 def test_reused_batch_id_never_overwrites_a_part(tmp_path: Path) -> None:
     src, ds = make_source(tmp_path, n=1), tmp_path / "ds"
-    ingest_folder(src, ds, CFG, batch_id="same")
+    ingest(src, ds, CFG, batch_id="same")
     other = make_source(tmp_path, n=2, name="src2")
     (other / "img" / "0.png").write_bytes(image_bytes(colour=50))
-    report = ingest_folder(other, ds, CFG, batch_id="same")
+    report = ingest(other, ds, CFG, batch_id="same")
     assert report.accepted == 2 and report.total_rows == 3
     assert part_files(ds) == ["images/part-same-00000.parquet", "images/part-same-00001.parquet"]
 
@@ -391,7 +394,7 @@ def test_no_temp_files_and_a_failed_write_leaves_nothing_visible(
 
     monkeypatch.setattr(parquet.pq, "write_table", crash_on_second_part)
     with pytest.raises(OSError, match="disk full"):
-        ingest_folder(src, ds, CFG, batch_id="crash", chunk_rows=2)
+        ingest(src, ds, CFG, batch_id="crash", chunk_rows=2)
     monkeypatch.setattr(parquet.pq, "write_table", real_write)
 
     assert sorted(p.name for p in ds.rglob("*") if p.is_file() and p.name != ".lock") == [
@@ -399,19 +402,19 @@ def test_no_temp_files_and_a_failed_write_leaves_nothing_visible(
     ]
     assert read_images(ds).num_rows == 2
 
-    report = ingest_folder(src, ds, CFG, batch_id="resume", chunk_rows=2)  # finishing the job
+    report = ingest(src, ds, CFG, batch_id="resume", chunk_rows=2)  # finishing the job
     assert (report.accepted, report.unchanged, report.total_rows) == (3, 2, 5)
-    leftovers = [p.name for p in ds.rglob("*") if p.is_file() and not p.name.endswith(".parquet")]
-    assert leftovers == [".lock"]
+    leftovers = sorted(p.relative_to(ds).as_posix() for p in ds.rglob("*") if p.is_file() and p.suffix != ".parquet")
+    assert leftovers == [".lock", f"snapshots/{report.snapshot_id}.json"]
 
 
 def test_stale_temp_file_is_ignored_by_readers_and_removed_by_ingest(tmp_path: Path) -> None:
     src, ds = make_source(tmp_path, n=2), tmp_path / "ds"
-    ingest_folder(src, ds, CFG)
+    ingest(src, ds, CFG)
     stale = ds / "images" / ".part-x-00000.parquet.deadbeef.tmp"
     stale.write_bytes(b"half a parquet file")
     assert read_images(ds).num_rows == 2
-    ingest_folder(src, ds, CFG)
+    ingest(src, ds, CFG)
     assert not stale.exists()
 
 
@@ -428,13 +431,13 @@ def test_caption_counts_and_snapshot_of_an_empty_dataset(tmp_path: Path) -> None
             {"image": "2.png", "caption": "a dog"},
         ],
     )
-    ingest_folder(src, ds, CFG)
+    ingest(src, ds, CFG)
     assert caption_counts(ds) == {"a cat": 2, "a dog": 1}
 
     empty_src, empty_ds = tmp_path / "empty", tmp_path / "empty_ds"
     empty_src.mkdir()
     write_csv(empty_src, [{"image": "gone.png", "caption": "nothing here"}])
-    report = ingest_folder(empty_src, empty_ds, CFG)
+    report = ingest(empty_src, empty_ds, CFG)
     assert (report.accepted, report.snapshot_id, report.total_rows) == (0, "empty", 0)
     assert snapshot_id(empty_ds) == "empty"
     assert caption_counts(empty_ds) == {}
@@ -444,9 +447,9 @@ def test_caption_counts_and_snapshot_of_an_empty_dataset(tmp_path: Path) -> None
 def test_invalid_arguments_and_missing_dataset(tmp_path: Path) -> None:
     src = make_source(tmp_path, n=1)
     with pytest.raises(ValueError, match="batch_id"):
-        ingest_folder(src, tmp_path / "ds", CFG, batch_id="../escape")
+        ingest(src, tmp_path / "ds", CFG, batch_id="../escape")
     with pytest.raises(FileNotFoundError, match="dataset not found"):
         read_images(tmp_path / "nowhere")
-    ingest_folder(src, tmp_path / "ds", CFG)
+    ingest(src, tmp_path / "ds", CFG)
     with pytest.raises(ValueError, match="unknown column"):
         read_images(tmp_path / "ds", columns=["nope"])
