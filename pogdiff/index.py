@@ -1,21 +1,24 @@
 """The index stage as library calls: caption embeddings, the neighbour graph, image features.
 
-Embedding is incremental: vectors already known (keyed by caption id = content hash of the caption
-and the embedder) are reused, so a re-run over unchanged data embeds nothing.
+Embedding is incremental: vectors already known (keyed by caption id = content hash of the caption,
+under the same embedder key) are reused, so a re-run over unchanged data embeds nothing. The graph is
+exact (blockwise torch) up to ``IndexConfig.ann_threshold`` captions; above it the caller passes the
+hits of an ANN index (the store builds it) and the graph is refined from those.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import numpy as np
 import torch
 
 from pogdiff.config import IndexConfig
+from pogdiff.embedders import Embedder, embed_captions, make_embedder
 from pogdiff.features import make_extractor
-from pogdiff.neighbours import effective_density, knn_graph
-from pogdiff.text import load_text_encoder
+from pogdiff.neighbours import exact_graph, graph_from_candidates
 
 
 def caption_id(caption: str) -> str:
@@ -26,7 +29,9 @@ def caption_id(caption: str) -> str:
 @dataclass(frozen=True)
 class CaptionGraph:
     """Captions sorted by id. vectors ``[C, D]``; counts ``[C]``; nb_index / nb_sims ``[C, k]`` (-1 / -inf
-    where fewer than k neighbours exist); density ``[C]`` rho_eff; embedded = captions newly embedded."""
+    where fewer than k neighbours exist); density ``[C]`` rho_eff; embedded / reused = captions newly
+    embedded / taken from the store; embedder = the key of the embedding space; mode = how the top-k
+    was found. Before ``with_graph`` the neighbour arrays are empty (``[C, 0]``)."""
 
     ids: list[str]
     captions: list[str]
@@ -36,37 +41,65 @@ class CaptionGraph:
     nb_sims: np.ndarray
     density: np.ndarray
     embedded: int
+    reused: int = 0
+    embedder: str = ""
+    mode: Literal["exact", "ann", "none"] = "exact"
 
 
-def build_caption_graph(counts: dict[str, int], known: dict[str, np.ndarray], cfg: IndexConfig) -> CaptionGraph:
-    """Embed the captions not in ``known`` (caption id -> vector), then compute top-k and rho_eff.
+def embed_caption_counts(
+    counts: dict[str, int], known: dict[str, np.ndarray], cfg: IndexConfig, embedder: Embedder | None = None, progress: bool = False
+) -> CaptionGraph:
+    """Vectors of every caption in ``counts`` (caption -> training images), embedding only ids not in ``known``.
 
-    counts: caption -> training images. Returns the graph over all captions in ``counts``.
+    Returns a graph without neighbours (mode ``none``); ``with_graph`` fills them in.
     """
     if not counts:
         raise ValueError("no captions to index: the dataset is empty")
+    embedder = embedder or make_embedder(cfg)
     by_id = {caption_id(c): c for c in counts}
     ids = sorted(by_id)
-    missing = [i for i in ids if i not in known]
-    vectors = dict(known)
-    if missing:
-        enc = load_text_encoder()
-        new = enc.embed([by_id[i] for i in missing], batch_size=cfg.batch_size).numpy()
-        vectors.update(zip(missing, new))
-    v = torch.from_numpy(np.stack([vectors[i] for i in ids]).astype(np.float32))
-    n = torch.tensor([counts[by_id[i]] for i in ids], dtype=torch.float32)
-    nb, sims = knn_graph(v, cfg.k)
-    rho = effective_density(v, n, cfg.density_bandwidth)
+    result = embed_captions(embedder, {i: by_id[i] for i in ids}, known, cfg.batch_size, progress)
     return CaptionGraph(
         ids=ids,
         captions=[by_id[i] for i in ids],
-        vectors=v.numpy(),
-        counts=n.numpy().astype(np.int64),
-        nb_index=nb.numpy(),
-        nb_sims=sims.numpy(),
-        density=rho.numpy(),
-        embedded=len(missing),
+        vectors=np.stack([result.vectors[i] for i in ids]).astype(np.float32),
+        counts=np.array([counts[by_id[i]] for i in ids], np.int64),
+        nb_index=np.zeros((len(ids), 0), np.int64),
+        nb_sims=np.zeros((len(ids), 0), np.float32),
+        density=np.asarray([counts[by_id[i]] for i in ids], np.float64),
+        embedded=result.embedded,
+        reused=result.reused,
+        embedder=embedder.key,
+        mode="none",
     )
+
+
+def needs_ann(num_captions: int, cfg: IndexConfig) -> bool:
+    """Above ``ann_threshold`` captions the exact C^2 pass is too slow; an ANN index supplies candidates."""
+    return num_captions > cfg.ann_threshold
+
+
+def with_graph(graph: CaptionGraph, cfg: IndexConfig, candidates: np.ndarray | None = None) -> CaptionGraph:
+    """Fill top-k neighbours and rho_eff: exact if ``candidates`` is None, else refined from them.
+
+    candidates ``[C, L]`` row indices into ``graph.ids`` (-1 = none), e.g. ANN hits per caption.
+    """
+    v = torch.from_numpy(graph.vectors)
+    n = torch.from_numpy(graph.counts).float()
+    if candidates is None:
+        nb, sims, rho = exact_graph(v, n, cfg.k, cfg.density_bandwidth)
+        mode = "exact"
+    else:
+        nb, sims, rho = graph_from_candidates(v, n, torch.from_numpy(candidates).long(), cfg.k, cfg.density_bandwidth)
+        mode = "ann"
+    return replace(graph, nb_index=nb.numpy(), nb_sims=sims.numpy(), density=rho.numpy().astype(np.float64), mode=mode)
+
+
+def build_caption_graph(
+    counts: dict[str, int], known: dict[str, np.ndarray], cfg: IndexConfig, embedder: Embedder | None = None, progress: bool = False
+) -> CaptionGraph:
+    """Embed the captions not in ``known`` (caption id -> vector), then the exact top-k and rho_eff."""
+    return with_graph(embed_caption_counts(counts, known, cfg, embedder, progress), cfg)
 
 
 def image_features(images: np.ndarray, cfg: IndexConfig) -> np.ndarray:

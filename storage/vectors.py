@@ -1,19 +1,33 @@
 """LanceDB tables: caption vectors with their neighbour graph, and per-image feature vectors.
 
-Schemas are declared once here. Writes are upserts on the id (``merge_insert``) of only the rows
-that changed, so a re-run over unchanged data writes nothing and creates no new table version.
+Schemas are declared once here. Writes are upserts on the id (``merge_insert``, with a scalar index
+on it) of only the rows that changed, so a re-run over unchanged data writes nothing and creates no
+new table version; ``optimize()`` follows every write (compaction, and new rows folded into the
+indices). Above ``IndexConfig.ann_threshold`` rows the ``vector`` column gets a cosine ANN index, and
+searches use it; below it LanceDB searches exactly (flat scan).
+
+lance is not fork-safe: ``connect`` switches this process's multiprocessing start method to spawn,
+so no child process is ever forked from a process that holds LanceDB state.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 from dataclasses import dataclass
 
 import lancedb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+from lancedb.index import HnswSq, IvfPq
+
+from pogdiff.config import IndexConfig
 
 CAPTIONS = "captions"
 IMAGE_FEATURES = "image_features"
+VECTOR = "vector"
+# Queries per LanceDB search call: one call with many vectors shares the setup of each search.
+QUERY_BATCH = 1000
 
 
 def captions_schema(dim: int, k: int) -> pa.Schema:
@@ -21,7 +35,8 @@ def captions_schema(dim: int, k: int) -> pa.Schema:
         [
             pa.field("caption_id", pa.string(), nullable=False),
             pa.field("caption", pa.string(), nullable=False),
-            pa.field("vector", pa.list_(pa.float32(), dim), nullable=False),
+            pa.field("embedder", pa.string(), nullable=False),  # key of the embedding space of `vector`
+            pa.field(VECTOR, pa.list_(pa.float32(), dim), nullable=False),
             pa.field("count", pa.int64(), nullable=False),
             # A variable list: lance 13 panics writing fixed-size lists of strings. Always k long.
             pa.field("neighbour_ids", pa.list_(pa.string()), nullable=False),  # "" where fewer than k exist
@@ -41,7 +56,13 @@ def image_features_schema(dim: int) -> pa.Schema:
     )
 
 
+def _spawn_children() -> None:
+    if multiprocessing.get_start_method(allow_none=True) not in ("spawn", "forkserver"):
+        multiprocessing.set_start_method("spawn", force=True)
+
+
 def connect(uri: str) -> lancedb.DBConnection:
+    _spawn_children()
     return lancedb.connect(uri)
 
 
@@ -49,17 +70,36 @@ def _open(db, name: str):
     return db.open_table(name) if name in db.list_tables().tables else None
 
 
-def _upsert(db, name: str, key: str, rows: pa.Table) -> int:
-    """Insert or update ``rows`` keyed on ``key``; returns the table version after the write."""
+def _upsert(db, name: str, key: str, rows: pa.Table):
+    """Insert or update ``rows`` keyed on ``key``; returns the table (None if it does not exist and rows is empty)."""
     table = _open(db, name)
     if table is None:
+        if not rows.num_rows:
+            return None
         table = db.create_table(name, rows)
         table.create_scalar_index(key)
-        return table.version
+        return table
     if rows.num_rows:
         table.merge_insert(key).when_matched_update_all().when_not_matched_insert_all().execute(rows)
         table.optimize()
-    return table.version
+    return table
+
+
+def _vector_index(table) -> bool:
+    return any(VECTOR in ix.columns for ix in table.list_indices())
+
+
+def _ensure_ann_index(table, cfg: IndexConfig) -> None:
+    """Create the cosine ANN index once the table outgrows exact search; later writes' optimize() extends it."""
+    if table is None or table.count_rows() <= cfg.ann_threshold or _vector_index(table):
+        return
+    if cfg.ann_index == "IVF_PQ":
+        dim = table.schema.field(VECTOR).type.list_size
+        # dim / sub-vectors a multiple of 8 keeps PQ's distance tables aligned (LanceDB's advice)
+        config = IvfPq(distance_type="cosine", num_sub_vectors=max(1, dim // 8))
+    else:
+        config = HnswSq(distance_type="cosine")
+    table.create_index(VECTOR, config=config)
 
 
 def read_caption_table(uri: str) -> pa.Table | None:
@@ -67,13 +107,19 @@ def read_caption_table(uri: str) -> pa.Table | None:
     return None if table is None else table.to_arrow()
 
 
-def known_vectors(uri: str) -> dict[str, np.ndarray]:
-    """caption id -> stored vector, for incremental embedding."""
+def _matrix(column: pa.ChunkedArray | pa.Array, rows: int) -> np.ndarray:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return np.asarray(column.flatten(), dtype=np.float32).reshape(rows, column.type.list_size)
+
+
+def known_vectors(uri: str, embedder: str) -> dict[str, np.ndarray]:
+    """caption id -> stored vector made by ``embedder`` (its key), for incremental embedding."""
     t = read_caption_table(uri)
     if t is None:
         return {}
-    vec = np.asarray(t.column("vector").combine_chunks().flatten()).reshape(t.num_rows, -1)
-    return dict(zip(t.column("caption_id").to_pylist(), vec))
+    t = t.filter(pc.equal(t.column("embedder"), embedder))
+    return dict(zip(t.column("caption_id").to_pylist(), _matrix(t.column(VECTOR), t.num_rows)))
 
 
 @dataclass(frozen=True)
@@ -81,38 +127,148 @@ class WriteReport:
     rows: int
     written: int
     version: int
+    ann_index: bool = False  # whether the vector column now has an ANN index
 
 
-def write_caption_graph(uri: str, graph) -> WriteReport:
-    """Upsert the rows of a ``pogdiff.index.CaptionGraph`` whose content changed."""
-    c, k = graph.nb_index.shape
-    nb_ids = [[graph.ids[j] if j >= 0 else "" for j in row] for row in graph.nb_index]
-    new = pa.table(
+def _caption_rows(graph, k: int, nb_ids: list[list[str]], nb_sims: np.ndarray, density: np.ndarray) -> pa.Table:
+    dim = graph.vectors.shape[1]
+    return pa.table(
         {
             "caption_id": graph.ids,
             "caption": graph.captions,
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(graph.vectors.reshape(-1), pa.float32()), graph.vectors.shape[1]),
+            "embedder": [graph.embedder] * len(graph.ids),
+            VECTOR: pa.FixedSizeListArray.from_arrays(pa.array(graph.vectors.reshape(-1), pa.float32()), dim),
             "count": pa.array(graph.counts, pa.int64()),
             "neighbour_ids": pa.array(nb_ids, pa.list_(pa.string())),
-            "neighbour_sims": pa.FixedSizeListArray.from_arrays(pa.array(graph.nb_sims.reshape(-1), pa.float32()), k),
-            "density": pa.array(graph.density, pa.float64()),
+            "neighbour_sims": pa.FixedSizeListArray.from_arrays(pa.array(nb_sims.reshape(-1), pa.float32()), k),
+            "density": pa.array(density, pa.float64()),
         },
-        schema=captions_schema(graph.vectors.shape[1], k),
+        schema=captions_schema(dim, k),
     )
-    db = connect(uri)
-    old = read_caption_table(uri)
-    if old is not None and old.schema != new.schema:
+
+
+def _check_schema(uri: str, old: pa.Table | None, new: pa.Schema) -> None:
+    if old is not None and old.schema != new:
         raise ValueError(
-            f"LanceDB table {CAPTIONS!r} at {uri} has schema {old.schema} but the index config needs {new.schema}; "
-            "use a new lancedb_uri or drop the table to change the embedder or k"
+            f"LanceDB table {CAPTIONS!r} at {uri} has schema {old.schema} but the index config needs {new}; "
+            "use a new lancedb_uri or drop the table to change the embedder's dimension or k"
         )
-    changed = new
+
+
+def _changed(old: pa.Table | None, new: pa.Table, columns: list[str]) -> np.ndarray:
+    """Positions of ``new`` rows that are absent from ``old`` or differ from it in any of ``columns``."""
+    if old is None:
+        return np.arange(new.num_rows)
+    pos = pc.index_in(new.column("caption_id"), value_set=old.column("caption_id")).to_numpy(zero_copy_only=False)
+    present = ~np.isnan(pos.astype(np.float64))
+    src = np.where(present, pos, 0).astype(np.int64)
+    same = present.copy()
+    for name in columns:
+        a, b = new.column(name).combine_chunks(), old.column(name).take(pa.array(src)).combine_chunks()
+        if pa.types.is_fixed_size_list(a.type):
+            x, y = _matrix(a, new.num_rows), _matrix(b, new.num_rows)
+            same &= ((x == y) | (np.isnan(x) & np.isnan(y))).all(1)
+        else:
+            if pa.types.is_list(a.type):  # no list equality kernel in Arrow: compare the joined ids
+                a, b = pc.binary_join(a, "\x1f"), pc.binary_join(b, "\x1f")
+            same &= np.asarray(pc.fill_null(pc.equal(a, b), False))
+    return np.flatnonzero(~same)
+
+
+def _write(uri: str, new: pa.Table, old: pa.Table | None, columns: list[str], cfg: IndexConfig) -> WriteReport:
+    changed = new.take(pa.array(_changed(old, new, columns), pa.int64()))
+    table = _upsert(connect(uri), CAPTIONS, "caption_id", changed)
+    _ensure_ann_index(table, cfg)
+    return WriteReport(rows=new.num_rows, written=changed.num_rows, version=table.version, ann_index=_vector_index(table))
+
+
+def write_caption_vectors(uri: str, graph, cfg: IndexConfig) -> WriteReport:
+    """Upsert the vectors and counts of a ``pogdiff.index.CaptionGraph`` before its neighbours are known.
+
+    The ANN path needs every vector in the table before it can search; rows keep their stored
+    neighbours (new rows get none: ids "", sims -inf, density = count) until ``write_caption_graph``.
+    """
+    old = read_caption_table(uri)
+    k = cfg.k
+    nb_ids = [[""] * k for _ in graph.ids]
+    sims = np.full((len(graph.ids), k), -np.inf, np.float32)
+    density = graph.counts.astype(np.float64)
+    new = _caption_rows(graph, k, nb_ids, sims, density)
+    _check_schema(uri, old, new.schema)
     if old is not None:
-        before = {r["caption_id"]: r for r in old.to_pylist()}
-        keep = [i for i, r in enumerate(new.to_pylist()) if before.get(r["caption_id"]) != r]
-        changed = new.take(pa.array(keep, pa.int64()))
-    version = _upsert(db, CAPTIONS, "caption_id", changed)
-    return WriteReport(rows=new.num_rows, written=changed.num_rows, version=version)
+        pos = pc.index_in(new.column("caption_id"), value_set=old.column("caption_id")).to_numpy(zero_copy_only=False)
+        keep = ~np.isnan(pos.astype(np.float64))
+        rows = pos[keep].astype(np.int64)
+        old_ids = old.column("neighbour_ids").to_pylist()
+        for i, r in zip(np.flatnonzero(keep), rows):
+            nb_ids[i] = old_ids[r]
+        sims[keep] = _matrix(old.column("neighbour_sims"), old.num_rows)[rows]
+        density[keep] = old.column("density").to_numpy()[rows]
+        new = _caption_rows(graph, k, nb_ids, sims, density)
+    return _write(uri, new, old, ["caption", "embedder", VECTOR, "count"], cfg)
+
+
+def write_caption_graph(uri: str, graph, cfg: IndexConfig) -> WriteReport:
+    """Upsert the rows of a ``pogdiff.index.CaptionGraph`` whose content changed; ANN index above the threshold."""
+    k = graph.nb_index.shape[1]
+    nb_ids = [[graph.ids[j] if j >= 0 else "" for j in row] for row in graph.nb_index]
+    new = _caption_rows(graph, k, nb_ids, graph.nb_sims, graph.density)
+    old = read_caption_table(uri)
+    _check_schema(uri, old, new.schema)
+    return _write(uri, new, old, new.schema.names[1:], cfg)
+
+
+def _search(table, queries: np.ndarray, limit: int, cfg: IndexConfig) -> pa.Table:
+    q = table.search(queries, vector_column_name=VECTOR).distance_type("cosine").limit(limit).select(["caption_id", "_distance"])
+    if _vector_index(table):
+        # Hits only propose candidates: their cosines are recomputed exactly (graph_from_candidates), so a
+        # wide list without PQ's slow refine step is enough. HNSW needs ef >= limit to return `limit` hits.
+        q = q.ef(max(2 * limit, 64)) if cfg.ann_index == "IVF_HNSW_SQ" else q.nprobes(20)
+    out = q.to_arrow()
+    if "query_index" not in out.column_names:  # a single query vector comes back without it
+        out = out.append_column("query_index", pa.array(np.zeros(out.num_rows, np.int32)))
+    return out
+
+
+def ann_candidates(uri: str, ids: list[str], vectors: np.ndarray, cfg: IndexConfig) -> np.ndarray:
+    """The ``cfg.ann_candidates`` nearest rows of the captions table for each vector ``[C, D]``.
+
+    Returns ``[C, L]`` positions into ``ids`` (-1 where fewer hits came back or the hit is not in ``ids``),
+    nearest first. Searches the ANN index when the table has one, exactly otherwise.
+    """
+    table = _open(connect(uri), CAPTIONS)
+    if table is None:
+        raise ValueError(f"LanceDB at {uri} has no '{CAPTIONS}' table; write the caption vectors first")
+    limit = cfg.ann_candidates
+    value_set = pa.array(ids, pa.string())
+    out = np.full((len(vectors), limit), -1, np.int64)
+    for start in range(0, len(vectors), QUERY_BATCH):
+        hits = _search(table, vectors[start : start + QUERY_BATCH], limit, cfg)
+        hits = hits.sort_by([("query_index", "ascending"), ("_distance", "ascending")])
+        qi = hits.column("query_index").to_numpy().astype(np.int64)
+        rank = np.arange(len(qi)) - np.searchsorted(qi, qi, side="left")
+        pos = pc.index_in(hits.column("caption_id"), value_set=value_set).to_numpy(zero_copy_only=False)
+        pos = np.where(np.isnan(pos.astype(np.float64)), -1, pos).astype(np.int64)
+        ok = rank < limit
+        out[start + qi[ok], rank[ok]] = pos[ok]
+    return out
+
+
+def search_captions(uri: str, vector: np.ndarray, limit: int, cfg: IndexConfig) -> list[dict]:
+    """Nearest stored captions to one vector ``[D]`` (L2-normalised), nearest first: dicts with caption_id,
+    caption, count, density and the exact cosine ``similarity`` (the index only picks the rows)."""
+    table = _open(connect(uri), CAPTIONS)
+    if table is None:
+        return []
+    ids = _search(table, vector[None, :].astype(np.float32), limit, cfg).column("caption_id").to_pylist()
+    if not ids:
+        return []
+    quoted = ", ".join("'" + i.replace("'", "''") + "'" for i in ids)
+    rows = table.search().where(f"caption_id IN ({quoted})").select(["caption_id", "caption", "count", "density", VECTOR])
+    found = rows.limit(len(ids)).to_arrow()
+    sims = _matrix(found.column(VECTOR), found.num_rows) @ vector.astype(np.float32)
+    out = [{**r, "similarity": float(s)} for r, s in zip(found.drop_columns([VECTOR]).to_pylist(), sims)]
+    return sorted(out, key=lambda r: -r["similarity"])
 
 
 def known_feature_ids(uri: str, extractor: str) -> set[str]:
@@ -137,8 +293,8 @@ def write_image_features(uri: str, image_ids: list[str], extractor: str, feature
         },
         schema=image_features_schema(features.shape[1]),
     )
-    version = _upsert(db, IMAGE_FEATURES, "image_id", rows)
-    return WriteReport(rows=len(image_ids), written=len(image_ids), version=version)
+    table = _upsert(db, IMAGE_FEATURES, "image_id", rows)
+    return WriteReport(rows=len(image_ids), written=len(image_ids), version=table.version)
 
 
 def read_image_features(uri: str, extractor: str) -> dict[str, np.ndarray]:

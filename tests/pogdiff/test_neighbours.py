@@ -6,6 +6,8 @@ import torch
 from pogdiff.neighbours import (
     NeighbourGraph,
     effective_density,
+    exact_graph,
+    graph_from_candidates,
     image_similarity,
     knn_graph,
     psi_weight,
@@ -42,6 +44,80 @@ def test_effective_density_is_smoothed_count():
     assert rho[1] > 90 and rho[0] > 100
     assert rho[2] == pytest.approx(3.0, abs=1e-3)  # isolated: its own count
     assert torch.all(rho >= counts)
+
+
+def _clustered(n, d=32, clusters=40, spread=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(clusters, d, generator=g)
+    pick = torch.randint(0, clusters, (n,), generator=g)
+    return torch.nn.functional.normalize(centres[pick] + spread * torch.randn(n, d, generator=g), dim=1)
+
+
+def _brute_force(v, counts, k, h):
+    """Full C x C similarity matrix: top-k without itself and duplicates, and the untruncated kernel sum."""
+    s = v @ v.T
+    rho = torch.exp(-(1 - s.clamp(-1, 1)).pow(2) / (2 * h * h)) @ counts
+    s.fill_diagonal_(float("-inf"))
+    s[s >= 1 - 1e-5] = float("-inf")
+    top_s, top_i = s.topk(k, dim=1)
+    return top_i, top_s, rho
+
+
+def test_exact_graph_equals_brute_force_on_thousands_of_vectors():
+    v = _clustered(3000)
+    v[7] = v[5]  # an exact duplicate pair: never each other's neighbour, but each in the other's density
+    counts = torch.randint(1, 50, (3000,), generator=torch.Generator().manual_seed(1)).float()
+    ids, sims, rho = exact_graph(v, counts, k=10, bandwidth=0.1, block=700)  # uneven last block
+    ref_i, ref_s, ref_rho = _brute_force(v, counts, 10, 0.1)
+    assert torch.equal(ids, ref_i)
+    torch.testing.assert_close(sims, ref_s)
+    torch.testing.assert_close(rho, ref_rho, rtol=1e-5, atol=1e-4)
+    assert 7 not in ids[5].tolist() and 5 not in ids[7].tolist()
+    assert rho[5] >= counts[5] + counts[7] - 1e-4
+    # the thin wrappers agree with the one-pass version
+    assert torch.equal(knn_graph(v, 10, block=512)[0], ids)
+    torch.testing.assert_close(effective_density(v, counts, 0.1, block=512), rho)
+
+
+def test_rare_caption_in_a_dense_cluster_has_higher_density_than_an_isolated_one():
+    d = 16
+    centre = torch.nn.functional.normalize(torch.ones(d), dim=0)
+    g = torch.Generator().manual_seed(0)
+    cluster = torch.nn.functional.normalize(centre + 0.05 * torch.randn(30, d, generator=g), dim=1)  # well covered
+    rare_in_cluster = torch.nn.functional.normalize(centre + 0.05 * torch.randn(1, d, generator=g), dim=1)
+    isolated = torch.nn.functional.normalize(-centre + 0.3 * torch.randn(1, d, generator=g), dim=1)
+    v = torch.cat([cluster, rare_in_cluster, isolated])
+    counts = torch.cat([torch.full((30,), 20.0), torch.tensor([1.0, 1.0])])
+    _, _, rho = exact_graph(v, counts, k=5, bandwidth=0.05)
+    # both rare captions have one image; only the one among well-covered neighbours borrows their count
+    assert rho[30] > 10 * rho[31]
+    assert rho[31] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_graph_from_full_candidate_lists_equals_exact():
+    v = _clustered(500)
+    counts = torch.randint(1, 9, (500,), generator=torch.Generator().manual_seed(2)).float()
+    ids, sims, rho = exact_graph(v, counts, k=5, bandwidth=0.1)
+    everyone = torch.arange(500).repeat(500, 1)  # includes the row itself: it must be dropped
+    c_ids, c_sims, c_rho = graph_from_candidates(v, counts, everyone, k=5, bandwidth=0.1, block=128)
+    assert torch.equal(c_ids, ids)
+    torch.testing.assert_close(c_sims, sims)
+    torch.testing.assert_close(c_rho, rho, rtol=1e-5, atol=1e-4)
+
+
+def test_graph_from_candidates_ignores_padding_repeats_and_itself():
+    v = _unit([[1, 0], [0.99, 0.14], [0.9, 0.44], [0, 1]])
+    counts = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    cand = torch.tensor([[0, 1, 1, -1], [0, -1, -1, -1], [-1, -1, -1, -1], [2, 2, 3, 1]])
+    ids, sims, rho = graph_from_candidates(v, counts, cand, k=2, bandwidth=0.05)
+    assert ids.tolist() == [[1, -1], [0, -1], [-1, -1], [2, 1]]
+    assert torch.isinf(sims[0, 1]) and torch.isinf(sims[2]).all()
+    exact = effective_density(v, counts, 0.05)
+    # row 0 saw caption 1 once (the repeat is not counted twice); row 2 saw nobody: its own count
+    k01 = torch.exp(-(1 - (v[0] @ v[1])) ** 2 / (2 * 0.05**2))
+    assert rho[0].item() == pytest.approx((1 + 2 * k01).item(), rel=1e-5)
+    assert rho[2].item() == pytest.approx(3.0)
+    assert rho[0] <= exact[0] + 1e-5
 
 
 def _graph():

@@ -5,30 +5,33 @@ import numpy as np
 import pytest
 
 from pogdiff.config import IndexConfig
-from pogdiff.index import build_caption_graph, caption_id
+from pogdiff.embedders import make_embedder
+from pogdiff.index import CaptionGraph, build_caption_graph, caption_id, needs_ann, with_graph
 from storage import vectors
+
+KEY = make_embedder(IndexConfig()).key
 
 
 def test_caption_graph_roundtrip_and_idempotent_writes(tmp_path):
     uri = str(tmp_path / "lancedb")
     counts = {"a red circle": 10, "a red square": 2, "a blue circle": 1, "a green cross": 4}
     cfg = IndexConfig(k=2)
-    g1 = build_caption_graph(counts, vectors.known_vectors(uri), cfg)
+    g1 = build_caption_graph(counts, vectors.known_vectors(uri, KEY), cfg)
     assert g1.embedded == 4
-    r1 = vectors.write_caption_graph(uri, g1)
+    r1 = vectors.write_caption_graph(uri, g1, cfg)
     assert r1.written == 4
 
     # same data again: nothing embedded, nothing written, same table version
-    g2 = build_caption_graph(counts, vectors.known_vectors(uri), cfg)
+    g2 = build_caption_graph(counts, vectors.known_vectors(uri, KEY), cfg)
     assert g2.embedded == 0
-    r2 = vectors.write_caption_graph(uri, g2)
+    r2 = vectors.write_caption_graph(uri, g2, cfg)
     assert (r2.written, r2.version) == (0, r1.version)
 
     # one new caption: only it is embedded; rows whose neighbours or density changed are rewritten
     counts["a red triangle"] = 1
-    g3 = build_caption_graph(counts, vectors.known_vectors(uri), cfg)
+    g3 = build_caption_graph(counts, vectors.known_vectors(uri, KEY), cfg)
     assert g3.embedded == 1
-    r3 = vectors.write_caption_graph(uri, g3)
+    r3 = vectors.write_caption_graph(uri, g3, cfg)
     assert 1 <= r3.written <= 5 and r3.version > r2.version
     table = vectors.read_caption_table(uri)
     assert table.num_rows == 5
@@ -38,17 +41,17 @@ def test_caption_graph_roundtrip_and_idempotent_writes(tmp_path):
     red_circle_nb = {table.column("caption")[table.column("caption_id").to_pylist().index(i)].as_py()
                      for i in rows["a red circle"]["neighbour_ids"]}
     assert red_circle_nb & {"a red square", "a blue circle", "a red triangle"}
-    stored = vectors.known_vectors(uri)[caption_id("a red circle")]
+    stored = vectors.known_vectors(uri, KEY)[caption_id("a red circle")]
     np.testing.assert_allclose(np.linalg.norm(stored), 1.0, rtol=1e-5)
 
 
 def test_schema_change_is_refused_with_advice(tmp_path):
     uri = str(tmp_path / "lancedb")
     counts = {"a red circle": 3, "a red square": 2, "a blue circle": 1}
-    vectors.write_caption_graph(uri, build_caption_graph(counts, {}, IndexConfig(k=2)))
-    g = build_caption_graph(counts, vectors.known_vectors(uri), IndexConfig(k=1))
+    vectors.write_caption_graph(uri, build_caption_graph(counts, {}, IndexConfig(k=2)), IndexConfig(k=2))
+    g = build_caption_graph(counts, vectors.known_vectors(uri, KEY), IndexConfig(k=1))
     with pytest.raises(ValueError, match="new lancedb_uri"):
-        vectors.write_caption_graph(uri, g)
+        vectors.write_caption_graph(uri, g, IndexConfig(k=1))
 
 
 def test_image_features_written_once(tmp_path):
@@ -60,3 +63,84 @@ def test_image_features_written_once(tmp_path):
     v = lancedb.connect(uri).open_table(vectors.IMAGE_FEATURES).version
     assert vectors.write_image_features(uri, [], "pixels16", f[:0]).version == v
     np.testing.assert_array_equal(vectors.read_image_features(uri, "pixels16")["b"], f[1])
+
+
+def _clustered_graph(n, d=384, seed=0):
+    """n clustered unit vectors (20 per cluster on average) as a CaptionGraph without neighbours."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((max(n // 20, 1), d)).astype(np.float32)
+    x = centres[rng.integers(0, len(centres), n)] + 0.35 * rng.standard_normal((n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = [f"c{i:06d}" for i in range(n)]
+    return CaptionGraph(ids=ids, captions=[f"caption {i}" for i in ids], vectors=x, counts=rng.integers(1, 30, n),
+                        nb_index=np.zeros((n, 0), np.int64), nb_sims=np.zeros((n, 0), np.float32),
+                        density=np.ones(n), embedded=n, embedder="test-embedder", mode="none")
+
+
+def test_ann_graph_recall_against_exact_and_idempotent_rerun(tmp_path):
+    uri = str(tmp_path / "lancedb")
+    cfg = IndexConfig(k=10, ann_threshold=1000)
+    base = _clustered_graph(3000)
+    assert needs_ann(3000, cfg) and not needs_ann(1000, cfg)
+    first = vectors.write_caption_vectors(uri, base, cfg)
+    assert first.ann_index and first.written == 3000
+    ann = with_graph(base, cfg, vectors.ann_candidates(uri, base.ids, base.vectors, cfg))
+    exact = with_graph(base, cfg)
+    assert ann.mode == "ann" and exact.mode == "exact"
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(ann.nb_index, exact.nb_index)])
+    assert recall >= 0.95
+    # density from the candidates equals the exact kernel sum wherever the kernel's reach fits in them
+    np.testing.assert_allclose(np.median(ann.density / exact.density), 1.0, rtol=1e-4)
+    assert np.all(ann.density <= exact.density * (1 + 1e-5))
+    report = vectors.write_caption_graph(uri, ann, cfg)
+    assert report.written == 3000 and report.ann_index
+
+    # the same data again: nothing written at either step, the same candidates, the same version
+    assert vectors.write_caption_vectors(uri, base, cfg).written == 0
+    again = with_graph(base, cfg, vectors.ann_candidates(uri, base.ids, base.vectors, cfg))
+    np.testing.assert_array_equal(again.nb_index, ann.nb_index)
+    rerun = vectors.write_caption_graph(uri, again, cfg)
+    assert (rerun.written, rerun.version, rerun.rows) == (0, report.version, 3000)
+
+
+def test_upserting_the_same_captions_twice_changes_nothing(tmp_path):
+    uri = str(tmp_path / "lancedb")
+    cfg = IndexConfig(k=3)
+    g = with_graph(_clustered_graph(200, d=16), cfg)
+    r1 = vectors.write_caption_graph(uri, g, cfg)
+    before = vectors.read_caption_table(uri)
+    r2 = vectors.write_caption_graph(uri, g, cfg)
+    assert (r2.written, r2.version) == (0, r1.version)
+    # force the same rows through merge_insert as well: matched on caption_id, so no new rows
+    db = vectors.connect(uri)
+    vectors._upsert(db, vectors.CAPTIONS, "caption_id", before)
+    after = vectors.read_caption_table(uri).sort_by("caption_id")
+    assert after.num_rows == before.num_rows == 200
+    assert after.equals(before.sort_by("caption_id"))
+    assert not r2.ann_index  # 200 rows: below the threshold, LanceDB searches exactly
+
+
+def test_vectors_are_reused_only_under_the_same_embedder(tmp_path):
+    uri = str(tmp_path / "lancedb")
+    cfg = IndexConfig(k=2)
+    vectors.write_caption_graph(uri, with_graph(_clustered_graph(10, d=8), cfg), cfg)
+    assert len(vectors.known_vectors(uri, "test-embedder")) == 10
+    assert vectors.known_vectors(uri, "another-embedder") == {}
+
+
+def test_search_captions_is_exact_below_the_threshold(tmp_path):
+    uri = str(tmp_path / "lancedb")
+    cfg = IndexConfig(k=3)
+    g = with_graph(_clustered_graph(300, d=16), cfg)
+    vectors.write_caption_graph(uri, g, cfg)
+    hits = vectors.search_captions(uri, g.vectors[42], 4, cfg)
+    assert [h["caption_id"] for h in hits] == [g.ids[42]] + [g.ids[j] for j in g.nb_index[42]]
+    np.testing.assert_allclose([h["similarity"] for h in hits[1:]], g.nb_sims[42], rtol=1e-5)
+    assert hits[0]["count"] == g.counts[42] and hits[0]["caption"] == g.captions[42]
+
+
+def test_touching_lancedb_makes_child_processes_spawn(tmp_path):
+    import multiprocessing
+
+    vectors.connect(str(tmp_path / "lancedb"))
+    assert multiprocessing.get_start_method() in ("spawn", "forkserver")

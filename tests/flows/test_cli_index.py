@@ -1,0 +1,81 @@
+"""``pogdiff index`` and ``pogdiff neighbours`` on a real Parquet dataset and LanceDB store."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pogdiff.config import IngestConfig
+from storage.parquet import ingest
+
+ROOT = Path(__file__).resolve().parents[2]
+CAPTIONS = {"a red circle": 6, "a small red circle": 1, "a red circle on grey": 1, "a green cross": 3, "a blue square": 2}
+
+
+def _pogdiff(*args, home):
+    env = {"PATH": "/usr/bin:/bin", "POGDIFF_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _source(folder: Path) -> Path:
+    """Distinct 16x16 images: red-ish for the red circles, other colours for the rest."""
+    rng = np.random.default_rng(0)
+    colour = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
+    rows = []
+    for caption, n in CAPTIONS.items():
+        base = next(v for k, v in colour.items() if k in caption)
+        for j in range(n):
+            pixels = np.clip(np.array(base) + rng.integers(-20, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
+            name = f"{len(rows)}.png"
+            Image.fromarray(pixels).save(folder / name)
+            rows.append({"image": name, "caption": caption})
+    with open(folder / "captions.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image", "caption"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+def test_index_then_neighbours_explain_the_weight(tmp_path):
+    home = tmp_path / "home"
+    src = tmp_path / "src"
+    src.mkdir()
+    ingest(_source(src), home / "dataset", IngestConfig())
+
+    out = _pogdiff("index", home=home)
+    assert out.returncode == 0, out.stderr
+    assert "captions: 5 — embedded 5, skipped 0" in out.stdout
+    assert "exact top-5" in out.stdout and "13 features computed" in out.stdout
+    again = _pogdiff("index", "--json", home=home)
+    report = json.loads(again.stdout)
+    assert (report["captions"]["embedded"], report["captions"]["reused"], report["captions"]["written"]) == (0, 5, 0)
+    assert report["images"]["computed"] == 0
+
+    shown = _pogdiff("neighbours", "a small red circle", "-k", "2", home=home)
+    assert shown.returncode == 0, shown.stderr
+    assert "1 training image;" in shown.stdout and "mean of clip(cos, 0, 1)" in shown.stdout
+    data = json.loads(_pogdiff("neighbours", "a small red circle", "-k", "2", "--json", home=home).stdout)
+    assert data["in_dataset"] and data["count"] == 1 and len(data["neighbours"]) == 2
+    nb = {r["caption"]: r for r in data["neighbours"]}
+    assert "a red circle" in nb
+    red = nb["a red circle"]
+    assert 0 < red["s_img"] <= 1 and red["count"] == 6
+    # psi = lam * s_img^a * (rho / mean rho)^-b with the PoG defaults lam = a = 1, b = 0.5
+    assert red["psi"] == pytest.approx(red["s_img"] * data["density_ratio"] ** -0.5, rel=1e-5)
+
+    unseen = json.loads(_pogdiff("neighbours", "a large red circle", "--json", home=home).stdout)
+    assert not unseen["in_dataset"] and unseen["count"] == 0
+    assert unseen["neighbours"][0]["caption"] in {"a red circle", "a small red circle", "a red circle on grey"}
+    assert all(r["psi"] is None for r in unseen["neighbours"])  # no images of its own: no s_img
+
+
+def test_index_on_an_empty_dataset_is_one_line(tmp_path):
+    out = _pogdiff("index", home=tmp_path / "home")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: dataset") and str(tmp_path / "home" / "dataset") in lines[0]
