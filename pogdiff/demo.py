@@ -288,6 +288,36 @@ def balanced_draw(
     return images, [individual.caption for individual in chosen]
 
 
+def train_data(counts: list[int], size: int, k: int, seed: int = 0, variation: Variation = "full", bandwidth: float = 0.05):
+    """An in-memory ``TrainData`` of the first ``len(counts)`` individuals, ``counts[c]`` images each.
+
+    What the index stage would compute, without stores: MiniLM caption vectors, top-k caption
+    neighbours, effective density, and mean-centred L2-normalised pixels as the image feature. For
+    tests and benchmarks of the trainer.
+    """
+    import torch
+
+    from pogdiff.model import to_tensor
+    from pogdiff.neighbours import NeighbourGraph, effective_density, knn_graph
+    from pogdiff.text import load_text_encoder
+    from pogdiff.trainer import TrainData
+
+    individuals = all_individuals()[: len(counts)]
+    rng = np.random.default_rng(seed)
+    images, caption_of = [], []
+    for c, (individual, n) in enumerate(zip(individuals, counts)):
+        images += [render(individual, sample_instance(rng, variation), size) for _ in range(n)]
+        caption_of += [c] * n
+    captions = [i.caption for i in individuals]
+    vectors = load_text_encoder().embed(captions)
+    nb_ids, nb_sims = knn_graph(vectors, k)
+    density = effective_density(vectors, torch.tensor(counts, dtype=torch.float32), bandwidth)
+    x = to_tensor(np.stack(images))
+    flat = x.flatten(1) - x.flatten(1).mean(1, keepdim=True)
+    graph = NeighbourGraph.build(torch.tensor(caption_of), nb_ids, nb_sims, density, torch.nn.functional.normalize(flat, dim=1))
+    return TrainData(x, captions, graph)
+
+
 # --- the detector ---------------------------------------------------------------------------
 
 _MIN_SIZE = 16  # the smallest size calibrated and tested; there a small triangle's side is 6 pixels

@@ -1,6 +1,13 @@
-"""The text-to-image model: a diffusers ``UNet2DConditionModel`` + noise scheduler + frozen text encoder.
+"""Text-to-image pipelines: a diffusers ``UNet2DConditionModel`` + noise scheduler + frozen text encoder.
 
-Saved as a diffusers-style folder::
+Two kinds share one interface (``TextToImagePipeline``), so the trainer, the train task and the
+evaluation never care which one they hold; ``load_pipeline(ref)`` picks the kind from the folder:
+
+* pixel space (this module, ``PixelDiffusionPipeline``): the UNet works on the images themselves;
+* latent space (``pogdiff/sd.py``, ``StableDiffusionPipeline``): a Stable-Diffusion-format folder
+  (``model_index.json`` with a VAE), the UNet works on VAE latents.
+
+A pixel model is saved as a diffusers-style folder::
 
     unet/        config.json + diffusion_pytorch_model.safetensors
     scheduler/   scheduler_config.json
@@ -18,16 +25,55 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Literal, Protocol
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 
 from pogdiff.text import BUILTIN_MINILM, TextEncoder, load_text_encoder
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUILTIN_MODELS = {"builtin:shapes32": ASSETS / "shapes32"}
 FORMAT_VERSION = 1
+Sampler = Literal["ddim", "dpm"]  # DDIM, or DPM-Solver++ (2nd order multistep): fewer steps for the same quality
+
+
+class TextToImagePipeline(Protocol):
+    """What the trainer, the train task and the evaluation use; both pipeline kinds implement it.
+
+    ``scheduler`` is the training noise scheduler (``add_noise``, ``get_velocity``, ``alphas_cumprod``);
+    ``image_size`` is the pixel side of the images it is trained on and generates.
+    """
+
+    unet: UNet2DConditionModel
+    scheduler: DDPMScheduler
+    image_size: int
+
+    def to(self, device: torch.device | str) -> "TextToImagePipeline": ...
+
+    def encode_captions(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Conditioning hidden states ``[N, L, D]`` (float32, CPU) and attention mask ``[N, L]`` (bool) or None."""
+
+    def encode_images(self, images: torch.Tensor, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """images ``[N, 3, H, W]`` in [-1, 1] -> z0 mean ``[N, C, h, w]`` and its std (None: deterministic), CPU."""
+
+    def image_features(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 ``[N, H, W, 3]`` -> L2-normalised z0 features ``[N, F]`` (``latent_features`` of the mean)."""
+
+    def generate(
+        self,
+        prompts: list[str],
+        num_images_per_prompt: int = 1,
+        seed: int = 0,
+        guidance_scale: float = 3.0,
+        num_inference_steps: int = 25,
+        batch_size: int = 128,
+        sampler: Sampler = "ddim",
+    ) -> np.ndarray:
+        """uint8 ``[len(prompts) * num_images_per_prompt, H, W, 3]``, prompt-major order."""
+
+    def save_pretrained(self, path: Path, extra: dict | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -85,8 +131,127 @@ def resolve_model_path(name: str) -> Path:
     return path
 
 
+def load_pipeline(ref: str) -> TextToImagePipeline:
+    """Load either kind by its layout: ``model_index.json`` naming a ``vae`` -> Stable Diffusion (latent);
+    ``builtin:<name>`` or a folder with a pixel ``pogdiff.json`` -> pixel. ``ref`` that is not a local
+    path is taken as a hub id (read from the local cache: HF_HUB_OFFLINE)."""
+    from pogdiff import sd  # sd builds on this module's helpers, so it is imported here, not at the top
+
+    if ref.startswith("builtin:"):
+        return PixelDiffusionPipeline.from_pretrained(ref)
+    path = Path(ref)
+    if path.exists():
+        if not path.is_dir():
+            raise FileNotFoundError(f"model reference is a file, not a model folder: {path}")
+        if sd.is_sd_folder(path):
+            return sd.StableDiffusionPipeline.from_pretrained(ref)
+        if (path / "pogdiff.json").is_file():
+            return PixelDiffusionPipeline.from_pretrained(ref)
+        raise FileNotFoundError(f"{path} is neither a Stable Diffusion folder (model_index.json with a vae) nor a pogdiff pixel model (pogdiff.json)")
+    return sd.StableDiffusionPipeline.from_pretrained(ref)
+
+
+def write_folder_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a fresh sibling folder, then swap it in: a crash never leaves a half-written ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp creates 0700; a model folder is meant to be shared
+    try:
+        write(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def latent_features(z0: torch.Tensor) -> torch.Tensor:
+    """psi's image feature from z0 ``[N, C, h, w]``: f = normalise(flatten(z0) - mean), ``[N, C*h*w]``.
+
+    For Stable Diffusion z0 is the scaled VAE latent mean (DESIGN §4); for a pixel model, the pixels.
+    """
+    flat = z0.float().flatten(1)
+    return torch.nn.functional.normalize(flat - flat.mean(1, keepdim=True), dim=1)
+
+
+def initial_noise(count: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """``[count, *shape]``; row n depends only on (seed, n), so samples never change with the batch size."""
+    noise = torch.empty(count, *shape)
+    for n in range(count):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + n)
+        noise[n] = torch.randn(*shape, generator=g)
+    return noise
+
+
+@torch.no_grad()
+def guided_sample(
+    unet: UNet2DConditionModel,
+    scheduler_config,
+    prompts: list[str],
+    num_images_per_prompt: int,
+    encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor | None]],
+    noise_shape: tuple[int, ...],
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    seed: int,
+    guidance_scale: float,
+    num_inference_steps: int,
+    batch_size: int,
+    sampler: Sampler,
+    image_size: int,
+) -> np.ndarray:
+    """The one sampling loop of both pipeline kinds: DDIM or DPM-Solver++ with classifier-free guidance.
+
+    f_hat = f(x_t, "") + g * (f(x_t, y) - f(x_t, ""))   (f = the model output, eps or v)
+
+    ``encode`` maps captions to (hidden ``[N, L, D]``, mask ``[N, L]`` or None); ``decode`` maps the
+    final x_0 ``[b, *noise_shape]`` to images ``[b, 3, H, W]`` in [-1, 1]. Returns uint8
+    ``[len(prompts) * num_images_per_prompt, H, W, 3]``, prompt-major order.
+    """
+    unet.eval()
+    device = next(unet.parameters()).device
+    all_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+    uniq = sorted(set(all_prompts))
+    hidden, mask = encode(uniq + [""])
+    row = {p: i for i, p in enumerate(uniq)}
+    null_h = hidden[-1:]
+    null_m = mask[-1:] if mask is not None else None
+    sched_cls = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}[sampler]
+    sched = sched_cls.from_config(scheduler_config)
+    noise = initial_noise(len(all_prompts), noise_shape, seed) * sched.init_noise_sigma
+    out = []
+    for start in range(0, len(all_prompts), batch_size):
+        sched.set_timesteps(num_inference_steps)  # also resets a multistep solver's history
+        idx = torch.tensor([row[p] for p in all_prompts[start : start + batch_size]])
+        x = noise[start : start + batch_size].to(device)
+        b = len(idx)
+        guided = guidance_scale != 1.0  # at 1 the unconditional branch cancels out: skip it
+        if guided:
+            h = torch.cat([null_h.expand(b, -1, -1), hidden[idx]]).to(device)
+            m = torch.cat([null_m.expand(b, -1), mask[idx]]).to(device) if mask is not None else None
+        else:
+            h = hidden[idx].to(device)
+            m = mask[idx].to(device) if mask is not None else None
+        for t in sched.timesteps:
+            x_in = sched.scale_model_input(torch.cat([x, x]) if guided else x, t)
+            pred = unet(x_in, t, h, encoder_attention_mask=m).sample
+            if guided:
+                e_null, e_cond = pred.chunk(2)
+                pred = e_null + guidance_scale * (e_cond - e_null)
+            x = sched.step(pred, t, x).prev_sample
+        out.append(to_uint8(decode(x).cpu()))
+    return np.concatenate(out) if out else np.zeros((0, image_size, image_size, 3), np.uint8)
+
+
 class PixelDiffusionPipeline:
-    """UNet + scheduler + text encoder, with ``generate`` for classifier-free-guided sampling."""
+    """Pixel-space UNet + scheduler + text encoder (the embedded default); ``TextToImagePipeline``."""
+
+    space = "pixel"
 
     def __init__(
         self,
@@ -114,6 +279,8 @@ class PixelDiffusionPipeline:
         meta = json.loads((path / "pogdiff.json").read_text())
         if meta.get("format") != FORMAT_VERSION:
             raise ValueError(f"{path}: unsupported model format {meta.get('format')!r}")
+        if meta.get("space", "pixel") != "pixel":
+            raise ValueError(f"{path} is a {meta['space']}-space model; load it with pogdiff.model.load_pipeline")
         unet = UNet2DConditionModel.from_pretrained(path / "unet")
         scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
         enc = load_text_encoder(meta["text_encoder"], int(meta["max_tokens"]))
@@ -121,11 +288,8 @@ class PixelDiffusionPipeline:
 
     def save_pretrained(self, path: Path, extra: dict | None = None) -> None:
         """Write atomically: a crash never leaves a half-written model folder at ``path``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        tmp.chmod(0o755)  # mkdtemp creates 0700; a model folder is meant to be shared
-        try:
+
+        def write(tmp: Path) -> None:
             self.unet.save_pretrained(tmp / "unet")
             self.scheduler.save_pretrained(tmp / "scheduler")
             meta = {
@@ -137,18 +301,25 @@ class PixelDiffusionPipeline:
                 **(extra or {}),
             }
             (tmp / "pogdiff.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
-    @torch.no_grad()
+        write_folder_atomically(path, write)
+
+    def to(self, device: torch.device | str) -> "PixelDiffusionPipeline":
+        # The text encoder is a shared cached instance (``load_text_encoder``) and stays where it is.
+        self.unet.to(device)
+        return self
+
+    def encode_captions(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """MiniLM hidden states ``[N, max_tokens, 384]`` and attention mask ``[N, max_tokens]``."""
+        return self.text_encoder.encode(captions)
+
+    def encode_images(self, images: torch.Tensor, batch_size: int = 16) -> tuple[torch.Tensor, None]:
+        """Pixel space: z0 = x itself ``[N, 3, H, W]``, no encoder noise."""
+        return images, None
+
+    def image_features(self, images: np.ndarray) -> torch.Tensor:
+        return latent_features(to_tensor(images))
+
     def generate(
         self,
         prompts: list[str],
@@ -157,49 +328,19 @@ class PixelDiffusionPipeline:
         guidance_scale: float = 3.0,
         num_inference_steps: int = 25,
         batch_size: int = 128,
+        sampler: Sampler = "ddim",
     ) -> np.ndarray:
-        """Sample images with DDIM and classifier-free guidance.
-
-        f_hat = f(x_t, "") + g * (f(x_t, y) - f(x_t, ""))   (f = the model output, eps or v)
+        """Sample images with classifier-free guidance (``guided_sample``).
 
         Returns uint8 ``[len(prompts) * num_images_per_prompt, H, W, 3]``, prompt-major order.
         The noise of image j of prompt p depends only on (seed, p's position, j), so results do not
         change with ``batch_size``.
         """
-        self.unet.eval()
-        device = next(self.unet.parameters()).device
-        all_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        uniq = sorted(set(all_prompts))
-        hidden, mask = self.text_encoder.encode(uniq + [""])
-        row = {p: i for i, p in enumerate(uniq)}
-        null_h, null_m = hidden[-1:], mask[-1:]
-        sched = DDIMScheduler.from_config(self.scheduler.config)
-        sched.set_timesteps(num_inference_steps)
         s = self.image_size
-        noise = torch.empty(len(all_prompts), 3, s, s)
-        for n in range(len(all_prompts)):
-            g = torch.Generator().manual_seed(seed * 1_000_003 + n)
-            noise[n] = torch.randn(3, s, s, generator=g)
-        out = []
-        for start in range(0, len(all_prompts), batch_size):
-            idx = torch.tensor([row[p] for p in all_prompts[start : start + batch_size]])
-            x = noise[start : start + batch_size].to(device)
-            b = len(idx)
-            guided = guidance_scale != 1.0  # at 1 the unconditional branch cancels out: skip it
-            if guided:
-                h = torch.cat([null_h.expand(b, -1, -1), hidden[idx]]).to(device)
-                m = torch.cat([null_m.expand(b, -1), mask[idx]]).to(device)
-            else:
-                h, m = hidden[idx].to(device), mask[idx].to(device)
-            for t in sched.timesteps:
-                if guided:
-                    e_null, e_cond = self.unet(torch.cat([x, x]), t, h, encoder_attention_mask=m).sample.chunk(2)
-                    pred = e_null + guidance_scale * (e_cond - e_null)
-                else:
-                    pred = self.unet(x, t, h, encoder_attention_mask=m).sample
-                x = sched.step(pred, t, x).prev_sample
-            out.append(to_uint8(x.cpu()))
-        return np.concatenate(out) if out else np.zeros((0, s, s, 3), np.uint8)
+        return guided_sample(
+            self.unet, self.scheduler.config, prompts, num_images_per_prompt, self.encode_captions, (3, s, s),
+            lambda x: x, seed, guidance_scale, num_inference_steps, batch_size, sampler, s,
+        )
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -3,6 +3,11 @@
 It never talks to a tracking server: progress goes to the ``on_step(step, metrics)`` callback.
 Checkpoints are written atomically every ``checkpoint_every`` steps and the run resumes from the
 latest one, so an interrupted fine-tune continues where it stopped.
+
+It trains any ``TextToImagePipeline`` (pixel space, or Stable Diffusion through its VAE) and runs
+unchanged under ``accelerate launch`` / ``torchrun`` (DDP): every rank draws the same global batch
+from the same seeded streams and trains on its contiguous shard, so a W-process run follows the
+single-process trajectory up to the order of floating-point sums.
 """
 
 from __future__ import annotations
@@ -12,16 +17,19 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
 
 from pogdiff.config import TrainConfig
-from pogdiff.model import PixelDiffusionPipeline
+from pogdiff.model import TextToImagePipeline, latent_features
 from pogdiff.neighbours import (
     NeighbourGraph,
     image_similarity,
@@ -137,8 +145,50 @@ def _load_checkpoint(path: Path, unet, optimizer, lr_sched, generators: list[tor
     return int(json.loads((path / "step.json").read_text())["step"])
 
 
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a DDP job, from the variables ``accelerate launch`` / ``torchrun`` set."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, batch_size: int) -> slice:
+        """This rank's contiguous share of a global batch (the batch must divide evenly)."""
+        if batch_size % self.world:
+            raise ValueError(f"train.batch_size {batch_size} is not divisible by the {self.world} processes")
+        per = batch_size // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def gather(self, rows: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        """Per-sample ``[b]`` vectors of every rank -> global ``[W * b]`` vectors on the CPU, in rank order (one collective)."""
+        if self.world == 1:
+            return rows
+        names = list(rows)
+        local = torch.stack([rows[k].detach().to(device, torch.float32) for k in names])  # [K, b]
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(parts, local)
+        full = torch.cat(parts, dim=1).cpu()
+        return {k: full[i] for i, k in enumerate(names)}
+
+
+def _join_process_group() -> tuple[Distributed, bool]:
+    """Join the DDP job when launched with WORLD_SIZE > 1; returns (place, whether this call created the group)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Distributed(), False
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))), created
+
+
 def train(
-    pipe: PixelDiffusionPipeline,
+    pipe: TextToImagePipeline,
     data: TrainData,
     cfg: TrainConfig,
     out_dir: Path,
@@ -147,19 +197,50 @@ def train(
 ) -> TrainResult:
     """Fine-tune ``pipe.unet`` on ``data`` with ``cfg.pog.method``; write ``out_dir/model``.
 
-    Per step: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, one forward for y, and for PoGDiff a
+    Per step: z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, one forward for y, and for PoGDiff a
     no-grad forward for the neighbour caption y' on the samples whose psi exceeds the threshold.
+    z0 comes from ``pipe.encode_images`` once, before the first step (the pixels themselves, or
+    the scaled VAE posterior of each image, sampled afresh every step as the diffusers example does).
+
+    Under DDP (WORLD_SIZE > 1) ``cfg.batch_size`` is the global batch; only rank 0 calls
+    ``on_step`` and writes checkpoints and the model.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    unet = pipe.unet.to(device).train()
+    ddp, created_group = _join_process_group()
+    try:
+        return _train(pipe, data, cfg, out_dir, ckpt_root, on_step, resume, ddp, started)
+    finally:
+        if created_group:
+            dist.destroy_process_group()
+
+
+def _train(
+    pipe: TextToImagePipeline,
+    data: TrainData,
+    cfg: TrainConfig,
+    out_dir: Path,
+    ckpt_root: Path,
+    on_step: StepCallback | None,
+    resume: bool,
+    ddp: Distributed,
+    started: float,
+) -> TrainResult:
+    shard = ddp.shard(cfg.batch_size)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", ddp.local_rank) if ddp.world > 1 else torch.device("cuda")
+    else:
+        device = torch.device("cpu")
+    unet = pipe.to(device).unet.train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if cfg.lora_rank is not None:
         unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+        # Seeded init: every DDP rank and every re-run starts from the same adapter, whatever the global RNG did before.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed)
+            unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
         for p in unet.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # trainable LoRA weights stay fp32 whatever the base dtype
@@ -187,59 +268,80 @@ def train(
     start = 0
     if resume and (ckpts := _checkpoint_dirs(ckpt_root)):
         start = _load_checkpoint(ckpts[-1], unet, optimizer, lr_sched, generators, ema)
+    # The gradient forward goes through DDP (gradients all-reduced in backward); the PoGDiff
+    # neighbour forward needs no gradient and calls the bare UNet.
+    model = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None) if ddp.world > 1 else unet
 
-    hidden, mask = pipe.text_encoder.encode(data.captions + [""])
-    hidden, mask = hidden.to(device), mask.to(device)
+    hidden, mask = pipe.encode_captions(data.captions + [""])
+    hidden = hidden.to(device)
+    mask = mask.to(device) if mask is not None else None
+    z_mean, z_std = pipe.encode_images(data.images)
     null = len(data.captions)
     graph = data.graph
+    if pog.similarity_features == "latent":
+        graph = replace(graph, image_features=latent_features(z_mean))
     ratio = graph.density_ratio()
     alphas = sched.alphas_cumprod.to(device)
     n_images, n_captions = data.images.shape[0], len(data.captions)
     metrics: dict[str, float] = {}
 
-    def micro_batch() -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
-        """One forward of ``cfg.batch_size`` samples: per-sample weighted loss, terms, psi stats, t."""
-        idx = torch.randint(n_images, (cfg.batch_size,), generator=gen)
-        cap = graph.caption_of[idx]
-        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
-        cond = torch.where(drop, torch.full_like(cap, null), cap)
-        noise = torch.randn(data.images[idx].shape, generator=gen)
-        t = torch.randint(T, (cfg.batch_size,), generator=gen)
-        x0, noise, t_dev = data.images[idx].to(device), noise.to(device), t.to(device)
-        xt = sched.add_noise(x0, noise, t_dev)
-        target = noise if prediction_type == "epsilon" else sched.get_velocity(x0, noise, t_dev)
+    def forward(net, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return net(x, t, hidden[c], encoder_attention_mask=mask[c] if mask is not None else None).sample
 
-        pred = unet(xt, t_dev, hidden[cond], encoder_attention_mask=mask[cond]).sample
-        extra: dict[str, torch.Tensor] = {}
-        if pog.method == "vanilla":
-            terms = vanilla_loss(pred, target)
-        elif pog.method == "pogdiff":
+    def micro_batch() -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+        """One forward of this rank's shard of ``cfg.batch_size`` samples: per-sample weighted loss, terms, psi stats, t.
+
+        Every random draw is made for the whole global batch, so all ranks keep identical streams.
+        """
+        B = cfg.batch_size
+        idx = torch.randint(n_images, (B,), generator=gen)
+        cap = graph.caption_of[idx]
+        drop = torch.rand(B, generator=gen) < cfg.caption_dropout
+        cond = torch.where(drop, torch.full_like(cap, null), cap)
+        x0 = z_mean[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(T, (B,), generator=gen)
+        if z_std is not None:  # a fresh draw from the VAE posterior
+            x0 = x0 + z_std[idx] * torch.randn(x0.shape, generator=gen)
+
+        if pog.method == "pogdiff":
             nb_cap = sample_neighbour_captions(graph, cap, pog.k, pog.neighbour_sampling, gen_nb)
             has = (nb_cap >= 0) & ~drop
-            psi = torch.zeros(cfg.batch_size)
+            psi = torch.zeros(B)
             if has.any():
                 other = sample_member_images(graph, nb_cap[has], gen_nb)
                 s_img = image_similarity(graph, idx[has], other)
                 psi[has] = psi_weight(s_img, ratio[cap[has]], t[has], T, pog.lam, pog.a, pog.b, pog.timestep_weight, pog.psi_max)
-            # Sparse neighbour branch: the extra forward runs only where the target actually moves.
             active = psi > pog.psi_threshold
             psi = torch.where(active, psi, torch.zeros_like(psi))
+        elif pog.method == "cbdm":
+            # y' uniform over the other captions (the fine-tuning setting of the official code).
+            other = torch.randint(max(n_captions - 1, 1), (B,), generator=gen_nb)
+            y2 = torch.where(other >= cap, other + 1, other) if n_captions > 1 else cap
+            weight = (pog.cbdm_tau * t.float() / T) * (~drop).float()
+
+        x0, noise, t, cond = x0[shard].to(device), noise[shard].to(device), t[shard], cond[shard]
+        t_dev = t.to(device)
+        xt = sched.add_noise(x0, noise, t_dev)
+        target = noise if prediction_type == "epsilon" else sched.get_velocity(x0, noise, t_dev)
+
+        pred = forward(model, xt, t_dev, cond.to(device))
+        extra: dict[str, torch.Tensor] = {}
+        if pog.method == "vanilla":
+            terms = vanilla_loss(pred, target)
+        elif pog.method == "pogdiff":
+            psi, active, nb_cap = psi[shard], active[shard], nb_cap[shard]
+            # Sparse neighbour branch: the extra forward runs only where the target actually moves.
             nb = pred.detach().clone()
             if active.any():
                 a_dev = active.to(device)
-                c_nb = nb_cap[active].to(device)
                 with torch.no_grad():
-                    nb[a_dev] = unet(xt[a_dev], t_dev[a_dev], hidden[c_nb], encoder_attention_mask=mask[c_nb]).sample
+                    nb[a_dev] = forward(unet, xt[a_dev], t_dev[a_dev], nb_cap[active].to(device))
             terms = pogdiff_loss(pred, target, nb, psi.to(device), pog.loss_form)
             extra = {"psi": psi, "active": active.float()}
         elif pog.method == "cbdm":
-            # y' uniform over the other captions (the fine-tuning setting of the official code).
-            other = torch.randint(max(n_captions - 1, 1), (cfg.batch_size,), generator=gen_nb)
-            y2 = torch.where(other >= cap, other + 1, other) if n_captions > 1 else cap
-            weight = (pog.cbdm_tau * t.float() / T) * (~drop).float()
-            y2_dev = y2.to(device)
-            nb = unet(xt, t_dev, hidden[y2_dev], encoder_attention_mask=mask[y2_dev]).sample
-            terms = cbdm_loss(pred, target, nb, weight.to(device))
+            nb = forward(model, xt, t_dev, y2[shard].to(device))
+            terms = cbdm_loss(pred, target, nb, weight[shard].to(device))
         else:
             raise ValueError(f"unknown method {pog.method!r}")
 
@@ -255,17 +357,27 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
     for step in range(start, cfg.steps):
         parts = []
-        for _ in range(accum):
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss_vec, terms, extra, t = micro_batch()
-            loss = loss_vec.mean()
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss is {loss.item()} at step {step + 1}; stopped, last good checkpoint kept in {ckpt_root}"
-                )
-            # Scaled so the accumulated gradient is that of the mean over all micro-batches.
-            scaler.scale(loss / accum).backward()
-            parts.append((loss_vec.detach().cpu(), {k: v.detach().float().mean().item() for k, v in terms.items()}, extra, t))
+        for micro in range(accum):
+            # DDP all-reduces in the backward of the last micro-batch only; before it gradients accumulate locally.
+            sync = nullcontext() if ddp.world == 1 or micro == accum - 1 else model.no_sync()
+            with sync:
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    loss_vec, terms, extra, t = micro_batch()
+                # Every rank sees the global per-sample values, so all stop together on a bad loss.
+                seen = ddp.gather({"loss_vec": loss_vec, "t": t, **{f"term/{k}": v for k, v in terms.items()}, **extra}, device)
+                loss = seen["loss_vec"].mean()
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss is {loss.item()} at step {step + 1}; stopped, last good checkpoint kept in {ckpt_root}"
+                    )
+                # Scaled so the accumulated gradient is that of the mean over all micro-batches (and ranks: DDP averages).
+                scaler.scale(loss_vec.mean() / accum).backward()
+            parts.append((
+                seen["loss_vec"].detach().cpu(),
+                {k: seen[f"term/{k}"].detach().float().mean().item() for k in terms},
+                {k: seen[k] for k in extra},
+                seen["t"].long().cpu(),
+            ))
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
         scaler.step(optimizer)
@@ -287,18 +399,23 @@ def train(
             metrics["psi/mean"] = psi.mean().item()
             metrics["psi/active_share"] = torch.cat([p[2]["active"] for p in parts]).mean().item()
             metrics.update(_quartile_means(psi, ts, T, "psi"))
-        if on_step is not None:
-            on_step(step + 1, metrics)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _save_checkpoint(ckpt_root, step + 1, unet, optimizer, lr_sched, generators, ema)
+        if ddp.main:
+            if on_step is not None:
+                on_step(step + 1, metrics)
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                _save_checkpoint(ckpt_root, step + 1, unet, optimizer, lr_sched, generators, ema)
 
     if ema is not None:
         ema.copy_to(unet)  # as the diffusers examples do: the saved model carries the EMA weights
     if cfg.lora_rank is not None:
-        unet.save_lora_adapter(out_dir / "lora")  # the adapter alone, a few hundred KB
+        if ddp.main:
+            unet.save_lora_adapter(out_dir / "lora")  # the adapter alone, a few hundred KB
         unet.fuse_lora()  # the model folder holds plain UNet weights, loadable without peft
         unet.unload_lora()
     unet.eval()
     model_dir = out_dir / "model"
-    pipe.save_pretrained(model_dir, extra={"method": pog.method, "steps": cfg.steps})
+    if ddp.main:
+        pipe.save_pretrained(model_dir, extra={"method": pog.method, "steps": cfg.steps})
+    if ddp.world > 1:
+        dist.barrier()  # every rank returns only once the model folder exists
     return TrainResult(model_dir, cfg.steps, start, time.perf_counter() - started, metrics)

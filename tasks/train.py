@@ -9,7 +9,7 @@ from prefect import get_run_logger, task
 
 from pogdiff.config import IndexConfig, TrainConfig
 from pogdiff.features import make_extractor
-from pogdiff.model import PixelDiffusionPipeline, to_tensor
+from pogdiff.model import load_pipeline, to_tensor
 from pogdiff.neighbours import NeighbourGraph
 from pogdiff.trainer import TrainData, train
 from storage import tracking
@@ -26,7 +26,7 @@ def run_dir(settings: Settings, run_id: str) -> Path:
 def train_model(settings: Settings, cfg: TrainConfig, index_cfg: IndexConfig, run_id: str) -> str:
     """Returns the path of the fine-tuned model folder."""
     log = get_run_logger()
-    pipe = PixelDiffusionPipeline.from_pretrained(cfg.base_model)
+    pipe = load_pipeline(cfg.base_model)  # pixel or Stable Diffusion, by the folder's layout
     extractor = make_extractor(index_cfg.image_feature, index_cfg.image_feature_size).name
     stored = load_training_set(settings.dataset_uri, settings.lancedb_uri, extractor, pipe.image_size)
     graph = NeighbourGraph.build(

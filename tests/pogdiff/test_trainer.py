@@ -6,30 +6,13 @@ import torch
 
 from pogdiff import demo
 from pogdiff.config import PoGConfig, TrainConfig
-from pogdiff.model import PixelDiffusionPipeline, to_tensor
-from pogdiff.neighbours import NeighbourGraph, effective_density, knn_graph
-from pogdiff.text import load_text_encoder
+from pogdiff.model import PixelDiffusionPipeline
 from pogdiff.trainer import TrainData, TrainingDiverged, train
 
 
 @pytest.fixture(scope="module")
 def data() -> TrainData:
-    rng = np.random.default_rng(0)
-    inds = demo.all_individuals()[:6]
-    counts = [12, 6, 3, 2, 2, 1]
-    images, caption_of = [], []
-    for c, (ind, n) in enumerate(zip(inds, counts)):
-        for _ in range(n):
-            images.append(demo.render(ind, demo.sample_instance(rng, "full"), 16))
-            caption_of.append(c)
-    captions = [i.caption for i in inds]
-    vec = load_text_encoder().embed(captions)
-    nb, sims = knn_graph(vec, 3)
-    rho = effective_density(vec, torch.tensor(counts, dtype=torch.float32), 0.05)
-    imgs = np.stack(images)
-    feats = torch.nn.functional.normalize(to_tensor(imgs).flatten(1) - to_tensor(imgs).flatten(1).mean(1, keepdim=True), dim=1)
-    graph = NeighbourGraph.build(torch.tensor(caption_of), nb, sims, rho, feats)
-    return TrainData(to_tensor(imgs), captions, graph)
+    return demo.train_data([12, 6, 3, 2, 2, 1], size=16, k=3)
 
 
 def _cfg(steps=3, **pog):
