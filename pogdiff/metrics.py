@@ -7,8 +7,12 @@ gRecall (generative recall). For caption i with training images T_i and generate
               (over all captions) belongs to i";
   covered_i = {x in T_i : x is the nearest T_i image of some g in kept_i};
   gRecall_i = |covered_i| / |T_i|.
-Identity accuracy_i = share of G_i that pass the gate. Feature similarity_i = mean cos(g, x) over
-G_i x T_i.
+Identity accuracy_i = share of G_i whose nearest real image belongs to i (the nearest-caption gate);
+when a judge decides the gate instead, the share the judge accepts is reported beside it.
+Feature similarity_i = mean cos(g, x) over G_i x T_i (the DINO-score analogue).
+
+Fréchet distance (FID in the configured extractor's feature space, not Inception's):
+  d^2 = |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a^{1/2} S_b S_a^{1/2})^{1/2}).
 """
 
 from __future__ import annotations
@@ -20,6 +24,14 @@ import torch
 
 Bucket = Literal["many", "medium", "few"]
 BUCKETS: tuple[Bucket, ...] = ("many", "medium", "few")
+GROUPS = (*BUCKETS, "overall")  # prefixes of the reported metric keys "<group>/<metric>"
+# Reported metrics in display order; FID is the only one where lower is better.
+METRIC_ORDER = ("grecall", "accuracy", "nearest_accuracy", "similarity", "fid")
+LOWER_IS_BETTER = frozenset({"fid"})
+# Fewest feature rows per set that frechet_distance accepts. The sample covariance needs 2; below
+# ~10 rows it is so noisy that the distance says more about which images were drawn than about the
+# model. Its bias still falls only as 1/N, so FIDs are comparable at equal N and extractor only.
+FID_MIN_SAMPLES = 10
 
 
 def nearest_caption_gate(real_features: torch.Tensor, real_ids: torch.Tensor, gen_features: torch.Tensor, gen_ids: torch.Tensor) -> torch.Tensor:
@@ -82,6 +94,15 @@ def assign_buckets(counts: np.ndarray, many_above: int, few_below: int) -> list[
     return ["many" if n > many_above else "few" if n < few_below else "medium" for n in counts]
 
 
+def metric_names(metrics: dict[str, float]) -> list[str]:
+    """Metric names in ``{"<group>/<metric>": v}`` keys (group = a bucket or overall), display order.
+
+    Other keys (``train/loss``) are ignored; unknown metric names follow the known ones alphabetically.
+    """
+    names = {k.split("/", 1)[1] for k in metrics if "/" in k and k.split("/", 1)[0] in GROUPS}
+    return [m for m in METRIC_ORDER if m in names] + sorted(names - set(METRIC_ORDER))
+
+
 def bucket_means(per_caption: dict[str, np.ndarray], buckets: list[Bucket]) -> dict[str, float]:
     """Macro average over captions: ``{"<bucket>/<metric>": v, "overall/<metric>": v}``.
 
@@ -97,3 +118,48 @@ def bucket_means(per_caption: dict[str, np.ndarray], buckets: list[Bucket]) -> d
             if len(v):
                 out[f"{name}/{metric}"] = float(v.mean())
     return out
+
+
+def _covariance(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mu = x.mean(0)
+    d = x - mu
+    return mu, d.T @ d / (len(x) - 1)
+
+
+def _psd_sqrt(s: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric PSD matrix; round-off negative eigenvalues clip to 0."""
+    w, v = np.linalg.eigh(s)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(features_a, features_b, min_samples: int = FID_MIN_SAMPLES) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets ``[Na, F]`` and ``[Nb, F]``.
+
+    d^2 = |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a^{1/2} S_b S_a^{1/2})^{1/2}),
+    S = sample covariance (ddof 1). The trace term equals tr(sqrtm(S_a S_b)) (the two products share
+    their eigenvalues), but the symmetric form needs only eigendecompositions of symmetric PSD
+    matrices: real, stable, no complex round-off. Computed in float64. Returns d^2 (as FID does),
+    0 for identical sets, clipped at 0 against round-off. Raises ``ValueError`` when a set has
+    fewer than ``min_samples`` rows (see ``FID_MIN_SAMPLES``), the feature sizes differ, or a
+    value is not finite.
+    """
+    a = np.asarray(features_a.detach().cpu() if isinstance(features_a, torch.Tensor) else features_a, np.float64)
+    b = np.asarray(features_b.detach().cpu() if isinstance(features_b, torch.Tensor) else features_b, np.float64)
+    if min_samples < 2:
+        raise ValueError(f"min_samples must be >= 2 (a covariance needs two samples), got {min_samples}")
+    for name, x in (("features_a", a), ("features_b", b)):
+        if x.ndim != 2:
+            raise ValueError(f"{name} must be [N, F], got shape {x.shape}")
+        if len(x) < min_samples:
+            raise ValueError(f"frechet_distance needs at least {min_samples} samples per set; {name} has {len(x)}")
+        if not np.isfinite(x).all():
+            raise ValueError(f"{name} holds NaN or inf")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature sizes differ: features_a has {a.shape[1]}, features_b has {b.shape[1]}")
+    mu_a, s_a = _covariance(a)
+    mu_b, s_b = _covariance(b)
+    root_a = _psd_sqrt(s_a)
+    m = root_a @ s_b @ root_a
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    d2 = float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * cross)
+    return max(d2, 0.0)

@@ -1,10 +1,21 @@
-"""gRecall, identity accuracy, feature similarity and buckets on hand-computed cases."""
+"""gRecall, identity accuracy, feature similarity, Fréchet distance and buckets on hand-computed cases."""
 
 import numpy as np
 import pytest
 import torch
+from scipy import linalg
 
-from pogdiff.metrics import assign_buckets, bucket_means, feature_similarity, grecall, nearest_caption_gate, per_caption_mean
+from pogdiff.metrics import (
+    FID_MIN_SAMPLES,
+    assign_buckets,
+    bucket_means,
+    feature_similarity,
+    frechet_distance,
+    grecall,
+    metric_names,
+    nearest_caption_gate,
+    per_caption_mean,
+)
 
 
 def _unit(rows):
@@ -63,3 +74,104 @@ def test_buckets_and_macro_means():
 def test_empty_bucket_is_left_out():
     means = bucket_means({"accuracy": np.array([1.0, 0.0])}, ["many", "many"])
     assert "few/accuracy" not in means and means["overall/accuracy"] == 0.5
+
+
+# Two captions, four real images each, on orthogonal axes of an 8-d space: caption 0 owns axes
+# 0-3, caption 1 axes 4-7. A generated image near axis j is nearest to real image j.
+AXES = torch.eye(8)
+AXES_IDS = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+
+
+def _near(*axes: int) -> torch.Tensor:
+    """Generated images, each mostly along one axis (with a little of the next, so ties cannot occur)."""
+    rows = [[1.0 if j == a else 0.1 if j == (a + 1) % 8 else 0.0 for j in range(8)] for a in axes]
+    return _unit(rows)
+
+
+def test_grecall_full_coverage():
+    gen = _near(0, 1, 2, 3, 4, 5, 6, 7)
+    r = grecall(AXES, AXES_IDS, gen, AXES_IDS, 2)
+    assert r.tolist() == [1.0, 1.0]
+
+
+def test_grecall_half_coverage_counts_each_real_image_once():
+    # caption 0: four samples but only two distinct real images reached; caption 1: two of four
+    gen = _near(0, 0, 1, 1, 4, 6)
+    r = grecall(AXES, AXES_IDS, gen, torch.tensor([0, 0, 0, 0, 1, 1]), 2)
+    assert r.tolist() == [0.5, 0.5]
+
+
+def test_grecall_gate_rejects_samples_of_the_wrong_identity():
+    # caption 0 asked for; samples 2 and 3 look like caption 1's images (axes 4 and 5) with a trace
+    # of caption 0's axes 2 and 3: the gate rejects them, so they cover nothing
+    wrong = [[0, 0, 0.3, 0, 1, 0, 0, 0], [0, 0, 0, 0.3, 0, 1, 0, 0]]
+    gen = torch.cat([_near(0, 1), _unit(wrong)])
+    gen_ids = torch.tensor([0, 0, 0, 0])
+    assert nearest_caption_gate(AXES, AXES_IDS, gen, gen_ids).tolist() == [True, True, False, False]
+    assert grecall(AXES, AXES_IDS, gen, gen_ids, 2)[0] == 0.5
+    # without the gate they would have covered axes 2 and 3
+    assert grecall(AXES, AXES_IDS, gen, gen_ids, 2, gen_ok=torch.ones(4, dtype=torch.bool))[0] == 1.0
+
+
+def test_grecall_of_an_id_without_generated_images_is_zero():
+    gen = _near(0, 1, 2, 3)
+    r = grecall(AXES, AXES_IDS, gen, torch.zeros(4, dtype=torch.long), 2)
+    assert r.tolist() == [1.0, 0.0]  # caption 1 has real images but nothing generated: 0, not NaN
+    means = bucket_means({"grecall": r}, ["many", "few"])
+    assert means == {"many/grecall": 1.0, "few/grecall": 0.0, "overall/grecall": 0.5}
+
+
+def _reference_fid(a: np.ndarray, b: np.ndarray) -> float:
+    """The textbook formula with scipy's general matrix square root."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(s_a @ s_b)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(root).real)
+
+
+@pytest.mark.parametrize(("n_a", "n_b", "dim", "shift"), [(200, 150, 16, 0.5), (400, 300, 32, 0.0), (60, 90, 8, 3.0)])
+def test_frechet_distance_matches_scipy_reference(n_a, n_b, dim, shift):
+    rng = np.random.default_rng(dim)
+    mix = rng.normal(size=(dim, dim))  # correlated features, different covariances for a and b
+    a = rng.normal(size=(n_a, dim)) @ mix
+    b = rng.normal(size=(n_b, dim)) @ (mix + 0.3 * rng.normal(size=(dim, dim))) + shift
+    expected = _reference_fid(a, b)
+    assert expected > 0
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    # float32 torch tensors are accepted and promoted to float64
+    assert frechet_distance(torch.from_numpy(a).float(), torch.from_numpy(b).float()) == pytest.approx(
+        _reference_fid(a.astype(np.float32).astype(np.float64), b.astype(np.float32).astype(np.float64)), rel=1e-6
+    )
+
+
+def test_frechet_distance_is_zero_for_identical_sets_and_symmetric():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(50, 12))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+    b = rng.normal(size=(40, 12)) + 1.0
+    assert frechet_distance(a, b) == pytest.approx(frechet_distance(b, a), rel=1e-9)
+    # fewer samples than dimensions: rank-deficient covariances still give the reference value
+    c, d = rng.normal(size=(FID_MIN_SAMPLES, 30)), rng.normal(size=(FID_MIN_SAMPLES + 5, 30))
+    assert frechet_distance(c, d) == pytest.approx(_reference_fid(c, d), rel=1e-6)
+
+
+def test_frechet_distance_rejects_too_few_samples_and_bad_shapes():
+    rng = np.random.default_rng(0)
+    ok = rng.normal(size=(FID_MIN_SAMPLES, 4))
+    with pytest.raises(ValueError, match=f"at least {FID_MIN_SAMPLES} samples per set; features_b has {FID_MIN_SAMPLES - 1}"):
+        frechet_distance(ok, ok[:-1])
+    with pytest.raises(ValueError, match="min_samples must be >= 2"):
+        frechet_distance(ok, ok, min_samples=1)
+    with pytest.raises(ValueError, match="feature sizes differ"):
+        frechet_distance(ok, rng.normal(size=(FID_MIN_SAMPLES, 5)))
+    with pytest.raises(ValueError, match=r"features_a must be \[N, F\]"):
+        frechet_distance(ok[0], ok)
+    bad = ok.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or inf"):
+        frechet_distance(ok, bad)
+
+
+def test_metric_names_keep_display_order_and_ignore_other_keys():
+    keys = {"few/fid": 1.0, "overall/grecall": 0.5, "train/loss": 0.1, "many/zeta": 2.0, "few/accuracy": 1.0}
+    assert metric_names(keys) == ["grecall", "accuracy", "fid", "zeta"]

@@ -1,0 +1,89 @@
+"""``pogdiff compare A B``: two evaluated models side by side, bucket x metric, with deltas.
+
+A and B are MLflow run ids or model references (``champion``, ``challenger``, ``name@alias``,
+``name/version``), resolved in the store of the settings' tracking URI (storage/compare.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pogdiff.config import RegisterConfig
+from storage.settings import Settings
+
+
+def comparison_rows(a: dict[str, float], b: dict[str, float]) -> list[dict]:
+    """One row per (group, metric) present in A or B: values, delta = B - A, and which side is better.
+
+    ``better`` is ``"A"``, ``"B"``, ``"="`` or None (a side lacks the metric); lower is better for FID.
+    """
+    from pogdiff.metrics import GROUPS, LOWER_IS_BETTER, metric_names
+
+    rows = []
+    for group in GROUPS:
+        for name in metric_names({**a, **b}):
+            key = f"{group}/{name}"
+            va, vb = a.get(key), b.get(key)
+            if va is None and vb is None:
+                continue
+            delta = None if va is None or vb is None else vb - va
+            if delta is None:
+                better = None
+            elif delta == 0:
+                better = "="
+            else:
+                better = "B" if (delta < 0) == (name in LOWER_IS_BETTER) else "A"
+            rows.append({"bucket": group, "metric": name, "a": va, "b": vb, "delta": delta, "better": better})
+    return rows
+
+
+def _fmt(v: float | None, signed: bool = False) -> str:
+    if v is None:
+        return "—"
+    return f"{v:+.4f}" if signed else f"{v:.4f}"
+
+
+def _side(r) -> dict:
+    return {"ref": r.ref, "run_id": r.run_id, "model": r.model, "version": r.version}
+
+
+def _label(r) -> str:
+    return f"{r.model} v{r.version} (run {r.run_id})" if r.model else f"run {r.run_id}"
+
+
+def cmd_compare(args, settings: Settings) -> int:
+    from storage.compare import RunNotFound, resolve_run
+
+    try:
+        a = resolve_run(settings.mlflow_tracking_uri, args.a, args.model)
+        b = resolve_run(settings.mlflow_tracking_uri, args.b, args.model)
+    except RunNotFound as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rows = comparison_rows(a.metrics, b.metrics)
+    if args.json:
+        print(json.dumps({"a": _side(a), "b": _side(b), "rows": rows}))
+        return 0
+    print(f"A: {args.a} = {_label(a)}")
+    print(f"B: {args.b} = {_label(b)}")
+    if not rows:
+        print("neither run has evaluation metrics ('<bucket>/<metric>')")
+        return 0
+    print(f"\n{'bucket':<9}{'metric':<18}{'A':>10}{'B':>10}{'B - A':>10}  better")
+    for r in rows:
+        print(f"{r['bucket']:<9}{r['metric']:<18}{_fmt(r['a']):>10}{_fmt(r['b']):>10}"
+              f"{_fmt(r['delta'], signed=True):>10}  {r['better'] or '—'}")
+    print("\n(fid: lower is better; every other metric: higher is better)")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("compare", help="compare two evaluated models: bucket x metric table with deltas")
+    c.add_argument("a", help="run id, alias (champion, challenger), name@alias or name/version")
+    c.add_argument("b", help="the same kinds of reference; deltas are B - A")
+    c.add_argument("--model", default=RegisterConfig().model_name,
+                   help="registered model a bare alias refers to (default: %(default)s)")
+    c.add_argument("--json", action="store_true", help="print the table as JSON")
+    c.set_defaults(func=cmd_compare)

@@ -1,0 +1,92 @@
+"""Pictures of an evaluation: metric per bucket as bars, per-caption gRecall against training count.
+
+Pure: figures are built on matplotlib's Agg canvas directly (no pyplot, no global backend or
+figure state), so this works in worker threads and on machines without a display.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from pogdiff.metrics import BUCKETS, GROUPS, LOWER_IS_BETTER, metric_names
+
+COLOURS = {"many": "#4c72b0", "medium": "#dd8452", "few": "#c44e52", "overall": "#8c8c8c"}
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def metric_bars(metrics: dict[str, float], title: str | None = None) -> Figure:
+    """One panel per metric, one bar per bucket (many, medium, few, overall) that has a value."""
+    names = metric_names(metrics)
+    if not names:
+        raise ValueError("metric_bars needs '<bucket>/<metric>' keys, got none")
+    fig = _figure(3.0 * len(names), 3.2)
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    for ax, name in zip(axes, names):
+        groups = [g for g in GROUPS if f"{g}/{name}" in metrics]
+        values = [metrics[f"{g}/{name}"] for g in groups]
+        bars = ax.bar(groups, values, color=[COLOURS[g] for g in groups])
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.set_title(f"{name} ({'lower' if name in LOWER_IS_BETTER else 'higher'} is better)", fontsize=10)
+        ax.margins(y=0.15)
+        ax.tick_params(labelsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def grecall_scatter(per_caption: list[dict], many_above: int | None = None, few_below: int | None = None) -> Figure:
+    """Per-caption gRecall against its training count (log x), coloured by bucket.
+
+    per_caption rows need ``count``, ``bucket`` and ``grecall`` (None rows are skipped). The bucket
+    thresholds, when given, are drawn as dashed lines.
+    """
+    rows = [r for r in per_caption if r.get("grecall") is not None]
+    if not rows:
+        raise ValueError("grecall_scatter needs at least one caption with a gRecall value")
+    fig = _figure(6.0, 4.0)
+    ax = fig.subplots()
+    for bucket in BUCKETS:
+        sel = [r for r in rows if r["bucket"] == bucket]
+        if sel:
+            ax.scatter([r["count"] for r in sel], [r["grecall"] for r in sel], s=28,
+                       color=COLOURS[bucket], label=f"{bucket} ({len(sel)})", edgecolors="white", linewidths=0.5)
+    if few_below is not None:
+        ax.axvline(few_below - 0.5, color=COLOURS["few"], linestyle="--", linewidth=0.8)
+    if many_above is not None:
+        ax.axvline(many_above + 0.5, color=COLOURS["many"], linestyle="--", linewidth=0.8)
+    ax.set_xscale("log")
+    counts = np.array([r["count"] for r in rows], float)
+    ax.set_xlim(max(counts.min() / 1.5, 0.5), counts.max() * 1.5)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("training images per caption (log)")
+    ax.set_ylabel("gRecall")
+    ax.set_title("gRecall per caption")
+    ax.legend(title="bucket (captions)", fontsize=8, title_fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def save_png(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
+    """Write ``fig`` as PNG atomically (temp file in the same folder, then rename); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,116 @@
+"""``pogdiff compare``: references resolved in a real SQLite MLflow store, the table and its deltas."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flows.cli_compare import comparison_rows
+from storage.compare import RunNotFound, resolve_run
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "cmp-model"
+OLD = {"many/grecall": 0.8, "few/grecall": 0.2, "overall/grecall": 0.5, "few/fid": 40.0, "overall/fid": 30.0, "train/loss": 0.3}
+NEW = {"many/grecall": 0.8, "few/grecall": 0.5, "overall/grecall": 0.6, "overall/fid": 25.0, "few/accuracy": 0.9}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> dict:
+    """Two evaluated runs, registered as versions 1 (champion) and 2 (challenger) of one model."""
+    root = tmp_path_factory.mktemp("compare")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = client.create_experiment("compare", artifact_location=(root / "artifacts").as_uri())
+    runs = []
+    for metrics in (OLD, NEW):
+        run_id = client.create_run(exp).info.run_id
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, value)
+        runs.append(run_id)
+    # a later value of a metric replaces the earlier one: compare reads the latest
+    client.log_metric(runs[1], "many/grecall", 0.7, step=1)
+    client.create_registered_model(MODEL)
+    for run_id in runs:
+        client.create_model_version(MODEL, source=(root / "artifacts").as_uri(), run_id=run_id)
+    client.create_model_version(MODEL, source=(root / "artifacts").as_uri())  # v3: not logged from a run
+    client.set_registered_model_alias(MODEL, "champion", "1")
+    client.set_registered_model_alias(MODEL, "challenger", "2")
+    return {"uri": uri, "root": root, "runs": runs}
+
+
+def test_references_resolve_to_runs_and_latest_metrics(store):
+    uri, (old, new) = store["uri"], store["runs"]
+    by_id = resolve_run(uri, old, MODEL)
+    assert (by_id.run_id, by_id.model, by_id.version) == (old, None, None)
+    assert by_id.metrics == OLD
+    for ref in ("champion", f"{MODEL}@champion", f"models:/{MODEL}@champion", f"{MODEL}/1", f"models:/{MODEL}/1"):
+        r = resolve_run(uri, ref, MODEL)
+        assert (r.run_id, r.model, r.version, r.ref) == (old, MODEL, "1", ref)
+    challenger = resolve_run(uri, "challenger", MODEL)
+    assert challenger.run_id == new and challenger.metrics["many/grecall"] == 0.7
+
+
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        ("retired", "'retired'.*alias retired not found"),
+        ("no-such@champion", "'no-such@champion'.*no-such"),
+        (f"{MODEL}/9", "version=9"),
+        (f"{MODEL}/latest", "must be a number"),
+        (f"{MODEL}/3", "version 3, which was not logged from a run"),
+        ("0" * 32, "Run with id=0{32} not found"),
+        ("  ", "empty reference"),
+    ],
+)
+def test_unknown_references_are_named(store, ref, message):
+    with pytest.raises(RunNotFound, match=message):
+        resolve_run(store["uri"], ref, MODEL)
+
+
+def test_rows_have_deltas_and_know_that_lower_fid_is_better():
+    rows = {(r["bucket"], r["metric"]): r for r in comparison_rows(OLD, NEW)}
+    # bucket metrics only (train/loss is not one), in bucket then display order
+    assert list(rows)[:4] == [("many", "grecall"), ("few", "grecall"), ("few", "accuracy"), ("few", "fid")]
+    assert rows[("few", "grecall")] == {"bucket": "few", "metric": "grecall", "a": 0.2, "b": 0.5,
+                                        "delta": pytest.approx(0.3), "better": "B"}
+    assert rows[("many", "grecall")]["better"] == "="
+    assert rows[("overall", "fid")]["delta"] == -5.0 and rows[("overall", "fid")]["better"] == "B"
+    assert rows[("few", "fid")] == {"bucket": "few", "metric": "fid", "a": 40.0, "b": None, "delta": None, "better": None}
+    assert rows[("few", "accuracy")]["a"] is None
+    assert comparison_rows(NEW, OLD)[1]["better"] == "A"  # few/grecall, seen the other way round
+    assert ("train", "loss") not in rows
+
+
+def _pogdiff(*args: str, store: dict) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", "POGDIFF_HOME": str(store["root"] / "home"), "HF_HUB_OFFLINE": "1",
+           "POGDIFF_MLFLOW_TRACKING_URI": store["uri"], "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_compare_command_prints_table_and_json(store):
+    old, new = store["runs"]
+    out = _pogdiff("compare", "champion", f"{MODEL}/2", "--model", MODEL, "--json", store=store)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["a"] == {"ref": "champion", "run_id": old, "model": MODEL, "version": "1"}
+    assert data["b"]["run_id"] == new
+    assert data["rows"] == json.loads(json.dumps(comparison_rows(OLD, {**NEW, "many/grecall": 0.7})))
+
+    text = _pogdiff("compare", old, "challenger", "--model", MODEL, store=store)
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[0] == f"A: {old} = run {old}"
+    assert lines[1] == f"B: challenger = {MODEL} v2 (run {new})"
+    few_grecall = next(line for line in lines if line.split()[:2] == ["few", "grecall"])
+    assert few_grecall.split() == ["few", "grecall", "0.2000", "0.5000", "+0.3000", "B"]
+    overall_fid = next(line for line in lines if line.split()[:2] == ["overall", "fid"])
+    assert overall_fid.split() == ["overall", "fid", "30.0000", "25.0000", "-5.0000", "B"]
+
+    bad = _pogdiff("compare", "champion", "retired", "--model", MODEL, store=store)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["error: cannot resolve 'retired': Registered model alias retired not found."]
