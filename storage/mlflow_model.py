@@ -2,7 +2,15 @@
 
 ``storage.tracking.log_model`` passes this file's path as ``python_model``: MLflow copies the file
 into the logged model and executes it at load time, so no live object is ever cloudpickled. The
-saved model folder (``PixelDiffusionPipeline.save_pretrained``) travels as the artifact ``"model"``.
+artifact ``"model"`` is, by the model config's ``weights``:
+
+- ``full``: the saved model folder (pixel or Stable Diffusion, loaded by its layout with
+  ``pogdiff.model.load_pipeline``);
+- ``lora``: ``pogdiff.json`` + ``scheduler/`` of the fine-tuned model and the LoRA adapter in
+  ``lora/`` (peft format, as the trainer saves it). Everything else comes from the model config's
+  ``base_model``: the artifact ``"base"`` for a builtin base (``builtin:<name>``, part of the
+  package code), else the folder or hub id it names. A folder base's UNet must still have the
+  recorded ``base_model_digest``; the adapter is fused into the UNet on load.
 
 Input: a DataFrame, one row per prompt::
 
@@ -20,16 +28,20 @@ Importing this module has one side effect, ``mlflow.models.set_model``; the pipe
 loaded only in ``load_context``.
 """
 
+import hashlib
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from diffusers import DDPMScheduler
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
-from pogdiff.model import PixelDiffusionPipeline
+from pogdiff.model import BUILTIN_MODELS, TextToImagePipeline, load_pipeline
 
 PROMPT = "prompt"
 # Column -> (type, default). ``storage.tracking.model_signature`` declares the same columns (a test
@@ -41,6 +53,55 @@ OPTIONAL_COLUMNS: dict[str, tuple[type, int | float]] = {
     "num_inference_steps": (int, 25),
 }
 DEVICE_ENV = "POGDIFF_DEVICE"  # e.g. "cpu" to keep a GPU free; default: cuda when available
+ADAPTER_DIR = "lora"
+BASE_ARTIFACT = "base"  # a builtin base model travels with the LoRA model under this artifact name
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' save_lora_adapter file name
+
+
+def unet_digest(model_folder: str | Path) -> str:
+    """sha256 over the UNet config and weight files of a model folder (sorted by name), hex."""
+    unet = Path(model_folder) / "unet"
+    files = sorted(p for p in unet.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
+    if not files:
+        raise FileNotFoundError(f"no UNet config or weights in {unet}")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_adapter_model(
+    folder: str | Path, base_model: str, base_digest: str | None, base_folder: str | None = None
+) -> TextToImagePipeline:
+    """Base pipeline + the fine-tuned scheduler + the LoRA adapter of ``folder``, fused.
+
+    The base is ``base_folder`` when given (the shipped copy of a builtin base), else
+    ``base_model`` (a folder, or a hub id read from the local cache). Fusing (W + B A once) makes
+    sampling cost what the base costs; the result equals the trainer's fused model folder.
+    """
+    folder = Path(folder)
+    ref = base_folder or str(BUILTIN_MODELS.get(base_model, base_model))
+    if base_digest is not None and (found := unet_digest(ref)) != base_digest:
+        raise ValueError(
+            f"base model {base_model!r} has changed since the adapter was trained on it "
+            f"(UNet digest {found[:12]}..., recorded {base_digest[:12]}...)"
+        )
+    pipe = load_pipeline(ref)
+    meta = json.loads((folder / "pogdiff.json").read_text())
+    for key, found in (("space", pipe.space), ("image_size", pipe.image_size)):
+        if meta.get(key) != found:
+            raise ValueError(f"adapter and base model {base_model!r} disagree on {key}: {meta.get(key)!r} != {found!r}")
+    # the training scheduler, as the trainer saw it (e.g. a prediction_type override)
+    pipe.scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(str(folder / "scheduler")))
+    pipe.unet.load_lora_adapter(
+        str(folder / ADAPTER_DIR), prefix=None, weight_name=LORA_WEIGHTS, use_safetensors=True, local_files_only=True
+    )
+    pipe.unet.fuse_lora()
+    pipe.unet.unload_lora()
+    return pipe
 
 
 def _cell(row: pd.Series, column: str) -> int | float:
@@ -57,17 +118,27 @@ def _cell(row: pd.Series, column: str) -> int | float:
     return float(value)
 
 
-class PixelDiffusionModel(PythonModel):
-    """pyfunc wrapper around ``pogdiff.model.PixelDiffusionPipeline``."""
+class TextToImageModel(PythonModel):
+    """pyfunc wrapper around a pogdiff text-to-image pipeline (pixel or Stable Diffusion)."""
 
     def __init__(self) -> None:
-        self.pipeline: PixelDiffusionPipeline | None = None
+        self.pipeline: TextToImagePipeline | None = None
 
     def load_context(self, context: PythonModelContext) -> None:
-        """Load the pipeline from the ``"model"`` artifact; move the UNet to the GPU when there is one."""
-        self.pipeline = PixelDiffusionPipeline.from_pretrained(context.artifacts["model"])
+        """Load the pipeline from the ``"model"`` artifact (and the base model for a LoRA model);
+        move the UNet to the GPU when there is one."""
+        config = context.model_config or {}
+        if config.get("weights") == "lora":
+            self.pipeline = load_adapter_model(
+                context.artifacts["model"],
+                config["base_model"],
+                config.get("base_model_digest"),
+                context.artifacts.get(BASE_ARTIFACT),
+            )
+        else:
+            self.pipeline = load_pipeline(context.artifacts["model"])
         device = os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.pipeline.unet.to(device)
+        self.pipeline.to(device)
 
     def predict(
         self,
@@ -104,4 +175,4 @@ class PixelDiffusionModel(PythonModel):
         return np.concatenate(out)
 
 
-mlflow.models.set_model(PixelDiffusionModel())
+mlflow.models.set_model(TextToImageModel())

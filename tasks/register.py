@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 from prefect import get_run_logger, task
 
@@ -10,17 +11,43 @@ from pogdiff.config import RegisterConfig
 from storage import tracking, vectors
 from storage.settings import Settings
 
+ADAPTER_DIR = "lora"  # the trainer saves a LoRA run's adapter here, next to the fused model folder
+
+
+def register_version(settings: Settings, cfg: RegisterConfig, model_dir: str, run_id: str) -> str:
+    """The version of ``cfg.model_name`` that ``run_id`` registers: logged now, or reused when an
+    earlier attempt of this task already registered it (a retry never adds a second version).
+
+    A LoRA run (``<run_dir>/lora`` beside ``<run_dir>/model``) logs only its adapter, with the
+    base model the run's logged config names (param ``train.base_model``).
+    """
+    tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    existing = tracking.version_of_run(cfg.model_name, run_id)
+    if existing is not None:
+        return existing
+    caps = vectors.read_caption_table(settings.lancedb_uri).sort_by([("count", "descending")])
+    example_prompts = caps.column("caption").to_pylist()[:2]
+    adapter = Path(model_dir).parent / ADAPTER_DIR
+    base_model = tracking.run_params(run_id)["train.base_model"] if adapter.is_dir() else None
+    with tracking.resume(run_id):
+        return tracking.log_model(
+            Path(model_dir),
+            cfg.model_name,
+            example_prompts,
+            adapter_dir=adapter if base_model is not None else None,
+            base_model=base_model,
+        )
+
 
 @task(name="register", retries=2, retry_delay_seconds=[2, 10])
 def register_model(settings: Settings, cfg: RegisterConfig, model_dir: str, run_id: str, metrics: dict[str, float]) -> dict:
-    """Returns the promotion decision plus the previous champion's metrics (empty when none)."""
-    caps = vectors.read_caption_table(settings.lancedb_uri).sort_by([("count", "descending")])
-    example_prompts = caps.column("caption").to_pylist()[:2]
+    """Returns the promotion decision (``tracking.PromotionDecision`` as a dict: ``promoted``,
+    ``version``, ``champion_before``, ``decided_by``, ``reason``, ``checks``) plus ``model_name``,
+    ``run_id`` and the previous champion's metrics ``champion_metrics`` (empty when none)."""
     tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
     before = tracking.champion(cfg.model_name)
-    with tracking.resume(run_id):
-        version = tracking.log_model(model_dir, cfg.model_name, example_prompts)
-    decision = tracking.promote(cfg.model_name, version, metrics, cfg.gate_metric, cfg.min_improvement)
+    version = register_version(settings, cfg, model_dir, run_id)
+    decision = tracking.promote(cfg.model_name, version, metrics, cfg.gate)
     get_run_logger().info("register: %s version %s — %s", cfg.model_name, version, decision.reason)
     return {**asdict(decision), "model_name": cfg.model_name, "run_id": run_id,
             "champion_metrics": before[1] if before else {}}

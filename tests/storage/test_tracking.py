@@ -10,20 +10,31 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
+import diffusers
+import lancedb
 import mlflow
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 from mlflow import MlflowClient
+from peft import LoraConfig
 from pydantic import BaseModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from pogdiff.config import RetrainConfig
-from pogdiff.model import PixelDiffusionPipeline, UNetSpec
+from pogdiff.config import GateConfig, RetrainConfig, parse_config
+from pogdiff.model import PixelDiffusionPipeline, UNetSpec, load_pipeline
+from pogdiff.trainer import LORA_TARGETS
 from storage import tracking
+from storage.mlflow_model import unet_digest
+from storage.settings import Settings, load_settings
+from tasks.register import register_version
+from tasks.track import open_run
 
 GATE = "few/grecall"
 
@@ -169,14 +180,11 @@ def test_signature_matches_model_inputs():
 
 @pytest.fixture(scope="module")
 def registered(store, model_dir) -> tuple[str, list[tuple[str, dict[str, float], str]]]:
-    """Three versions of one registered model, each from its own run with its gate metric logged.
-
-    v2 is better than v1 but not by the gate's min_improvement (0.05); v3 is clearly better.
-    (Logging a model runs MLflow's input-example check, a real generation, so this is done once.)
-    """
-    name = unique("gate")
+    """Two versions of one registered model, each from its own run with its metrics logged.
+    (Logging a model runs MLflow's input-example check, a real generation, so this is done once.)"""
+    name = unique("model")
     out = []
-    for value in (0.5, 0.52, 0.7):
+    for value in (0.5, 0.7):
         with tracking.run(unique("reg")) as run_id:
             metrics = {GATE: value, "overall/fid": 10.0}
             tracking.log_metrics(metrics)
@@ -186,84 +194,217 @@ def registered(store, model_dir) -> tuple[str, list[tuple[str, dict[str, float],
 
 def test_log_model_registers_increasing_versions(registered, model_dir):
     name, logged = registered
-    assert [v for v, _, _ in logged] == ["1", "2", "3"]
+    assert [v for v, _, _ in logged] == ["1", "2"]
+    client = MlflowClient()
     for version, _, run_id in logged:
-        assert MlflowClient().get_model_version(name, version).run_id == run_id
+        mv = client.get_model_version(name, version)
+        assert mv.run_id == run_id and mv.tags["weights"] == "full"
     info = mlflow.models.get_model_info(f"models:/{name}/2")
     assert [c.name for c in info.signature.inputs.inputs][0] == "prompt"
     (output,) = info.signature.outputs.inputs
     assert output.type == np.dtype(np.uint8) and tuple(output.shape) == (-1, 16, 16, 3)
     assert info.saved_input_example_info is not None
+    assert info.flavors["python_function"]["config"] == {"weights": "full"}
     with pytest.raises(RuntimeError, match="inside tracking.run"):
         tracking.log_model(model_dir, name, ["a red circle"])
     with pytest.raises(FileNotFoundError, match="pogdiff.json"):
         tracking.log_model(model_dir.parent, name, ["a red circle"])
 
 
-def test_promotion_gate_and_fresh_process_load(store, registered, tmp_path):
-    name, [(v1, m1, _), (v2, m2, _), (v3, m3, _)] = registered
-    client = MlflowClient()
-    assert tracking.champion(name) is None
-    assert tracking.champion(unique("no-such-model")) is None
+# ------------------------------------------------------------------------------ LoRA runs
 
-    d1 = tracking.promote(name, v1, m1, GATE, min_improvement=0.05)
-    assert (d1.promoted, d1.champion_before, d1.champion_value) == (True, None, None)
-    assert tracking.champion(name) == ("1", m1)
 
-    d2 = tracking.promote(name, v2, m2, GATE, min_improvement=0.05)
-    assert (d2.promoted, d2.champion_before, d2.champion_value, d2.new_value) == (False, "1", 0.5, 0.52)
-    tags = client.get_model_version(name, v2).tags
-    assert tags["gate.decision"] == "rejected" and tags["gate.metric"] == GATE
-    assert tags["gate.new"] == "0.52" and tags["gate.champion"] == "0.5"
-    assert "not >" in tags["gate.reason"]
-    assert tracking.champion(name)[0] == "1"
-    aliases = client.get_registered_model(name).aliases
-    assert {alias: str(v) for alias, v in aliases.items()} == {"champion": "1", "challenger": "2"}
+def lora_run(run_dir: Path, base: str, seed: int) -> Path:
+    """A LoRA run's outputs laid out as pogdiff.trainer writes them: ``lora/`` (the adapter, saved
+    with ``save_lora_adapter``) beside ``model/`` (the adapter fused into the base). The adapter's
+    up-projections are random, as after training (peft starts them at zero: no change)."""
+    pipe = load_pipeline(base)
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, param in pipe.unet.named_parameters():
+            if "lora_B" in pname:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    pipe.unet.save_lora_adapter(run_dir / "lora")
+    pipe.unet.fuse_lora()
+    pipe.unet.unload_lora()
+    pipe.save_pretrained(run_dir / "model", extra={"method": "pogdiff", "steps": 1})
+    return run_dir / "model"
 
-    with pytest.raises(ValueError, match="'few/grecall'"):
-        tracking.promote(name, v3, {"overall/fid": 3.0}, GATE, min_improvement=0.05)
-    d3 = tracking.promote(name, v3, m3, GATE, min_improvement=0.05)
-    assert (d3.promoted, d3.champion_before, d3.champion_value) == (True, "1", 0.5)
-    assert client.get_model_version(name, v3).tags["gate.decision"] == "promoted"
 
-    listed = tracking.list_versions(name)
-    assert [v["version"] for v in listed] == ["3", "2", "1"]
-    assert [v["aliases"] for v in listed] == [["challenger", "champion"], [], []]
-    assert [v["gate.decision"] for v in listed] == ["promoted", "rejected", "promoted"]
-    assert all(v["run_id"] and v["created"] > 0 for v in listed)
+@pytest.fixture(scope="module")
+def settings(store, tmp_path_factory) -> Settings:
+    """Settings on the module's MLflow store and a real LanceDB folder with the two tables the
+    pipeline writes (minimal columns: what register and open-run read)."""
+    home = tmp_path_factory.mktemp("home")
+    lance = home / "lancedb"
+    db = lancedb.connect(str(lance))
+    db.create_table("captions", pa.table({"caption": ["a blue square", "a red circle"], "count": [2, 5]}))
+    features = db.create_table("image_features", pa.table({"image_id": ["a"], "feature": [[0.1, 0.2]]}))
+    features.add(pa.table({"image_id": ["b"], "feature": [[0.3, 0.4]]}))  # version 2
+    return load_settings(
+        home=home,
+        mlflow_tracking_uri=store["uri"],
+        mlflow_artifact_root=str(Path(store["root"]) / "artifacts"),
+        lancedb_uri=str(lance),
+    )
 
-    # re-running the gate on the champion is a no-op; a lower-is-better gate compares the other way
-    assert tracking.promote(name, v3, m3, GATE, 0.05).reason == "already champion"
-    d_fid = tracking.promote(name, v2, {"overall/fid": 9.5}, "overall/fid", 1.0, greater_is_better=False)
-    assert not d_fid.promoted and d_fid.champion_value == 10.0
-    assert tracking.champion(name)[0] == "3"
 
-    # load the champion in a fresh interpreter that knows only the tracking URI (no project on the path)
+def register_lora(settings: Settings, name: str, base: str, seed: int) -> tuple[str, str, Path]:
+    """A LoRA run registered the way the register task does it; returns (version, run id, fused model)."""
+    config = parse_config({"train": {"base_model": base, "lora_rank": 2}, "registry": {"model_name": name}})
+    run_id = tracking.start(unique("lora"))
+    with tracking.resume(run_id):
+        tracking.log_config(config)
+    model = lora_run(Path(settings.runs_dir) / run_id, base, seed)
+    return register_version(settings, config.registry, str(model), run_id), run_id, model
+
+
+PROMPTS = pd.DataFrame({"prompt": ["a red circle", "a blue square"], "num_inference_steps": [2, 2], "seed": [3, 4]})
+
+
+def fused_images(model: Path) -> np.ndarray:
+    """What the trainer's fused model folder generates for PROMPTS (row by row, as the pyfunc does)."""
+    pipe = load_pipeline(str(model))
+    return np.concatenate([pipe.generate([p], seed=s, num_inference_steps=2, guidance_scale=1.0)
+                           for p, s in zip(PROMPTS["prompt"], PROMPTS["seed"])])
+
+
+def test_lora_run_logs_only_the_adapter_with_its_base(settings, tmp_path, tiny_spec):
+    base = tmp_path / "base"
+    PixelDiffusionPipeline.new(tiny_spec, seed=0).save_pretrained(base)
+    name = unique("lora")
+    version, run_id, model = register_lora(settings, name, str(base), seed=1)
+
+    info = mlflow.models.get_model_info(f"models:/{name}/{version}")
+    assert info.flavors["python_function"]["config"] == {
+        "weights": "lora", "base_model": str(base.resolve()), "base_model_digest": unet_digest(base)}
+    assert "peft==0.21.2" in Path(mlflow.pyfunc.get_model_dependencies(f"models:/{name}/{version}")).read_text()
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(tmp_path / "dl")))
+    assert [p.name for p in (local / "artifacts").iterdir()] == ["model"]  # a folder base is not copied
+    weights = local / "artifacts" / "model"
+    assert sorted(p.name for p in weights.iterdir()) == ["lora", "pogdiff.json", "scheduler"]  # no UNet
+    adapter = (weights / "lora" / "pytorch_lora_weights.safetensors").stat().st_size
+    assert adapter < (model / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size / 4
+    assert MlflowClient().get_model_version(name, version).tags["base_model"] == str(base.resolve())
+
+    # base + adapter generates exactly what the fused model does, and not what the base does
+    loaded = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    images = loaded.predict(PROMPTS)
+    assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images, fused_images(model))
+    assert not np.array_equal(images, fused_images(base))
+
+    # a retry of the register task reuses the run's version instead of adding one
+    config = parse_config({"registry": {"model_name": name}})
+    assert register_version(settings, config.registry, str(model), run_id) == version
+    assert [v["version"] for v in tracking.list_versions(name)] == [version]
+
+    # the adapter refuses a base that changed under its reference
+    PixelDiffusionPipeline.new(tiny_spec, seed=7).save_pretrained(base)
+    with pytest.raises(ValueError, match="has changed since the adapter was trained"):
+        mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+
+
+def tiny_sd_folder(root: Path) -> Path:
+    """A tiny Stable-Diffusion-format folder written by diffusers itself (16 px images, 8 px latents),
+    with a real CLIP BPE tokenizer over a small local vocabulary."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    chars = [chr(i) for i in range(33, 127)]
+    for token in chars + [c + "</w>" for c in chars]:
+        vocab[token] = len(vocab)
+    (root / "vocab").mkdir(parents=True)
+    (root / "vocab" / "vocab.json").write_text(json.dumps(vocab))
+    (root / "vocab" / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer.from_pretrained(str(root / "vocab"), model_max_length=16)
+    torch.manual_seed(0)
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    ))
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        block_out_channels=[8, 16], latent_channels=4, layers_per_block=1, norm_num_groups=4, sample_size=16,
+    )
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=4,
+    )
+    sched = diffusers.PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1)
+    diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(root / "base")
+    return root / "base"
+
+
+def test_stable_diffusion_models_full_and_lora(settings, tmp_path):
+    """A Stable Diffusion run logs and loads like a pixel one: the full fused folder, and the LoRA
+    adapter on the base folder (latent space, its own VAE, CLIP encoder and scheduler class)."""
+    base = tiny_sd_folder(tmp_path)
+    name = unique("sd-lora")
+    version, _, fused = register_lora(settings, name, str(base), seed=5)
+    config = mlflow.models.get_model_info(f"models:/{name}/{version}").flavors["python_function"]["config"]
+    assert (config["weights"], config["base_model"]) == ("lora", str(base.resolve()))
+    expected = fused_images(fused)
+    assert expected.shape == (2, 16, 16, 3)
+    np.testing.assert_array_equal(mlflow.pyfunc.load_model(f"models:/{name}/{version}").predict(PROMPTS), expected)
+
+    full = unique("sd-full")
+    with tracking.run(unique("sd")):
+        full_version = tracking.log_model(fused, full, ["a red circle"])
+    np.testing.assert_array_equal(mlflow.pyfunc.load_model(f"models:/{full}/{full_version}").predict(PROMPTS), expected)
+
+
+def test_log_model_needs_adapter_and_base_together(store, model_dir):
+    with tracking.run(unique("pair")):
+        with pytest.raises(ValueError, match="adapter_dir and base_model together"):
+            tracking.log_model(model_dir, unique("m"), ["a red circle"], base_model="builtin:shapes32")
+
+
+def test_champions_load_in_a_fresh_process(store, registered, settings, tmp_path):
+    """Both kinds of registered model load by alias, one after the other, in an interpreter that
+    knows only the tracking URI (no project on the path) and generate for two prompts: a full model,
+    and a LoRA model on the builtin base, which travels with it as the artifact "base"."""
+    gate = GateConfig()
+    name, [(v1, m1, _), _] = registered
+    assert tracking.promote(name, v1, m1, gate).promoted
+    lora_name = unique("lora-builtin")
+    version, _, lora_model = register_lora(settings, lora_name, "builtin:shapes32", seed=2)
+    assert tracking.promote(lora_name, version, {GATE: 0.5}, gate).promoted  # no champion yet
+    artifacts = mlflow.models.get_model_info(f"models:/{lora_name}/{version}").flavors["python_function"]["artifacts"]
+    assert sorted(artifacts) == ["base", "model"]
+    expected = tmp_path / "expected.npy"
+    np.save(expected, fused_images(lora_model))
+
     code = (
-        "import json, mlflow, pandas as pd\n"
-        f"m = mlflow.pyfunc.load_model('models:/{name}@champion')\n"
-        "out = m.predict(pd.DataFrame({'prompt': ['a red circle'], 'num_images': [2], "
-        "'num_inference_steps': [2]}))\n"
+        "import json, mlflow, numpy as np, pandas as pd\n"
+        f"prompts = pd.DataFrame({PROMPTS.to_dict(orient='list')!r})\n"
+        f"full = mlflow.pyfunc.load_model('models:/{name}@champion').predict(prompts)\n"
+        f"lora = mlflow.pyfunc.load_model('models:/{lora_name}@champion').predict(prompts)\n"
         "import pogdiff\n"
-        "print(json.dumps({'shape': list(out.shape), 'dtype': str(out.dtype), 'pogdiff': pogdiff.__file__}))\n"
+        "print(json.dumps({'full': list(full.shape), 'lora': list(lora.shape), 'dtype': str(lora.dtype),\n"
+        f"    'same': bool(np.array_equal(lora, np.load({str(expected)!r}))), 'pogdiff': pogdiff.__file__}}))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTHONPATH"))}
     env["MLFLOW_TRACKING_URI"] = store["uri"]
     env["OMP_NUM_THREADS"] = "1"  # see one_torch_thread
     proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["shape"] == [2, 16, 16, 3] and result["dtype"] == "uint8"
+    assert result["full"] == [2, 16, 16, 3] and result["lora"] == [2, 32, 32, 3] and result["dtype"] == "uint8"
+    assert result["same"], "the LoRA model loaded elsewhere generates what the fused model does"
     # pogdiff came from the code logged with the model
     assert Path(result["pogdiff"]).parent.parent.name == "code"
 
 
 def test_predict_rows_are_independent_and_in_order(model_dir):
-    from storage.mlflow_model import PixelDiffusionModel
+    from storage.mlflow_model import TextToImageModel
 
-    model = PixelDiffusionModel()
+    model = TextToImageModel()
     model.load_context(mlflow.pyfunc.PythonModelContext(artifacts={"model": str(model_dir)}, model_config={}))
     both = model.predict(
         None,
@@ -276,3 +417,51 @@ def test_predict_rows_are_independent_and_in_order(model_dir):
     np.testing.assert_array_equal(both[2:], second)
     with pytest.raises(ValueError, match="'prompt'"):
         model.predict(None, pd.DataFrame({"text": ["x"]}))
+
+
+# ------------------------------------------------------------------------------ run tags and system metrics
+
+
+def test_open_run_records_lineage_and_tags(settings):
+    config = RetrainConfig()
+    run_id = open_run.fn(settings, config, "snap1234", 7)
+    tracking.end(run_id)
+    run = MlflowClient().get_run(run_id)
+    tags = run.data.tags
+    assert tags["dataset_snapshot_id"] == "snap1234" and tags["prefect_flow_run_id"] == "none"
+    assert tags["lancedb_captions_version"] == "1" and tags["lancedb_image_features_version"] == "2"
+    assert tags["base_model"] == "builtin:shapes32" and tags["method"] == "pogdiff" and tags["git_commit"]
+    assert run.data.params["registry.gate.metric"] == GATE
+
+    inputs = {}
+    for d in run.inputs.dataset_inputs:
+        context = {t.key: t.value for t in d.tags}["mlflow.data.context"]
+        inputs[d.dataset.name] = (context, json.loads(d.dataset.source)["uri"], json.loads(d.dataset.profile)["num_rows"])
+    lance = Path(settings.lancedb_uri)
+    assert inputs == {
+        "dataset@snap1234": ("training", str(settings.dataset_uri), 7),
+        "lancedb/captions@v1": ("training", str(lance / "captions.lance"), 2),
+        "lancedb/image_features@v2": ("training", str(lance / "image_features.lance"), 2),
+        "eval-captions@lancedb-v1": ("evaluation", str(lance / "captions.lance"), 2),
+        "eval-references@snap1234": ("evaluation", str(settings.dataset_uri), 7),
+    }
+
+
+def test_system_metrics_are_sampled_when_psutil_is_there(store, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", raising=False)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
+    assert tracking.system_metrics_enabled()
+    run_id = tracking.start(unique("sys"))
+    with tracking.resume(run_id):
+        time.sleep(2)  # a block long enough for the monitor's samples (interval 0.1 s)
+    tracking.end(run_id)
+    assert any(k.startswith("system/cpu_utilization") for k in MlflowClient().get_run(run_id).data.metrics)
+
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    assert not tracking.system_metrics_enabled()
+    monkeypatch.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING")
+    monkeypatch.setitem(sys.modules, "psutil", None)  # as if psutil were not installed
+    assert not tracking.system_metrics_enabled()
+    with tracking.run(unique("nosys")) as run_id:
+        tracking.log_metrics({"loss": 1.0})
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"

@@ -1,0 +1,97 @@
+"""``pogdiff models`` and ``pogdiff promote``: the registered versions, and promotion by hand."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import sys
+
+from pogdiff.config import RegisterConfig, load_config
+from storage.settings import Settings
+
+
+def _registry(args) -> tuple[str, RegisterConfig]:
+    """The model name (``--model``, else the config's ``registry.model_name``) and the registry config."""
+    cfg = load_config(args.config).registry
+    return args.model or cfg.model_name, cfg
+
+
+def _configure(settings: Settings) -> None:
+    from storage import tracking
+
+    tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+
+
+def _fail(err: Exception) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
+def _cell(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4g}"
+
+
+def cmd_models(args, settings: Settings) -> int:
+    from storage import tracking
+
+    name, cfg = _registry(args)
+    _configure(settings)
+    try:
+        versions = tracking.list_versions(name)
+    except (LookupError, ValueError) as err:
+        return _fail(err)
+    if args.json:
+        print(json.dumps({"model": name, "versions": versions}, indent=2))
+        return 0
+    keys = [k for k in (cfg.gate.metric, cfg.gate.guard_metric) if k]
+    header = f"{'version':<8}{'aliases':<22}{'gate':<10}{'promoted':<10}" + "".join(f"{k:>14}" for k in keys) + "  created"
+    print(f"{name}\n{header}")
+    for v in versions:
+        gate = v["gate"]["decision"] if v["gate"] else "—"
+        row = f"{v['version']:<8}{','.join(v['aliases']) or '—':<22}{gate:<10}{v['promoted_by'] or '—':<10}"
+        row += "".join(f"{_cell(v['metrics'].get(k)):>14}" for k in keys)
+        print(f"{row}  {v['created']}")
+        if v["gate"]:
+            print(f"{'':<8}gate: {v['gate']['reason']}")
+        if v["promoted_by"] == "manual":
+            print(f"{'':<8}promoted by hand by {v['promoted_by_user']} at {v['promoted_at']}")
+    return 0
+
+
+def _user() -> str | None:
+    try:
+        return getpass.getuser()  # $USER / $LOGNAME, else the account name
+    except (KeyError, OSError):
+        return None
+
+
+def cmd_promote(args, settings: Settings) -> int:
+    from storage import tracking
+
+    name, _ = _registry(args)
+    _configure(settings)
+    try:
+        decision = tracking.promote_manually(name, args.version, _user(), args.reason)
+    except (LookupError, ValueError) as err:
+        return _fail(err)
+    if decision.champion_before == decision.version:
+        print(f"{name} version {decision.version} is already champion; nothing changed")
+    else:
+        before = f"v{decision.champion_before}" if decision.champion_before else "none"
+        print(f"{name} version {decision.version} -> champion (promoted by hand; champion before: {before}): {decision.reason}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    m = sub.add_parser("models", help="list the registered versions with aliases, gate decisions and key metrics")
+    m.add_argument("--model", help="registered model name (default: the config's registry.model_name)")
+    m.add_argument("--config", help="retrain config YAML whose 'registry' section applies (default: built-in defaults)")
+    m.add_argument("--json", action="store_true", help="print the versions as JSON")
+    m.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("promote", help="make VERSION the champion by hand (recorded as a manual promotion)")
+    p.add_argument("version")
+    p.add_argument("--reason", help="why (stored on the version as promotion_reason)")
+    p.add_argument("--model", help="registered model name (default: the config's registry.model_name)")
+    p.add_argument("--config", help="retrain config YAML whose 'registry' section applies (default: built-in defaults)")
+    p.set_defaults(func=cmd_promote)
