@@ -8,7 +8,6 @@ imports prefect.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -40,12 +39,13 @@ def _fmt(v: float | None) -> str:
 def print_comparison(metrics: dict[str, float], previous: dict[str, float]) -> None:
     """Bucket x metric table: the new model beside the previous champion."""
     names = sorted({k.split("/", 1)[1] for k in metrics if "/" in k})
-    print(f"\n{'bucket':<9}{'metric':<12}{'new':>8}{'champion':>10}")
+    width = max([len(m) for m in names] + [6]) + 2
+    print(f"\n{'bucket':<9}{'metric':<{width}}{'new':>8}{'champion':>10}")
     for bucket in ("many", "medium", "few", "overall"):
         for m in names:
             key = f"{bucket}/{m}"
             if key in metrics:
-                print(f"{bucket:<9}{m:<12}{_fmt(metrics[key]):>8}{_fmt(previous.get(key)):>10}")
+                print(f"{bucket:<9}{m:<{width}}{_fmt(metrics[key]):>8}{_fmt(previous.get(key)):>10}")
 
 
 def _run_retrain(source: Path, config: RetrainConfig, settings: Settings) -> dict:
@@ -105,21 +105,6 @@ def cmd_retrain(args, settings: Settings) -> int:
     return 0
 
 
-def cmd_ingest(args, settings: Settings) -> int:
-    from storage.parquet import ingest_folder
-
-    cfg = load_config(args.config).ingest
-    report = ingest_folder(Path(args.source), Path(settings.dataset_uri), cfg)
-    if args.json:
-        print(json.dumps({"accepted": report.accepted, "rejected": report.rejected, "snapshot_id": report.snapshot_id,
-                          "unchanged": report.unchanged, "total_rows": report.total_rows}))
-    else:
-        print(f"accepted {report.accepted}, unchanged {report.unchanged}, total {report.total_rows}, snapshot {report.snapshot_id}")
-        for reason, n in report.rejected.items():
-            print(f"  rejected {reason}: {n}")
-    return 0
-
-
 def cmd_demo_data(args, settings: Settings) -> int:
     from pogdiff import demo
 
@@ -166,12 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", help="retrain config YAML (default: built-in defaults)")
     r.set_defaults(func=cmd_retrain)
 
-    i = sub.add_parser("ingest", help="ingest a source folder into the Parquet dataset")
-    i.add_argument("source")
-    i.add_argument("--config", help="retrain config YAML whose 'ingest' section applies")
-    i.add_argument("--json", action="store_true", help="print the report as JSON")
-    i.set_defaults(func=cmd_ingest)
-
     g = sub.add_parser("demo-data", help="write the demo long-tailed data set to a folder")
     g.add_argument("out")
     g.add_argument("--seed", type=int, default=0)
@@ -183,9 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--out", help="where to write the model (default: the packaged builtin:shapes32)")
     bb.add_argument("--steps", type=int, help="override the recipe's steps (for a quick look)")
     bb.set_defaults(func=cmd_base_build)
-    from flows import cli_serve
+    from flows import cli_compare, cli_index, cli_ingest, cli_models, cli_serve
 
-    cli_serve.add_commands(sub)
+    for module in (cli_ingest, cli_index, cli_compare, cli_models, cli_serve):
+        module.add_commands(sub)
     return p
 
 

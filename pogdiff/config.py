@@ -25,26 +25,53 @@ class _Stage(BaseModel):
 class IngestConfig(_Stage):
     """How a caption–image source is read and validated."""
 
+    # folder = images + captions file; parquet = *.parquet with image bytes; webdataset = *.tar shards
+    source_kind: Literal["auto", "folder", "parquet", "webdataset"] = "auto"
     captions_file: str = "captions.csv"  # csv or jsonl, relative to the source folder
-    image_column: str = "image"
-    caption_column: str = "caption"
+    image_column: str = "image"  # captions-file path column; Parquet bytes/struct/path column
+    caption_column: str = "caption"  # also the caption key of a WebDataset sample's .json member
     allowed_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
     min_side: int = Field(8, ge=1)  # pixels; smaller images are rejected
     max_pixels: int = Field(64_000_000, ge=1)  # decompression-bomb guard, checked before decoding
     max_caption_chars: int = Field(1000, ge=1)
     caption_overflow: Literal["reject", "truncate"] = "reject"
     same_image_other_caption: Literal["keep", "reject"] = "keep"
+    resolution: int = Field(512, ge=8)  # side of the stored square RGB image
+    aspect: Literal["center_crop", "pad"] = "center_crop"  # how a non-square image becomes square
+    upscale: bool = False  # False: smaller images are squared at their own size, never enlarged
+    image_encoding: Literal["png", "webp"] = "png"  # png lossless; webp lossy (quality 90), smaller
+    # Decode/validate pool. Threads measured equal to spawned processes at steady state (PIL releases
+    # the GIL while decoding, resizing and encoding) and start 0.8 s faster; see bench/ingest.py.
+    parallelism: Literal["threads", "processes"] = "threads"
 
 
 class IndexConfig(_Stage):
     """Caption embedding, the caption neighbour graph and the effective density."""
 
-    embedder: Literal["minilm"] = "minilm"
+    # minilm: the packaged all-MiniLM-L6-v2; clip: a Stable Diffusion folder's own CLIP text encoder
+    # (pooled output); sentence-transformers: any model that library loads from a local folder.
+    embedder: Literal["minilm", "clip", "sentence-transformers"] = "minilm"
+    embedder_path: str | None = None  # local folder; required by clip and sentence-transformers
+    max_tokens: int = Field(128, ge=1)  # caption tokens embedded (also capped by the model's own limit)
     k: int = Field(5, ge=1)  # neighbours stored per caption
     density_bandwidth: float = Field(0.05, gt=0)  # kernel width in cosine distance (1 - cos)
+    # Above this many captions the graph comes from a LanceDB ANN index (created then); exact search below.
+    ann_threshold: int = Field(100_000, ge=1)
+    ann_index: Literal["IVF_HNSW_SQ", "IVF_PQ"] = "IVF_HNSW_SQ"
+    ann_candidates: int = Field(50, ge=2)  # ANN hits per caption: its top-k and its density come from these
     image_feature: Literal["pixels"] = "pixels"
     image_feature_size: int = Field(16, ge=2)  # side of the downsampled image used as feature
     batch_size: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _embedder_path(self) -> "IndexConfig":
+        if self.embedder == "minilm" and self.embedder_path is not None:
+            raise ValueError("embedder_path is only used by the clip and sentence-transformers embedders")
+        if self.embedder != "minilm" and not self.embedder_path:
+            raise ValueError(f"embedder '{self.embedder}' needs embedder_path (a local model folder)")
+        if self.ann_candidates <= self.k:
+            raise ValueError("ann_candidates must exceed k (the caption itself and duplicates are among the hits)")
+        return self
 
 
 class PoGConfig(_Stage):
@@ -63,15 +90,18 @@ class PoGConfig(_Stage):
     psi_threshold: float = Field(1e-3, ge=0)  # neighbour branch runs only where psi > threshold
     psi_max: float = Field(10.0, gt=0)
     timestep_weight: Literal["constant", "linear"] = "constant"
+    # s_img's features: "index" = the index stage's image features; "latent" = the model's own z0
+    # (the scaled VAE latent mean for Stable Diffusion, DESIGN §4), computed once by the trainer
+    similarity_features: Literal["index", "latent"] = "index"
     cbdm_tau: float = Field(1.0, ge=0)
 
 
 class TrainConfig(_Stage):
     """Fine-tuning budget and optimisation."""
 
-    base_model: str = "builtin:shapes32"  # builtin name, local diffusers-style folder
+    base_model: str = "builtin:shapes32"  # builtin name, pogdiff pixel folder, or Stable Diffusion folder / hub id
     steps: int = Field(200, ge=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1)  # global: under DDP each of W processes trains batch_size / W
     learning_rate: float = Field(2e-4, gt=0)
     lr_warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -112,10 +142,49 @@ class EvaluateConfig(_Stage):
     guidance_scale: float = Field(1.0, ge=0)
     seed: int = 1234
     batch_size: int = Field(128, ge=1)
-    feature_extractor: Literal["pixels"] = "pixels"
-    feature_size: int = Field(16, ge=2)
+    # pixels: offline, exactly reproducible (tests, demo); dinov2 / clip: transformers vision models
+    # for real photos, loaded from feature_model (a local folder or a hub id in the local cache)
+    feature_extractor: Literal["pixels", "dinov2", "clip"] = "pixels"
+    feature_model: str | None = None
+    feature_size: int = Field(16, ge=2)  # pixels only: side of the downsampled image
     gate: Literal["judge", "nearest"] = "judge"  # gRecall accuracy gate (DESIGN §6)
     buckets: BucketConfig = BucketConfig()
+
+    @model_validator(mode="after")
+    def _feature_model(self) -> "EvaluateConfig":
+        needs = self.feature_extractor != "pixels"
+        if needs and not self.feature_model:
+            raise ValueError(f"feature_model is required when feature_extractor is {self.feature_extractor!r} "
+                             "(a local folder or a hub id in the local cache)")
+        if not needs and self.feature_model:
+            raise ValueError("feature_model is only used by the dinov2 and clip extractors, not by 'pixels'")
+        return self
+
+
+class GateConfig(_Stage):
+    """Promotion gate, against the current champion's run metrics (README "Model lifecycle").
+
+    Promote when  gain(metric) >= min_improvement  and  worsening(guard_metric) <= allowed,
+    where gain/worsening are signed by each metric's direction and allowed is max_worsening
+    (absolute) or max_worsening * |champion's guard value| (relative). No champion: promote.
+    """
+
+    metric: str = "few/grecall"
+    higher_is_better: bool = True
+    min_improvement: float = Field(0.01, ge=0)  # 0 also promotes a tie
+    guard_metric: str | None = "overall/fid"  # None: no guard
+    guard_lower_is_better: bool = True
+    # relative, so one default fits every feature extractor's FID scale
+    max_worsening: float = Field(0.05, ge=0)
+    worsening: Literal["relative", "absolute"] = "relative"
+    # guard value missing on either side: reject (safe) or decide on `metric` alone (recorded as skipped)
+    missing_guard: Literal["reject", "skip"] = "reject"
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "GateConfig":
+        if self.guard_metric == self.metric:
+            raise ValueError("guard_metric must differ from metric")
+        return self
 
 
 class RegisterConfig(_Stage):
@@ -123,8 +192,7 @@ class RegisterConfig(_Stage):
 
     experiment: str = "pogdiff"
     model_name: str = "pogdiff-demo"
-    gate_metric: str = "few/grecall"
-    min_improvement: float = 0.0  # promote when new > champion + min_improvement
+    gate: GateConfig = GateConfig()
 
 
 class RetrainConfig(_Stage):

@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     lancedb_uri: str | None = None  # default <home>/lancedb
     runs_dir: Path | None = None  # training outputs and checkpoints; default <home>/runs
     mlflow_tracking_uri: str | None = None  # default sqlite:///<home>/mlflow.db
-    mlflow_artifact_root: str | None = None  # default <home>/mlartifacts
+    mlflow_artifact_root: str | None = None  # default <home>/mlartifacts; a tracking server's own store
     mlflow_ui_url: str | None = None  # where reviewers open runs; default the tracking URI when it is http(s)
     prefect_api_url: str | None = None  # unset: Prefect's ephemeral server
     prefect_home: Path | None = None  # default <home>/prefect
@@ -68,7 +68,9 @@ class Settings(BaseSettings):
             "lancedb_uri": self.lancedb_uri or str(home / "lancedb"),
             "runs_dir": self.runs_dir or home / "runs",
             "mlflow_tracking_uri": self.mlflow_tracking_uri or f"sqlite:///{home / 'mlflow.db'}",
-            "mlflow_artifact_root": self.mlflow_artifact_root or str(home / "mlartifacts"),
+            # A tracking server stores artifacts where it was told to (--artifacts-destination).
+            "mlflow_artifact_root": self.mlflow_artifact_root
+            or (None if _http_or_none(self.mlflow_tracking_uri) else str(home / "mlartifacts")),
             "mlflow_ui_url": self.mlflow_ui_url or _http_or_none(self.mlflow_tracking_uri),
             "prefect_home": self.prefect_home or home / "prefect",
         }
