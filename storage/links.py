@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit, urlunsplit
 
-from mlflow.tracking import MlflowClient
 
-
-def redact_uri(uri: str) -> str:
-    """``scheme://user:secret@host/path`` → ``scheme://***@host/path``; other strings unchanged."""
+def redact_uri(uri: str, mask: bool = True) -> str:
+    """``scheme://user:secret@host/path`` → ``scheme://***@host/path`` (``mask=False``:
+    ``scheme://host/path``); other strings unchanged. The one helper for every URI that is shown,
+    logged or stored."""
     parts = urlsplit(uri)
     if not parts.netloc or "@" not in parts.netloc:
         return uri
     host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"***@{host}"))
+    return urlunsplit(parts._replace(netloc=f"***@{host}" if mask else host))
+
+
+# scheme://userinfo@ inside free text (an error message, a log line); userinfo stops at the first
+# character that cannot be part of it, so two URIs on one line are redacted separately
+_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s/@'\"<>]+@")
+
+
+def redact_text(text: str) -> str:
+    """Every ``scheme://user:secret@`` in ``text`` → ``scheme://***@``."""
+    return _USERINFO.sub(r"\1***@", text)
 
 
 def mlflow_run_link(ui_url: str | None, run_id: str) -> str | None:
@@ -24,5 +35,7 @@ def mlflow_run_link(ui_url: str | None, run_id: str) -> str | None:
     """
     if not ui_url:
         return None
+    from mlflow.tracking import MlflowClient  # here: the CLI imports this module for redaction alone
+
     experiment_id = MlflowClient().get_run(run_id).info.experiment_id
     return f"{redact_uri(ui_url).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"

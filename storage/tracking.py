@@ -12,6 +12,8 @@ hand (``promote_manually``). The decision and the numbers it used are written on
 
 from __future__ import annotations
 
+import base64
+import http.client
 import importlib.util
 import json
 import logging
@@ -20,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import urllib.request
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -28,6 +31,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import mlflow
 import numpy as np
@@ -51,6 +55,7 @@ from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from pogdiff.config import GateConfig
+from storage.links import redact_text, redact_uri
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -95,11 +100,52 @@ def configure(tracking_uri: str, artifact_root: str | None = None) -> None:
     global _artifact_root
     # every task's resume starts and stops a system-metrics monitor; its INFO lines are noise
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    tracking_uri = _move_credentials(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     if artifact_root is not None and _is_server(tracking_uri) and not _has_scheme(artifact_root):
         artifact_root = None
     _artifact_root = artifact_root
+
+
+def _move_credentials(uri: str) -> str:
+    """``http(s)://user:secret@host`` -> ``http(s)://host``, the credentials moved to MLflow's own
+    ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (basic auth, the same request).
+
+    MLflow writes its tracking URI into error messages ("API request to ... failed") and run links
+    ("View run ... at"); without the credentials in it, none of them can leak the password.
+    """
+    parts = urlsplit(uri)
+    if not _is_server(uri) or parts.username is None:
+        return uri
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username)
+    if parts.password is not None:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
+    return redact_uri(uri, mask=False)
+
+
+class TrackingUnavailable(ConnectionError):
+    """The MLflow tracking server does not answer; the message names it (credentials removed)."""
+
+
+def check_server(timeout: float = 10.0) -> None:
+    """For an HTTP tracking URI, ``GET <uri>/health`` once; raise ``TrackingUnavailable`` when the
+    server does not answer. Call it before a run is opened, so a server that is down fails one
+    task, retried by Prefect, with one clear message instead of MLflow's nested retries."""
+    uri = mlflow.get_tracking_uri()
+    if not _is_server(uri):
+        return
+    request = urllib.request.Request(f"{uri.rstrip('/')}/health")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user is not None:
+        token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            response.read()
+    except (OSError, http.client.HTTPException) as err:
+        reason = getattr(err, "reason", None) or err
+        raise TrackingUnavailable(f"MLflow tracking server {redact_uri(uri)} is unreachable: {redact_text(str(reason))}") from None
 
 
 def system_metrics_enabled() -> bool:
@@ -199,6 +245,48 @@ def resume(run_id: str) -> Iterator[str]:
 def end(run_id: str, status: str = "FINISHED") -> None:
     """Close a run created by ``start`` with FINISHED, FAILED or KILLED."""
     MlflowClient().set_terminated(run_id, status=status)
+
+
+def unfinished_runs(experiment: str, status: str = "RUNNING") -> list[tuple[str, dict[str, str]]]:
+    """``(run_id, tags)`` of every run of ``experiment`` with ``status``, newest first.
+
+    After a crash (a killed process never calls ``end``) its run stays RUNNING; the next retrain
+    finds it here. A run stopped on purpose so that it can continue (the training time limit) is
+    KILLED with the tag ``resumable=true``. An unknown experiment has none.
+    """
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    out, token = [], None
+    while True:
+        page = client.search_runs([exp.experiment_id], f"attributes.status = '{RunStatus.to_string(RunStatus.from_string(status))}'",
+                                  order_by=["attributes.start_time DESC"], page_token=token)
+        out.extend((r.info.run_id, dict(r.data.tags)) for r in page)
+        token = page.token
+        if not token:
+            return out
+
+
+def set_tags(run_id: str, tags: Mapping[str, str]) -> None:
+    """Set (or overwrite) tags of a run, active or not."""
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def run_dir(runs_dir: str | Path, run_id: str) -> Path:
+    """``<runs_dir>/<run_id>``, the folder of one run's checkpoints and model.
+
+    ``run_id`` must look like an MLflow run id (32 lowercase hex digits), so no id can name a
+    folder outside ``runs_dir`` (``..``, an absolute path, a separator).
+    """
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
+        raise ValueError(f"not an MLflow run id: {run_id!r} (expected 32 hex digits)")
+    return Path(runs_dir) / run_id
 
 
 def run_params(run_id: str) -> dict[str, str]:

@@ -13,7 +13,9 @@ so no child process is ever forked from a process that holds LanceDB state.
 from __future__ import annotations
 
 import multiprocessing
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import lancedb
 import numpy as np
@@ -63,15 +65,41 @@ def _spawn_children() -> None:
 
 def connect(uri: str) -> lancedb.DBConnection:
     _spawn_children()
-    return lancedb.connect(uri)
+    try:
+        return lancedb.connect(uri)  # creates a local folder when missing
+    except OSError as err:
+        raise PermissionError(f"LanceDB directory {uri} cannot be created: {err.strerror or err}") from None
 
 
 def _open(db, name: str):
     return db.open_table(name) if name in db.list_tables().tables else None
 
 
+def check_writable(uri: str) -> None:
+    """Raise ``PermissionError`` naming the path when a local LanceDB directory cannot be created or
+    written (lance's own error names neither the table nor the folder). URIs (``s3://…``) pass."""
+    if "://" in uri:
+        return
+    path = Path(uri)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PermissionError(f"LanceDB directory {uri} cannot be created: {err.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"LanceDB directory {uri} is not writable (permissions {path.stat().st_mode & 0o777:o})")
+
+
+def quote_sql(value: str) -> str:
+    """``value`` as a SQL string literal for a LanceDB filter (``'`` doubled). Every value put into a
+    ``where`` expression goes through here, never pasted raw."""
+    if not isinstance(value, str):
+        raise TypeError(f"filter values must be str, got {type(value).__name__}")
+    return "'" + value.replace("'", "''") + "'"
+
+
 def _upsert(db, name: str, key: str, rows: pa.Table):
     """Insert or update ``rows`` keyed on ``key``; returns the table (None if it does not exist and rows is empty)."""
+    check_writable(db.uri)
     table = _open(db, name)
     if table is None:
         if not rows.num_rows:
@@ -263,7 +291,7 @@ def search_captions(uri: str, vector: np.ndarray, limit: int, cfg: IndexConfig) 
     ids = _search(table, vector[None, :].astype(np.float32), limit, cfg).column("caption_id").to_pylist()
     if not ids:
         return []
-    quoted = ", ".join("'" + i.replace("'", "''") + "'" for i in ids)
+    quoted = ", ".join(quote_sql(i) for i in ids)
     rows = table.search().where(f"caption_id IN ({quoted})").select(["caption_id", "caption", "count", "density", VECTOR])
     found = rows.limit(len(ids)).to_arrow()
     sims = _matrix(found.column(VECTOR), found.num_rows) @ vector.astype(np.float32)

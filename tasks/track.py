@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import subprocess
 
-from prefect import task
+from prefect import get_run_logger, task
+from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 
 from pogdiff.config import RetrainConfig
 from storage import tracking, vectors
+from storage.links import redact_uri
 from storage.settings import REPO_ROOT, Settings
+from tasks.retry import IO_RETRIES
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    # The task's function also runs outside a flow (``open_run.fn`` in tests and notebooks).
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("pogdiff.track")
 
 
 def _git_commit() -> str:
@@ -39,21 +52,78 @@ def _lance_tables(uri: str) -> dict[str, dict]:
     return out
 
 
-@task(name="open-run", retries=2, retry_delay_seconds=[2, 10])
+RETRAIN_KEY_TAG = "retrain_key"
+RESUMED_TAG = "resumed_from_crash"
+RESUMABLE_TAG = "resumable"  # on a KILLED run: stopped between steps with a checkpoint, to be continued
+
+
+# How a training runs, not what it computes: a retry with a longer time limit or more processes
+# (the same global batch) continues the same run.
+_OPERATIONAL = {"time_limit_minutes", "num_processes"}
+
+
+def split_config(config: RetrainConfig) -> tuple[dict, dict[str, str]]:
+    """(the resolved config less the operational train knobs, those knobs as ``{"train.<k>": value}``).
+
+    The first is what a run trains (its params, its key); the second may change between attempts
+    of the same run and is logged as ``attempt.*`` tags (MLflow params cannot change).
+    """
+    resolved = config.model_dump(mode="json")
+    operational = {f"train.{k}": str(resolved["train"].pop(k)) for k in sorted(_OPERATIONAL)}
+    return resolved, operational
+
+
+def retrain_key(config: RetrainConfig, snapshot_id: str) -> str:
+    """sha256 of what is trained (``split_config``) and the dataset snapshot: the same key means the same training."""
+    text = json.dumps({"config": split_config(config)[0], "snapshot_id": snapshot_id}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _crashed_run(experiment: str, key: str, log) -> str | None:
+    """The run a crashed retrain with this key left RUNNING, to resume; other RUNNING runs are
+    marked FAILED (their config or data changed, so their checkpoints cannot continue).
+
+    Assumes one retrain per experiment at a time (the deployments' ``concurrency_limit: 1``): a
+    RUNNING run found when a retrain starts belongs to a process that died without closing it.
+    """
+    resumable = None
+    for run_id, tags in tracking.unfinished_runs(experiment):
+        if resumable is None and tags.get(RETRAIN_KEY_TAG) == key:
+            resumable = run_id
+            continue
+        tracking.set_tags(run_id, {"failed_reason": "left RUNNING by a crashed retrain; not resumable"})
+        tracking.end(run_id, "FAILED")
+        log.warning("open-run: MLflow run %s was left RUNNING by a crashed retrain; marked FAILED", run_id)
+    if resumable is None:  # a run stopped by the training time limit continues where it stopped
+        stopped = [r for r, tags in tracking.unfinished_runs(experiment, "KILLED")
+                   if tags.get(RESUMABLE_TAG) == "true" and tags.get(RETRAIN_KEY_TAG) == key]
+        if stopped:
+            resumable = stopped[0]
+            tracking.set_tags(resumable, {RESUMABLE_TAG: "false"})
+    return resumable
+
+
+@task(name="open-run", **IO_RETRIES)
 def open_run(settings: Settings, config: RetrainConfig, snapshot_id: str, num_rows: int) -> str:
-    """Start the MLflow run: resolved config as params, lineage tags and the data as inputs.
+    """Start the MLflow run, or resume the one a crashed retrain of the same config and snapshot
+    left RUNNING (tag ``resumed_from_crash=true``; same run id, so the same run folder and the
+    trainer continues from its last checkpoint). Logs the resolved config as params, lineage tags
+    and the data as inputs; every write repeats the same values, so a resumed run logs nothing new.
 
     Inputs (MLflow datasets): context ``training`` = the Parquet snapshot and the LanceDB tables
     the trainer reads (``captions`` with its neighbour graph, ``image_features``); context
     ``evaluation`` = the captions evaluation prompts are drawn from and the snapshot's real images
     (logged under their own names: MLflow keeps one input per dataset and run).
     """
+    log = _logger()
     tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    tracking.check_server()
     tables = _lance_tables(settings.lancedb_uri)
     missing = {vectors.CAPTIONS, vectors.IMAGE_FEATURES} - set(tables)
     if missing:
-        raise FileNotFoundError(f"LanceDB at {settings.lancedb_uri} has no table {sorted(missing)}; run the index stage first")
+        raise FileNotFoundError(f"LanceDB at {redact_uri(settings.lancedb_uri)} has no table {sorted(missing)}; run the index stage first")
     captions, features = tables[vectors.CAPTIONS], tables[vectors.IMAGE_FEATURES]
+    key = retrain_key(config, snapshot_id)
     tags = {
         "git_commit": _git_commit(),
         "prefect_flow_run_id": str(flow_run.get_id() or "none"),
@@ -62,21 +132,36 @@ def open_run(settings: Settings, config: RetrainConfig, snapshot_id: str, num_ro
         "lancedb_image_features_version": str(features["version"]),
         "base_model": config.train.base_model,
         "method": config.train.pog.method,
+        RETRAIN_KEY_TAG: key,
     }
-    run_id = tracking.start(config.registry.experiment, run_name=f"{config.train.pog.method}-{snapshot_id}", tags=tags)
+    run_id = _crashed_run(config.registry.experiment, key, log)
+    if run_id is None:
+        run_id = tracking.start(config.registry.experiment, run_name=f"{config.train.pog.method}-{snapshot_id}", tags=tags)
+    else:
+        tracking.set_tags(run_id, {**tags, RESUMED_TAG: "true"})
+        log.warning("open-run: resuming MLflow run %s, left RUNNING by a crashed retrain of the same config "
+                    "and snapshot; training continues from its last checkpoint", run_id)
     dataset = str(settings.dataset_uri)
+    resolved, operational = split_config(config)
+    tracking.set_tags(run_id, {f"attempt.{k}": v for k, v in operational.items()})
     with tracking.resume(run_id):
-        tracking.log_config(config)
+        tracking.log_config(resolved)
         tracking.log_lineage(f"dataset@{snapshot_id}", dataset, snapshot_id, "training", num_rows)
         for name, t in ((vectors.CAPTIONS, captions), (vectors.IMAGE_FEATURES, features)):
-            tracking.log_lineage(f"lancedb/{name}@v{t['version']}", t["uri"], t["digest"], "training", t["rows"])
-        tracking.log_lineage(f"eval-captions@lancedb-v{captions['version']}", captions["uri"], captions["digest"],
+            tracking.log_lineage(f"lancedb/{name}@v{t['version']}", redact_uri(t["uri"]), t["digest"], "training", t["rows"])
+        tracking.log_lineage(f"eval-captions@lancedb-v{captions['version']}", redact_uri(captions["uri"]), captions["digest"],
                              "evaluation", captions["rows"])
         tracking.log_lineage(f"eval-references@{snapshot_id}", dataset, snapshot_id, "evaluation", num_rows)
     return run_id
 
 
-@task(name="close-run")
-def close_run(settings: Settings, run_id: str, failed: bool) -> None:
+@task(name="close-run", **IO_RETRIES)
+def close_run(settings: Settings, run_id: str, failed: bool, resumable: bool = False) -> None:
+    """FINISHED, FAILED, or KILLED with ``resumable=true`` (the next retrain of the same config and
+    snapshot continues it from its checkpoint, e.g. after the training time limit)."""
     tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
-    tracking.end(run_id, "FAILED" if failed else "FINISHED")
+    if resumable:
+        tracking.set_tags(run_id, {RESUMABLE_TAG: "true"})
+        tracking.end(run_id, "KILLED")
+    else:
+        tracking.end(run_id, "FAILED" if failed else "FINISHED")

@@ -1,0 +1,100 @@
+"""Helpers of the fault tests: a runner for `python -m flows.cli` subprocesses
+that can be SIGKILLed as a group (the retrain and any child it started), as a machine crash would.
+
+Every fault test records what it tried and what it saw through ``record``; with
+``POGDIFF_FAULT_RESULTS=FILE`` set the rows are appended to FILE as JSON lines and
+``python -m tests.faults.report FILE`` renders the README's "Reliability" table from them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL_NAME = "faults-model"
+EXPERIMENT = "faults"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def record(fault: str, stage: str, outcome: str) -> None:
+    """One row of the Reliability table (written only when POGDIFF_FAULT_RESULTS names a file)."""
+    path = os.environ.get("POGDIFF_FAULT_RESULTS")
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"fault": fault, "stage": stage, "outcome": outcome}) + "\n")
+
+
+def base_env() -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
+    for key in [k for k in env if k.startswith(("POGDIFF_", "PREFECT_API_URL", "MLFLOW_TRACKING"))]:
+        env.pop(key)
+    return env
+
+
+@dataclass
+class Retrain:
+    """A ``pogdiff retrain`` subprocess in its own session (so one killpg takes every child too)."""
+
+    proc: subprocess.Popen
+    log: Path
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+
+    def wait(self, timeout: float = 600) -> tuple[int, str]:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"retrain still running after {timeout} s:\n{self.log.read_text()[-4000:]}") from None
+        return self.proc.returncode, self.log.read_text()
+
+
+def cli_env(home: Path, prefect_api: str | None, **extra: str) -> dict[str, str]:
+    env = {**base_env(), "POGDIFF_HOME": str(home), "PREFECT_HOME": str(home / "prefect"), **extra}
+    if prefect_api:
+        env["POGDIFF_PREFECT_API_URL"] = prefect_api
+    return env
+
+
+def start_cli(args: list[str], env: dict[str, str], log: Path, python: list[str] | None = None) -> Retrain:
+    """``python -m flows.cli ARGS`` (or ``python`` + ``python`` args, e.g. a fault-injecting ``-c``)."""
+    out = open(log, "w")
+    cmd = [sys.executable, *(python or ["-m", "flows.cli"]), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return Retrain(proc, log)

@@ -1,0 +1,191 @@
+"""Security: no unpickling of data, no LanceDB filter built from a raw string, paths confined to
+their roots, and credentials in URIs never reach logs, MLflow or Prefect."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import lancedb
+import pyarrow as pa
+import pytest
+from faultkit import EXPERIMENT, ROOT, base_env, cli_env, free_port, healthy, record, start_cli, wait_for
+from mlflow.tracking import MlflowClient
+from prefect import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from storage import tracking, vectors
+from storage.settings import load_settings
+from tasks.train import run_dir
+
+PACKAGES = ("pogdiff", "storage", "tasks", "flows", "bench", "run.py")
+
+
+def _sources() -> list[Path]:
+    out = []
+    for name in PACKAGES:
+        path = ROOT / name
+        out += [path] if path.is_file() else sorted(path.rglob("*.py"))
+    return out
+
+
+def _name(node: ast.AST) -> str:
+    if isinstance(node, ast.Attribute):
+        return f"{_name(node.value)}.{node.attr}"
+    return node.id if isinstance(node, ast.Name) else ""
+
+
+def _is_true(call: ast.Call, keyword: str) -> bool:
+    return any(k.arg == keyword and isinstance(k.value, ast.Constant) and k.value.value is True for k in call.keywords)
+
+
+def unsafe_loads(tree: ast.AST) -> list[str]:
+    """Calls and imports that can execute code hidden in a file: pickle loading, cloudpickle,
+    ``torch.load`` without ``weights_only=True``, ``np.load(..., allow_pickle=True)``."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            found += [f"line {node.lineno}: import {n}" for n in names if n.split(".")[0] in ("cloudpickle", "dill", "joblib")]
+        if not isinstance(node, ast.Call):
+            continue
+        name = _name(node.func)
+        if name.split(".")[-1] in ("load", "loads", "Unpickler") and name.split(".")[0] in ("pickle", "cPickle", "cloudpickle"):
+            found.append(f"line {node.lineno}: {name}")
+        elif name == "torch.load" and not _is_true(node, "weights_only"):
+            found.append(f"line {node.lineno}: torch.load without weights_only=True")
+        elif name in ("np.load", "numpy.load") and _is_true(node, "allow_pickle"):
+            found.append(f"line {node.lineno}: np.load(allow_pickle=True)")
+    return found
+
+
+def test_the_scan_finds_unsafe_loads():
+    bad = ast.parse("import pickle, cloudpickle\nimport torch, numpy as np\npickle.loads(b)\ntorch.load(p)\n"
+                    "np.load(p, allow_pickle=True)\ntorch.load(p, weights_only=True)\n")
+    assert len(unsafe_loads(bad)) == 4
+
+
+def test_no_code_loads_pickled_data():
+    found = {str(p.relative_to(ROOT)): hits for p in _sources() if (hits := unsafe_loads(ast.parse(p.read_text())))}
+    assert found == {}
+    record("pickle / cloudpickle / torch.load without weights_only in the sources (AST scan)", "all",
+           "none: weights are safetensors, optimizer state `torch.load(weights_only=True)`, the MLflow model logged from code")
+
+
+def _filters(tree: ast.AST) -> list[tuple[int, ast.AST, ast.FunctionDef | None]]:
+    """Every ``.where(expr)``, ``.delete(expr)`` and ``filter=expr`` with its enclosing function."""
+    out = []
+    for fn in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]:
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Call):
+                if (isinstance(node.func, ast.Attribute) and node.func.attr in ("where", "delete") and node.args
+                        and _name(node.func.value) not in ("np", "numpy", "pc", "torch")):  # array where(), not SQL
+                    out.append((node.lineno, node.args[0], fn))
+                out += [(node.lineno, k.value, fn) for k in node.keywords if k.arg in ("filter", "where")]
+    return out
+
+
+def _quoted(expr: ast.AST, fn: ast.FunctionDef) -> bool:
+    """A constant, a call of ``quote_sql``, an f-string of those, or a name assigned from one."""
+    if isinstance(expr, ast.Constant):
+        return True
+    if isinstance(expr, ast.JoinedStr):
+        return all(_quoted(v.value, fn) for v in expr.values if isinstance(v, ast.FormattedValue))
+    if isinstance(expr, ast.Name):
+        sources = [a.value for a in ast.walk(fn) if isinstance(a, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == expr.id for t in a.targets)]
+        return bool(sources) and all(any(_name(c.func).endswith("quote_sql") for c in ast.walk(s) if isinstance(c, ast.Call))
+                                     for s in sources)
+    return isinstance(expr, ast.Call) and _name(expr.func).endswith("quote_sql")
+
+
+def test_lancedb_filters_quote_every_value():
+    checked = 0
+    for path in (ROOT / "storage").rglob("*.py"):
+        for line, expr, fn in _filters(ast.parse(path.read_text())):
+            assert _quoted(expr, fn), f"{path.name}:{line}: a LanceDB filter built without vectors.quote_sql"
+            checked += 1
+    assert checked >= 1  # search_captions filters by id
+
+
+def test_quote_sql_keeps_a_hostile_value_a_value(tmp_path):
+    table = lancedb.connect(str(tmp_path)).create_table("t", pa.table({"caption_id": ["a", "b"], "n": [1, 2]}))
+    hostile = "x' OR caption_id != 'x"
+    assert table.search().where(f"caption_id = '{hostile}'").to_arrow().num_rows == 2  # pasted: matches all
+    assert table.search().where(f"caption_id = {vectors.quote_sql(hostile)}").to_arrow().num_rows == 0
+    assert table.search().where(f"caption_id IN ({vectors.quote_sql(hostile)})").to_arrow().num_rows == 0
+    assert table.search().where(f"caption_id = {vectors.quote_sql('a')}").to_arrow().num_rows == 1
+    record("LanceDB filter with a hostile value (`x' OR caption_id != 'x`)", "index / neighbours",
+           "every filter value goes through `vectors.quote_sql`: matches nothing (pasted raw it would match every row)")
+
+
+@pytest.mark.parametrize("run_id", ["../../etc", "/tmp/x", "a" * 31 + "/", "A" * 32, "..", ""])
+def test_run_folders_stay_inside_runs_dir(run_id, tmp_path):
+    settings = load_settings(home=tmp_path)
+    with pytest.raises(ValueError, match="not an MLflow run id"):
+        run_dir(settings, run_id)
+    assert run_dir(settings, "0123456789abcdef" * 2).parent == settings.runs_dir
+    # ingest-side escapes (`..`, absolute paths, symlinks and tar links out of the source) are
+    # quarantined as path_outside_source: tests/storage/test_parquet.py and test_sources.py
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "mlflow-server.log", "w")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "server-artifacts"),
+         "--serve-artifacts"], cwd=tmp_path, env=base_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: healthy(url) or proc.poll() is not None, 240, "the MLflow server", interval=1)
+        assert proc.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-3000:]
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.mark.slow
+def test_uri_password_never_reaches_logs_mlflow_or_prefect(mlflow_server, prefect_api, tiny, tmp_path):
+    """A retrain whose tracking URI and UI URL carry a password (the server ignores basic auth, so
+    the run works): the password is in none of its output, params, tags, artifacts, registry
+    tags, Prefect artifacts or Prefect logs."""
+    source, config, _ = tiny
+    secret = "s3cret-Pw"
+    tracking_uri = f"http://alice:{secret}@127.0.0.1:{mlflow_server}"
+    env = cli_env(tmp_path / "home", prefect_api, POGDIFF_MLFLOW_TRACKING_URI=tracking_uri,
+                  POGDIFF_MLFLOW_UI_URL=f"http://bob:{secret}@mlflow.example.org")
+    with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
+        known = {r.id for r in client.read_flow_runs()}
+        rc, out = start_cli(["retrain", str(source), "--config", str(config)], env, tmp_path / "out.log").wait()
+        assert rc == 0, out[-4000:]
+        flow_run = next(r for r in client.read_flow_runs() if r.id not in known)
+        only_this = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
+        artifacts = client.read_artifacts(flow_run_filter=only_this)
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+    assert "***@" in out  # the printed UI hints are redacted, not dropped
+    assert secret not in out
+    assert any(a.key == "retrain-report" for a in artifacts)
+    assert all(secret not in str(a.data) and secret not in str(a.description) for a in artifacts)
+    assert logs and all(secret not in log.message for log in logs)
+
+    tracking.configure(tracking_uri)  # the client side of the same settings
+    mlflow = MlflowClient()
+    (run,) = mlflow.search_runs([mlflow.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert run.info.status == "FINISHED"
+    assert all(secret not in f"{k}={v}" for k, v in {**run.data.params, **run.data.tags}.items())
+    assert all(secret not in str(d.dataset.source) for d in run.inputs.dataset_inputs)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [p for p in Path(mlflow.download_artifacts(run.info.run_id, "", tmp)).rglob("*") if p.is_file()]
+        assert files and all(secret.encode() not in p.read_bytes() for p in files)
+    for version in mlflow.search_model_versions(f"name = '{run.data.params['registry.model_name']}'"):
+        assert all(secret not in f"{k}={v}" for k, v in version.tags.items())
+    record("password in the MLflow tracking URI and UI URL (`http://alice:<pw>@host`)", "all",
+           "run works against a real server; password in none of: stdout/stderr, Prefect logs and artifacts, "
+           "MLflow params, tags, inputs, artifacts, version tags")
