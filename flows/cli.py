@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from pogdiff.config import ConfigError, RetrainConfig, load_config
+from storage.links import redact_text, redact_uri
 from storage.settings import REPO_ROOT, Settings, load_settings
 
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
@@ -36,16 +37,16 @@ def _fmt(v: float | None) -> str:
     return "—" if v is None else f"{v:.3f}"
 
 
-def print_comparison(metrics: dict[str, float], previous: dict[str, float]) -> None:
-    """Bucket x metric table: the new model beside the previous champion."""
+def print_comparison(metrics: dict[str, float], previous: dict[str, float], label: str = "champion") -> None:
+    """Bucket x metric table: the new model beside the previous champion (or another reference)."""
     names = sorted({k.split("/", 1)[1] for k in metrics if "/" in k})
     width = max([len(m) for m in names] + [6]) + 2
-    print(f"\n{'bucket':<9}{'metric':<{width}}{'new':>8}{'champion':>10}")
+    print(f"\n{'bucket':<9}{'metric':<{width}}{'new':>8}{label:>13}")
     for bucket in ("many", "medium", "few", "overall"):
         for m in names:
             key = f"{bucket}/{m}"
             if key in metrics:
-                print(f"{bucket:<9}{m:<{width}}{_fmt(metrics[key]):>8}{_fmt(previous.get(key)):>10}")
+                print(f"{bucket:<9}{m:<{width}}{_fmt(metrics[key]):>8}{_fmt(previous.get(key)):>13}")
 
 
 def _run_retrain(source: Path, config: RetrainConfig, settings: Settings) -> dict:
@@ -77,7 +78,7 @@ def _report(result: dict, settings: Settings, started: float) -> None:
     print_comparison(result["metrics"], dec["champion_metrics"])
     home = settings.home
     print("\nOpen the MLflow UI on this data:")
-    print(f"  .venv/bin/mlflow ui --backend-store-uri {settings.mlflow_tracking_uri} --port 5000")
+    print(f"  .venv/bin/mlflow ui --backend-store-uri {redact_uri(settings.mlflow_tracking_uri)} --port 5000")
     print("Open the Prefect UI on this data:")
     print(f"  PREFECT_HOME={home / 'prefect'} .venv/bin/prefect server start")
 
@@ -102,6 +103,18 @@ def cmd_demo(args, settings: Settings) -> int:
 def cmd_retrain(args, settings: Settings) -> int:
     started = time.time()
     _report(_run_retrain(Path(args.source), load_config(args.config), settings), settings, started)
+    return 0
+
+
+def cmd_evaluate(args, settings: Settings) -> int:
+    from flows.evaluate import evaluate_registered
+
+    started = time.time()
+    config = load_config(args.config or DEMO_CONFIG)
+    result = evaluate_registered(args.model, config)
+    print(f"\nevaluated {result['model']} version {result['version']} in {time.time() - started:.0f} s "
+          f"(MLflow run {result['run_id']})")
+    print_comparison(result["metrics"], result["at_training"], "at training")
     return 0
 
 
@@ -151,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", help="retrain config YAML (default: built-in defaults)")
     r.set_defaults(func=cmd_retrain)
 
+    e = sub.add_parser("evaluate", help="evaluate a registered version (default: the champion) on the current data")
+    e.add_argument("model", nargs="?", default="champion", help="alias, version, name@alias or name/version")
+    e.add_argument("--config", help="retrain config YAML (its registry and evaluate sections; default: configs/demo.yaml)")
+    e.set_defaults(func=cmd_evaluate)
+
     g = sub.add_parser("demo-data", help="write the demo long-tailed data set to a folder")
     g.add_argument("out")
     g.add_argument("--seed", type=int, default=0)
@@ -177,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings()
         _prepare_env(settings)
         return args.func(args, settings)
-    except (SourceError, ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (SourceError, ConfigError, FileNotFoundError, ConnectionError) as err:
+        print(f"error: {redact_text(str(err))}", file=sys.stderr)
         return 2
 
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, unmapped
 
+from flows.runners import task_runner
 from pogdiff.config import RetrainConfig
+from pogdiff.trainer import TrainingTimeLimit
 from storage.settings import load_settings
 from tasks.caching import cached, index_key, ingest_key
 from tasks.dataset import dataset_snapshot
 from tasks.evaluate import evaluate_model
-from tasks.index import index_captions, index_images
+from tasks.index import embed_shard, index_captions, index_images, plan_embedding
 from tasks.ingest import ingest
 from tasks.register import register_model
 from tasks.report import publish_report
@@ -25,19 +27,23 @@ def _run(task, *args) -> dict:
     return {**data, "cached": state.name == "Cached"}
 
 
-@flow(name="retrain", log_prints=True)
+@flow(name="retrain", log_prints=True, task_runner=task_runner())
 def retrain(source: str, config: RetrainConfig = RetrainConfig()) -> dict:
     """Retrain on ``source``. Locations come from settings; ingest and index are cached by their inputs."""
     settings = load_settings()
     report = _run(cached(ingest, ingest_key, settings), source, settings, config.ingest)
     snapshot = dataset_snapshot(settings)
-    captions = _run(cached(index_captions, index_key, settings), settings, config.index, snapshot["snapshot_id"])
+    shards = embed_shard.map(unmapped(config.index), plan_embedding(settings, config.index))
+    captions = _run(cached(index_captions, index_key, settings), settings, config.index, snapshot["snapshot_id"], shards)
     images = _run(cached(index_images, index_key, settings), settings, config.index, snapshot["snapshot_id"])
     run_id = open_run(settings, config, snapshot["snapshot_id"], snapshot["rows"])
     try:
         model_dir = train_model(settings, config.train, config.index, run_id)
         metrics = evaluate_model(settings, config.evaluate, model_dir, run_id)
         decision = register_model(settings, config.registry, model_dir, run_id, metrics)
+    except TrainingTimeLimit:
+        close_run(settings, run_id, failed=True, resumable=True)  # the next retrain continues this run
+        raise
     except BaseException:
         close_run(settings, run_id, failed=True)
         raise

@@ -62,6 +62,9 @@ class IndexConfig(_Stage):
     image_feature: Literal["pixels"] = "pixels"
     image_feature_size: int = Field(16, ge=2)  # side of the downsampled image used as feature
     batch_size: int = Field(64, ge=1)
+    # Captions to embed are split into shards of this size, one task each, mapped over the flow's
+    # task runner (threads by default; Dask with POGDIFF_TASK_RUNNER=dask).
+    embed_shard_size: int = Field(10_000, ge=1)
 
     @model_validator(mode="after")
     def _embedder_path(self) -> "IndexConfig":
@@ -116,6 +119,11 @@ class TrainConfig(_Stage):
     prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: the base model's own
     seed: int = 0
     checkpoint_every: int = Field(100, ge=1)
+    # Wall-clock budget of one training attempt, checked between steps; on expiry a checkpoint is
+    # written and training stops with an error (a re-run resumes). None: no limit.
+    time_limit_minutes: float | None = Field(None, gt=0)
+    # > 1: the train task runs `accelerate launch --num_processes N -m pogdiff.train_cli` (DDP)
+    num_processes: int = Field(1, ge=1)
     pog: PoGConfig = PoGConfig()
 
 

@@ -8,7 +8,8 @@
 ``write_train_data``. Every rank trains (``pogdiff.trainer.train``, resuming from RUN/checkpoints);
 rank 0 alone writes RUN/model, RUN/checkpoints, RUN/result.json and appends one JSON line per step to
 RUN/metrics.jsonl (after a resume, a later line for the same step supersedes an earlier one).
-Exit status: 0 done, 2 bad input (one line ``error: ...``), 3 the loss diverged.
+Exit status: 0 done, 2 bad input (one line ``error: ...``), 3 the loss diverged, 4 the time limit ran out
+(a checkpoint was written; run again to resume).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from pogdiff.config import ConfigError, TrainConfig, load_config
 from pogdiff.model import load_pipeline
 from pogdiff.neighbours import NeighbourGraph
-from pogdiff.trainer import TrainData, TrainingDiverged, train
+from pogdiff.trainer import TrainData, TrainingDiverged, TrainingTimeLimit, train
 
 DATA_FORMAT = 1
 _ARRAYS = ("images", "captions", "caption_of", "nb_ids", "nb_sims", "density", "image_features")
@@ -117,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except TrainingTimeLimit as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 4
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

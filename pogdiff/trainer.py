@@ -47,6 +47,10 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left untouched."""
 
 
+class TrainingTimeLimit(RuntimeError):
+    """``train.time_limit_minutes`` ran out; a checkpoint of the last finished step was written."""
+
+
 @dataclass(frozen=True)
 class TrainData:
     """In-memory training set. images ``[N, 3, H, W]`` in [-1, 1]; captions ``C`` strings; graph indexes them."""
@@ -174,6 +178,14 @@ class Distributed:
         dist.all_gather(parts, local)
         full = torch.cat(parts, dim=1).cpu()
         return {k: full[i] for i, k in enumerate(names)}
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank when ``flag`` is true on some rank (one collective), so all ranks stop together."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
 
 def _join_process_group() -> tuple[Distributed, bool]:
@@ -355,6 +367,7 @@ def _train(
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     # Weights and optimizer state stay fp32; fp16 gradients are loss-scaled (a no-op otherwise).
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
+    limit = None if cfg.time_limit_minutes is None else cfg.time_limit_minutes * 60
     for step in range(start, cfg.steps):
         parts = []
         for micro in range(accum):
@@ -404,6 +417,16 @@ def _train(
                 on_step(step + 1, metrics)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
                 _save_checkpoint(ckpt_root, step + 1, unet, optimizer, lr_sched, generators, ema)
+        # Enforced here, between steps, because an orchestrator's timeout cannot interrupt a
+        # training loop running in a worker thread; every rank stops at the same step.
+        out_of_time = limit is not None and time.perf_counter() - started > limit
+        if step + 1 < cfg.steps and ddp.any(out_of_time, device):
+            if ddp.main and (step + 1) % cfg.checkpoint_every:
+                _save_checkpoint(ckpt_root, step + 1, unet, optimizer, lr_sched, generators, ema)
+            raise TrainingTimeLimit(
+                f"train.time_limit_minutes={cfg.time_limit_minutes} reached at step {step + 1}/{cfg.steps}; "
+                f"checkpoint step {step + 1} kept in {ckpt_root}, a re-run resumes from it"
+            )
 
     if ema is not None:
         ema.copy_to(unet)  # as the diffusers examples do: the saved model carries the EMA weights

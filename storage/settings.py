@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pogdiff.config import ConfigError
@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     mlflow_ui_url: str | None = None  # where reviewers open runs; default the tracking URI when it is http(s)
     prefect_api_url: str | None = None  # unset: Prefect's ephemeral server
     prefect_home: Path | None = None  # default <home>/prefect
+    # Where a flow's mapped tasks (caption embedding shards) run: a thread pool in the flow's process,
+    # or a Dask cluster (pip install '.[dask]'; task_runner_address of a running scheduler, else a
+    # temporary local cluster per flow run).
+    task_runner: Literal["threads", "dask"] = "threads"
+    task_runner_workers: int | None = Field(None, ge=1)
+    task_runner_address: str | None = None
 
     @model_validator(mode="after")
     def _fill(self) -> "Settings":

@@ -6,9 +6,10 @@ from prefect import task
 
 from storage import parquet
 from storage.settings import Settings
+from tasks.retry import IO_RETRIES
 
 
-@task(name="dataset-snapshot", retries=2, retry_delay_seconds=[2, 10])
+@task(name="dataset-snapshot", **IO_RETRIES)
 def dataset_snapshot(settings: Settings) -> dict:
     """``{"snapshot_id", "rows"}`` of the Parquet dataset as it is now.
 

@@ -7,30 +7,48 @@ tasks wrap them with retries and run logging.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
+import numpy as np
 import pyarrow as pa
 from prefect import get_run_logger, task
 
 from pogdiff.config import IndexConfig
-from pogdiff.embedders import make_embedder
+from pogdiff.embedders import embed_captions, make_embedder
 from pogdiff.features import make_extractor
-from pogdiff.index import embed_caption_counts, image_features, needs_ann, with_graph
+from pogdiff.index import caption_id, embed_caption_counts, image_features, needs_ann, with_graph
 from storage import parquet, vectors
 from storage.images import decode_images
 from storage.settings import Settings
+from tasks.retry import IO_RETRIES
 
 
-def build_caption_index(settings: Settings, cfg: IndexConfig, progress: bool = False) -> dict:
+def plan_shards(settings: Settings, cfg: IndexConfig) -> list[dict[str, str]]:
+    """The captions of the dataset with no vector under this embedder yet, as shards (id -> caption)
+    of at most ``cfg.embed_shard_size``; empty when every caption is embedded already."""
+    known = vectors.known_vectors(settings.lancedb_uri, make_embedder(cfg).key)
+    missing = {i: c for c in parquet.caption_counts(settings.dataset_uri) if (i := caption_id(c)) not in known}
+    ids = sorted(missing)
+    return [{i: missing[i] for i in ids[s : s + cfg.embed_shard_size]} for s in range(0, len(ids), cfg.embed_shard_size)]
+
+
+def build_caption_index(settings: Settings, cfg: IndexConfig, progress: bool = False,
+                        precomputed: dict[str, np.ndarray] | None = None) -> dict:
     """Embed only captions not yet in LanceDB under this embedder, then refresh neighbours and density.
 
-    Up to ``cfg.ann_threshold`` captions the graph is exact; above it the vectors are written first,
-    the table's ANN index supplies candidates, and the graph is refined from them.
+    ``precomputed`` (caption id -> vector, e.g. from ``embed_shard`` tasks) counts as embedded by this
+    run. Up to ``cfg.ann_threshold`` captions the graph is exact; above it the vectors are written
+    first, the table's ANN index supplies candidates, and the graph is refined from them.
     """
     started = time.perf_counter()
     uri = settings.lancedb_uri
     embedder = make_embedder(cfg)
-    graph = embed_caption_counts(parquet.caption_counts(settings.dataset_uri), vectors.known_vectors(uri, embedder.key),
-                                 cfg, embedder, progress)
+    precomputed = precomputed or {}
+    known = {**vectors.known_vectors(uri, embedder.key), **precomputed}
+    graph = embed_caption_counts(parquet.caption_counts(settings.dataset_uri), known, cfg, embedder, progress)
+    if precomputed:
+        fresh = len(precomputed.keys() & set(graph.ids))
+        graph = replace(graph, embedded=graph.embedded + fresh, reused=graph.reused - fresh)
     if needs_ann(len(graph.ids), cfg):
         vectors.write_caption_vectors(uri, graph, cfg)
         graph = with_graph(graph, cfg, vectors.ann_candidates(uri, graph.ids, graph.vectors, cfg))
@@ -56,10 +74,23 @@ def build_image_features(settings: Settings, cfg: IndexConfig) -> dict:
     return {"extractor": name, "computed": len(new), "reused": len(ids) - len(new), "version": report.version}
 
 
-@task(name="index-captions", retries=2, retry_delay_seconds=[2, 10])
-def index_captions(settings: Settings, cfg: IndexConfig, snapshot_id: str) -> dict:
-    """``build_caption_index`` for one dataset snapshot (the snapshot keys the task's cache)."""
-    out = build_caption_index(settings, cfg)
+@task(name="plan-embedding", **IO_RETRIES)
+def plan_embedding(settings: Settings, cfg: IndexConfig) -> list[dict[str, str]]:
+    """``plan_shards``: what the ``embed-shard`` tasks have to embed (nothing on unchanged data)."""
+    return plan_shards(settings, cfg)
+
+
+@task(name="embed-shard")
+def embed_shard(cfg: IndexConfig, captions: dict[str, str]) -> dict[str, np.ndarray]:
+    """caption id -> vector for one shard; pure compute, so it runs on any task-runner worker."""
+    return embed_captions(make_embedder(cfg), captions, {}, cfg.batch_size).vectors
+
+
+@task(name="index-captions", **IO_RETRIES)
+def index_captions(settings: Settings, cfg: IndexConfig, snapshot_id: str, shards: list[dict[str, np.ndarray]] | None = None) -> dict:
+    """``build_caption_index`` for one dataset snapshot (the snapshot keys the task's cache), taking
+    the vectors the ``embed-shard`` tasks computed."""
+    out = build_caption_index(settings, cfg, precomputed={k: v for shard in shards or [] for k, v in shard.items()})
     get_run_logger().info(
         "index: %d captions, %d embedded, %d reused; %s top-%d graph, %d edges; %d rows written, table version %d",
         out["captions"], out["embedded"], out["reused"], out["mode"], cfg.k, out["edges"], out["written"], out["version"],
@@ -67,7 +98,7 @@ def index_captions(settings: Settings, cfg: IndexConfig, snapshot_id: str) -> di
     return {"snapshot_id": snapshot_id, **out}
 
 
-@task(name="index-images", retries=2, retry_delay_seconds=[2, 10])
+@task(name="index-images", **IO_RETRIES)
 def index_images(settings: Settings, cfg: IndexConfig, snapshot_id: str) -> dict:
     """``build_image_features`` for one dataset snapshot."""
     out = build_image_features(settings, cfg)

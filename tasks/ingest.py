@@ -9,9 +9,10 @@ from prefect import get_run_logger, task
 from pogdiff.config import IngestConfig
 from storage import parquet
 from storage.settings import Settings
+from tasks.retry import IO_RETRIES
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=[2, 10])
+@task(name="ingest", **IO_RETRIES)
 def ingest(source: str, settings: Settings, cfg: IngestConfig) -> parquet.IngestReport:
     """Validate and append new rows; rejected rows go to the quarantine. Re-runs write nothing new."""
     report = parquet.ingest(Path(source), settings.dataset_uri, cfg)

@@ -10,6 +10,7 @@ from prefect import get_run_logger, task
 from pogdiff.config import RegisterConfig
 from storage import tracking, vectors
 from storage.settings import Settings
+from tasks.retry import IO_RETRIES
 
 ADAPTER_DIR = "lora"  # the trainer saves a LoRA run's adapter here, next to the fused model folder
 
@@ -39,7 +40,7 @@ def register_version(settings: Settings, cfg: RegisterConfig, model_dir: str, ru
         )
 
 
-@task(name="register", retries=2, retry_delay_seconds=[2, 10])
+@task(name="register", **IO_RETRIES)
 def register_model(settings: Settings, cfg: RegisterConfig, model_dir: str, run_id: str, metrics: dict[str, float]) -> dict:
     """Returns the promotion decision (``tracking.PromotionDecision`` as a dict: ``promoted``,
     ``version``, ``champion_before``, ``decided_by``, ``reason``, ``checks``) plus ``model_name``,

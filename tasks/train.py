@@ -1,24 +1,121 @@
-"""Train task: fine-tune the base model on the indexed dataset with the configured objective."""
+"""Train task: fine-tune the base model on the indexed dataset with the configured objective.
+
+One process by default; with ``train.num_processes > 1`` the same trainer runs under
+``accelerate launch`` (DDP) as a child process, and this task follows its per-step metrics file.
+Either way the run's MLflow metrics and a Prefect progress artifact are updated as steps finish.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
+import yaml
 from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from pogdiff.config import IndexConfig, TrainConfig
 from pogdiff.features import make_extractor
 from pogdiff.model import load_pipeline, to_tensor
 from pogdiff.neighbours import NeighbourGraph
+from pogdiff.train_cli import write_train_data
 from pogdiff.trainer import TrainData, train
 from storage import tracking
 from storage.settings import Settings
 from storage.training_set import load_training_set
 
+# Exit statuses of pogdiff.train_cli, as errors a reviewer can act on.
+_CHILD_ERRORS = {2: "bad training input", 3: "the loss diverged", 4: "the training time limit ran out"}
+
 
 def run_dir(settings: Settings, run_id: str) -> Path:
-    return Path(settings.runs_dir) / run_id
+    return tracking.run_dir(settings.runs_dir, run_id)  # run ids are hex: never a path outside runs_dir
+
+
+class _Progress:
+    """on_step: every step's metrics to MLflow; every 5% a log line and the progress artifact."""
+
+    def __init__(self, steps: int, log) -> None:
+        self.steps, self.log = steps, log
+        self.every = max(1, steps // 20)
+        self.artifact = create_progress_artifact(0.0, key="training-progress", description=f"training: 0/{steps} steps")
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        tracking.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
+        if step % self.every == 0 or step == self.steps:
+            self.log.info("train step %d/%d loss %.4f", step, self.steps, metrics["loss"])
+            update_progress_artifact(self.artifact, 100.0 * step / self.steps, description=f"training: {step}/{self.steps} steps")
+
+
+def _training_data(settings: Settings, index_cfg: IndexConfig, image_size: int) -> TrainData:
+    extractor = make_extractor(index_cfg.image_feature, index_cfg.image_feature_size).name
+    stored = load_training_set(settings.dataset_uri, settings.lancedb_uri, extractor, image_size)
+    graph = NeighbourGraph.build(
+        torch.from_numpy(stored.caption_of),
+        torch.from_numpy(stored.nb_index),
+        torch.from_numpy(stored.nb_sims),
+        torch.from_numpy(stored.density),
+        torch.from_numpy(stored.features),
+    )
+    return TrainData(to_tensor(stored.images), stored.captions, graph)
+
+
+def launch_ddp(data: TrainData, cfg: TrainConfig, out: Path, on_step) -> dict:
+    """Run ``pogdiff.train_cli`` under ``accelerate launch`` with ``cfg.num_processes`` processes.
+
+    Follows ``out/metrics.jsonl`` for ``on_step`` while the job runs; returns ``out/result.json``.
+    Without a visible GPU the ranks join over gloo on the CPU.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    write_train_data(out / "train.npz", data)
+    (out / "train.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")), encoding="utf-8")
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(cfg.num_processes),
+        "--num_machines", "1", "--mixed_precision", cfg.mixed_precision, "--dynamo_backend", "no",
+        "-m", "pogdiff.train_cli", "--config", str(out / "train.yaml"), "--data", str(out / "train.npz"), "--out", str(out),
+    ]
+    metrics_file = out / "metrics.jsonl"
+    seen = metrics_file.stat().st_size if metrics_file.exists() else 0  # lines of an earlier attempt were logged then
+
+    def follow() -> None:
+        nonlocal seen
+        if not metrics_file.exists():
+            return
+        with open(metrics_file, encoding="utf-8") as f:
+            f.seek(seen)
+            for line in f:
+                if not line.endswith("\n"):
+                    break  # the writer is mid-line; read it next time
+                seen += len(line.encode("utf-8"))
+                row = json.loads(line)
+                on_step(int(row.pop("step")), row)
+
+    with open(out / "launch.log", "ab") as log:
+        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+        while child.poll() is None:
+            follow()
+            time.sleep(1.0)
+    follow()
+    if child.returncode != 0:
+        raise RuntimeError(_launch_failure(out / "launch.log", cfg.num_processes, child.returncode))
+    return json.loads((out / "result.json").read_text(encoding="utf-8"))
+
+
+def _launch_failure(log: Path, processes: int, status: int) -> str:
+    """One line: what went wrong, from the ranks' ``error: ...`` lines and exit codes in the launcher's log."""
+    lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    # torch's elastic launcher exits 1 whatever the ranks did; their own exit codes are in its summary
+    codes = [int(m.group(1)) for m in map(re.compile(r"exitcode\s*:\s*(-?\d+)").search, lines) if m]
+    what = next((_CHILD_ERRORS[c] for c in codes if c in _CHILD_ERRORS), f"exit status {codes[0] if codes else status}")
+    errors = list(dict.fromkeys(line.strip() for line in lines if line.startswith("error: ")))
+    detail = "; ".join(errors) if errors else "last lines: " + " | ".join(lines[-5:])
+    return f"accelerate launch of {processes} processes failed ({what}): {detail} (log: {log})"
 
 
 # Never cached or retried by Prefect: a retry would restart a long job; resume comes from checkpoints.
@@ -27,28 +124,19 @@ def train_model(settings: Settings, cfg: TrainConfig, index_cfg: IndexConfig, ru
     """Returns the path of the fine-tuned model folder."""
     log = get_run_logger()
     pipe = load_pipeline(cfg.base_model)  # pixel or Stable Diffusion, by the folder's layout
-    extractor = make_extractor(index_cfg.image_feature, index_cfg.image_feature_size).name
-    stored = load_training_set(settings.dataset_uri, settings.lancedb_uri, extractor, pipe.image_size)
-    graph = NeighbourGraph.build(
-        torch.from_numpy(stored.caption_of),
-        torch.from_numpy(stored.nb_index),
-        torch.from_numpy(stored.nb_sims),
-        torch.from_numpy(stored.density),
-        torch.from_numpy(stored.features),
-    )
-    data = TrainData(to_tensor(stored.images), stored.captions, graph)
+    data = _training_data(settings, index_cfg, pipe.image_size)
     tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
-    every = max(1, cfg.steps // 20)
-
-    def on_step(step: int, metrics: dict[str, float]) -> None:
-        tracking.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
-        if step % every == 0 or step == cfg.steps:
-            log.info("train step %d/%d loss %.4f", step, cfg.steps, metrics["loss"])
-
+    out = run_dir(settings, run_id)
     with tracking.resume(run_id):
-        result = train(pipe, data, cfg, run_dir(settings, run_id), on_step=on_step)
-        tracking.log_metrics({"train/seconds": result.seconds})
-    if result.resumed_from:
-        log.info("train: resumed from checkpoint at step %d", result.resumed_from)
-    log.info("train: %d steps of %s in %.1f s", result.steps, cfg.pog.method, result.seconds)
-    return str(result.model_dir)
+        progress = _Progress(cfg.steps, log)
+        if cfg.num_processes == 1:
+            result = train(pipe, data, cfg, out, on_step=progress)
+            summary = {"model_dir": str(result.model_dir), "steps": result.steps, "resumed_from": result.resumed_from, "seconds": result.seconds}
+        else:
+            del pipe  # each rank loads its own copy
+            summary = launch_ddp(data, cfg, out, progress)
+        tracking.log_metrics({"train/seconds": summary["seconds"]})
+    if summary["resumed_from"]:
+        log.info("train: resumed from checkpoint at step %d", summary["resumed_from"])
+    log.info("train: %d steps of %s in %.1f s on %d process(es)", summary["steps"], cfg.pog.method, summary["seconds"], cfg.num_processes)
+    return summary["model_dir"]

@@ -9,7 +9,7 @@ from pogdiff.config import parse_config
 
 def test_deployments_entrypoints_and_parameters():
     specs = load_specs()
-    assert {"retrain-nightly", "ingest-hourly", "retrain-gpu"} <= {s.name for s in specs}
+    assert {"retrain-nightly", "ingest-hourly", "evaluate-champion", "retrain-gpu"} <= {s.name for s in specs}
     for spec in specs:
         flow = spec.flow()
         assert isinstance(flow, Flow), spec.name

@@ -33,12 +33,23 @@ def setup(tmp_path_factory, tiny_spec):
     base = root / "base"
     PixelDiffusionPipeline.new(tiny_spec, seed=0).save_pretrained(base)
     config = parse_config({
-        "index": {"k": K},
+        "index": {"k": K, "embed_shard_size": 10},  # 24 captions: 3 embedding shards
         "train": {"base_model": str(base), "steps": 3, "batch_size": 8, "checkpoint_every": 2},
         "evaluate": {"images_per_caption": 2, "num_inference_steps": 2, "buckets": {"many_above": 4, "few_below": 2}},
         "registry": {"experiment": "e2e", "model_name": "e2e-model"},
     })
     return root, source, summary, config
+
+
+def _task_runs(flow_state) -> list[tuple[str, str]]:
+    """(task name without its run suffix, state name) of every task run of a flow run."""
+    with get_client(sync_client=True) as api:
+        runs = api.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+    return [(r.name.rsplit("-", 1)[0], r.state.name) for r in runs]
+
+
+def _task_names(flow_state) -> list[str]:
+    return [name for name, _ in _task_runs(flow_state)]
 
 
 def test_retrain_flow_end_to_end(prefect_server, setup, monkeypatch):
@@ -47,7 +58,8 @@ def test_retrain_flow_end_to_end(prefect_server, setup, monkeypatch):
     monkeypatch.setenv("POGDIFF_HOME", str(home))
     from flows.retrain import retrain
 
-    first = retrain(str(source), config)
+    state = retrain(str(source), config, return_state=True)
+    first = state.result()
 
     # ingest: every row of the captions file landed in Parquet, nothing quarantined
     with open(source / "captions.csv", newline="") as f:
@@ -64,6 +76,7 @@ def test_retrain_flow_end_to_end(prefect_server, setup, monkeypatch):
         assert len(row["neighbour_ids"]) == K and set(row["neighbour_ids"]) <= ids - {row["caption_id"]}
         assert row["density"] >= row["count"] > 0
     assert first["images"]["computed"] == n_rows
+    assert _task_names(state).count("embed-shard") == 3  # mapped over the flow's task runner
 
     # MLflow: a finished run with per-bucket metrics and per-step losses; a version with an alias
     tracking.configure(f"sqlite:///{home / 'mlflow.db'}")
@@ -84,15 +97,15 @@ def test_retrain_flow_end_to_end(prefect_server, setup, monkeypatch):
     artifact = Artifact.get("retrain-report")
     assert artifact is not None and "| few | grecall |" in artifact.data and "version 1" in artifact.data
     assert first["run_id"] in artifact.data
+    progress = Artifact.get("training-progress")
+    assert progress is not None and float(progress.data) == 100.0
 
     # a second run over unchanged data skips ingest and index (cache hits), but trains a new version
     state = retrain(str(source), config, return_state=True)
     second = state.result()
     assert second["ingest"]["cached"] and second["captions"]["cached"] and second["images"]["cached"]
     assert second["snapshot"] == first["snapshot"]
-    with get_client(sync_client=True) as api:
-        runs = api.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-    states = {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+    states = {name: state_name for name, state_name in _task_runs(state)}
     assert states["ingest"] == states["index-captions"] == states["index-images"] == "Cached", states
     assert states["train"] == states["register"] == "Completed", states
     assert second["run_id"] != first["run_id"]
@@ -107,3 +120,15 @@ def test_retrain_flow_end_to_end(prefect_server, setup, monkeypatch):
     third = retrain(str(source), config)
     assert not third["ingest"]["cached"] and third["ingest"]["accepted"] == 1
     assert third["snapshot"]["rows"] == n_rows + 1 and not third["captions"]["cached"]
+
+    # on demand: the champion evaluated on today's data, in its own run, beside its training-time scores
+    from flows.evaluate import evaluate_registered
+
+    evaluation = evaluate_registered("champion", config)
+    assert evaluation["version"] == "1"
+    run = client.get_run(evaluation["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["evaluated_version"] == "1"
+    assert run.data.tags["dataset_snapshot_id"] == third["snapshot"]["snapshot_id"]
+    assert "overall/grecall" in run.data.metrics
+    report = Artifact.get("evaluation-report")
+    assert report is not None and "| overall | grecall |" in report.data and "at training" in report.data

@@ -7,7 +7,7 @@ import torch
 from pogdiff import demo
 from pogdiff.config import PoGConfig, TrainConfig
 from pogdiff.model import PixelDiffusionPipeline
-from pogdiff.trainer import TrainData, TrainingDiverged, train
+from pogdiff.trainer import TrainData, TrainingDiverged, TrainingTimeLimit, train
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,20 @@ def test_resume_continues_from_the_last_checkpoint(data, tiny_spec, tmp_path):
     result = train(fresh, data, _cfg(steps=4, method="pogdiff"), tmp_path / "twice")
     assert result.resumed_from == 2
     torch.testing.assert_close(_weights(fresh), _weights(once))
+
+
+def test_time_limit_stops_with_a_checkpoint_and_a_rerun_finishes_the_same_training(data, tiny_spec, tmp_path):
+    once = PixelDiffusionPipeline.new(tiny_spec, seed=0)
+    train(once, data, _cfg(steps=3, method="pogdiff"), tmp_path / "once")
+    limited = _cfg(steps=3, method="pogdiff").model_copy(update={"time_limit_minutes": 1e-9})
+    with pytest.raises(TrainingTimeLimit, match="reached at step 1/3; checkpoint step 1 kept"):
+        train(PixelDiffusionPipeline.new(tiny_spec, seed=0), data, limited, tmp_path / "limited")
+    # checkpoint_every=2, so step 1 was saved only because time ran out
+    assert [p.name for p in (tmp_path / "limited" / "checkpoints").iterdir()] == ["step-00000001"]
+    again = PixelDiffusionPipeline.new(tiny_spec, seed=0)
+    result = train(again, data, _cfg(steps=3, method="pogdiff"), tmp_path / "limited")
+    assert result.resumed_from == 1
+    torch.testing.assert_close(_weights(again), _weights(once))
 
 
 def test_cbdm_runs_and_reports_its_terms(data, tiny_spec, tmp_path):

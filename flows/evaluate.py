@@ -1,0 +1,36 @@
+"""The evaluate flow: a registered version (the champion by default) on the current data, on demand.
+
+Answers "is the model in production still good on today's data?" without training: a new MLflow
+run tagged with the version it evaluates, the per-bucket metrics and pictures of the evaluate
+stage, and a markdown artifact comparing them with what the version scored when it was trained.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from pogdiff.config import RetrainConfig
+from storage.settings import load_settings
+from tasks.dataset import dataset_snapshot
+from tasks.evaluate import evaluate_model
+from tasks.registry import fetch_model, open_evaluation_run
+from tasks.report import publish_evaluation_report
+from tasks.track import close_run
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_registered(model: str = "champion", config: RetrainConfig = RetrainConfig()) -> dict:
+    """Evaluate ``model`` (an alias or version of ``config.registry.model_name``, or ``name@alias``)."""
+    settings = load_settings()
+    target = fetch_model(settings, config.registry.model_name, model)
+    snapshot = dataset_snapshot(settings)
+    run_id = open_evaluation_run(settings, config, target, snapshot)
+    try:
+        metrics = evaluate_model(settings, config.evaluate, target["model_dir"], run_id)
+    except BaseException:
+        close_run(settings, run_id, failed=True)
+        raise
+    close_run(settings, run_id, failed=False)
+    publish_evaluation_report(settings, metrics, target, run_id, snapshot["snapshot_id"])
+    return {"run_id": run_id, "model": target["model"], "version": target["version"], "metrics": metrics,
+            "at_training": {k: v for k, v in target["metrics"].items() if k in metrics}}
