@@ -1,6 +1,6 @@
 """Step-time overhead of PoGDiff over plain fine-tuning, same model, batch and data.
 
-    python -m bench.step_overhead [--quick] [--steps 60] [--batch 32] [--spec default|tiny] [--borrow-share 0.3]
+    python -m bench.step_overhead [--quick] [--steps 40] [--rounds 3] [--batch 32] [--spec default|tiny] [--borrow-share 0.3]
 
 Times training steps of vanilla, PoGDiff with every sample borrowing (dense: psi_threshold = 0,
 lambda large) and PoGDiff with the sparse neighbour branch, its threshold set so that
@@ -9,7 +9,7 @@ Prints one JSON document with ``dense_ratio`` and ``sparse_ratio`` (PoGDiff step
 step time), the measured ``borrow_share``, and the goals they are compared with (dense at most
 1.40, sparse at most 1.15 at borrow share 0.3, on the embedded default on CPU). The raw limit of
 the dense ratio is 2.0 (one extra forward, no extra backward). ``--quick``: tiny model, 4 timed
-steps, batch 16 (checks that the bench runs; its figures are not the goal's).
+steps, batch 16, one round (checks that the bench runs; its figures are not the goal's).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 
 import numpy as np
@@ -70,42 +71,57 @@ def _time(spec: UNetSpec, data: TrainData, pog: PoGConfig, steps: int, batch: in
 
     cfg = TrainConfig(steps=steps + 2, batch_size=batch, checkpoint_every=10**9, pog=pog)
     train(pipe, data, cfg, f"{tmp}/{pog.method}-{pog.psi_threshold}-{pog.lam}", on_step=on_step)
-    per_step = (stamps[-1] - stamps[1]) / (len(stamps) - 2)  # the first two steps warm up
+    # median step time after two warm-up steps: robust to the odd slow step (GC, another process)
+    per_step = float(np.median(np.diff(stamps[1:])))
     return per_step, float(np.mean(shares))
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="tiny model, 4 timed steps, batch 16")
-    p.add_argument("--steps", type=int, default=60)  # fewer: the 2-core figures swing by +-0.05
+    p.add_argument("--steps", type=int, default=40)
+    # each round times the three variants in a rotated order; the ratios use the medians over rounds,
+    # because one pass of each in a row swings by +-0.05 on a 2-core machine
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--spec", choices=["default", "tiny"], default="default")
     p.add_argument("--borrow-share", type=float, default=GOALS["borrow_share"])
     args = p.parse_args()
     if args.quick:
-        args.steps, args.batch, args.spec = 4, 16, "tiny"
+        args.steps, args.batch, args.spec, args.rounds = 4, 16, "tiny", 1
     spec = UNetSpec() if args.spec == "default" else UNetSpec(image_size=16, block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=4)
     data = _data(spec.image_size)
     sparse_pog = PoGConfig(method="pogdiff")
     sparse_pog = sparse_pog.model_copy(update={"psi_threshold": _threshold_for_share(data, sparse_pog, args.borrow_share)})
-    import tempfile
 
+    variants = {
+        "vanilla": PoGConfig(method="vanilla"),
+        "pogdiff_dense": PoGConfig(method="pogdiff", lam=10.0, a=0.0, psi_threshold=0.0),
+        "pogdiff_sparse": sparse_pog,
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    shares: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        vanilla, _ = _time(spec, data, PoGConfig(method="vanilla"), args.steps, args.batch, tmp)
-        dense, dense_share = _time(spec, data, PoGConfig(method="pogdiff", lam=10.0, a=0.0, psi_threshold=0.0), args.steps, args.batch, tmp)
-        sparse, sparse_share = _time(spec, data, sparse_pog, args.steps, args.batch, tmp)
+        for r in range(args.rounds):
+            names = list(variants)
+            for name in names[r % 3:] + names[: r % 3]:
+                seconds, shares[name] = _time(spec, data, variants[name], args.steps, args.batch, f"{tmp}/{r}")
+                times[name].append(seconds)
+    vanilla, dense, sparse = (float(np.median(times[n])) for n in variants)
+    dense_share, sparse_share = shares["pogdiff_dense"], shares["pogdiff_sparse"]
     print(json.dumps({
         "bench": "step_overhead",
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "machine": platform.machine(),
         "threads": torch.get_num_threads(),
-        "quick": args.quick, "spec": args.spec, "batch": args.batch, "steps": args.steps,
+        "quick": args.quick, "spec": args.spec, "batch": args.batch, "steps": args.steps, "rounds": args.rounds,
         "dense_ratio": dense / vanilla,
         "sparse_ratio": sparse / vanilla,
         "borrow_share": sparse_share,
         "dense_borrow_share": dense_share,
         "sparse_psi_threshold": sparse_pog.psi_threshold,
         "seconds_per_step": {"vanilla": vanilla, "pogdiff_dense": dense, "pogdiff_sparse": sparse},
+        "seconds_per_step_by_round": times,
         "goal": {"dense_ratio_max": GOALS["dense_ratio"], "sparse_ratio_max": GOALS["sparse_ratio"], "at_borrow_share": GOALS["borrow_share"]},
         "limit": {"dense_ratio_raw": 2.0},
     }, indent=2))
