@@ -1,0 +1,178 @@
+"""The long-tail comparison's arithmetic: seed aggregation, the goal test, the results table, and
+the diagnostics that say whether PoGDiff can borrow at all on a data set (psi per bucket, s_img
+between caption pairs).
+
+Metrics arrive as one ``{"<bucket>/<metric>": value}`` dict per (method, seed), as
+``pogdiff.evaluation.evaluate`` returns them. Pure library code: no stores, no orchestration.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from pogdiff.config import PoGConfig
+from pogdiff.metrics import GROUPS, LOWER_IS_BETTER, METRIC_ORDER
+from pogdiff.neighbours import NeighbourGraph, image_similarity, psi_weight, sample_member_images, sample_neighbour_captions
+
+Aggregate = dict[str, dict[str, dict[str, dict[str, float | list[float]]]]]  # method -> bucket -> metric -> stats
+
+
+def aggregate(runs: dict[str, list[dict[str, float]]]) -> Aggregate:
+    """method -> list over seeds of ``{"<bucket>/<metric>": v}`` -> method -> bucket -> metric ->
+    ``{"mean", "std", "values"}``.
+
+    std is the sample standard deviation over seeds (ddof = 1; 0 for a single seed). A metric that a
+    seed left out (e.g. FID of a bucket with too few images) is aggregated over the seeds that have it;
+    ``values`` holds only those.
+    """
+    out: Aggregate = {}
+    for method, seeds in runs.items():
+        keys = sorted({k for m in seeds for k in m})
+        by_bucket: dict[str, dict[str, dict]] = {}
+        for key in keys:
+            bucket, metric = key.split("/", 1)
+            values = [float(m[key]) for m in seeds if key in m]
+            std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            by_bucket.setdefault(bucket, {})[metric] = {"mean": float(np.mean(values)), "std": std, "values": values}
+        out[method] = by_bucket
+    return out
+
+
+def _stat(agg: Aggregate, method: str, bucket: str, metric: str) -> dict | None:
+    return agg.get(method, {}).get(bucket, {}).get(metric)
+
+
+def goal_check(
+    agg: Aggregate,
+    method: str = "pogdiff",
+    baselines: tuple[str, ...] = ("vanilla", "cbdm"),
+    metrics: tuple[str, ...] = ("grecall", "accuracy"),
+    few: str = "few",
+    many: str = "many",
+) -> dict:
+    """The issue's goal, per baseline and metric (higher is better for both default metrics).
+
+    few:  mean_m - mean_base > max(std_m, std_base)     (above the baseline by more than the seed std)
+    many: mean_m - mean_base >= -max(std_m, std_base)   (not worse by more than one std)
+
+    The larger of the two standard deviations is used, so the test is not passed by a method whose
+    own seeds happen to agree. Returns ``{"checks": [...], "met": bool}``; a missing value fails its check.
+    """
+    checks = []
+    for base in baselines:
+        for metric in metrics:
+            sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+            for bucket, kind in ((few, "above"), (many, "not_worse")):
+                m, b = _stat(agg, method, bucket, metric), _stat(agg, base, bucket, metric)
+                row = {"bucket": bucket, "metric": metric, "baseline": base, "test": kind}
+                if m is None or b is None:
+                    checks.append({**row, "passed": False, "note": "missing value"})
+                    continue
+                diff = sign * (m["mean"] - b["mean"])
+                margin = max(m["std"], b["std"])
+                passed = diff > margin if kind == "above" else diff >= -margin
+                checks.append({**row, "difference": diff, "margin": margin, "passed": bool(passed)})
+    return {"checks": checks, "met": all(c["passed"] for c in checks)}
+
+
+def _cell(stat: dict | None) -> str:
+    if stat is None:
+        return "–"
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+
+
+def markdown_table(agg: Aggregate, metrics: tuple[str, ...] = METRIC_ORDER, groups: tuple[str, ...] = GROUPS) -> str:
+    """One row per (method, metric), one column per bucket: ``mean ± std`` over seeds (``–`` where absent)."""
+    present = [g for g in groups if any(g in agg[m] for m in agg)]
+    names = [n for n in metrics if any(n in agg[m].get(g, {}) for m in agg for g in present)]
+    lines = ["| method | metric | " + " | ".join(present) + " |", "|---|---|" + "---|" * len(present)]
+    for method in agg:
+        for name in names:
+            arrow = "↓" if name in LOWER_IS_BETTER else "↑"
+            cells = [_cell(_stat(agg, method, g, name)) for g in present]
+            lines.append(f"| {method} | {name} {arrow} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def psi_by_bucket(
+    graph: NeighbourGraph,
+    buckets: list[str],
+    pog: PoGConfig,
+    num_train_timesteps: int,
+    draws: int = 20_000,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """What psi the trainer would give, per bucket of the sample's caption, before caption dropout.
+
+    Draws ``draws`` training images uniformly (as the trainer's batches do), a neighbour caption and
+    one of its images and a timestep exactly as ``pogdiff.trainer`` does, and reports per bucket:
+    ``share`` of the samples, ``psi_mean``, ``active_share`` (psi > threshold), ``s_img_mean`` and
+    ``density_factor`` (mean of (rho_eff / mean rho_eff)^(-b)). ``buckets[c]`` is caption c's bucket.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = graph.caption_of.shape[0]
+    idx = torch.randint(n, (draws,), generator=g)
+    cap = graph.caption_of[idx]
+    t = torch.randint(num_train_timesteps, (draws,), generator=g)
+    nb = sample_neighbour_captions(graph, cap, pog.k, pog.neighbour_sampling, g)
+    has = nb >= 0
+    s_img = torch.zeros(draws)
+    psi = torch.zeros(draws)
+    ratio = graph.density_ratio()
+    if has.any():
+        other = sample_member_images(graph, nb[has], g)
+        s_img[has] = image_similarity(graph, idx[has], other)
+        psi[has] = psi_weight(s_img[has], ratio[cap[has]], t[has], num_train_timesteps, pog.lam, pog.a, pog.b,
+                              pog.timestep_weight, pog.psi_max)
+    psi = torch.where(psi > pog.psi_threshold, psi, torch.zeros_like(psi))
+    factor = ratio.clamp_min(1e-12).pow(-pog.b)[cap]
+    bucket_of = np.array(buckets)[cap.numpy()]
+    out = {}
+    for name in (*sorted(set(buckets), key=lambda b: GROUPS.index(b) if b in GROUPS else len(GROUPS)), "overall"):
+        sel = torch.from_numpy(bucket_of == name) if name != "overall" else torch.ones(draws, dtype=torch.bool)
+        if not sel.any():
+            continue
+        out[name] = {
+            "share": float(sel.float().mean()),
+            "psi_mean": float(psi[sel].mean()),
+            "active_share": float((psi[sel] > 0).float().mean()),
+            "s_img_mean": float(s_img[sel & has].mean()) if (sel & has).any() else math.nan,
+            "density_factor": float(factor[sel].mean()),
+        }
+    return out
+
+
+def pair_similarity(features: torch.Tensor, caption_of: torch.Tensor, a: int, b: int) -> float:
+    """Mean s_img = clip(cos, 0, 1) over all image pairs of captions a and b (distinct images if a == b).
+
+    features ``[N, F]`` L2-normalised, caption_of ``[N]``.
+    """
+    fa, fb = features[caption_of == a], features[caption_of == b]
+    if len(fa) == 0 or len(fb) == 0:
+        raise ValueError(f"caption {a if len(fa) == 0 else b} has no images")
+    s = (fa @ fb.T).clamp(0, 1)
+    if a == b:
+        if len(fa) < 2:
+            return math.nan
+        return float((s.sum() - s.diagonal().sum()) / (len(fa) * (len(fa) - 1)))
+    return float(s.mean())
+
+
+def demo_similarity_table(
+    features: torch.Tensor, caption_of: torch.Tensor, relation: dict[tuple[int, int], str]
+) -> dict[str, dict[str, float]]:
+    """Mean and spread of ``pair_similarity`` over the caption pairs of each relation.
+
+    ``relation[(a, b)]`` names the relation of caption pair (a, b), e.g. ``same_colour`` for
+    "a red circle" / "a red square". Returns ``{relation: {"mean", "min", "max", "pairs"}}``.
+    """
+    groups: dict[str, list[float]] = {}
+    for (a, b), name in relation.items():
+        v = pair_similarity(features, caption_of, a, b)
+        if not math.isnan(v):
+            groups.setdefault(name, []).append(v)
+    return {k: {"mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v)), "pairs": len(v)}
+            for k, v in sorted(groups.items())}
