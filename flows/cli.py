@@ -28,6 +28,8 @@ def _prepare_env(settings: Settings) -> None:
     # The first start of the ephemeral server runs database migrations (about a minute on 2 cores).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    # The local server's telemetry reaches for the internet, which a pipeline host often cannot.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if settings.prefect_api_url:
         os.environ["PREFECT_API_URL"] = settings.prefect_api_url
     Path(settings.prefect_home).mkdir(parents=True, exist_ok=True)
