@@ -253,17 +253,29 @@ def score(e: dict) -> float:
     return few.get("grecall", {}).get("mean", -1.0) + few.get("accuracy", {}).get("mean", -1.0)
 
 
-def _sweep(args, prep: Prepared, eval_cfg: EvaluateConfig, work: Path, log) -> dict:
-    """lr for vanilla, then each psi knob alone around POG_KNOBS; validation split only."""
+def _sweep(args, prep: Prepared, eval_cfg: EvaluateConfig, work: Path, log, partial: Path) -> dict:
+    """lr for vanilla, then each psi knob alone around POG_KNOBS; validation split only.
+
+    Every finished entry is saved to ``partial`` at once, and entries already there (same label,
+    learning rate, steps, batch and seeds) are not run again: an interrupted sweep continues.
+    """
     seeds = tuple(args.seeds)
     eval_seed = SPLITS["validation"]["eval_seed"]
     entries = []
+    budget = {"steps": args.steps, "batch_size": args.batch, "seeds": list(seeds)}
+    done = json.loads(partial.read_text()) if partial.exists() else []
 
     def add(label: str, methods: dict[str, PoGConfig], lr: float) -> None:
+        found = [e for e in done if e["label"] == label and e["learning_rate"] == lr and e["budget"] == budget]
+        if len(found) == len(methods):
+            log(f"{label}: done in an earlier sweep, kept")
+            entries.extend(found)
+            return
         rows, agg, configs = compare(prep, methods, seeds, args.base, args.steps, lr, args.batch, eval_cfg, eval_seed, work / label, log)
         for name in methods:
-            entries.append({"label": label, "method": name, "learning_rate": lr, "config": configs[name]["pog"],
+            entries.append({"label": label, "method": name, "learning_rate": lr, "budget": budget, "config": configs[name]["pog"],
                             "results": agg[name], "per_seed": rows[name]})
+        _write_atomic(partial, json.dumps(entries + [e for e in done if e not in entries], indent=2).encode())
 
     for lr in SWEEP_LR:
         add(f"lr={lr:g}", {"vanilla": PoGConfig(method="vanilla")}, lr)
@@ -354,9 +366,11 @@ def main(argv: list[str] | None = None) -> int:
                         "threads": torch.get_num_threads()},
         }
         if args.sweep:
-            sweep = _sweep(args, prep, eval_cfg, work, log)
+            partial = out / "longtail_sweep.partial.json"
+            sweep = _sweep(args, prep, eval_cfg, work, log, partial)
             doc = {"bench": "longtail_sweep", **common, **sweep, "runtime_s": round(time.perf_counter() - started, 1)}
             _write_atomic(out / "longtail_sweep.json", json.dumps(doc, indent=2).encode())
+            partial.unlink(missing_ok=True)
             print(json.dumps({"bench": "longtail_sweep", "best_pogdiff": sweep["best_pogdiff"], "runtime_s": doc["runtime_s"]}))
             return 0
         rows, agg, configs = compare(prep, methods, tuple(args.seeds), args.base, args.steps, args.lr, args.batch, eval_cfg,
