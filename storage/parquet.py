@@ -239,8 +239,13 @@ def read_quarantine(dataset: Path) -> pa.Table:
 def snapshot_id(dataset: Path) -> str:
     """Content id of the accepted rows: sha256 over the sorted row ids (each followed by a newline),
     first 16 hex digits; ``"empty"`` when there are no rows. Independent of part files and batches."""
-    ids = _read(_parts(dataset, IMAGES_DIR), DATASET_SCHEMA, ["id"]).column("id")
-    return _snapshot_of(ids.to_pylist())
+    return snapshot_summary(dataset)[0]
+
+
+def snapshot_summary(dataset: Path) -> tuple[str, int]:
+    """``(snapshot_id, rows)`` from one read of the id column."""
+    ids = _read(_parts(dataset, IMAGES_DIR), DATASET_SCHEMA, ["id"]).column("id").to_pylist()
+    return _snapshot_of(ids), len(ids)
 
 
 def _snapshot_of(ids: list[str]) -> str:

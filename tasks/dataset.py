@@ -16,5 +16,5 @@ def dataset_snapshot(settings: Settings) -> dict:
     Read after ingest rather than taken from the ingest report, because a cached ingest report can
     predate rows another source added to the same dataset since.
     """
-    ids = parquet.read_images(settings.dataset_uri, columns=["id"]).column("id").to_pylist()
-    return {"snapshot_id": parquet.snapshot_id(settings.dataset_uri), "rows": len(ids)}
+    snapshot, rows = parquet.snapshot_summary(settings.dataset_uri)
+    return {"snapshot_id": snapshot, "rows": rows}

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 import yaml
-from faultkit import EXPERIMENT, MODEL_NAME, base_env, free_port, healthy, wait_for
+from faultkit import EXPERIMENT, MODEL_NAME, base_env
+from localserver import free_port, healthy, wait_for
 
 from pogdiff import demo
 from pogdiff.model import PixelDiffusionPipeline

@@ -22,7 +22,8 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from storage import parquet, tracking
-from faultkit import EXPERIMENT, MODEL_NAME, cli_env, record, start_cli, wait_for
+from faultkit import EXPERIMENT, MODEL_NAME, cli_env, record, start_cli
+from localserver import wait_for
 
 # stage -> (task name, longest random delay in s after the task is seen running, config overrides).
 # On the tiny data ingest and index take well under a second; real settings make them last long

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from faultkit import EXPERIMENT, MODEL_NAME, cli_env, free_port, record, start_cli
+from faultkit import EXPERIMENT, MODEL_NAME, cli_env, record, start_cli
+from localserver import free_port
 from mlflow.tracking import MlflowClient
 from prefect import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings

@@ -12,7 +12,8 @@ from pathlib import Path
 import lancedb
 import pyarrow as pa
 import pytest
-from faultkit import EXPERIMENT, ROOT, base_env, cli_env, free_port, healthy, record, start_cli, wait_for
+from faultkit import EXPERIMENT, ROOT, base_env, cli_env, record, start_cli
+from localserver import free_port, healthy, wait_for
 from mlflow.tracking import MlflowClient
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId

@@ -2,11 +2,8 @@
 complete, leave their report artifact, and never train at the same time (concurrency_limit 1)."""
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,38 +12,13 @@ from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from localserver import free_port, healthy, wait_for
+
 from pogdiff import demo
 from pogdiff.model import PixelDiffusionPipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(predicate, timeout: float, what: str, procs=()):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for p in procs:
-            if p.poll() is not None:
-                raise AssertionError(f"{what}: a background process exited with {p.returncode}")
-        value = predicate()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +34,7 @@ def served(tmp_path_factory, tiny_spec):
         "evaluate": {"images_per_caption": 2, "num_inference_steps": 2, "buckets": {"many_above": 4, "few_below": 2}},
         "registry": {"experiment": "served", "model_name": "served-model"},
     }))
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(root / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_UI_ENABLED": "false", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -73,7 +45,7 @@ def served(tmp_path_factory, tiny_spec):
                               env=env, stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT)
     procs = [server]
     try:
-        _wait(lambda: _healthy(api), 240, "the Prefect server", procs)
+        wait_for(lambda: healthy(api), 240, "the Prefect server", procs, interval=1, log=logs / "server.log")
         serve_env = {**env, "POGDIFF_HOME": str(root / "home"), "POGDIFF_PREFECT_API_URL": api, "PREFECT_API_URL": api}
         serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--deployment", "retrain-nightly",
                                   "--source", str(source), "--config", str(config)],
@@ -98,7 +70,7 @@ def test_served_retrain_runs_complete_one_at_a_time(served):
             except Exception:  # not registered yet (ObjectNotFound) while `serve` starts
                 return None
 
-        dep = _wait(deployment, 180, "the served deployment", procs)
+        dep = wait_for(deployment, 180, "the served deployment", procs, interval=1)
         assert dep.global_concurrency_limit.limit == 1 and dep.schedules
         runs = [client.create_flow_run_from_deployment(dep.id) for _ in range(2)]
 
@@ -107,7 +79,7 @@ def test_served_retrain_runs_complete_one_at_a_time(served):
             return states if all(s.type.value in FINAL for s in states) else None
 
         try:
-            states = _wait(finished, 540, "both flow runs to finish", procs)
+            states = wait_for(finished, 540, "both flow runs to finish", procs, interval=1)
         except AssertionError:
             print((logs / "serve.log").read_text()[-5000:])
             raise

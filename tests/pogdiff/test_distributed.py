@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from localserver import free_port
 
 from pogdiff import demo
 from pogdiff.config import TrainConfig
@@ -38,18 +38,12 @@ def _config(job: Path, **over) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(job: Path, config: Path, out: Path) -> subprocess.CompletedProcess:
     # --multi_gpu is accelerate's DDP launcher (torch.distributed.run); with no visible GPU the
     # trainer joins with gloo on CPU. (accelerate's --cpu alone starts a single process.)
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()),
+           "--main_process_port", str(free_port()),
            "-m", "pogdiff.train_cli", "--config", str(config), "--data", str(job / "train.npz"), "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)

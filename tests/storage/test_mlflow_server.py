@@ -6,12 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -20,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from localserver import free_port, healthy, wait_for
 from mlflow import MlflowClient
 
 from pogdiff.config import GateConfig
@@ -29,24 +26,10 @@ from storage import tracking
 STARTUP_LIMIT_S = 240  # a fresh SQLite store runs MLflow's migrations first; slow on a busy machine
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     mlflow_exe = Path(sys.executable).parent / "mlflow"
     log = open(root / "server.log", "w")
@@ -58,11 +41,7 @@ def server(tmp_path_factory):
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     try:
-        deadline = time.monotonic() + STARTUP_LIMIT_S
-        while not _healthy(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not come up: {(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_for(lambda: healthy(url), STARTUP_LIMIT_S, "the mlflow server", [proc], interval=0.5, log=root / "server.log")
         yield {"url": url, "root": root}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker: the group we started
