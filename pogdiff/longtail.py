@@ -97,6 +97,25 @@ def markdown_table(agg: Aggregate, metrics: tuple[str, ...] = METRIC_ORDER, grou
     return "\n".join(lines) + "\n"
 
 
+def sweep_table(entries: list[dict], defaults: dict, metrics: tuple[str, ...] = ("few/grecall", "few/accuracy", "overall/grecall", "overall/accuracy")) -> str:
+    """The validation sweep as markdown: one row per entry, with the knobs it changed from ``defaults``.
+
+    entries: ``{"label", "method", "learning_rate", "config": {knob: value}, "results": bucket -> metric
+    -> {"mean", "std"}}`` as ``bench.longtail --sweep`` writes them; ``defaults`` the knobs' reference
+    values (PoGConfig's). Cells are means over the sweep's seeds.
+    """
+    lines = ["| entry | method | lr | changed knobs | " + " | ".join(metrics) + " |", "|---|---|---|---|" + "---|" * len(metrics)]
+    for e in entries:
+        changed = ", ".join(f"{k}={v}" for k, v in e["config"].items() if k != "method" and defaults.get(k) != v) or "–"
+        cells = []
+        for key in metrics:
+            bucket, metric = key.split("/", 1)
+            stat = e["results"].get(bucket, {}).get(metric)
+            cells.append("–" if stat is None else f"{stat['mean']:.3f}")
+        lines.append(f"| {e['label']} | {e['method']} | {e['learning_rate']:g} | {changed} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def psi_by_bucket(
     graph: NeighbourGraph,
     buckets: list[str],

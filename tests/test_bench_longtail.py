@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pogdiff.config import PoGConfig
-from pogdiff.longtail import aggregate, goal_check, markdown_table, pair_similarity, psi_by_bucket
+from pogdiff.longtail import aggregate, goal_check, markdown_table, pair_similarity, psi_by_bucket, sweep_table
 from pogdiff.neighbours import NeighbourGraph
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,6 +58,20 @@ def test_markdown_table_shows_mean_and_std_of_every_method() -> None:
     table = markdown_table(agg)
     assert "| vanilla | grecall ↑ | 0.200 ± 0.141 |" in table
     assert "| pogdiff | grecall ↑ | 0.400 ± 0.000 |" in table
+
+
+def test_sweep_table_names_only_the_knobs_an_entry_changed() -> None:
+    defaults = PoGConfig(method="pogdiff").model_dump()
+    res = {"few": {"grecall": {"mean": 0.3612, "std": 0.0}}, "overall": {"accuracy": {"mean": 0.5, "std": 0.0}}}
+    entries = [{"label": "pogdiff", "method": "pogdiff", "learning_rate": 2e-4, "config": dict(defaults), "results": res},
+               {"label": "lam=0.3", "method": "pogdiff", "learning_rate": 2e-4, "config": {**defaults, "lam": 0.3}, "results": res},
+               {"label": "lr=0.0005", "method": "vanilla", "learning_rate": 5e-4,
+                "config": PoGConfig(method="vanilla").model_dump(), "results": {}}]
+    rows = sweep_table(entries, defaults).splitlines()
+    assert rows[0] == "| entry | method | lr | changed knobs | few/grecall | few/accuracy | overall/grecall | overall/accuracy |"
+    assert rows[2] == "| pogdiff | pogdiff | 0.0002 | – | 0.361 | – | – | 0.500 |"
+    assert rows[3] == "| lam=0.3 | pogdiff | 0.0002 | lam=0.3 | 0.361 | – | – | 0.500 |"
+    assert rows[4] == "| lr=0.0005 | vanilla | 0.0005 | – | – | – | – | – |"
 
 
 def _graph() -> tuple[NeighbourGraph, list[str]]:
@@ -115,3 +129,32 @@ def test_bad_pog_override_is_refused_by_name(tmp_path: Path) -> None:
     assert run.returncode != 0
     assert "error: --pog 'lamda=2'" in run.stderr
     assert not (tmp_path / "longtail.json").exists()
+
+
+def test_quick_sweep_writes_its_table_and_an_interrupted_sweep_keeps_finished_entries(tmp_path: Path) -> None:
+    first = _bench("--quick", "--sweep", "--seeds", "0", "--out", str(tmp_path))
+    assert first.returncode == 0, first.stderr[-2000:]
+    doc = json.loads((tmp_path / "longtail_sweep.json").read_text())
+    assert doc["split"] == "validation" and not (tmp_path / "longtail_sweep.partial.json").exists()
+    labels = [e["label"] for e in doc["entries"]]
+    assert labels[:5] == ["lr=0.0001", "lr=0.0002", "lr=0.0005", "baselines", "pogdiff"]
+    assert {"lam=0.3", "k=1", "timestep_weight=linear"} <= set(labels)
+    vanilla = [e for e in doc["entries"] if e["method"] == "vanilla"]
+    assert doc["learning_rate"] == max(vanilla, key=lambda e: e["results"]["few"]["grecall"]["mean"] + e["results"]["few"]["accuracy"]["mean"])["learning_rate"]
+    assert all(e["learning_rate"] == doc["learning_rate"] for e in doc["entries"] if e["method"] != "vanilla")
+    assert doc["best_pogdiff"]["label"] in labels
+    table = (tmp_path / "longtail_sweep.md").read_text()
+    assert "| lam=0.3 | pogdiff |" in table and "lam=0.3 |" in table.split("| lam=0.3 | pogdiff |")[1].splitlines()[0]
+
+    # as if the sweep had stopped after its first two entries: those are kept (marked values survive), the rest rerun
+    kept = [json.loads(json.dumps(e)) for e in doc["entries"][:2]]
+    for e, mark in zip(kept, (5.0, 4.0)):  # out of the metric's range, so only a kept entry can carry them
+        e["results"]["few"]["grecall"]["mean"] = mark
+    (tmp_path / "longtail_sweep.partial.json").write_text(json.dumps(kept))
+    second = _bench("--quick", "--sweep", "--seeds", "0", "--out", str(tmp_path))
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert second.stderr.count("done in an earlier sweep, kept") == 2
+    again = json.loads((tmp_path / "longtail_sweep.json").read_text())
+    assert [e["label"] for e in again["entries"]] == labels
+    assert [e["results"]["few"]["grecall"]["mean"] for e in again["entries"][:2]] == [5.0, 4.0]
+    assert again["learning_rate"] == 1e-4  # the entry marked highest now wins the learning-rate choice
