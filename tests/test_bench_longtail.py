@@ -131,30 +131,33 @@ def test_bad_pog_override_is_refused_by_name(tmp_path: Path) -> None:
     assert not (tmp_path / "longtail.json").exists()
 
 
-def test_quick_sweep_writes_its_table_and_an_interrupted_sweep_keeps_finished_entries(tmp_path: Path) -> None:
-    first = _bench("--quick", "--sweep", "--seeds", "0", "--out", str(tmp_path))
-    assert first.returncode == 0, first.stderr[-2000:]
+def test_quick_sweep_continues_an_interrupted_sweep_and_writes_its_table(tmp_path: Path) -> None:
+    # as if an earlier sweep had stopped after its first two entries; their marks lie outside the
+    # metrics' range, so only kept entries can carry them
+    budget = {"steps": 3, "batch_size": 8, "seeds": [0]}
+    vanilla = PoGConfig(method="vanilla").model_dump()
+    kept = [{"label": f"lr={lr:g}", "method": "vanilla", "learning_rate": lr, "budget": budget, "config": vanilla,
+             "results": {"few": {"grecall": {"mean": mark, "std": 0.0}, "accuracy": {"mean": 0.0, "std": 0.0}}},
+             "per_seed": [{"train_seconds": 1.0, "eval_seconds": 1.0}]}
+            for lr, mark in ((1e-4, 5.0), (2e-4, 4.0))]
+    stale = {**kept[1], "label": "k=1", "method": "pogdiff", "learning_rate": 1e-4,
+             "config": PoGConfig(method="pogdiff", k=2).model_dump()}  # other knobs than the sweep's k=1: rerun
+    (tmp_path / "longtail_sweep.partial.json").write_text(json.dumps(kept + [stale]))
+    run = _bench("--quick", "--sweep", "--seeds", "0", "--out", str(tmp_path))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stderr.count("done in an earlier sweep, kept") == 2
     doc = json.loads((tmp_path / "longtail_sweep.json").read_text())
     assert doc["split"] == "validation" and not (tmp_path / "longtail_sweep.partial.json").exists()
     labels = [e["label"] for e in doc["entries"]]
     assert labels[:5] == ["lr=0.0001", "lr=0.0002", "lr=0.0005", "baselines", "pogdiff"]
     assert {"lam=0.3", "k=1", "timestep_weight=linear"} <= set(labels)
-    vanilla = [e for e in doc["entries"] if e["method"] == "vanilla"]
-    assert doc["learning_rate"] == max(vanilla, key=lambda e: e["results"]["few"]["grecall"]["mean"] + e["results"]["few"]["accuracy"]["mean"])["learning_rate"]
-    assert all(e["learning_rate"] == doc["learning_rate"] for e in doc["entries"] if e["method"] != "vanilla")
+    assert [e["results"]["few"]["grecall"]["mean"] for e in doc["entries"][:2]] == [5.0, 4.0]
+    k1 = next(e for e in doc["entries"] if e["label"] == "k=1")
+    assert k1["config"]["k"] == 1 and k1["results"]["few"]["grecall"]["mean"] <= 1.0
+    assert doc["learning_rate"] == 1e-4  # the entry marked highest wins the learning-rate choice
+    assert all(e["learning_rate"] == 1e-4 for e in doc["entries"] if e["method"] != "vanilla")
     assert doc["best_pogdiff"]["label"] in labels
     table = (tmp_path / "longtail_sweep.md").read_text()
-    assert "| lam=0.3 | pogdiff |" in table and "lam=0.3 |" in table.split("| lam=0.3 | pogdiff |")[1].splitlines()[0]
-
-    # as if the sweep had stopped after its first two entries: those are kept (marked values survive), the rest rerun
-    kept = [json.loads(json.dumps(e)) for e in doc["entries"][:2]]
-    for e, mark in zip(kept, (5.0, 4.0)):  # out of the metric's range, so only a kept entry can carry them
-        e["results"]["few"]["grecall"]["mean"] = mark
-    (tmp_path / "longtail_sweep.partial.json").write_text(json.dumps(kept))
-    second = _bench("--quick", "--sweep", "--seeds", "0", "--out", str(tmp_path))
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert second.stderr.count("done in an earlier sweep, kept") == 2
-    again = json.loads((tmp_path / "longtail_sweep.json").read_text())
-    assert [e["label"] for e in again["entries"]] == labels
-    assert [e["results"]["few"]["grecall"]["mean"] for e in again["entries"][:2]] == [5.0, 4.0]
-    assert again["learning_rate"] == 1e-4  # the entry marked highest now wins the learning-rate choice
+    assert "Learning rate chosen: 0.0001" in table
+    row = next(line for line in table.splitlines() if line.startswith("| k=1 | pogdiff |"))
+    assert "k=1 |" in row.split("| pogdiff |")[1]  # the changed knobs are named
