@@ -92,10 +92,12 @@ def cmd_demo(args, settings: Settings) -> int:
     if args.data:  # the user's own copy: used as it is, never generated over
         source = Path(args.data)
     else:
-        source = Path(settings.data_root) / "demo-longtail"
+        # one folder per caption mode, so switching modes never reuses the other mode's captions
+        source = Path(settings.data_root) / ("demo-catalogue" if args.captions == "per-image" else f"demo-catalogue-{args.captions}")
         if not (source / "captions.csv").exists():
-            summary = demo.generate_longtail(source, seed=args.seed)
-            print(f"generated the demo data set: {summary['images']} images of {summary['individuals']} individuals in {source}")
+            summary = demo.generate_longtail(source, seed=args.seed, captions=args.captions)
+            print(f"generated the demo data set: {summary['images']} images of {summary['individuals']} individuals "
+                  f"({summary['captions']} distinct captions) in {source}")
     print(f"source: {source}")
     started = time.time()
     _report(_run_retrain(source, config, settings), settings, started)
@@ -123,8 +125,9 @@ def cmd_evaluate(args, settings: Settings) -> int:
 def cmd_demo_data(args, settings: Settings) -> int:
     from pogdiff import demo
 
-    summary = demo.generate_longtail(Path(args.out), seed=args.seed)
-    print(f"wrote {summary['images']} images of {summary['individuals']} individuals to {args.out}")
+    summary = demo.generate_longtail(Path(args.out), seed=args.seed, captions=args.captions)
+    print(f"wrote {summary['images']} images of {summary['individuals']} individuals "
+          f"({summary['captions']} distinct captions) to {args.out}")
     return 0
 
 
@@ -143,12 +146,18 @@ def cmd_base_build(args, settings: Settings) -> int:
             print(f"step {step}/{recipe.steps} loss {m['loss']:.4f} ({time.time() - started:.0f} s)", flush=True)
 
     result = build_base(work, recipe, on_step=progress)
-    out = Path(args.out) if args.out else BUILTIN_MODELS["builtin:shapes32"]
+    out = Path(args.out) if args.out else BUILTIN_MODELS["builtin:logos16"]
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(result.model_dir, out)
     print(f"base model written to {out}")
     return 0
+
+
+def demo_caption_modes() -> tuple[str, ...]:
+    from pogdiff.demo import CAPTION_MODES
+
+    return CAPTION_MODES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,8 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="generate the demo long-tailed data (if missing) and run the retrain flow on it")
     d.add_argument("--config", default=str(DEMO_CONFIG), help="retrain config YAML (default: configs/demo.yaml)")
-    d.add_argument("--data", help="use this demo data folder as it is (default: <data_root>/demo-longtail, generated if missing)")
+    d.add_argument("--data", help="use this demo data folder as it is (default: <data_root>/demo-catalogue[-individual], generated if missing)")
     d.add_argument("--seed", type=int, default=0, help="seed of the demo data generator")
+    d.add_argument("--captions", choices=demo_caption_modes(), default="per-image",
+                   help="per-image: each caption describes its image; individual: one caption per individual")
     d.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("retrain", help="run the retrain flow on a source folder (images + captions file)")
@@ -174,12 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("demo-data", help="write the demo long-tailed data set to a folder")
     g.add_argument("out")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--captions", choices=demo_caption_modes(), default="per-image",
+                   help="per-image: each caption names the individual and describes its image; individual: one caption per individual")
     g.set_defaults(func=cmd_demo_data)
 
     b = sub.add_parser("base", help="the embedded base model")
     bsub = b.add_subparsers(dest="base_command", required=True)
     bb = bsub.add_parser("build", help="pretrain the base model with the fixed recipe (pogdiff/base.py)")
-    bb.add_argument("--out", help="where to write the model (default: the packaged builtin:shapes32)")
+    bb.add_argument("--out", help="where to write the model (default: the packaged builtin:logos16)")
     bb.add_argument("--steps", type=int, help="override the recipe's steps (for a quick look)")
     bb.set_defaults(func=cmd_base_build)
     from flows import cli_compare, cli_index, cli_ingest, cli_models, cli_serve

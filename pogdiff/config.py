@@ -102,11 +102,13 @@ class PoGConfig(_Stage):
 class TrainConfig(_Stage):
     """Fine-tuning budget and optimisation."""
 
-    base_model: str = "builtin:shapes32"  # builtin name, pogdiff pixel folder, or Stable Diffusion folder / hub id
+    base_model: str = "builtin:logos16"  # builtin name, pogdiff pixel folder, or Stable Diffusion folder / hub id
     steps: int = Field(200, ge=1)
     batch_size: int = Field(32, ge=1)  # global: under DDP each of W processes trains batch_size / W
     learning_rate: float = Field(2e-4, gt=0)
     lr_warmup_steps: int = Field(10, ge=0)
+    # after the warm-up: constant, or cosine decay to 0 at the last step (pretraining, long runs)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     caption_dropout: float = Field(0.1, ge=0, lt=1)
@@ -128,7 +130,7 @@ class TrainConfig(_Stage):
 
 
 class BucketConfig(_Stage):
-    """Frequency buckets by training images per caption: many > many_above, few < few_below."""
+    """Frequency buckets by training images per individual: many > many_above, few < few_below."""
 
     many_above: int = Field(100, ge=0)
     few_below: int = Field(20, ge=1)
@@ -141,14 +143,25 @@ class BucketConfig(_Stage):
 
 
 class EvaluateConfig(_Stage):
-    """Generation for evaluation and the metrics computed on it."""
+    """Generation for evaluation and the metrics computed on it (per individual, DESIGN §6).
 
-    images_per_caption: int = Field(8, ge=1)
+    Individual i with |T_i| training images gets N_i = max(min_images_per_individual,
+    min(|T_i|, max_images_per_individual)) generated images, prompted with its own training captions.
+    """
+
+    # The metadata key naming each image's individual (the unit of the long tail, the buckets and
+    # gRecall). None, or a dataset whose metadata lacks the key: each distinct caption is its own individual.
+    individual_column: str | None = Field("individual", min_length=1)
+    # N_max caps the generation cost of the head; N_min gives a rare individual enough samples for a
+    # stable accuracy. Every individual with |T_i| <= N_max gets N_i >= |T_i|, so its raw gRecall is
+    # not capped below 1 (the whole few bucket when buckets.few_below <= N_max + 1).
+    max_images_per_individual: int = Field(32, ge=1)
+    min_images_per_individual: int = Field(8, ge=1)
     num_inference_steps: int = Field(25, ge=1)
     # 1.0 = no guidance; the small embedded model over-saturates above ~1.5 (measured: detector
     # accuracy 1.00 at 1.0, 0.67 at 1.5, 0.02 at 3.0). Stable Diffusion checkpoints want ~7.5.
     guidance_scale: float = Field(1.0, ge=0)
-    seed: int = 1234
+    seed: int = Field(1234, ge=0)  # seeds the prompt draw and the initial noise
     batch_size: int = Field(128, ge=1)
     # pixels: offline, exactly reproducible (tests, demo); dinov2 / clip: transformers vision models
     # for real photos, loaded from feature_model (a local folder or a hub id in the local cache)
@@ -157,6 +170,13 @@ class EvaluateConfig(_Stage):
     feature_size: int = Field(16, ge=2)  # pixels only: side of the downsampled image
     gate: Literal["judge", "nearest"] = "judge"  # gRecall accuracy gate (DESIGN §6)
     buckets: BucketConfig = BucketConfig()
+
+    @model_validator(mode="after")
+    def _image_counts(self) -> "EvaluateConfig":
+        if self.min_images_per_individual > self.max_images_per_individual:
+            raise ValueError(f"min_images_per_individual ({self.min_images_per_individual}) must not exceed "
+                             f"max_images_per_individual ({self.max_images_per_individual})")
+        return self
 
     @model_validator(mode="after")
     def _feature_model(self) -> "EvaluateConfig":

@@ -1,10 +1,20 @@
-"""The demo data set: coloured shapes with known attributes, long-tailed over captions.
+"""The demo data set: a catalogue of coloured-shape "logos" with known attributes, long-tailed over individuals.
 
-An *individual* (one caption, e.g. "a red circle") is a (shape, colour) pair; an *instance* is
-one image of it, varying in position, size, rotation and background. ``generate_longtail`` writes
-a seeded long-tailed caption–image folder with a ground-truth attribute table, ``balanced_draw``
-gives the balanced sample the base model is pretrained on, and ``detect`` reads the attributes
-back from an image, so the accuracy of generated images is scored exactly, not by a learned judge.
+The domain is a coloured shape on a dark background; an image varies in position, size, rotation
+and background. Two kinds of caption name what an image shows:
+
+* the *domain* words, "a small red circle in the upper left on dark navy": what the base model is
+  pretrained on (``balanced_draw``), a broad, balanced draw of the whole domain, as Stable Diffusion's
+  pretraining covers photographs;
+* *catalogue* captions, "the Vexo logo, small, in the upper left, on a dark navy background": the
+  fine-tuning set (``generate_longtail``). Each individual is a product name the base has never seen,
+  bound to one (shape, colour); its captions describe each image's own size, position and background
+  in a few phrasings, never the shape or colour. Fine-tuning must teach the model what "Vexo" looks
+  like, from 150 images for the best seller and from a handful for a rare one, as a catalogue
+  teaches Stable Diffusion a new product.
+
+``detect`` reads the shape and colour back from an image, so the identity of generated images is
+scored exactly, not by a learned judge.
 
 Pure library code: numpy, PIL and the standard library only.
 """
@@ -45,6 +55,30 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 
 Variation = Literal["full", "canonical"]
+CaptionMode = Literal["per-image", "individual"]
+CAPTION_MODES: tuple[CaptionMode, ...] = ("per-image", "individual")
+
+# Invented product names, one per (shape, colour) in the order of ``all_individuals``: no colour or
+# shape word, none a prefix of another, each a distinct word-piece sequence for MiniLM's tokenizer.
+NAMES: tuple[str, ...] = (
+    "Vexo", "Talbrin", "Quorra", "Mizzle", "Brantu", "Olvane",
+    "Kestrix", "Pellum", "Grindal", "Havrik", "Joska", "Lunari",
+    "Nembo", "Orrin", "Pirko", "Tovik", "Wendal", "Zolto",
+    "Fenwick", "Dremla", "Ibsar", "Ruvio", "Sekko", "Amblin",
+)
+
+_SIZE_WORDS = ("small", "medium", "large")
+_POSITION_WORDS = {  # (row, column) of the centre's 3x3 cell -> phrase
+    (0, 0): "in the upper left", (0, 1): "at the top", (0, 2): "in the upper right",
+    (1, 0): "on the left", (1, 1): "in the centre", (1, 2): "on the right",
+    (2, 0): "in the lower left", (2, 1): "at the bottom", (2, 2): "in the lower right",
+}
+# Several phrasings of the same facts, as catalogue captions written by different people.
+_PHRASINGS = (
+    "the {subject}, {size}, {position}, on a {background} background",
+    "a {size} {subject} {position} on {background}",
+    "{background} background with the {subject} {position}, {size}",
+)
 
 _SUPERSAMPLE = 4  # render at 4x and box-average: pixel coverage in steps of 1/16
 _CROSS_HALF_WIDTH = 0.25  # arm half-width / arm half-length; thin enough never to pass for a square
@@ -52,7 +86,7 @@ _CROSS_HALF_WIDTH = 0.25  # arm half-width / arm half-length; thin enough never 
 
 @dataclass(frozen=True)
 class Individual:
-    """One caption of the demo data set: a shape in a colour."""
+    """One individual of the demo catalogue: a shape in a colour, sold under a product name."""
 
     shape: str
     colour: str
@@ -64,21 +98,37 @@ class Individual:
             raise ValueError(f"unknown colour {self.colour!r}; expected one of {tuple(COLOURS)}")
 
     @property
+    def name(self) -> str:
+        """The product name, e.g. ``Vexo`` (the ``individual`` column of the data set)."""
+        return NAMES[SHAPES.index(self.shape) * len(COLOURS) + list(COLOURS).index(self.colour)]
+
+    @property
+    def subject(self) -> str:
+        """How catalogue captions name it, e.g. ``Vexo logo``."""
+        return f"{self.name} logo"
+
+    @property
+    def description(self) -> str:
+        """How the domain (pretraining) captions name it, e.g. ``red circle``."""
+        return f"{self.colour} {self.shape}"
+
+    @property
     def caption(self) -> str:
-        return f"a {self.colour} {self.shape}"
+        """The one caption of the ``individual`` caption mode, e.g. ``the Vexo logo``."""
+        return f"the {self.subject}"
 
     @property
     def slug(self) -> str:
-        """File-name stem, e.g. ``red_circle``."""
-        return f"{self.colour}_{self.shape}"
+        """File-name stem, e.g. ``vexo``."""
+        return self.name.lower()
 
 
-def parse_caption(caption: str) -> Individual | None:
-    """Inverse of ``Individual.caption``; None if ``caption`` is not exactly a demo caption."""
-    words = caption.split(" ")
-    if len(words) != 3 or words[0] != "a" or words[1] not in COLOURS or words[2] not in SHAPES:
+def individual_named(name: str) -> Individual | None:
+    """Inverse of ``Individual.name``; None if ``name`` is not a demo individual."""
+    if name not in NAMES:
         return None
-    return Individual(shape=words[2], colour=words[1])
+    i = NAMES.index(name)
+    return Individual(SHAPES[i // len(COLOURS)], list(COLOURS)[i % len(COLOURS)])
 
 
 def all_individuals() -> list[Individual]:
@@ -97,22 +147,48 @@ class Instance:
     background: str  # key of BACKGROUNDS
 
 
+# The domain's ranges, as fractions of the image side. A logo is printed upright, give or take a
+# little: at 16 pixels a freely rotated triangle or cross is too hard for a 2-core-sized model to
+# learn (measured: detector accuracy 0.52 of the base on freely rotated shapes after 1500 steps).
+CENTRE_RANGE = (0.37, 0.63)
+SCALE_RANGE = (0.25, 0.37)  # circumradius; the shape always stays inside the image
+ROTATION_RANGE = (-15.0, 15.0)  # degrees
+_SIZE_CUTS = (0.29, 0.33)  # small | medium | large
+_POSITION_CUTS = (0.37 + 0.26 / 3, 0.37 + 2 * 0.26 / 3)  # the centre range in thirds
+
+
 def sample_instance(rng: np.random.Generator, variation: Variation) -> Instance:
     """Draw one instance.
 
-    ``full``: centre ~ U[0.35, 0.65]^2, scale ~ U[0.22, 0.34], rotation ~ U[0, 360), background
-    uniform; the shape always stays inside the image. ``canonical``: centred, scale 0.28,
-    upright, black background (consumes no randomness).
+    ``full``: centre ~ U[CENTRE_RANGE]^2, scale ~ U[SCALE_RANGE], rotation ~ U[ROTATION_RANGE],
+    background uniform; the shape always stays inside the image. ``canonical``: centred, scale
+    0.31, upright, black background (consumes no randomness).
     """
     if variation == "canonical":
-        return Instance(cx=0.5, cy=0.5, scale=0.28, rotation=0.0, background="black")
+        return Instance(cx=0.5, cy=0.5, scale=0.31, rotation=0.0, background="black")
     if variation != "full":
         raise ValueError(f"unknown variation {variation!r}; expected 'full' or 'canonical'")
-    cx, cy = rng.uniform(0.35, 0.65, size=2)
-    scale = rng.uniform(0.22, 0.34)
-    rotation = rng.uniform(0.0, 360.0)
+    cx, cy = rng.uniform(*CENTRE_RANGE, size=2)
+    scale = rng.uniform(*SCALE_RANGE)
+    rotation = rng.uniform(*ROTATION_RANGE)
     background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
     return Instance(float(cx), float(cy), float(scale), float(rotation), background)
+
+
+def describe(instance: Instance, subject: str, phrasing: int) -> str:
+    """A caption naming ``subject`` and this instance's size, position and background.
+
+    size: scale below 0.29 small, below 0.33 medium, else large; position: the centre's cell of a
+    3x3 grid over CENTRE_RANGE^2 (cut in thirds); ``phrasing`` indexes ``_PHRASINGS``. Rotation is
+    not described: it is the variation a caption leaves open. E.g.
+    ``describe(inst, "Vexo logo", 0) == "the Vexo logo, small, in the upper left, on a dark navy background"``.
+    """
+    size = _SIZE_WORDS[sum(instance.scale >= c for c in _SIZE_CUTS)]
+    row = sum(instance.cy >= c for c in _POSITION_CUTS)
+    col = sum(instance.cx >= c for c in _POSITION_CUTS)
+    return _PHRASINGS[phrasing].format(
+        subject=subject, size=size, position=_POSITION_WORDS[row, col], background=instance.background
+    )
 
 
 def _coverage(shape: str, instance: Instance, size: int) -> np.ndarray:
@@ -163,12 +239,14 @@ def render(individual: Individual, instance: Instance, size: int = 32) -> np.nda
 
 
 def longtail_counts(
-    n_individuals: int = 24, max_count: int = 150, alpha: float = 1.1, min_count: int = 2
+    n_individuals: int = 24, max_count: int = 200, alpha: float = 1.3, min_count: int = 2
 ) -> list[int]:
     """Zipf-like images per rank: count(r) = max(min_count, round(max_count / r^alpha)), r = 1..n.
 
-    With the defaults: 150, 70, 45, ... , 5 (501 images), i.e. a head, a middle and a tail that
-    the many / medium / few buckets of the evaluation can separate.
+    With the defaults: 200, 81, 48, 33, ... , 3, 3 (529 images): 4 individuals above 30 images,
+    6 between, 14 below 10 (the demo's many / medium / few buckets). A tail this thin is what makes
+    the rare individuals hard: with 150 / r^1.1 (tail of 5 images) plain fine-tuning learnt the
+    rare ones almost as well as the head (measured: few-bucket accuracy 0.87 against 0.95).
     """
     if n_individuals < 1:
         raise ValueError(f"n_individuals must be >= 1, got {n_individuals}")
@@ -206,32 +284,45 @@ def _csv_bytes(header: list[str], rows: list[list[str]]) -> bytes:
     return buffer.getvalue().encode("utf-8")
 
 
+def _caption(individual: Individual, instance: Instance, mode: CaptionMode, rng: np.random.Generator) -> str:
+    if mode == "individual":
+        return individual.caption
+    if mode != "per-image":
+        raise ValueError(f"unknown caption mode {mode!r}; expected one of {CAPTION_MODES}")
+    return describe(instance, individual.subject, int(rng.integers(len(_PHRASINGS))))
+
+
 def generate_longtail(
     out_dir: Path,
     seed: int = 0,
-    size: int = 32,
-    max_count: int = 150,
-    alpha: float = 1.1,
+    size: int = 16,  # the embedded model's own resolution, so ingest never resamples the demo data
+    max_count: int = 200,
+    alpha: float = 1.3,
     min_count: int = 2,
+    captions: CaptionMode = "per-image",
 ) -> dict:
     """Write a long-tailed caption–image folder of the 24 individuals, with its ground truth.
 
     A seeded permutation ranks the individuals; rank r gets ``longtail_counts(...)[r - 1]``
-    images, each of an independent ``full`` instance. Files (each written atomically; existing
-    files of the same name are replaced, others are left alone):
+    images, each of an independent ``full`` instance. ``captions``: ``per-image`` describes each
+    image (``describe``: the product name plus its size, position and background, in one of three
+    phrasings); ``individual`` gives every image of an individual the same caption ("the Vexo logo").
+    Files (each written atomically; existing files of the same name are replaced, others are left alone):
 
-    - ``images/<colour>_<shape>_<nnnn>.png``: RGB uint8 [size, size, 3], e.g. ``images/red_circle_0003.png``;
-    - ``captions.csv``: image (path relative to ``out_dir``), caption, shape, colour;
-    - ``attributes.csv``: image, shape, colour, cx, cy, scale, rotation, background.
+    - ``images/<name>_<nnnn>.png``: RGB uint8 [size, size, 3], e.g. ``images/vexo_0003.png``;
+    - ``captions.csv``: image (path relative to ``out_dir``), caption, individual (the product
+      name: the unit of the long tail, of the buckets and of gRecall), shape, colour;
+    - ``attributes.csv``: image, individual, shape, colour, cx, cy, scale, rotation, background.
 
     Rows are in the order of ``all_individuals()``, then by image number. The same arguments give
-    byte-identical files. Every individual has caption neighbours that differ in one attribute
-    (the same shape in the 5 other colours, the same colour in the 3 other shapes), and ranks
-    are assigned without regard to them, so a rare individual always has one-attribute neighbours
-    (mostly more frequent ones) to borrow from: the situation PoGDiff is built for.
+    byte-identical files. Ranks are assigned without regard to the individuals' looks, so a rare
+    individual's captions have neighbours of its own (other attributes, same name) and of other
+    individuals (same attributes): the situation PoGDiff is built for.
 
-    Returns ``{"images": N, "individuals": 24, "counts": {caption: count}}``.
+    Returns ``{"images": N, "individuals": 24, "captions": distinct captions, "counts": {name: count}}``.
     """
+    if captions not in CAPTION_MODES:
+        raise ValueError(f"unknown caption mode {captions!r}; expected one of {CAPTION_MODES}")
     individuals = all_individuals()
     counts = longtail_counts(len(individuals), max_count, alpha, min_count)
     rng = np.random.default_rng(seed)
@@ -243,52 +334,65 @@ def generate_longtail(
     summary: dict[str, int] = {}
     for i, individual in enumerate(individuals):
         count = counts[int(rank[i])]
-        summary[individual.caption] = count
+        summary[individual.name] = count
         for k in range(count):
             instance = sample_instance(rng, "full")
+            caption = _caption(individual, instance, captions, rng)
             name = f"images/{individual.slug}_{k:04d}.png"
             _write_atomic(Path(out_dir) / name, _png_bytes(render(individual, instance, size)))
-            caption_rows.append([name, individual.caption, individual.shape, individual.colour])
+            caption_rows.append([name, caption, individual.name, individual.shape, individual.colour])
             attribute_rows.append(
-                [name, individual.shape, individual.colour]
+                [name, individual.name, individual.shape, individual.colour]
                 + [f"{v:.6f}" for v in (instance.cx, instance.cy, instance.scale, instance.rotation)]
                 + [instance.background]
             )
     _write_atomic(
         Path(out_dir) / "captions.csv",
-        _csv_bytes(["image", "caption", "shape", "colour"], caption_rows),
+        _csv_bytes(["image", "caption", "individual", "shape", "colour"], caption_rows),
     )
     _write_atomic(
         Path(out_dir) / "attributes.csv",
         _csv_bytes(
-            ["image", "shape", "colour", "cx", "cy", "scale", "rotation", "background"],
+            ["image", "individual", "shape", "colour", "cx", "cy", "scale", "rotation", "background"],
             attribute_rows,
         ),
     )
-    return {"images": len(caption_rows), "individuals": len(individuals), "counts": summary}
+    distinct = len({row[1] for row in caption_rows})
+    return {"images": len(caption_rows), "individuals": len(individuals), "captions": distinct, "counts": summary}
 
 
-def balanced_draw(
-    n: int, seed: int, size: int = 32, variation: Variation = "canonical"
-) -> tuple[np.ndarray, list[str]]:
-    """In-memory balanced sample for pretraining the base model.
+def balanced_draw(n: int, seed: int, size: int = 32, variation: Variation = "full") -> tuple[np.ndarray, list[str]]:
+    """In-memory balanced draw of the domain, for pretraining the base model.
 
-    Image j shows individual ``j % 24`` before a seeded shuffle, so the counts per caption differ
-    by at most one. Returns images uint8 [n, size, size, 3] and their n captions.
+    Image j shows individual ``j % 24`` before a seeded shuffle, so the counts per (shape, colour)
+    differ by at most one; each image has a domain caption (``describe`` with the colour and shape
+    words, e.g. "a small red circle in the upper left on dark navy"), never a product name.
+    Returns images uint8 [n, size, size, 3] and their n captions.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     individuals = all_individuals()
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)
-    chosen = [individuals[int(j) % len(individuals)] for j in order]
     images = np.zeros((n, size, size, 3), dtype=np.uint8)
-    for j, individual in enumerate(chosen):
-        images[j] = render(individual, sample_instance(rng, variation), size)
-    return images, [individual.caption for individual in chosen]
+    captions: list[str] = []
+    for j, i in enumerate(order):
+        individual = individuals[int(i) % len(individuals)]
+        instance = sample_instance(rng, variation)
+        images[j] = render(individual, instance, size)
+        captions.append(describe(instance, individual.description, int(rng.integers(len(_PHRASINGS)))))
+    return images, captions
 
 
-def train_data(counts: list[int], size: int, k: int, seed: int = 0, variation: Variation = "full", bandwidth: float = 0.05):
+def train_data(
+    counts: list[int],
+    size: int,
+    k: int,
+    seed: int = 0,
+    variation: Variation = "full",
+    bandwidth: float = 0.05,
+    captions: CaptionMode = "individual",
+):
     """An in-memory ``TrainData`` of the first ``len(counts)`` individuals, ``counts[c]`` images each.
 
     What the index stage would compute, without stores: MiniLM caption vectors, top-k caption
@@ -304,18 +408,23 @@ def train_data(counts: list[int], size: int, k: int, seed: int = 0, variation: V
 
     individuals = all_individuals()[: len(counts)]
     rng = np.random.default_rng(seed)
-    images, caption_of = [], []
-    for c, (individual, n) in enumerate(zip(individuals, counts)):
-        images += [render(individual, sample_instance(rng, variation), size) for _ in range(n)]
-        caption_of += [c] * n
-    captions = [i.caption for i in individuals]
-    vectors = load_text_encoder().embed(captions)
+    images, image_captions = [], []
+    for individual, n in zip(individuals, counts):
+        for _ in range(n):
+            instance = sample_instance(rng, variation)
+            images.append(render(individual, instance, size))
+            image_captions.append(_caption(individual, instance, captions, rng))
+    names = list(dict.fromkeys(image_captions))  # first appearance: in `individual` mode caption c is individual c
+    row = {c: i for i, c in enumerate(names)}
+    caption_of = torch.tensor([row[c] for c in image_captions])
+    per_caption = torch.bincount(caption_of, minlength=len(names)).float()
+    vectors = load_text_encoder().embed(names)
     nb_ids, nb_sims = knn_graph(vectors, k)
-    density = effective_density(vectors, torch.tensor(counts, dtype=torch.float32), bandwidth)
+    density = effective_density(vectors, per_caption, bandwidth)
     x = to_tensor(np.stack(images))
     flat = x.flatten(1) - x.flatten(1).mean(1, keepdim=True)
-    graph = NeighbourGraph.build(torch.tensor(caption_of), nb_ids, nb_sims, density, torch.nn.functional.normalize(flat, dim=1))
-    return TrainData(x, captions, graph)
+    graph = NeighbourGraph.build(caption_of, nb_ids, nb_sims, density, torch.nn.functional.normalize(flat, dim=1))
+    return TrainData(x, names, graph)
 
 
 # --- the detector ---------------------------------------------------------------------------

@@ -1,12 +1,21 @@
-"""The evaluate stage as one library call: generate N images per caption, score them per bucket."""
+"""The evaluate stage as one library call: generate images per individual, score them per bucket.
+
+The unit of the long tail is the *individual* (a product, a person), not the caption: a catalogue
+describes every image of an individual in its own words, so captions are nearly unique while the
+individual recurs. Counts, buckets, gRecall, accuracy and the grids are therefore per individual;
+data without an individual column fall back to one individual per distinct caption.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 from pogdiff import demo
 from pogdiff.config import EvaluateConfig
@@ -19,9 +28,12 @@ from pogdiff.metrics import (
     feature_similarity,
     frechet_distance,
     grecall,
-    nearest_caption_gate,
-    per_caption_mean,
+    grecall_normalised,
+    nearest_group_gate,
+    per_group_mean,
 )
+
+GroupedBy = Literal["individual", "caption"]
 
 
 class ImageGenerator(Protocol):
@@ -38,32 +50,143 @@ class ImageGenerator(Protocol):
         num_inference_steps: int,
         batch_size: int,
     ) -> np.ndarray:
-        """uint8 ``[len(prompts) * num_images_per_prompt, H, W, 3]``, prompt-major, seeded."""
+        """uint8 ``[len(prompts) * num_images_per_prompt, H, W, 3]``, prompt-major; image n's noise
+        depends only on (seed, n), so the result does not depend on ``batch_size``."""
 
 
-def attribute_judge(images: np.ndarray, captions: list[str]) -> np.ndarray | None:
-    """The demo's exact judge: ``[G]`` bool, detected attributes == the caption's attributes.
+@dataclass(frozen=True)
+class RealSet:
+    """The training images that generated ones are compared with, and who each one shows.
 
-    None when some caption is not a demo caption (no exact judge exists for that data).
+    images uint8 ``[R, H, W, 3]``; captions ``[R]``; group int ``[R]``, image r shows individual
+    ``names[group[r]]`` (``C`` distinct names, each with at least one image); grouped_by says whether
+    the names come from an individual column or are the distinct captions themselves.
     """
-    wanted = [demo.parse_caption(c) for c in captions]
+
+    images: np.ndarray
+    captions: list[str]
+    group: np.ndarray
+    names: list[str]
+    grouped_by: GroupedBy = "individual"
+
+    def __post_init__(self) -> None:
+        if len(self.images) == 0:
+            raise ValueError("evaluation needs at least one real image")
+        if self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
+            raise ValueError(f"real images must be uint8 [R, H, W, 3], got {self.images.dtype} {self.images.shape}")
+        if not len(self.images) == len(self.captions) == len(self.group):
+            raise ValueError(f"{len(self.images)} real images, {len(self.captions)} captions and "
+                             f"{len(self.group)} group ids: one of each per image")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError("individual names must be distinct")
+        group = np.asarray(self.group)
+        if not np.issubdtype(group.dtype, np.integer) or group.min() < 0 or group.max() >= len(self.names):
+            raise ValueError(f"group ids must be integers in 0..{len(self.names) - 1} (indices into names)")
+        object.__setattr__(self, "group", group.astype(np.int64))
+        empty = np.flatnonzero(np.bincount(group, minlength=len(self.names)) == 0)
+        if len(empty):
+            raise ValueError(f"individual {self.names[empty[0]]!r} has no real images")
+        if self.grouped_by not in ("individual", "caption"):
+            raise ValueError(f"grouped_by must be 'individual' or 'caption', got {self.grouped_by!r}")
+
+    @property
+    def counts(self) -> np.ndarray:
+        """|T_i|: training images per individual, int ``[C]``."""
+        return np.bincount(self.group, minlength=len(self.names))
+
+
+def group_by_metadata(images: np.ndarray, captions: list[str], metadata: list[str], column: str | None) -> RealSet:
+    """A ``RealSet`` grouped by ``metadata[r][column]``, or by caption where no image names one.
+
+    metadata: per image, a JSON object (the dataset's ``metadata`` column). With ``column`` set and
+    a non-empty string or integer value under it in every image's metadata, the groups are those
+    values (``grouped_by="individual"``); with ``column`` None or under no image at all, each
+    distinct caption is its own group (``grouped_by="caption"``). Names are sorted. Raises
+    ``ValueError`` when only some images name an individual (which group would the others join?)
+    or when a metadata entry is not a JSON object.
+    """
+    if len(metadata) != len(captions):
+        raise ValueError(f"{len(captions)} captions but {len(metadata)} metadata entries")
+    keys: list[str] = list(captions)
+    grouped_by: GroupedBy = "caption"
+    if column is not None:
+        values = [_individual(m, column, r) for r, m in enumerate(metadata)]
+        named = [v for v in values if v is not None]
+        if named and len(named) < len(values):
+            missing = values.index(None)
+            raise ValueError(f"metadata key {column!r} is missing or empty for {len(values) - len(named)} of "
+                             f"{len(values)} images (e.g. image {missing}, caption {captions[missing]!r})")
+        if named:
+            keys, grouped_by = named, "individual"
+    names = sorted(set(keys))
+    index = {n: i for i, n in enumerate(names)}
+    return RealSet(images, list(captions), np.array([index[k] for k in keys], np.int64), names, grouped_by)
+
+
+def _individual(metadata: str, column: str, row: int) -> str | None:
+    try:
+        obj = json.loads(metadata)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"metadata of image {row} is not JSON: {err}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"metadata of image {row} must be a JSON object, got {type(obj).__name__}")
+    value = obj.get(column)
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"metadata key {column!r} of image {row} must be a string or an integer, got {value!r}")
+    return str(value)
+
+
+def attribute_judge(images: np.ndarray, individuals: list[str]) -> np.ndarray | None:
+    """The demo's exact judge: ``[G]`` bool, the individual detected on image j is ``individuals[j]``.
+
+    images uint8 ``[G, H, W, 3]`` (H >= 16); individuals: the name each image was generated for.
+    None when some name is not a demo individual (no exact judge exists for that data).
+    """
+    wanted = [demo.individual_named(n) for n in individuals]
     if any(w is None for w in wanted):
         return None
     found = demo.detect(images)
     return np.array([f == w for f, w in zip(found, wanted)], dtype=bool)
 
 
+def images_per_individual(counts: np.ndarray, cfg: EvaluateConfig) -> np.ndarray:
+    """N_i = max(N_min, min(|T_i|, N_max)) generated images per individual, int ``[C]`` from counts ``[C]``."""
+    return np.maximum(cfg.min_images_per_individual, np.minimum(counts, cfg.max_images_per_individual))
+
+
+def draw_sources(members: np.ndarray, n: int, seed: int, individual: int) -> np.ndarray:
+    """The training images whose captions prompt an individual's n generated images: ``[n]`` of ``members``.
+
+    n <= |members|: a draw without replacement, so image j is generated from the caption of a
+    distinct real image j; n > |members|: a permutation cycled through, so every caption is used
+    floor(n / |members|) or ceil(n / |members|) times. The generator is seeded by
+    (seed, individual), so one individual's draw does not depend on the others'.
+    """
+    rng = np.random.default_rng([seed, individual])
+    if n <= len(members):
+        return members[rng.choice(len(members), n, replace=False)]
+    return members[rng.permutation(len(members))[np.arange(n) % len(members)]]
+
+
 @dataclass
 class EvalResult:
-    """metrics: ``{"<bucket>/<metric>": value}``; per_caption: one row per caption; samples uint8 ``[C, n, H, W, 3]``.
+    """What one evaluation measured and generated.
 
-    info: what the numbers were computed from (gate, extractor, N, seed, ...) and, per bucket, the
+    metrics: ``{"<bucket>/<metric>": value}``; per_individual: one row per individual (individual,
+    count = |T_i|, bucket, images = N_i, distinct_captions, then each metric or None); samples[i]:
+    uint8 ``[N_i, H, W, 3]``; prompts[i]: the N_i captions they were generated from; sources[i]: int
+    ``[N_i]``, the real image (row of ``RealSet.images``) whose caption prompted sample j. info: what
+    the numbers were computed from (grouping, gate, extractor, N, seed, ...) and, per bucket, the
     image counts behind its FID or why the FID was left out.
     """
 
     metrics: dict[str, float]
-    per_caption: list[dict]
-    samples: np.ndarray
+    per_individual: list[dict]
+    samples: list[np.ndarray]
+    prompts: list[list[str]]
+    sources: list[np.ndarray]
     info: dict[str, str | int | float] = field(default_factory=dict)
 
 
@@ -74,11 +197,11 @@ def bucket_fids(
     gen_ids: torch.Tensor,
     buckets: list[str],
 ) -> tuple[dict[str, float], dict[str, str]]:
-    """FID per bucket and overall: generated vs real images of the bucket's captions.
+    """FID per bucket and overall: generated vs real images of the bucket's individuals.
 
-    Features ``[R, F]`` / ``[G, F]`` with caption ids ``[R]`` / ``[G]``; ``buckets[c]`` is caption
-    c's bucket. Returns ``({"<bucket>/fid": d2}, {"fid.<bucket>": note})``: a bucket with fewer than
-    ``FID_MIN_SAMPLES`` images on either side gets no value (not NaN), and its note says why.
+    Features ``[R, F]`` / ``[G, F]`` with individual ids ``[R]`` / ``[G]``; ``buckets[c]`` is
+    individual c's bucket. Returns ``({"<bucket>/fid": d2}, {"fid.<bucket>": note})``: a bucket with
+    fewer than ``FID_MIN_SAMPLES`` images on either side gets no value (not NaN), and its note says why.
     """
     b = np.array(buckets)
     metrics: dict[str, float] = {}
@@ -98,90 +221,147 @@ def bucket_fids(
     return metrics, notes
 
 
-def evaluate(
-    pipe: ImageGenerator,
-    captions: list[str],
-    counts: np.ndarray,
-    real_images: np.ndarray,
-    real_ids: np.ndarray,
-    cfg: EvaluateConfig,
-) -> EvalResult:
-    """Generate ``cfg.images_per_caption`` images per caption and compute the metrics of DESIGN §6.
+def _gate_metric_note(counts: np.ndarray, n: np.ndarray, buckets: list[str]) -> str:
+    """What the promotion gate's default metric, few/grecall (raw gRecall), means on this data."""
+    few = [i for i, b in enumerate(buckets) if b == "few"]
+    capped = [i for i in few if n[i] < counts[i]]
+    head = ("the promotion gate's default metric few/grecall is raw gRecall = |covered_i| / |T_i|, "
+            "capped at N_i / |T_i| where N_i < |T_i| (grecall_norm divides by min(N_i, |T_i|) instead)")
+    if not few:
+        return f"{head}; this data has no few bucket"
+    if capped:
+        return (f"{head}; {len(capped)} of {len(few)} few individuals have N_i < |T_i|, so raw few/grecall "
+                "is capped there: raise max_images_per_individual or gate on few/grecall_norm")
+    return f"{head}; every few individual has N_i >= |T_i|, so there raw == normalised"
 
-    captions ``C``; counts ``[C]`` training images per caption; real_images uint8 ``[R, H, W, 3]``
-    with caption ids real_ids ``[R]``. Per bucket and overall (macro mean over captions, except FID
-    which pools the bucket's images): ``grecall``, ``accuracy`` (share passing the gate: the judge's
-    verdict when it is used, else the nearest-caption test), ``nearest_accuracy`` (always the
-    nearest-caption test), ``similarity`` and ``fid``. Same inputs and seed give the same numbers.
+
+def evaluate(pipe: ImageGenerator, real: RealSet, cfg: EvaluateConfig) -> EvalResult:
+    """Generate N_i images per individual and compute the metrics of DESIGN §6 per individual and bucket.
+
+    N_i = max(N_min, min(|T_i|, N_max)) (``images_per_individual``), prompted with captions of the
+    individual's own training images (``draw_sources``), so generated images are asked for the same
+    attributes as real ones. One ``generate`` call over the flat prompt list, individual-major.
+    Buckets by |T_i|. Per bucket and overall (macro mean over individuals, except FID which pools
+    the bucket's images): ``grecall``, ``grecall_norm`` (``metrics.grecall_normalised``),
+    ``accuracy`` (share passing the gate: the judge's verdict when it is used, else the
+    nearest-individual test), ``nearest_accuracy`` (always the nearest-individual test),
+    ``similarity`` and ``fid``. Same inputs and seed give the same numbers and images.
     """
-    if len(captions) != len(counts):
-        raise ValueError(f"{len(captions)} captions but {len(counts)} counts")
-    if len(real_images) != len(real_ids):
-        raise ValueError(f"{len(real_images)} real images but {len(real_ids)} caption ids")
-    n = cfg.images_per_caption
+    counts = real.counts
+    n = images_per_individual(counts, cfg)
+    sources = [draw_sources(np.flatnonzero(real.group == i), int(n[i]), cfg.seed, i) for i in range(len(real.names))]
+    flat = np.concatenate(sources)
+    prompts = [real.captions[r] for r in flat]
     samples = pipe.generate(
-        captions,
-        num_images_per_prompt=n,
+        prompts,
+        num_images_per_prompt=1,
         seed=cfg.seed,
         guidance_scale=cfg.guidance_scale,
         num_inference_steps=cfg.num_inference_steps,
         batch_size=cfg.batch_size,
     )
-    gen_ids = torch.arange(len(captions)).repeat_interleave(n)
-    gen_captions = [c for c in captions for _ in range(n)]
+    if len(samples) != len(prompts):
+        raise ValueError(f"the pipeline returned {len(samples)} images for {len(prompts)} prompts")
+    c = len(real.names)
+    gen_ids = torch.arange(c).repeat_interleave(torch.from_numpy(n))
     extractor = make_extractor(cfg.feature_extractor, cfg.feature_size, cfg.feature_model)
-    real_f, gen_f = extractor(real_images), extractor(samples)
-    real_t = torch.as_tensor(real_ids, dtype=torch.long)
+    real_f, gen_f = extractor(real.images), extractor(samples)
+    real_t = torch.as_tensor(real.group, dtype=torch.long)
 
-    judged = attribute_judge(samples, gen_captions) if cfg.gate == "judge" else None
+    judged = attribute_judge(samples, [real.names[i] for i in gen_ids.tolist()]) if cfg.gate == "judge" else None
     gate = "judge" if judged is not None else "nearest"
-    nearest_ok = nearest_caption_gate(real_f, real_t, gen_f, gen_ids)
+    nearest_ok = nearest_group_gate(real_f, real_t, gen_f, gen_ids)
     ok = torch.from_numpy(judged) if judged is not None else nearest_ok
-    per_caption = {
-        "grecall": grecall(real_f, real_t, gen_f, gen_ids, len(captions), gen_ok=ok),
-        "accuracy": per_caption_mean(ok.float(), gen_ids, len(captions)),
-        "nearest_accuracy": per_caption_mean(nearest_ok.float(), gen_ids, len(captions)),
-        "similarity": feature_similarity(real_f, real_t, gen_f, gen_ids, len(captions)),
+    raw = grecall(real_f, real_t, gen_f, gen_ids, c, gen_ok=ok)
+    per_individual = {
+        "grecall": raw,
+        "grecall_norm": grecall_normalised(raw, counts, n),
+        "accuracy": per_group_mean(ok.float(), gen_ids, c),
+        "nearest_accuracy": per_group_mean(nearest_ok.float(), gen_ids, c),
+        "similarity": feature_similarity(real_f, real_t, gen_f, gen_ids, c),
     }
-    buckets = assign_buckets(np.asarray(counts), cfg.buckets.many_above, cfg.buckets.few_below)
+    buckets = assign_buckets(counts, cfg.buckets.many_above, cfg.buckets.few_below)
     rows = [
-        {"caption": c, "count": int(counts[i]), "bucket": buckets[i],
-         **{k: None if np.isnan(v[i]) else float(v[i]) for k, v in per_caption.items()}}
-        for i, c in enumerate(captions)
+        {"individual": name, "count": int(counts[i]), "bucket": buckets[i], "images": int(n[i]),
+         "distinct_captions": len({real.captions[r] for r in np.flatnonzero(real.group == i)}),
+         **{k: None if np.isnan(v[i]) else float(v[i]) for k, v in per_individual.items()}}
+        for i, name in enumerate(real.names)
     ]
     fids, fid_notes = bucket_fids(real_f, real_t, gen_f, gen_ids, buckets)
     info: dict[str, str | int | float] = {
+        "grouped_by": real.grouped_by,
+        "individuals": c,
         "gate": gate,
+        "gate_metric_note": _gate_metric_note(counts, n, buckets),
         "feature_extractor": extractor.name,
-        "images_per_caption": n,
+        "min_images_per_individual": cfg.min_images_per_individual,
+        "max_images_per_individual": cfg.max_images_per_individual,
+        "generated_images": len(prompts),
         "seed": cfg.seed,
         "guidance_scale": cfg.guidance_scale,
         "num_inference_steps": cfg.num_inference_steps,
         "fid_min_samples": FID_MIN_SAMPLES,
         **fid_notes,
     }
-    size = samples.shape[1]
-    metrics = {**bucket_means(per_caption, buckets), **fids}
-    return EvalResult(metrics, rows, samples.reshape(len(captions), n, size, size, 3), info)
+    metrics = {**bucket_means(per_individual, buckets), **fids}
+    edges = np.concatenate([[0], np.cumsum(n)]).tolist()
+    spans = list(zip(edges[:-1], edges[1:]))
+    return EvalResult(metrics, rows, [samples[a:b] for a, b in spans], [prompts[a:b] for a, b in spans], sources, info)
 
 
-def comparison_grid(real: list[np.ndarray], generated: list[np.ndarray], per_row: int = 6, pad: int = 2) -> np.ndarray:
-    """One row per caption: up to ``per_row`` real images, a gap, then ``per_row`` generated ones.
+_INK = (0, 0, 0)
+_PAIR_GAP = 12  # between pairs, wider than the 2-pixel gap inside a pair, so pairs read as pairs
+_PAD = 2
+_MARGIN = 6
 
-    real / generated: lists (one entry per caption) of uint8 ``[k, H, W, 3]``. Returns uint8 ``[Hg, Wg, 3]``.
+
+def comparison_grid(labels: list[str], real: list[np.ndarray], generated: list[np.ndarray],
+                    pairs: int = 6, min_cell: int = 48) -> np.ndarray:
+    """One row per individual: its label, then up to ``pairs`` pairs real | generated.
+
+    labels: one text per row (e.g. ``"Vexo\\nn=12"``); real[i], generated[i]: uint8 ``[k_i, s, s, 3]``
+    with generated[i][j] prompted by the caption of real[i][j]. Images are scaled up by the integer
+    factor f = ceil(min_cell / s), nearest neighbour, so 16-pixel images stay visible; cell = s f.
+    Two header lines say which column is which. Pair j of row r starts at
+    x = label_width + j (2 cell + 2 + 12), its generated image 2 + cell further right, at
+    y = header_height + r (cell + 2). Returns uint8 ``[H, W, 3]`` on white.
     """
     if not generated:
-        raise ValueError("comparison_grid needs at least one caption")
+        raise ValueError("comparison_grid needs at least one row")
+    if not len(labels) == len(real) == len(generated):
+        raise ValueError(f"{len(labels)} labels, {len(real)} real and {len(generated)} generated rows: one of each per row")
+    if pairs < 1:
+        raise ValueError(f"pairs must be >= 1, got {pairs}")
     s = generated[0].shape[1]
-    cell = s + pad
-    width = (2 * per_row) * cell + 3 * pad + cell // 2
-    grid = np.full((len(generated) * cell + pad, width, 3), 255, np.uint8)
     for r, (re, ge) in enumerate(zip(real, generated)):
-        y = pad + r * cell
-        for j, img in enumerate(re[:per_row]):
-            x = pad + j * cell
-            grid[y : y + s, x : x + s] = img
-        for j, img in enumerate(ge[:per_row]):
-            x = pad + (per_row + j) * cell + cell // 2
-            grid[y : y + s, x : x + s] = img
-    return grid
+        if len(re) != len(ge) or re.shape[1:] != (s, s, 3) or ge.shape[1:] != (s, s, 3):
+            raise ValueError(f"row {r} ({labels[r]!r}): real {re.shape} and generated {ge.shape} must be "
+                             f"equally many [{s}, {s}, 3] images")
+    f = max(1, math.ceil(min_cell / s))
+    cell = s * f
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = max(measure.multiline_textbbox((0, 0), t, font=font)[2] for t in labels) + 2 * _MARGIN
+    line = measure.textbbox((0, 0), "Ag", font=font)[3] + 4
+    header = 2 * line + _MARGIN
+    title = "each pair: real training image | image generated from its caption"
+    pair_w = 2 * cell + _PAD + _PAIR_GAP
+    shown = min(pairs, max(len(g) for g in generated))
+    width = max(label_w + shown * pair_w - _PAIR_GAP, measure.textbbox((0, 0), title, font=font)[2] + _MARGIN) + _MARGIN
+    height = header + len(generated) * (cell + _PAD) + _MARGIN
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((_MARGIN, _MARGIN // 2), title, fill=_INK, font=font)
+    for j in range(shown):
+        x = label_w + j * pair_w
+        draw.text((x, _MARGIN // 2 + line), "real", fill=_INK, font=font)
+        draw.text((x + cell + _PAD, _MARGIN // 2 + line), "generated", fill=_INK, font=font)
+    for r, (label, re, ge) in enumerate(zip(labels, real, generated)):
+        y = header + r * (cell + _PAD)
+        text_h = measure.multiline_textbbox((0, 0), label, font=font)[3]
+        draw.multiline_text((_MARGIN, y + (cell - text_h) // 2), label, fill=_INK, font=font)
+        for j in range(min(shown, len(ge))):
+            x = label_w + j * pair_w
+            for dx, img in ((0, re[j]), (cell + _PAD, ge[j])):
+                canvas.paste(Image.fromarray(img.repeat(f, 0).repeat(f, 1)), (x + dx, y))
+    return np.asarray(canvas, np.uint8).copy()

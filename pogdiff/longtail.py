@@ -78,6 +78,24 @@ def goal_check(
     return {"checks": checks, "met": all(c["passed"] for c in checks)}
 
 
+def competence_check(agg: Aggregate, method: str = "vanilla") -> dict:
+    """Is the fine-tuned model competent, with a visible long tail? (the embedded default's bar)
+
+    many-bucket judge accuracy >= 0.90, overall >= 0.70, and few-bucket accuracy at least 0.15
+    below many-bucket accuracy (means over seeds). A missing value fails its check.
+    """
+    acc = {b: agg.get(method, {}).get(b, {}).get("accuracy", {}).get("mean") for b in ("many", "few", "overall")}
+    checks = [
+        {"check": "many/accuracy >= 0.90", "value": acc["many"], "passed": acc["many"] is not None and acc["many"] >= 0.90},
+        {"check": "overall/accuracy >= 0.70", "value": acc["overall"],
+         "passed": acc["overall"] is not None and acc["overall"] >= 0.70},
+        {"check": "many/accuracy - few/accuracy >= 0.15",
+         "value": None if None in (acc["many"], acc["few"]) else acc["many"] - acc["few"],
+         "passed": None not in (acc["many"], acc["few"]) and acc["many"] - acc["few"] >= 0.15},
+    ]
+    return {"method": method, "checks": checks, "met": all(c["passed"] for c in checks)}
+
+
 def _cell(stat: dict | None) -> str:
     if stat is None:
         return "–"
@@ -183,10 +201,11 @@ def pair_similarity(features: torch.Tensor, caption_of: torch.Tensor, a: int, b:
 def demo_similarity_table(
     features: torch.Tensor, caption_of: torch.Tensor, relation: dict[tuple[int, int], str]
 ) -> dict[str, dict[str, float]]:
-    """Mean and spread of ``pair_similarity`` over the caption pairs of each relation.
+    """Mean and spread of ``pair_similarity`` over the group pairs of each relation.
 
-    ``relation[(a, b)]`` names the relation of caption pair (a, b), e.g. ``same_colour`` for
-    "a red circle" / "a red square". Returns ``{relation: {"mean", "min", "max", "pairs"}}``.
+    ``caption_of`` ``[N]`` is each image's group: a caption, or an individual when captions are
+    per image. ``relation[(a, b)]`` names the relation of group pair (a, b), e.g. ``same_colour``
+    for a red circle and a red square. Returns ``{relation: {"mean", "min", "max", "pairs"}}``.
     """
     groups: dict[str, list[float]] = {}
     for (a, b), name in relation.items():

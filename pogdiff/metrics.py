@@ -1,13 +1,20 @@
-"""Per-caption evaluation metrics and their aggregation per frequency bucket (DESIGN §6).
+"""Per-group evaluation metrics and their aggregation per frequency bucket (DESIGN §6).
 
-Captions are integer ids ``0..C-1``. Features are L2-normalised, so cosine = dot product.
+A group is one individual (a product, a person: the unit of the long tail) or, for data without an
+individual column, one distinct caption. Groups are integer ids ``0..C-1``. Features are
+L2-normalised, so cosine = dot product.
 
-gRecall (generative recall). For caption i with training images T_i and generated images G_i:
+gRecall (generative recall). For group i with training images T_i and generated images G_i
+(N_i = |G_i|):
   kept_i    = {g in G_i : gate(g)}  where gate is a judge's verdict, or "the nearest real image of g
-              (over all captions) belongs to i";
+              (over all groups) belongs to i";
   covered_i = {x in T_i : x is the nearest T_i image of some g in kept_i};
   gRecall_i = |covered_i| / |T_i|.
-Identity accuracy_i = share of G_i whose nearest real image belongs to i (the nearest-caption gate);
+At most N_i distinct images can be covered, so gRecall_i <= min(N_i, |T_i|) / |T_i|; the normalised
+coverage divides by that ceiling instead:
+  gRecall_norm_i = |covered_i| / min(N_i, |T_i|),
+which equals gRecall_i whenever N_i >= |T_i|.
+Identity accuracy_i = share of G_i whose nearest real image belongs to i (the nearest-group gate);
 when a judge decides the gate instead, the share the judge accepts is reported beside it.
 Feature similarity_i = mean cos(g, x) over G_i x T_i (the DINO-score analogue).
 
@@ -26,7 +33,7 @@ Bucket = Literal["many", "medium", "few"]
 BUCKETS: tuple[Bucket, ...] = ("many", "medium", "few")
 GROUPS = (*BUCKETS, "overall")  # prefixes of the reported metric keys "<group>/<metric>"
 # Reported metrics in display order; FID is the only one where lower is better.
-METRIC_ORDER = ("grecall", "accuracy", "nearest_accuracy", "similarity", "fid")
+METRIC_ORDER = ("grecall", "grecall_norm", "accuracy", "nearest_accuracy", "similarity", "fid")
 LOWER_IS_BETTER = frozenset({"fid"})
 # Fewest feature rows per set that frechet_distance accepts. The sample covariance needs 2; below
 # ~10 rows it is so noisy that the distance says more about which images were drawn than about the
@@ -34,8 +41,8 @@ LOWER_IS_BETTER = frozenset({"fid"})
 FID_MIN_SAMPLES = 10
 
 
-def nearest_caption_gate(real_features: torch.Tensor, real_ids: torch.Tensor, gen_features: torch.Tensor, gen_ids: torch.Tensor) -> torch.Tensor:
-    """``[G]`` bool: the nearest real image of each generated image belongs to its own caption."""
+def nearest_group_gate(real_features: torch.Tensor, real_ids: torch.Tensor, gen_features: torch.Tensor, gen_ids: torch.Tensor) -> torch.Tensor:
+    """``[G]`` bool: the nearest real image of each generated image belongs to its own group."""
     nearest = (gen_features @ real_features.T).argmax(1)
     return real_ids[nearest] == gen_ids
 
@@ -45,18 +52,18 @@ def grecall(
     real_ids: torch.Tensor,
     gen_features: torch.Tensor,
     gen_ids: torch.Tensor,
-    num_captions: int,
+    num_groups: int,
     gen_ok: torch.Tensor | None = None,
 ) -> np.ndarray:
-    """gRecall per caption ``[C]`` (NaN for captions without real images).
+    """gRecall per group ``[C]``: |covered_i| / |T_i| (NaN for groups without real images).
 
     real_features ``[R, F]``, real_ids ``[R]``, gen_features ``[G, F]``, gen_ids ``[G]``;
-    gen_ok ``[G]`` bool replaces the nearest-caption gate when given (a judge's verdict).
+    gen_ok ``[G]`` bool replaces the nearest-group gate when given (a judge's verdict).
     """
     if gen_ok is None:
-        gen_ok = nearest_caption_gate(real_features, real_ids, gen_features, gen_ids)
-    out = np.full(num_captions, np.nan)
-    for c in range(num_captions):
+        gen_ok = nearest_group_gate(real_features, real_ids, gen_features, gen_ids)
+    out = np.full(num_groups, np.nan)
+    for c in range(num_groups):
         real = (real_ids == c).nonzero().squeeze(1)
         if len(real) == 0:
             continue
@@ -69,20 +76,45 @@ def grecall(
     return out
 
 
-def per_caption_mean(values: torch.Tensor, ids: torch.Tensor, num_captions: int) -> np.ndarray:
-    """Mean of ``values`` ``[G]`` per caption id ``[G]`` -> ``[C]`` (NaN where a caption has none)."""
-    out = np.full(num_captions, np.nan)
-    for c in range(num_captions):
+def grecall_normalised(grecall_values: np.ndarray, real_counts: np.ndarray, gen_counts: np.ndarray) -> np.ndarray:
+    """Normalised coverage per group ``[C]`` from gRecall ``[C]``, |T_i| ``[C]`` and N_i ``[C]``.
+
+    gRecall_norm_i = gRecall_i * |T_i| / min(N_i, |T_i|) = |covered_i| / min(N_i, |T_i|):
+    the share of the images that N_i samples could cover at most. |covered_i| = gRecall_i |T_i| is
+    rounded to the integer it is, so 4 of 12 covered by 4 samples gives exactly 1. Where
+    N_i >= |T_i| the value is gRecall_i itself (returned unchanged). NaN where
+    gRecall is NaN (no real images). Raises ``ValueError`` for a group with real images but no
+    generated ones (N_i = 0: no coverage is possible, so its share is undefined).
+    """
+    raw = np.asarray(grecall_values, np.float64)
+    real = np.asarray(real_counts, np.int64)
+    gen = np.asarray(gen_counts, np.int64)
+    if not raw.shape == real.shape == gen.shape:
+        raise ValueError(f"shapes differ: gRecall {raw.shape}, real counts {real.shape}, generated counts {gen.shape}")
+    empty = np.flatnonzero((real > 0) & (gen <= 0))
+    if len(empty):
+        raise ValueError(f"group {int(empty[0])} has {int(real[empty[0]])} real images but no generated ones: "
+                         "its normalised coverage is undefined")
+    capped = (gen < real) & ~np.isnan(raw)
+    out = raw.copy()
+    out[capped] = np.rint(raw[capped] * real[capped]) / gen[capped]
+    return out
+
+
+def per_group_mean(values: torch.Tensor, ids: torch.Tensor, num_groups: int) -> np.ndarray:
+    """Mean of ``values`` ``[G]`` per group id ``[G]`` -> ``[C]`` (NaN where a group has none)."""
+    out = np.full(num_groups, np.nan)
+    for c in range(num_groups):
         sel = ids == c
         if sel.any():
             out[c] = values[sel].float().mean().item()
     return out
 
 
-def feature_similarity(real_features, real_ids, gen_features, gen_ids, num_captions: int) -> np.ndarray:
-    """Mean cosine of generated to real images of the same caption, per caption ``[C]``."""
-    out = np.full(num_captions, np.nan)
-    for c in range(num_captions):
+def feature_similarity(real_features, real_ids, gen_features, gen_ids, num_groups: int) -> np.ndarray:
+    """Mean cosine of generated to real images of the same group, per group ``[C]``."""
+    out = np.full(num_groups, np.nan)
+    for c in range(num_groups):
         r, g = real_features[real_ids == c], gen_features[gen_ids == c]
         if len(r) and len(g):
             out[c] = (g @ r.T).mean().item()
@@ -90,7 +122,7 @@ def feature_similarity(real_features, real_ids, gen_features, gen_ids, num_capti
 
 
 def assign_buckets(counts: np.ndarray, many_above: int, few_below: int) -> list[Bucket]:
-    """Bucket per caption from its training count: many if n > many_above, few if n < few_below."""
+    """Bucket per group from its training count ``[C]``: many if n > many_above, few if n < few_below."""
     return ["many" if n > many_above else "few" if n < few_below else "medium" for n in counts]
 
 
@@ -103,14 +135,15 @@ def metric_names(metrics: dict[str, float]) -> list[str]:
     return [m for m in METRIC_ORDER if m in names] + sorted(names - set(METRIC_ORDER))
 
 
-def bucket_means(per_caption: dict[str, np.ndarray], buckets: list[Bucket]) -> dict[str, float]:
-    """Macro average over captions: ``{"<bucket>/<metric>": v, "overall/<metric>": v}``.
+def bucket_means(per_group: dict[str, np.ndarray], buckets: list[Bucket]) -> dict[str, float]:
+    """Macro average over groups: ``{"<bucket>/<metric>": v, "overall/<metric>": v}``.
 
-    Buckets without captions are left out rather than reported as 0.
+    per_group: metric -> ``[C]`` values (NaN = no value); buckets: ``[C]``. Buckets without
+    groups are left out rather than reported as 0.
     """
     b = np.array(buckets)
     out: dict[str, float] = {}
-    for metric, values in per_caption.items():
+    for metric, values in per_group.items():
         for name in (*BUCKETS, "overall"):
             sel = np.ones(len(b), bool) if name == "overall" else b == name
             v = values[sel]

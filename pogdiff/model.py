@@ -13,7 +13,7 @@ A pixel model is saved as a diffusers-style folder::
     scheduler/   scheduler_config.json
     pogdiff.json {"format": 1, "text_encoder": ..., "max_tokens": ..., "image_size": ..., "space": "pixel"}
 
-The embedded default (``builtin:shapes32``) is a small pixel-space UNet on 32x32 RGB images,
+The embedded default (``builtin:logos16``) is a small pixel-space UNet on 16x16 RGB images,
 conditioned on all-MiniLM-L6-v2 hidden states; it ships inside the package (``pogdiff/assets``).
 """
 
@@ -34,7 +34,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from pogdiff.text import BUILTIN_MINILM, TextEncoder, load_text_encoder
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-BUILTIN_MODELS = {"builtin:shapes32": ASSETS / "shapes32"}
+BUILTIN_MODELS = {"builtin:logos16": ASSETS / "logos16"}
 FORMAT_VERSION = 1
 Sampler = Literal["ddim", "dpm"]  # DDIM, or DPM-Solver++ (2nd order multistep): fewer steps for the same quality
 
@@ -80,8 +80,8 @@ class TextToImagePipeline(Protocol):
 class UNetSpec:
     """Architecture of a pixel-space conditional UNet (cross-attention on the lower resolutions)."""
 
-    image_size: int = 32
-    block_out_channels: tuple[int, ...] = (16, 32, 64)
+    image_size: int = 16  # the defaults are the embedded base's (builtin:logos16)
+    block_out_channels: tuple[int, ...] = (32, 64, 128)
     layers_per_block: int = 1
     attention_head_dim: int = 8
     norm_num_groups: int = 8
@@ -110,7 +110,7 @@ class UNetSpec:
 def default_scheduler() -> DDPMScheduler:
     """Cosine schedule with v-prediction (Salimans & Ho 2022).
 
-    The linear SD schedule leaves too much signal at t=T for 32x32 pixels; with epsilon prediction
+    The linear SD schedule leaves too much signal at t=T for 16-32 pixel images; with epsilon prediction
     the near-pure-noise steps decide each image's mean colour from x0 = (x_t - sqrt(1-abar) eps) /
     sqrt(abar), which explodes as abar -> 0, so deterministic samplers drift in colour and keep
     residual noise. v-prediction keeps the x0 estimate well conditioned at every t.

@@ -1,4 +1,4 @@
-"""Pictures of an evaluation: metric per bucket as bars, per-caption gRecall against training count.
+"""Pictures of an evaluation: metric per bucket as bars, per-individual gRecall against training count.
 
 Pure: figures are built on matplotlib's Agg canvas directly (no pyplot, no global backend or
 figure state), so this works in worker threads and on machines without a display.
@@ -45,15 +45,17 @@ def metric_bars(metrics: dict[str, float], title: str | None = None) -> Figure:
     return fig
 
 
-def grecall_scatter(per_caption: list[dict], many_above: int | None = None, few_below: int | None = None) -> Figure:
-    """Per-caption gRecall against its training count (log x), coloured by bucket.
+def grecall_scatter(rows: list[dict], many_above: int | None = None, few_below: int | None = None) -> Figure:
+    """Per-individual gRecall against its training count (log x), coloured by bucket.
 
-    per_caption rows need ``count``, ``bucket`` and ``grecall`` (None rows are skipped). The bucket
-    thresholds, when given, are drawn as dashed lines.
+    rows (``EvalResult.per_individual``) need ``count``, ``bucket`` and ``grecall`` (rows where it is
+    None are skipped); where a row's ``grecall_norm`` differs from its ``grecall`` (N_i < |T_i|)
+    it is drawn as a hollow marker above the filled one. The bucket thresholds, when given, are
+    drawn as dashed lines.
     """
-    rows = [r for r in per_caption if r.get("grecall") is not None]
+    rows = [r for r in rows if r.get("grecall") is not None]
     if not rows:
-        raise ValueError("grecall_scatter needs at least one caption with a gRecall value")
+        raise ValueError("grecall_scatter needs at least one row with a gRecall value")
     fig = _figure(6.0, 4.0)
     ax = fig.subplots()
     for bucket in BUCKETS:
@@ -61,6 +63,11 @@ def grecall_scatter(per_caption: list[dict], many_above: int | None = None, few_
         if sel:
             ax.scatter([r["count"] for r in sel], [r["grecall"] for r in sel], s=28,
                        color=COLOURS[bucket], label=f"{bucket} ({len(sel)})", edgecolors="white", linewidths=0.5)
+    capped = [r for r in rows if r.get("grecall_norm") is not None and r["grecall_norm"] != r["grecall"]]
+    if capped:
+        ax.scatter([r["count"] for r in capped], [r["grecall_norm"] for r in capped], s=28, facecolors="none",
+                   edgecolors=[COLOURS[r["bucket"]] for r in capped], linewidths=1.0,
+                   label="normalised, N_i < |T_i|")
     if few_below is not None:
         ax.axvline(few_below - 0.5, color=COLOURS["few"], linestyle="--", linewidth=0.8)
     if many_above is not None:
@@ -69,10 +76,10 @@ def grecall_scatter(per_caption: list[dict], many_above: int | None = None, few_
     counts = np.array([r["count"] for r in rows], float)
     ax.set_xlim(max(counts.min() / 1.5, 0.5), counts.max() * 1.5)
     ax.set_ylim(-0.05, 1.05)
-    ax.set_xlabel("training images per caption (log)")
+    ax.set_xlabel("training images per individual (log)")
     ax.set_ylabel("gRecall")
-    ax.set_title("gRecall per caption")
-    ax.legend(title="bucket (captions)", fontsize=8, title_fontsize=8)
+    ax.set_title("gRecall per individual")
+    ax.legend(title="bucket (individuals)", fontsize=8, title_fontsize=8)
     ax.grid(alpha=0.3)
     return fig
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pogdiff.evaluation import RealSet, group_by_metadata
 from pogdiff.index import caption_id
 from storage import parquet, vectors
 from storage.images import decode_images
@@ -61,3 +62,14 @@ def load_training_set(dataset: Path, lancedb_uri: str, extractor: str, size: int
         counts=caps.column("count").to_numpy().astype(np.int64, copy=True),
         features=np.stack([feats[i] for i in image_ids]),
     )
+
+
+def load_real_set(dataset: Path, size: int, individual_column: str | None) -> RealSet:
+    """Every accepted image (sorted by id, as ``load_training_set``) decoded to uint8 ``[R, size, size, 3]``,
+    with its caption and its individual: ``metadata[individual_column]``, or its caption where the
+    dataset's metadata has no such key (``group_by_metadata``)."""
+    table = parquet.read_images(dataset, columns=["caption", "image", "metadata"])
+    if table.num_rows == 0:
+        raise ValueError(f"dataset {dataset} has no images; run ingest first")
+    images = decode_images(table.column("image").to_pylist(), size)
+    return group_by_metadata(images, table.column("caption").to_pylist(), table.column("metadata").to_pylist(), individual_column)

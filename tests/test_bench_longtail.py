@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pogdiff.config import PoGConfig
-from pogdiff.longtail import aggregate, goal_check, markdown_table, pair_similarity, psi_by_bucket, sweep_table
+from pogdiff.longtail import aggregate, competence_check, goal_check, markdown_table, pair_similarity, psi_by_bucket, sweep_table
 from pogdiff.neighbours import NeighbourGraph
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,13 +115,30 @@ def test_quick_run_writes_json_table_and_plot(tmp_path: Path) -> None:
             assert doc["results"][method][bucket][metric]["values"] == [value]
     assert doc["per_seed"]["pogdiff"][0]["psi_mean"] > 0  # the neighbour branch ran
     assert doc["per_seed"]["vanilla"][0]["psi_mean"] == 0
-    assert set(doc["diagnostics"]["s_img_by_relation"]) == {"itself", "same_colour", "same_shape", "unrelated"}
+    relations = {"same_individual", "same_colour", "same_shape", "unrelated"}
+    assert set(doc["diagnostics"]["s_img_by_relation"]) == relations
+    assert set(doc["diagnostics"]["neighbour_relation_share"]) == relations
+    assert doc["data"]["grouped_by"] == "individual" and doc["data"]["individuals"] == 24
+    assert doc["data"]["captions"] > 24  # per-image captions: the graph is over captions, the buckets over individuals
+    assert sum(doc["data"]["buckets"].values()) == 24
     assert doc["goal"]["checks"]
     table = (tmp_path / "longtail.md").read_text()
     few = doc["results"]["pogdiff"]["few"]["grecall"]
     assert f"{few['mean']:.3f} ± {few['std']:.3f}" in table
     assert (tmp_path / "longtail.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(run.stdout)["bench"] == "longtail"
+
+
+def test_competence_needs_a_competent_head_and_a_visible_tail() -> None:
+    def agg(many: float, few: float, overall: float) -> dict:
+        return aggregate({"vanilla": [{"many/accuracy": many, "few/accuracy": few, "overall/accuracy": overall}]})
+
+    assert competence_check(agg(0.95, 0.75, 0.80))["met"]
+    failed = {c["check"] for c in competence_check(agg(0.89, 0.70, 0.80))["checks"] if not c["passed"]}
+    assert failed == {"many/accuracy >= 0.90"}
+    failed = {c["check"] for c in competence_check(agg(0.95, 0.85, 0.69))["checks"] if not c["passed"]}
+    assert failed == {"overall/accuracy >= 0.70", "many/accuracy - few/accuracy >= 0.15"}
+    assert not competence_check(aggregate({"cbdm": [{"many/accuracy": 1.0}]}))["met"]  # no vanilla values
 
 
 def test_bad_pog_override_is_refused_by_name(tmp_path: Path) -> None:

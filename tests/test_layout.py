@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pogdiff.config import ConfigError, RetrainConfig, load_config, parse_config
 
@@ -55,7 +56,10 @@ def test_bad_literal_is_named():
 
 def test_demo_config_loads_and_missing_file_is_one_line(tmp_path):
     cfg = load_config(ROOT / "configs" / "demo.yaml")
-    assert isinstance(cfg, RetrainConfig) and cfg.train.pog.method == "pogdiff"
+    assert isinstance(cfg, RetrainConfig) and cfg.train.base_model == "builtin:logos16"
+    # prefect.yaml's deployments retrain with the demo's recipe and evaluation: the two must not drift
+    deployed = parse_config(yaml.safe_load((ROOT / "prefect.yaml").read_text())["definitions"]["retrain_config"])
+    assert (deployed.train, deployed.evaluate, deployed.index) == (cfg.train, cfg.evaluate, cfg.index)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
     (tmp_path / "list.yaml").write_text("- 1\n")

@@ -52,7 +52,7 @@ def tiny(tmp_path_factory, tiny_spec):
         "ingest": {"resolution": 32},
         "index": {"k": 3},
         "train": {"base_model": str(root / "base"), "steps": 40, "batch_size": 8, "checkpoint_every": 4},
-        "evaluate": {"images_per_caption": 2, "num_inference_steps": 2, "buckets": {"many_above": 10, "few_below": 4}},
+        "evaluate": {"min_images_per_individual": 1, "max_images_per_individual": 2, "num_inference_steps": 2, "buckets": {"many_above": 10, "few_below": 4}},
         "registry": {"experiment": EXPERIMENT, "model_name": MODEL_NAME},
     }))
     return source, config, summary["images"]

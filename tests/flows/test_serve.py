@@ -31,7 +31,7 @@ def served(tmp_path_factory, tiny_spec):
     config.write_text(yaml.safe_dump({
         "index": {"k": 3},
         "train": {"base_model": str(root / "base"), "steps": 3, "batch_size": 8},
-        "evaluate": {"images_per_caption": 2, "num_inference_steps": 2, "buckets": {"many_above": 4, "few_below": 2}},
+        "evaluate": {"min_images_per_individual": 1, "max_images_per_individual": 2, "num_inference_steps": 2, "buckets": {"many_above": 4, "few_below": 2}},
         "registry": {"experiment": "served", "model_name": "served-model"},
     }))
     port = free_port()

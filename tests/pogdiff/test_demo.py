@@ -12,16 +12,21 @@ from PIL import Image
 
 from pogdiff.demo import (
     BACKGROUNDS,
+    CENTRE_RANGE,
     COLOURS,
+    NAMES,
+    ROTATION_RANGE,
+    SCALE_RANGE,
     SHAPES,
     Individual,
     Instance,
     all_individuals,
     balanced_draw,
+    describe,
     detect,
     generate_longtail,
+    individual_named,
     longtail_counts,
-    parse_caption,
     render,
     sample_instance,
 )
@@ -40,8 +45,9 @@ def _accuracy(images: np.ndarray, truth: list[Individual]) -> float:
 
 
 def test_vocabulary() -> None:
-    assert len(all_individuals()) == len(set(all_individuals())) == 24
-    assert all_individuals() == all_individuals()
+    individuals = all_individuals()
+    assert len(set(individuals)) == 24
+    assert [(i.shape, i.colour) for i in individuals] == [(s, c) for s in SHAPES for c in COLOURS]
     colours = np.array(list(COLOURS.values()), dtype=float)
     backgrounds = np.array(list(BACKGROUNDS.values()), dtype=float)
     between_colours = np.linalg.norm(colours[:, None] - colours[None], axis=-1)
@@ -49,22 +55,49 @@ def test_vocabulary() -> None:
     assert np.linalg.norm(colours[:, None] - backgrounds[None], axis=-1).min() > 150
 
 
-def test_parse_caption_round_trips() -> None:
+def test_product_names_are_distinct_and_say_nothing_of_the_look() -> None:
+    assert len(set(NAMES)) == len(NAMES) == 24
+    lowered = [n.lower() for n in NAMES]
+    assert not [(a, b) for a in lowered for b in lowered if a != b and b.startswith(a)]
+    looks = [*SHAPES, *COLOURS, *(w for bg in BACKGROUNDS for w in bg.split())]
+    assert not [(n, w) for n in lowered for w in looks if w in n]
+
+
+def test_individual_names_round_trip() -> None:
+    assert [i.name for i in all_individuals()] == list(NAMES)
     for individual in all_individuals():
-        assert parse_caption(individual.caption) == individual
-    assert Individual("circle", "red").caption == "a red circle"
-    for other in ("a purple dog", "a red", "red circle", "a red circle ", "an red circle", ""):
-        assert parse_caption(other) is None
+        assert individual_named(individual.name) == individual
+    red_circle = Individual("circle", "red")
+    assert (red_circle.name, red_circle.subject, red_circle.caption) == ("Vexo", "Vexo logo", "the Vexo logo")
+    assert red_circle.description == "red circle" and red_circle.slug == "vexo"
+    for other in ("vexo", "Vexo logo", "", "red circle"):
+        assert individual_named(other) is None
+
+
+def test_describe_names_size_position_and_background() -> None:
+    instance = Instance(cx=0.40, cy=0.38, scale=0.26, rotation=5.0, background="dark navy")
+    assert describe(instance, "Vexo logo", 0) == "the Vexo logo, small, in the upper left, on a dark navy background"
+    assert describe(instance, "red circle", 1) == "a small red circle in the upper left on dark navy"
+    assert describe(instance, "Vexo logo", 2) == "dark navy background with the Vexo logo in the upper left, small"
+    cases = [((0.5, 0.5, 0.31), "medium, in the centre"), ((0.62, 0.5, 0.36), "large, on the right"),
+             ((0.5, 0.62, 0.25), "small, at the bottom"), ((0.62, 0.62, 0.34), "large, in the lower right")]
+    for (cx, cy, scale), words in cases:
+        caption = describe(Instance(cx, cy, scale, 0.0, "black"), "Vexo logo", 0)
+        assert caption == f"the Vexo logo, {words}, on a black background"
 
 
 def test_sample_instance() -> None:
-    assert sample_instance(np.random.default_rng(0), "canonical") == Instance(0.5, 0.5, 0.28, 0.0, "black")
+    assert sample_instance(np.random.default_rng(0), "canonical") == Instance(0.5, 0.5, 0.31, 0.0, "black")
     rng = np.random.default_rng(0)
     draws = [sample_instance(rng, "full") for _ in range(400)]
-    assert all(0.35 <= d.cx <= 0.65 and 0.35 <= d.cy <= 0.65 for d in draws)
-    assert all(0.22 <= d.scale <= 0.34 and 0.0 <= d.rotation < 360.0 for d in draws)
+    lo, hi = CENTRE_RANGE
+    assert all(lo <= d.cx <= hi and lo <= d.cy <= hi for d in draws)
+    assert all(SCALE_RANGE[0] <= d.scale <= SCALE_RANGE[1] and ROTATION_RANGE[0] <= d.rotation <= ROTATION_RANGE[1] for d in draws)
+    # the shape stays inside the image: centre +- circumradius within [0, 1]
+    assert lo - SCALE_RANGE[1] >= 0 and hi + SCALE_RANGE[1] <= 1
     assert {d.background for d in draws} == set(BACKGROUNDS)
-    assert draws[:5] == [sample_instance(np.random.default_rng(0), "full")] + draws[1:5]
+    assert sample_instance(np.random.default_rng(0), "full") == draws[0]
+    assert len(set(draws)) == len(draws)
     with pytest.raises(ValueError, match="variation"):
         sample_instance(rng, "wild")  # type: ignore[arg-type]
 
@@ -137,8 +170,9 @@ def test_detect_validates_input() -> None:
 
 def test_longtail_counts() -> None:
     counts = longtail_counts()
-    assert len(counts) == 24 and counts[0] == 150 and counts == sorted(counts, reverse=True)
-    assert counts == [max(2, round(150 / r**1.1)) for r in range(1, 25)]
+    assert len(counts) == 24 and counts[0] == 200 and counts == sorted(counts, reverse=True)
+    assert counts == [max(2, round(200 / r**1.3)) for r in range(1, 25)]
+    assert (sum(c > 30 for c in counts), sum(c < 10 for c in counts), counts[-1]) == (4, 14, 3)
     assert longtail_counts(5, max_count=10, alpha=3.0, min_count=2) == [10, 2, 2, 2, 2]
     with pytest.raises(ValueError):
         longtail_counts(min_count=0)
@@ -156,24 +190,32 @@ def _read_png(path: Path) -> np.ndarray:
 
 
 def test_generate_longtail(tmp_path: Path) -> None:
-    summary = generate_longtail(tmp_path / "a", seed=5)
+    summary = generate_longtail(tmp_path / "a", seed=5, size=32)
     expected = longtail_counts()
     rows = _read_csv(tmp_path / "a" / "captions.csv")
-    assert list(rows[0]) == ["image", "caption", "shape", "colour"]
+    assert list(rows[0]) == ["image", "caption", "individual", "shape", "colour"]
     assert len(rows) == summary["images"] == sum(expected)
     assert summary["individuals"] == 24
-    per_caption = Counter(row["caption"] for row in rows)
-    assert sorted(per_caption.values()) == sorted(expected)
-    assert per_caption == summary["counts"]
-    for row in rows:
-        individual = parse_caption(row["caption"])
-        assert individual == Individual(row["shape"], row["colour"])
-        assert row["image"].startswith(f"images/{row['colour']}_{row['shape']}_")
-        assert (tmp_path / "a" / row["image"]).is_file()
+    per_individual = Counter(row["individual"] for row in rows)
+    assert sorted(per_individual.values()) == sorted(expected)
+    assert per_individual == summary["counts"]
     truth = _read_csv(tmp_path / "a" / "attributes.csv")
-    assert list(truth[0]) == ["image", "shape", "colour", "cx", "cy", "scale", "rotation", "background"]
+    assert list(truth[0]) == ["image", "individual", "shape", "colour", "cx", "cy", "scale", "rotation", "background"]
     assert [t["image"] for t in truth] == [row["image"] for row in rows]
-    assert all(0.22 <= float(t["scale"]) <= 0.34 and t["background"] in BACKGROUNDS for t in truth)
+    for row, t in zip(rows, truth, strict=True):
+        individual = individual_named(row["individual"])
+        assert individual == Individual(row["shape"], row["colour"]) == Individual(t["shape"], t["colour"])
+        assert row["image"].startswith(f"images/{individual.slug}_")
+        assert (tmp_path / "a" / row["image"]).is_file()
+        # the caption names the individual and describes this image, never its shape or colour
+        instance = Instance(float(t["cx"]), float(t["cy"]), float(t["scale"]), float(t["rotation"]), t["background"])
+        assert row["caption"] in {describe(instance, individual.subject, k) for k in range(3)}
+        assert row["shape"] not in row["caption"] and row["colour"] not in row["caption"]
+    assert all(SCALE_RANGE[0] <= float(t["scale"]) <= SCALE_RANGE[1] and t["background"] in BACKGROUNDS for t in truth)
+    # several distinct captions per individual, and so many more captions than individuals
+    captions_of = {name: {r["caption"] for r in rows if r["individual"] == name} for name in per_individual}
+    assert all(len(captions_of[n]) >= min(3, per_individual[n] // 2) for n in per_individual)
+    assert summary["captions"] == len({r["caption"] for r in rows}) > 10 * 24
     assert not list((tmp_path / "a").rglob("*.tmp"))
 
     images = np.stack([_read_png(tmp_path / "a" / t["image"]) for t in truth])
@@ -182,8 +224,8 @@ def test_generate_longtail(tmp_path: Path) -> None:
     agree = np.mean([f == e for f, e in zip(detect(images), expected_individuals, strict=True)])
     assert agree >= 0.99, f"detect agrees with the ground-truth table on {agree:.4f} of the images"
 
-    generate_longtail(tmp_path / "b", seed=5)
-    generate_longtail(tmp_path / "c", seed=6)
+    generate_longtail(tmp_path / "b", seed=5, size=32)
+    generate_longtail(tmp_path / "c", seed=6, size=32)
     same = ["captions.csv", "attributes.csv"] + [rows[k]["image"] for k in (0, 100, len(rows) - 1)]
     for name in same:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
@@ -193,17 +235,28 @@ def test_generate_longtail(tmp_path: Path) -> None:
     assert (tmp_path / "a" / first).read_bytes() != (tmp_path / "c" / first).read_bytes()
 
 
+def test_generate_longtail_one_caption_per_individual(tmp_path: Path) -> None:
+    summary = generate_longtail(tmp_path, seed=5, size=16, max_count=12, captions="individual")
+    rows = _read_csv(tmp_path / "captions.csv")
+    assert summary["captions"] == summary["individuals"] == 24
+    assert all(row["caption"] == individual_named(row["individual"]).caption for row in rows)
+    with pytest.raises(ValueError, match="caption mode"):
+        generate_longtail(tmp_path / "x", captions="per-caption")  # type: ignore[arg-type]
+
+
 def test_balanced_draw() -> None:
-    images, captions = balanced_draw(50, seed=7)
-    assert images.shape == (50, 32, 32, 3) and images.dtype == np.uint8
-    counts = Counter(captions)
-    assert len(counts) == 24 and max(counts.values()) - min(counts.values()) <= 1
-    again_images, again_captions = balanced_draw(50, seed=7)
+    images, captions = balanced_draw(48, seed=7, size=16)
+    assert images.shape == (48, 16, 16, 3) and images.dtype == np.uint8
+    # domain words only: each caption names exactly one (colour, shape) and no product name
+    shown = [[i for i in all_individuals() if f"{i.colour} {i.shape}" in c] for c in captions]
+    assert all(len(s) == 1 for s in shown)
+    assert not [c for c in captions for n in NAMES if n in c]
+    counts = Counter(s[0] for s in shown)
+    assert set(counts) == set(all_individuals()) and set(counts.values()) == {2}
+    assert len(set(captions)) > 24  # sizes, positions and backgrounds vary
+    again_images, again_captions = balanced_draw(48, seed=7, size=16)
     assert again_captions == captions and np.array_equal(again_images, images)
-    other_images, other_captions = balanced_draw(50, seed=8)
+    other_images, other_captions = balanced_draw(48, seed=8, size=16)
     assert other_captions != captions
-    full_images, full_captions = balanced_draw(48, seed=7, size=16, variation="full")
-    assert full_images.shape == (48, 16, 16, 3)
-    assert Counter(full_captions) == Counter(ind.caption for ind in all_individuals() * 2)
-    found = detect(full_images)
-    assert np.mean([f is not None and f.caption == c for f, c in zip(found, full_captions)]) >= 0.95
+    found = detect(images)
+    assert np.mean([f == s[0] for f, s in zip(found, shown)]) >= 0.95

@@ -1,31 +1,44 @@
-"""The evaluate stage as a library call: seeded, per bucket, FID left out where too few images; plots."""
+"""The evaluate stage as a library call: per individual, seeded, per bucket, FID left out where too few images; plots."""
 
+import json
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from pogdiff import demo
-from pogdiff.config import EvaluateConfig, parse_config
-from pogdiff.evaluation import evaluate
+from pogdiff.config import ConfigError, EvaluateConfig, parse_config
+from pogdiff.evaluation import (
+    RealSet,
+    attribute_judge,
+    comparison_grid,
+    evaluate,
+    group_by_metadata,
+    images_per_individual,
+)
 from pogdiff.metrics import FID_MIN_SAMPLES
 from pogdiff.model import PixelDiffusionPipeline
 from pogdiff.plots import grecall_scatter, metric_bars, save_png
 
 SIZE = 16
-# six demo individuals with 12, 12, 5, 5, 2, 2 training images
+# six demo individuals with 12, 12, 5, 5, 2, 2 training images, each image with its own catalogue caption
 COUNTS = np.array([12, 12, 5, 5, 2, 2])
-CAPTIONS = [ind.caption for ind in demo.all_individuals()[: len(COUNTS)]]
+INDIVIDUALS = demo.all_individuals()[: len(COUNTS)]
+NAMES = [ind.name for ind in INDIVIDUALS]
 
 
 @pytest.fixture(scope="module")
-def real():
+def real() -> RealSet:
     rng = np.random.default_rng(0)
-    individuals = demo.all_individuals()
-    ids = np.repeat(np.arange(len(COUNTS)), COUNTS)
-    images = np.stack([demo.render(individuals[i], demo.sample_instance(rng, "full"), SIZE) for i in ids])
-    return images, ids
+    group = np.repeat(np.arange(len(COUNTS)), COUNTS)
+    images, captions = [], []
+    for k, i in enumerate(group):
+        instance = demo.sample_instance(rng, "full")
+        images.append(demo.render(INDIVIDUALS[i], instance, SIZE))
+        captions.append(demo.describe(instance, INDIVIDUALS[i].subject, k % 3))
+    return RealSet(np.stack(images), captions, group, NAMES)
 
 
 @pytest.fixture(scope="module")
@@ -34,90 +47,256 @@ def pipe(tiny_spec):
 
 
 def _cfg(**over) -> EvaluateConfig:
-    base = {"images_per_caption": 6, "num_inference_steps": 2, "batch_size": 16, "gate": "nearest",
-            "buckets": {"many_above": 10, "few_below": 3}}
+    # 8 x 8 pixel features (192-d): FID's eigendecompositions of 768-d covariances would dominate the run time
+    base = {"min_images_per_individual": 3, "max_images_per_individual": 8, "num_inference_steps": 2,
+            "batch_size": 16, "gate": "nearest", "feature_size": 8, "buckets": {"many_above": 10, "few_below": 3}}
     return parse_config({**base, **over}, EvaluateConfig)
 
 
 class ReplayGenerator:
-    """A perfect memoriser: for caption p it returns p's own training images, cycled to n.
+    """A perfect memoriser: for a prompt it returns a training image with exactly that caption.
 
+    The k-th time a caption is asked for it returns the k-th of its images (cycling), so a prompt
+    list that names every training image once reproduces every training image once. With
+    ``first_only`` it always returns the caption's first image instead. Records every call.
     Implements the pipeline interface evaluate() depends on, so the whole stage can be checked
     against answers known in advance.
     """
 
-    def __init__(self, images: np.ndarray, ids: np.ndarray):
-        self.images, self.ids, self.image_size = images, ids, images.shape[1]
+    def __init__(self, real: RealSet, first_only: bool = False):
+        self.images, self.image_size, self.first_only = real.images, real.images.shape[1], first_only
+        self.by_caption: dict[str, list[int]] = {}
+        for r, c in enumerate(real.captions):
+            self.by_caption.setdefault(c, []).append(r)
+        self.calls: list[dict] = []
 
     def generate(self, prompts, num_images_per_prompt, seed, guidance_scale, num_inference_steps, batch_size):
+        self.calls.append({"prompts": list(prompts), "num_images_per_prompt": num_images_per_prompt, "seed": seed})
+        asked: Counter = Counter()
         out = []
-        for p in range(len(prompts)):
-            own = self.images[self.ids == p]
-            out.extend(own[j % len(own)] for j in range(num_images_per_prompt))
+        for p in prompts:
+            own = self.by_caption[p]
+            k = 0 if self.first_only else asked[p]
+            asked[p] += 1
+            out.extend(self.images[own[k % len(own)]] for _ in range(num_images_per_prompt))
         return np.stack(out)
 
 
-def test_same_seed_same_metrics_and_fid_left_out_below_minimum(pipe, real):
-    images, ids = real
-    cfg = _cfg()
-    first = evaluate(pipe, CAPTIONS, COUNTS, images, ids, cfg)
-    second = evaluate(pipe, CAPTIONS, COUNTS, images, ids, cfg)
-    assert first.metrics == second.metrics
-    np.testing.assert_array_equal(first.samples, second.samples)
-    assert first.samples.shape == (len(CAPTIONS), 6, SIZE, SIZE, 3)
-    other = evaluate(pipe, CAPTIONS, COUNTS, images, ids, _cfg(seed=cfg.seed + 1))
-    assert not np.array_equal(other.samples, first.samples)
+def test_images_per_individual_is_clamped_count():
+    cfg = _cfg(min_images_per_individual=3, max_images_per_individual=8)
+    assert images_per_individual(np.array([1, 3, 5, 8, 40]), cfg).tolist() == [3, 3, 5, 8, 8]
+    with pytest.raises(ConfigError, match=r"min_images_per_individual \(9\) must not exceed max_images_per_individual \(8\)"):
+        _cfg(min_images_per_individual=9)
+    with pytest.raises(ConfigError, match="unknown config key 'images_per_caption'"):
+        _cfg(images_per_caption=8)
 
-    per_bucket = ("grecall", "accuracy", "nearest_accuracy", "similarity")
+
+def test_same_seed_same_metrics_independent_of_batch_size_and_fid_left_out_below_minimum(pipe, real):
+    cfg = _cfg()
+    first = evaluate(pipe, real, cfg)
+    second = evaluate(pipe, real, _cfg(batch_size=5))  # one flat prompt list: batching changes nothing
+    assert first.metrics == second.metrics
+    assert first.prompts == second.prompts
+    for a, b in zip(first.samples, second.samples):
+        np.testing.assert_array_equal(a, b)
+    # N_i = max(3, min(|T_i|, 8))
+    assert [s.shape for s in first.samples] == [(n, SIZE, SIZE, 3) for n in (8, 8, 5, 5, 3, 3)]
+    other = evaluate(pipe, real, _cfg(seed=cfg.seed + 1))
+    assert not np.array_equal(other.samples[0], first.samples[0])
+
+    per_bucket = ("grecall", "grecall_norm", "accuracy", "nearest_accuracy", "similarity")
     expected = {f"{b}/{m}" for b in ("many", "medium", "few", "overall") for m in per_bucket}
-    # FID: many = 12 generated vs 24 real, medium = 12 vs 10, overall = 36 vs 38 images; few has
-    # only 4 real images (< FID_MIN_SAMPLES): no value at all, and the info says why
+    # FID: many = 16 generated vs 24 real, medium = 10 vs 10, overall = 32 vs 38 images; few has
+    # only 4 real images and 6 generated ones (< FID_MIN_SAMPLES): no value at all, and the info says why
     assert FID_MIN_SAMPLES == 10
     expected |= {"many/fid", "medium/fid", "overall/fid"}
     assert set(first.metrics) == expected
     assert all(math.isfinite(v) for v in first.metrics.values())
     assert first.metrics["overall/fid"] > 0
-    assert first.info["fid.few"] == "left out: 12 generated vs 4 real images, fewer than FID_MIN_SAMPLES=10"
-    assert first.info["fid.many"] == "12 generated vs 24 real images"
-    assert first.info["gate"] == "nearest" and first.info["feature_extractor"] == "pixels16"
-    assert (first.info["images_per_caption"], first.info["seed"]) == (6, cfg.seed)
-    # with the nearest-caption gate both accuracies are the same test
+    assert first.info["fid.few"] == "left out: 6 generated vs 4 real images, fewer than FID_MIN_SAMPLES=10"
+    assert first.info["fid.many"] == "16 generated vs 24 real images"
+    assert first.info["gate"] == "nearest" and first.info["feature_extractor"] == "pixels8"
+    assert first.info["grouped_by"] == "individual" and first.info["individuals"] == 6
+    assert (first.info["min_images_per_individual"], first.info["max_images_per_individual"]) == (3, 8)
+    assert (first.info["generated_images"], first.info["seed"]) == (32, cfg.seed)
+    # with the nearest gate both accuracies are the same test
     for b in ("many", "medium", "few", "overall"):
         assert first.metrics[f"{b}/accuracy"] == first.metrics[f"{b}/nearest_accuracy"]
-    rows = first.per_caption
+    rows = first.per_individual
+    assert [r["individual"] for r in rows] == NAMES
     assert [r["bucket"] for r in rows] == ["many", "many", "medium", "medium", "few", "few"]
     assert [r["count"] for r in rows] == COUNTS.tolist()
+    assert [r["images"] for r in rows] == [8, 8, 5, 5, 3, 3]
 
 
-def test_a_perfect_memoriser_scores_full_marks(real):
-    images, ids = real
-    result = evaluate(ReplayGenerator(images, ids), CAPTIONS, COUNTS, images, ids, _cfg(images_per_caption=12, gate="judge"))
+def test_prompts_are_drawn_from_each_individuals_own_captions(real):
+    gen = ReplayGenerator(real)
+    result = evaluate(gen, real, _cfg())
+    # one generate call over the flat, individual-major prompt list, one image per prompt
+    assert len(gen.calls) == 1 and gen.calls[0]["num_images_per_prompt"] == 1
+    assert gen.calls[0]["prompts"] == [p for ps in result.prompts for p in ps]
+    for i, n in enumerate((8, 8, 5, 5, 3, 3)):
+        members = set(np.flatnonzero(real.group == i).tolist())
+        src = result.sources[i].tolist()
+        assert len(src) == n and set(src) <= members
+        assert result.prompts[i] == [real.captions[r] for r in src]
+        if n <= COUNTS[i]:  # a draw without replacement: distinct training images
+            assert len(set(src)) == n
+        else:  # cycled through a permutation: every image used, evenly
+            uses = Counter(src)
+            assert set(uses) == members and max(uses.values()) - min(uses.values()) <= 1
+        # the memoriser answers each prompt with an image of that caption, which the grid pairs with its source
+        for j, r in enumerate(src):
+            assert real.captions[r] == result.prompts[i][j]
+    # the draw is seeded: the same config draws the same prompts, another seed others
+    assert evaluate(ReplayGenerator(real), real, _cfg()).prompts == result.prompts
+    assert evaluate(ReplayGenerator(real), real, _cfg(seed=7)).prompts[0] != result.prompts[0]
+
+
+def test_a_perfect_memoriser_scores_full_marks_with_the_judge(real):
+    # N_i = |T_i| for every individual: each training image is asked for once and reproduced once
+    result = evaluate(ReplayGenerator(real), real, _cfg(min_images_per_individual=2, max_images_per_individual=12, gate="judge"))
     m = result.metrics
-    # every training image is reproduced, so each is its own nearest neighbour: everything covered
     for b in ("many", "medium", "few", "overall"):
         assert m[f"{b}/grecall"] == 1.0
+        assert m[f"{b}/grecall_norm"] == 1.0
         assert m[f"{b}/nearest_accuracy"] == 1.0
-        # the demo's exact detector reads the right individual off every clean render
+        # the demo's exact detector reads the right individual (by its name) off every clean render
         assert m[f"{b}/accuracy"] == 1.0
     assert result.info["gate"] == "judge"
-    # the many bucket reproduces its 24 images exactly once each: identical sets, FID 0
+    # the generated images are the training images themselves: identical sets, FID 0
     assert m["many/fid"] == pytest.approx(0.0, abs=1e-9)
-    assert m["overall/fid"] > 0  # rare captions' images repeated: a different distribution
+    assert m["overall/fid"] == pytest.approx(0.0, abs=1e-9)
 
 
-def test_judge_gate_falls_back_to_nearest_when_captions_are_not_demo_captions(real):
-    images, ids = real
-    captions = [f"product {i}" for i in range(len(COUNTS))]
-    result = evaluate(ReplayGenerator(images, ids), captions, COUNTS, images, ids, _cfg(gate="judge"))
+def test_attribute_judge_reads_demo_names_and_abstains_for_others(real):
+    images = real.images[[0, 12]]  # one image of individual 0, one of individual 1
+    assert attribute_judge(images, [NAMES[0], NAMES[1]]).tolist() == [True, True]
+    assert attribute_judge(images, [NAMES[0], NAMES[0]]).tolist() == [True, False]
+    assert attribute_judge(images, [NAMES[0], "Acme"]) is None
+
+
+def test_judge_gate_falls_back_to_nearest_for_names_that_are_not_demo_individuals(real):
+    renamed = RealSet(real.images, real.captions, real.group, [f"product {i}" for i in range(len(COUNTS))])
+    result = evaluate(ReplayGenerator(renamed), renamed, _cfg(gate="judge"))
     assert result.info["gate"] == "nearest"
+    for b in ("many", "medium", "few", "overall"):
+        assert result.metrics[f"{b}/accuracy"] == result.metrics[f"{b}/nearest_accuracy"]
 
 
-def test_mismatched_inputs_are_named(pipe, real):
-    images, ids = real
-    with pytest.raises(ValueError, match="6 captions but 5 counts"):
-        evaluate(pipe, CAPTIONS, COUNTS[:5], images, ids, _cfg())
-    with pytest.raises(ValueError, match="real images but"):
-        evaluate(pipe, CAPTIONS, COUNTS, images[:-1], ids, _cfg())
+# One individual with 12 images under 3 distinct captions (8, 2 and 2 images), one with 3 images
+# under 3 captions. Per caption the first would be three small groups; per individual it is one of 12.
+SPLIT_CAPTIONS = ["vexo a"] * 8 + ["vexo b"] * 2 + ["vexo c"] * 2 + ["talbrin a", "talbrin b", "talbrin c"]
+SPLIT_OWNERS = ["Vexo"] * 12 + ["Talbrin"] * 3
+
+
+@pytest.fixture(scope="module")
+def split_images() -> np.ndarray:
+    rng = np.random.default_rng(1)
+    return np.stack([demo.render(demo.individual_named(n), demo.sample_instance(rng, "full"), SIZE) for n in SPLIT_OWNERS])
+
+
+def test_buckets_and_grecall_group_by_individual_not_by_caption(split_images):
+    metadata = [json.dumps({"individual": n, "shape": "any"}) for n in SPLIT_OWNERS]
+    real = group_by_metadata(split_images, SPLIT_CAPTIONS, metadata, "individual")
+    assert real.grouped_by == "individual" and real.names == ["Talbrin", "Vexo"] and real.counts.tolist() == [3, 12]
+    # the memoriser answers every prompt with the first image of that caption: Vexo's 12 prompts
+    # (all of its captions) reach 3 distinct images of its 12, Talbrin's 3 reach all 3
+    cfg = _cfg(min_images_per_individual=1, max_images_per_individual=32, buckets={"many_above": 10, "few_below": 5})
+    result = evaluate(ReplayGenerator(real, first_only=True), real, cfg)
+    rows = {r["individual"]: r for r in result.per_individual}
+    assert len(rows) == 2
+    assert rows["Vexo"] | {"similarity": None} == {
+        "individual": "Vexo", "count": 12, "bucket": "many", "images": 12, "distinct_captions": 3,
+        "grecall": 0.25, "grecall_norm": 0.25, "accuracy": 1.0, "nearest_accuracy": 1.0, "similarity": None}
+    assert (rows["Talbrin"]["count"], rows["Talbrin"]["bucket"], rows["Talbrin"]["grecall"]) == (3, "few", 1.0)
+    assert result.metrics["many/grecall"] == 0.25 and result.metrics["few/grecall"] == 1.0
+    assert "medium/grecall" not in result.metrics
+
+
+def test_grouping_falls_back_to_captions_when_the_metadata_lacks_the_column(split_images):
+    without = [json.dumps({"shape": "any"}) for _ in SPLIT_OWNERS]
+    for real in (group_by_metadata(split_images, SPLIT_CAPTIONS, without, "individual"),
+                 group_by_metadata(split_images, SPLIT_CAPTIONS, [json.dumps({"individual": n}) for n in SPLIT_OWNERS], None)):
+        assert real.grouped_by == "caption"
+        assert real.names == sorted(set(SPLIT_CAPTIONS)) and real.counts.tolist() == [1, 1, 1, 8, 2, 2]
+    cfg = _cfg(min_images_per_individual=1, max_images_per_individual=32, buckets={"many_above": 10, "few_below": 5})
+    result = evaluate(ReplayGenerator(real, first_only=True), real, cfg)
+    assert result.info["grouped_by"] == "caption" and len(result.per_individual) == 6
+    rows = {r["individual"]: r for r in result.per_individual}
+    assert (rows["vexo a"]["count"], rows["vexo a"]["bucket"], rows["vexo a"]["grecall"]) == (8, "medium", 1 / 8)
+    # some images naming an individual and others not: no grouping is right, so it is an error
+    with pytest.raises(ValueError, match=r"metadata key 'individual' is missing or empty for 1 of 15 images \(e.g. image 14"):
+        group_by_metadata(split_images, SPLIT_CAPTIONS, [json.dumps({"individual": n}) for n in SPLIT_OWNERS[:-1]] + ["{}"], "individual")
+    with pytest.raises(ValueError, match="metadata of image 0 must be a JSON object"):
+        group_by_metadata(split_images, SPLIT_CAPTIONS, ["[]"] * 15, "individual")
+
+
+def test_gate_metric_note_says_when_raw_few_grecall_is_capped(real):
+    ok = evaluate(ReplayGenerator(real), real, _cfg())
+    assert "every few individual has N_i >= |T_i|, so there raw == normalised" in ok.info["gate_metric_note"]
+    # everything in the few bucket, but at most 4 images each: the 12- and 5-image individuals are capped
+    capped = evaluate(ReplayGenerator(real), real, _cfg(min_images_per_individual=2, max_images_per_individual=4,
+                                                         buckets={"many_above": 12, "few_below": 13}))
+    assert "4 of 6 few individuals have N_i < |T_i|" in capped.info["gate_metric_note"]
+    rows = capped.per_individual
+    # the memoriser covers 4 distinct images of 12: raw 1/3, normalised 4 / min(4, 12) = 1
+    assert (rows[0]["grecall"], rows[0]["grecall_norm"]) == (pytest.approx(1 / 3), 1.0)
+    assert (rows[5]["grecall"], rows[5]["grecall_norm"]) == (1.0, 1.0)
+
+
+def test_mismatched_inputs_are_named(real):
+    with pytest.raises(ValueError, match="15 real images, 14 captions and 15 group ids"):
+        RealSet(real.images[:15], real.captions[:14], real.group[:15], NAMES)
+    with pytest.raises(ValueError, match="individual 'Quorra' has no real images"):
+        RealSet(real.images[:24], real.captions[:24], real.group[:24], NAMES[:5])
+    with pytest.raises(ValueError, match=r"group ids must be integers in 0\.\.3"):
+        RealSet(real.images, real.captions, real.group, NAMES[:4])
+
+
+def _solid(rgb) -> np.ndarray:
+    return np.broadcast_to(np.array(rgb, np.uint8), (SIZE, SIZE, 3)).copy()
+
+
+def _box(grid: np.ndarray, rgb) -> tuple[int, int, int, int, int]:
+    """(top, left, bottom, right, pixel count) of the pixels of one colour."""
+    ys, xs = np.nonzero((grid == np.array(rgb, np.uint8)).all(-1))
+    return ys.min(), xs.min(), ys.max(), xs.max(), len(ys)
+
+
+def test_comparison_grid_pairs_real_and_generated_images_scaled_up():
+    real_rgb = [[(200, 20 + 10 * j, 40 * r + 10) for j in range(8)] for r in range(2)]
+    gen_rgb = [[(20 + 10 * j, 200, 40 * r + 10) for j in range(8)] for r in range(2)]
+    counts = (8, 2)  # the first row has more pairs than are shown
+    real = [np.stack([_solid(real_rgb[r][j]) for j in range(n)]) for r, n in enumerate(counts)]
+    gen = [np.stack([_solid(gen_rgb[r][j]) for j in range(n)]) for r, n in enumerate(counts)]
+    gen[1][1, :, SIZE // 2:] = (250, 120, 0)  # half one colour, half another
+    grid = comparison_grid(["Vexo\nn=40", "Talbrin\nn=2"], real, gen, pairs=6, min_cell=48)
+    assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[2] == 3
+    cell = 48  # 16-pixel images, scaled up 3x by nearest neighbour
+    for r, n in enumerate(counts):
+        for j in range(8):
+            present = (grid == np.array(real_rgb[r][j], np.uint8)).all(-1).any()
+            assert present == (j < min(n, 6))  # at most 6 pairs per row
+        for j in range(min(n, 6)):
+            top, left, bottom, right, count = _box(grid, real_rgb[r][j])
+            assert (bottom - top + 1, right - left + 1, count) == (cell, cell, cell * cell)
+            g_top, g_left, *_ = _box(grid, gen_rgb[r][j])
+            assert g_top == top and g_left == right + 3  # generated right of its real image, 2 pixels apart
+    # nearest neighbour: the half-and-half image is two clean 24 x 48 blocks, no blended pixels
+    *_, left_count = _box(grid, gen_rgb[1][1])
+    top, left, bottom, right, right_count = _box(grid, (250, 120, 0))
+    assert left_count == right_count == cell * cell // 2
+    cell_pixels = grid[top : bottom + 1, left - cell // 2 : right + 1].reshape(-1, 3)
+    assert {tuple(p) for p in cell_pixels} == {tuple(gen_rgb[1][1]), (250, 120, 0)}
+    # the rows are stacked, the second below the first; text (labels, header) is drawn in dark grey
+    # shades (anti-aliased black), which no test image uses
+    assert _box(grid, real_rgb[1][0])[0] > _box(grid, real_rgb[0][0])[2]
+    top, left, *_ = _box(grid, real_rgb[0][0])
+    assert (grid[:top] < 100).all(-1).any()  # the header above the first row
+    assert (grid[:, :left] < 100).all(-1).any()  # the labels left of the images
+    with pytest.raises(ValueError, match=r"row 1 \('b'\): real \(1, 16, 16, 3\) and generated \(2, 16, 16, 3\)"):
+        comparison_grid(["a", "b"], [real[1], real[1][:1]], [gen[1], gen[1]])
 
 
 def test_plots_write_pngs(tmp_path):
@@ -127,12 +306,15 @@ def test_plots_write_pngs(tmp_path):
     fig = metric_bars(metrics)
     assert [ax.get_title() for ax in fig.axes] == ["grecall (higher is better)", "fid (lower is better)"]
     assert [len(ax.patches) for ax in fig.axes] == [3, 1]
-    rows = [{"count": 12, "bucket": "many", "grecall": 0.5}, {"count": 2, "bucket": "few", "grecall": None},
-            {"count": 3, "bucket": "few", "grecall": 1.0}]
+    rows = [{"individual": "a", "count": 40, "bucket": "many", "grecall": 0.2, "grecall_norm": 0.25},
+            {"individual": "b", "count": 2, "bucket": "few", "grecall": None, "grecall_norm": None},
+            {"individual": "c", "count": 3, "bucket": "few", "grecall": 1.0, "grecall_norm": 1.0}]
     scatter = grecall_scatter(rows, many_above=10, few_below=3)
     ax = scatter.axes[0]
-    assert ax.get_xscale() == "log"
-    assert sorted(len(c.get_offsets()) for c in ax.collections) == [1, 1]  # the None row is skipped
+    assert ax.get_xscale() == "log" and ax.get_title() == "gRecall per individual"
+    # many and few (the None row is skipped), plus one hollow marker where normalised != raw
+    assert [len(c.get_offsets()) for c in ax.collections] == [1, 1, 1]
+    assert ax.collections[2].get_offsets().tolist() == [[40, 0.25]]
     path = save_png(scatter, tmp_path / "sub" / "scatter.png")
     for p in (bars, path):
         with Image.open(p) as im:
@@ -140,5 +322,5 @@ def test_plots_write_pngs(tmp_path):
     assert sorted(x.name for x in tmp_path.rglob("*")) == ["bars.png", "scatter.png", "sub"]  # no temp files left
     with pytest.raises(ValueError, match="'<bucket>/<metric>'"):
         metric_bars({"train/loss": 0.1})
-    with pytest.raises(ValueError, match="at least one caption"):
+    with pytest.raises(ValueError, match="at least one row"):
         grecall_scatter([{"count": 1, "bucket": "few", "grecall": None}])

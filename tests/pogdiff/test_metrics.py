@@ -1,4 +1,4 @@
-"""gRecall, identity accuracy, feature similarity, Fréchet distance and buckets on hand-computed cases."""
+"""gRecall and its normalised coverage, identity accuracy, feature similarity, Fréchet distance and buckets on hand-computed cases."""
 
 import numpy as np
 import pytest
@@ -12,9 +12,10 @@ from pogdiff.metrics import (
     feature_similarity,
     frechet_distance,
     grecall,
+    grecall_normalised,
     metric_names,
-    nearest_caption_gate,
-    per_caption_mean,
+    nearest_group_gate,
+    per_group_mean,
 )
 
 
@@ -22,7 +23,7 @@ def _unit(rows):
     return torch.nn.functional.normalize(torch.tensor(rows, dtype=torch.float32), dim=1)
 
 
-# caption 0 has three real images along three axes, caption 1 one image
+# group 0 has three real images along three axes, group 1 one image
 REAL = _unit([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
 REAL_IDS = torch.tensor([0, 0, 0, 1])
 
@@ -31,14 +32,14 @@ def test_grecall_counts_distinct_covered_real_images():
     gen = _unit([[1, 0.1, 0, 0], [0.9, 0, 0.1, 0], [0, 1, 0, 0.1], [0, 0, 0, 1]])
     gen_ids = torch.tensor([0, 0, 0, 1])
     r = grecall(REAL, REAL_IDS, gen, gen_ids, 2)
-    # caption 0: generated images cover real 0 (twice) and real 1 -> 2 / 3; caption 1: 1 / 1
+    # group 0: generated images cover real 0 (twice) and real 1 -> 2 / 3; group 1: 1 / 1
     assert r.tolist() == pytest.approx([2 / 3, 1.0])
 
 
-def test_nearest_gate_drops_images_that_look_like_another_caption():
-    gen = _unit([[0, 0.1, 0, 1], [0, 0, 1, 0]])  # the first one is nearest to caption 1's image
+def test_nearest_gate_drops_images_that_look_like_another_group():
+    gen = _unit([[0, 0.1, 0, 1], [0, 0, 1, 0]])  # the first one is nearest to group 1's image
     gen_ids = torch.tensor([0, 0])
-    assert nearest_caption_gate(REAL, REAL_IDS, gen, gen_ids).tolist() == [False, True]
+    assert nearest_group_gate(REAL, REAL_IDS, gen, gen_ids).tolist() == [False, True]
     assert grecall(REAL, REAL_IDS, gen, gen_ids, 2)[0] == pytest.approx(1 / 3)
 
 
@@ -50,7 +51,7 @@ def test_judge_mask_replaces_the_gate():
     assert r[1] == 0.0  # real images but nothing generated for it
 
 
-def test_captions_without_real_images_are_nan_not_zero():
+def test_groups_without_real_images_are_nan_not_zero():
     r = grecall(REAL, REAL_IDS, REAL[:1], torch.tensor([0]), 3)
     assert np.isnan(r[2])
 
@@ -60,7 +61,7 @@ def test_feature_similarity_and_accuracy():
     gen_ids = torch.tensor([0, 1])
     sim = feature_similarity(REAL, REAL_IDS, gen, gen_ids, 2)
     assert sim.tolist() == pytest.approx([1 / 3, 1.0])
-    acc = per_caption_mean(torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0, 0, 1]), 2)
+    acc = per_group_mean(torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0, 0, 1]), 2)
     assert acc.tolist() == pytest.approx([0.5, 1.0])
 
 
@@ -76,8 +77,8 @@ def test_empty_bucket_is_left_out():
     assert "few/accuracy" not in means and means["overall/accuracy"] == 0.5
 
 
-# Two captions, four real images each, on orthogonal axes of an 8-d space: caption 0 owns axes
-# 0-3, caption 1 axes 4-7. A generated image near axis j is nearest to real image j.
+# Two groups, four real images each, on orthogonal axes of an 8-d space: group 0 owns axes
+# 0-3, group 1 axes 4-7. A generated image near axis j is nearest to real image j.
 AXES = torch.eye(8)
 AXES_IDS = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
 
@@ -95,19 +96,19 @@ def test_grecall_full_coverage():
 
 
 def test_grecall_half_coverage_counts_each_real_image_once():
-    # caption 0: four samples but only two distinct real images reached; caption 1: two of four
+    # group 0: four samples but only two distinct real images reached; group 1: two of four
     gen = _near(0, 0, 1, 1, 4, 6)
     r = grecall(AXES, AXES_IDS, gen, torch.tensor([0, 0, 0, 0, 1, 1]), 2)
     assert r.tolist() == [0.5, 0.5]
 
 
 def test_grecall_gate_rejects_samples_of_the_wrong_identity():
-    # caption 0 asked for; samples 2 and 3 look like caption 1's images (axes 4 and 5) with a trace
-    # of caption 0's axes 2 and 3: the gate rejects them, so they cover nothing
+    # group 0 asked for; samples 2 and 3 look like group 1's images (axes 4 and 5) with a trace
+    # of group 0's axes 2 and 3: the gate rejects them, so they cover nothing
     wrong = [[0, 0, 0.3, 0, 1, 0, 0, 0], [0, 0, 0, 0.3, 0, 1, 0, 0]]
     gen = torch.cat([_near(0, 1), _unit(wrong)])
     gen_ids = torch.tensor([0, 0, 0, 0])
-    assert nearest_caption_gate(AXES, AXES_IDS, gen, gen_ids).tolist() == [True, True, False, False]
+    assert nearest_group_gate(AXES, AXES_IDS, gen, gen_ids).tolist() == [True, True, False, False]
     assert grecall(AXES, AXES_IDS, gen, gen_ids, 2)[0] == 0.5
     # without the gate they would have covered axes 2 and 3
     assert grecall(AXES, AXES_IDS, gen, gen_ids, 2, gen_ok=torch.ones(4, dtype=torch.bool))[0] == 1.0
@@ -116,9 +117,37 @@ def test_grecall_gate_rejects_samples_of_the_wrong_identity():
 def test_grecall_of_an_id_without_generated_images_is_zero():
     gen = _near(0, 1, 2, 3)
     r = grecall(AXES, AXES_IDS, gen, torch.zeros(4, dtype=torch.long), 2)
-    assert r.tolist() == [1.0, 0.0]  # caption 1 has real images but nothing generated: 0, not NaN
+    assert r.tolist() == [1.0, 0.0]  # group 1 has real images but nothing generated: 0, not NaN
     means = bucket_means({"grecall": r}, ["many", "few"])
     assert means == {"many/grecall": 1.0, "few/grecall": 0.0, "overall/grecall": 0.5}
+
+
+def test_normalised_coverage_equals_grecall_when_enough_samples_were_drawn():
+    # group 0: 6 samples >= 4 real images, reaching axes 0, 1, 2 -> 3 / 4 both ways;
+    # group 1: 4 samples = 4 real images, reaching axes 4 and 5 -> 2 / 4 both ways
+    gen = _near(0, 0, 1, 1, 2, 2, 4, 4, 5, 5)
+    gen_ids = torch.tensor([0] * 6 + [1] * 4)
+    raw = grecall(AXES, AXES_IDS, gen, gen_ids, 2)
+    assert raw.tolist() == [0.75, 0.5]
+    assert grecall_normalised(raw, np.array([4, 4]), np.array([6, 4])).tolist() == [0.75, 0.5]
+
+
+def test_normalised_coverage_divides_by_what_n_samples_could_cover():
+    # group 0: 2 samples for 4 real images, both covered -> raw 2 / 4, normalised 2 / min(2, 4) = 1;
+    # group 1: 3 samples, two of them on axis 6 -> raw 2 / 4, normalised 2 / 3
+    gen = _near(0, 1, 6, 6, 7)
+    gen_ids = torch.tensor([0, 0, 1, 1, 1])
+    raw = grecall(AXES, AXES_IDS, gen, gen_ids, 2)
+    assert raw.tolist() == [0.5, 0.5]
+    norm = grecall_normalised(raw, np.array([4, 4]), np.array([2, 3]))
+    assert norm.tolist() == [1.0, pytest.approx(2 / 3)]
+    assert (norm > raw).all()
+    # NaN (no real images) stays NaN; a group with real images but no samples is an error
+    assert np.isnan(grecall_normalised(np.array([np.nan]), np.array([0]), np.array([5]))).all()
+    with pytest.raises(ValueError, match="group 1 has 4 real images but no generated ones"):
+        grecall_normalised(raw, np.array([4, 4]), np.array([2, 0]))
+    with pytest.raises(ValueError, match="shapes differ"):
+        grecall_normalised(raw, np.array([4]), np.array([2, 3]))
 
 
 def _reference_fid(a: np.ndarray, b: np.ndarray) -> float:
@@ -175,3 +204,5 @@ def test_frechet_distance_rejects_too_few_samples_and_bad_shapes():
 def test_metric_names_keep_display_order_and_ignore_other_keys():
     keys = {"few/fid": 1.0, "overall/grecall": 0.5, "train/loss": 0.1, "many/zeta": 2.0, "few/accuracy": 1.0}
     assert metric_names(keys) == ["grecall", "accuracy", "fid", "zeta"]
+    keys["many/grecall_norm"] = 0.7
+    assert metric_names(keys) == ["grecall", "grecall_norm", "accuracy", "fid", "zeta"]

@@ -73,7 +73,7 @@ def data() -> TrainData:
 def test_load_pipeline_picks_the_kind_by_layout(sd_dir, tmp_path):
     pipe = load_pipeline(str(sd_dir))
     assert isinstance(pipe, StableDiffusionPipeline) and pipe.image_size == SIZE
-    assert isinstance(load_pipeline("builtin:shapes32"), PixelDiffusionPipeline)
+    assert isinstance(load_pipeline("builtin:logos16"), PixelDiffusionPipeline)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="neither a Stable Diffusion folder"):
         load_pipeline(str(tmp_path / "empty"))

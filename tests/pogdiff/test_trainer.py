@@ -7,7 +7,7 @@ import torch
 from pogdiff import demo
 from pogdiff.config import PoGConfig, TrainConfig
 from pogdiff.model import PixelDiffusionPipeline
-from pogdiff.trainer import TrainData, TrainingDiverged, TrainingTimeLimit, train
+from pogdiff.trainer import EMA, TrainData, TrainingDiverged, TrainingTimeLimit, lr_factor, train
 
 
 @pytest.fixture(scope="module")
@@ -95,18 +95,41 @@ def _cfg_extra(steps, **kw):
     return TrainConfig(steps=steps, batch_size=8, learning_rate=1e-3, checkpoint_every=2, pog=PoGConfig(method="vanilla"), **kw)
 
 
-def test_ema_extremes(data, tiny_spec, tmp_path):
-    # decay 1: the shadow never moves, so the saved model is the initial one; decay 0: it is the trained one
+def test_ema_decay_zero_saves_the_trained_weights(data, tiny_spec, tmp_path):
     init = _weights(PixelDiffusionPipeline.new(tiny_spec, seed=0))
-    frozen = PixelDiffusionPipeline.new(tiny_spec, seed=0)
-    train(frozen, data, _cfg_extra(2, ema_decay=1.0), tmp_path / "one")
-    assert torch.equal(_weights(frozen), init)
     plain = PixelDiffusionPipeline.new(tiny_spec, seed=0)
     train(plain, data, _cfg_extra(2), tmp_path / "plain")
     follow = PixelDiffusionPipeline.new(tiny_spec, seed=0)
     train(follow, data, _cfg_extra(2, ema_decay=0.0), tmp_path / "zero")
     torch.testing.assert_close(_weights(follow), _weights(plain))
     assert not torch.equal(_weights(plain), init)
+
+
+def test_ema_warm_up_forgets_the_starting_weights():
+    # theta jumps from 0 to 1 and stays: the shadow's share of the start is prod_s d_s
+    net = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(net.weight)
+    ema = EMA(net, decay=0.999)
+    torch.nn.init.ones_(net.weight)
+    share = 1.0
+    for step in range(1, 21):
+        d = ema.decay_at(step)
+        assert d == pytest.approx(min(0.999, (1 + step) / (10 + step)))
+        share *= d
+        ema.update(net, step)
+    assert ema.shadow["weight"].item() == pytest.approx(1.0 - share, abs=1e-6)
+    assert share < 1e-3  # a fixed decay of 0.999 would keep 0.999^20 = 98% of the start
+    assert ema.decay_at(10**6) == 0.999
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    cfg = TrainConfig(steps=110, lr_warmup_steps=10, lr_schedule="cosine")
+    factors = [lr_factor(s, cfg) for s in range(110)]
+    assert factors[:9] == pytest.approx([(s + 1) / 10 for s in range(9)])
+    assert factors[9] == 1.0 and factors[59] == pytest.approx(0.5) and factors[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
+    constant = TrainConfig(steps=110, lr_warmup_steps=10)
+    assert [lr_factor(s, constant) for s in range(9, 110)] == [1.0] * 101
 
 
 @pytest.mark.parametrize("extra", [{"ema_decay": 0.5}, {"lora_rank": 4}], ids=["ema", "lora"])

@@ -360,7 +360,7 @@ def test_stable_diffusion_models_full_and_lora(settings, tmp_path):
 def test_log_model_needs_adapter_and_base_together(store, model_dir):
     with tracking.run(unique("pair")):
         with pytest.raises(ValueError, match="adapter_dir and base_model together"):
-            tracking.log_model(model_dir, unique("m"), ["a red circle"], base_model="builtin:shapes32")
+            tracking.log_model(model_dir, unique("m"), ["a red circle"], base_model="builtin:logos16")
 
 
 def test_champions_load_in_a_fresh_process(store, registered, settings, tmp_path):
@@ -371,7 +371,7 @@ def test_champions_load_in_a_fresh_process(store, registered, settings, tmp_path
     name, [(v1, m1, _), _] = registered
     assert tracking.promote(name, v1, m1, gate).promoted
     lora_name = unique("lora-builtin")
-    version, _, lora_model = register_lora(settings, lora_name, "builtin:shapes32", seed=2)
+    version, _, lora_model = register_lora(settings, lora_name, "builtin:logos16", seed=2)
     assert tracking.promote(lora_name, version, {GATE: 0.5}, gate).promoted  # no champion yet
     artifacts = mlflow.models.get_model_info(f"models:/{lora_name}/{version}").flavors["python_function"]["artifacts"]
     assert sorted(artifacts) == ["base", "model"]
@@ -430,7 +430,7 @@ def test_open_run_records_lineage_and_tags(settings):
     tags = run.data.tags
     assert tags["dataset_snapshot_id"] == "snap1234" and tags["prefect_flow_run_id"] == "none"
     assert tags["lancedb_captions_version"] == "1" and tags["lancedb_image_features_version"] == "2"
-    assert tags["base_model"] == "builtin:shapes32" and tags["method"] == "pogdiff" and tags["git_commit"]
+    assert tags["base_model"] == "builtin:logos16" and tags["method"] == "pogdiff" and tags["git_commit"]
     assert run.data.params["registry.gate.metric"] == GATE
 
     inputs = {}

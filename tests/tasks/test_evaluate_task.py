@@ -1,4 +1,4 @@
-"""The evaluate task on a tiny model against real stores: Parquet dataset, LanceDB captions, SQLite MLflow."""
+"""The evaluate task on a tiny model against real stores: Parquet dataset, SQLite MLflow."""
 
 import json
 from pathlib import Path
@@ -9,12 +9,12 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pogdiff import demo
-from pogdiff.config import EvaluateConfig, IndexConfig, IngestConfig, parse_config
+from pogdiff.config import EvaluateConfig, IngestConfig, parse_config
 from pogdiff.model import PixelDiffusionPipeline
 from storage import parquet, tracking
 from storage.settings import load_settings
+from storage.training_set import load_real_set
 from tasks.evaluate import ARTIFACT_DIR, evaluate_model
-from tasks.index import build_caption_index
 
 
 @pytest.fixture(scope="module")
@@ -22,17 +22,27 @@ def stores(tmp_path_factory, tiny_spec):
     root = tmp_path_factory.mktemp("evaluate")
     settings = load_settings(home=root / "home")
     source = root / "source"
-    demo.generate_longtail(source, seed=3, size=16, max_count=8, alpha=1.0, min_count=1)
+    # 24 individuals with 8, 4, 3, 2, 2 and 19 x 1 images (38), each image with its own caption
+    summary = demo.generate_longtail(source, seed=3, size=16, max_count=8, alpha=1.0, min_count=1)
     parquet.ingest(source, settings.dataset_uri, IngestConfig(), workers=1)
-    build_caption_index(settings, IndexConfig(k=3))  # the index stage without its Prefect wrapper
     model_dir = root / "model"
     PixelDiffusionPipeline.new(tiny_spec, seed=0).save_pretrained(model_dir)
-    return settings, model_dir
+    return settings, model_dir, summary
+
+
+def test_real_set_groups_by_the_individual_column_or_falls_back_to_captions(stores):
+    settings, _, summary = stores
+    by_individual = load_real_set(settings.dataset_uri, 16, "individual")
+    assert by_individual.grouped_by == "individual" and by_individual.images.shape == (38, 16, 16, 3)
+    assert dict(zip(by_individual.names, by_individual.counts.tolist())) == summary["counts"]
+    by_caption = load_real_set(settings.dataset_uri, 16, "brand")  # no such metadata key
+    assert by_caption.grouped_by == "caption" and len(by_caption.names) == summary["captions"]
+    assert by_caption.names == sorted(set(by_caption.captions))
 
 
 def test_evaluate_task_logs_metrics_grids_plots_and_json(stores, tmp_path):
-    settings, model_dir = stores
-    cfg = parse_config({"images_per_caption": 2, "num_inference_steps": 2,
+    settings, model_dir, summary = stores
+    cfg = parse_config({"min_images_per_individual": 1, "max_images_per_individual": 2, "num_inference_steps": 2,
                         "buckets": {"many_above": 5, "few_below": 3}}, EvaluateConfig)
     tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
     run_id = tracking.start("evaluate-task")
@@ -42,28 +52,35 @@ def test_evaluate_task_logs_metrics_grids_plots_and_json(stores, tmp_path):
     client = MlflowClient()
     run = client.get_run(run_id)
     assert run.info.status == "RUNNING"  # the task logs into the flow's run, it does not end it
-    assert {"overall/grecall", "few/grecall", "overall/accuracy", "overall/nearest_accuracy",
+    assert {"overall/grecall", "few/grecall", "few/grecall_norm", "overall/accuracy", "overall/nearest_accuracy",
             "overall/similarity", "overall/fid"} <= set(metrics)
     assert run.data.metrics == pytest.approx(metrics)
 
     names = sorted(Path(a.path).name for a in client.list_artifacts(run_id, ARTIFACT_DIR))
     grids = [n for n in names if n.startswith("grid_")]
-    assert set(grids) <= {"grid_many.png", "grid_medium.png", "grid_few.png"} and grids
-    assert {"metrics.json", "per_caption.json", "metrics_by_bucket.png", "grecall_vs_count.png"} <= set(names)
+    assert set(grids) == {"grid_many.png", "grid_medium.png", "grid_few.png"}
+    assert {"metrics.json", "per_individual.json", "prompts.json", "metrics_by_bucket.png", "grecall_vs_count.png"} <= set(names)
 
     local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=ARTIFACT_DIR, dst_path=str(tmp_path)))
     saved = json.loads((local / "metrics.json").read_text())
     assert saved["metrics"] == pytest.approx(metrics)
     info = saved["info"]
-    assert info["gate"] == "judge" and info["feature_extractor"] == "pixels16"
-    assert info["images_per_caption"] == 2 and info["seed"] == cfg.seed
-    assert "fid.overall" in info
-    rows = json.loads((local / "per_caption.json").read_text())
-    assert len(rows) == 24 and {r["bucket"] for r in rows} == {g.split("_")[1][:-4] for g in grids}
-    for name in grids:  # one row of 16-pixel cells (2-pixel gaps) per caption of the bucket
+    assert info["gate"] == "judge" and info["feature_extractor"] == "pixels16" and info["grouped_by"] == "individual"
+    assert (info["min_images_per_individual"], info["max_images_per_individual"], info["seed"]) == (1, 2, cfg.seed)
+    # N_i = max(1, min(|T_i|, 2)): 2 for the five individuals with 2 or more images, 1 for the other 19
+    assert info["generated_images"] == 5 * 2 + 19
+    assert "fid.overall" in info and "few/grecall" in info["gate_metric_note"]
+    rows = json.loads((local / "per_individual.json").read_text())
+    assert {r["individual"]: r["count"] for r in rows} == summary["counts"]
+    assert [r["bucket"] for r in rows if r["count"] == 8] == ["many"]
+    prompts = json.loads((local / "prompts.json").read_text())
+    for r in rows:  # each individual's images were asked for with captions of its own training images
+        assert len(prompts[r["individual"]]) == r["images"] == min(r["count"], 2)
+        assert all(f"{r['individual']} logo" in p for p in prompts[r["individual"]])
+    for name in grids:  # one row of 48-pixel cells (16 pixels scaled up 3x, 2-pixel gaps) per individual, under a header
         members = sum(r["bucket"] == name[5:-4] for r in rows)
         with Image.open(local / name) as im:
-            assert im.format == "PNG" and im.size[1] == members * 18 + 2
+            assert im.format == "PNG" and members * 50 < im.size[1] <= members * 50 + 60
     for name in ("metrics_by_bucket.png", "grecall_vs_count.png"):
         with Image.open(local / name) as im:
             assert im.format == "PNG" and min(im.size) > 200
