@@ -29,7 +29,7 @@ def test_runner_follows_settings(tmp_path):
 
 def test_embedding_shards_run_on_dask_workers(prefect_server, tmp_path, monkeypatch):
     source = tmp_path / "source"
-    demo.generate_longtail(source, seed=2, size=16, max_count=4, alpha=1.0, min_count=1)
+    demo.generate_longtail(source, seed=2, size=16, max_count=4, alpha=1.0, min_count=1, captions="individual")  # 24 captions
     monkeypatch.setenv("POGDIFF_HOME", str(tmp_path / "home"))
     from flows.ingest import ingest_source
 

@@ -72,8 +72,9 @@ def test_two_process_accelerate_launch_trains_like_one_process_and_resumes(job, 
     cfg = TrainConfig.model_validate({**CONFIG, "steps": 5})
     train(pipe, read_train_data(job / "train.npz"), cfg, tmp_path / "single", on_step=lambda s, m: single.append(m))
     for d, s in zip(ddp_log, single, strict=True):
-        assert d["psi/active_share"] == s["psi/active_share"] > 0
+        assert d["psi/active_share"] == s["psi/active_share"]
         np.testing.assert_allclose([d["loss"], d["term/pog"], d["grad_norm"]], [s["loss"], s["term/pog"], s["grad_norm"]], rtol=1e-4)
+    assert max(d["psi/active_share"] for d in ddp_log) > 0  # the ranks did run the neighbour branch
     ddp_unet = load_pipeline(str(out / "model")).unet.state_dict()
     for k, v in pipe.unet.state_dict().items():
         torch.testing.assert_close(ddp_unet[k], v, atol=1e-5, rtol=1e-4)

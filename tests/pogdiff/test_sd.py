@@ -135,7 +135,9 @@ def test_fine_tune_two_steps_and_sample(sd_dir, data, tmp_path, method):
     assert images.shape == (4, SIZE, SIZE, 3) and images.dtype == np.uint8
     again = tuned.generate(["a red circle", "a blue circle"], num_images_per_prompt=2, seed=1,
                            guidance_scale=7.5, num_inference_steps=3, batch_size=4)
-    assert np.array_equal(images, again)  # the batch size never changes the samples
+    # the batch size never changes the samples: each image's noise depends on its position only, so
+    # batches of 3 and 4 differ at most by float summation order, one uint8 step at a rounding edge
+    assert np.abs(images.astype(np.int16) - again).max() <= 1
 
 
 def test_index_features_give_no_borrowing_when_they_are_zero(sd_dir, data, tmp_path):

@@ -395,7 +395,7 @@ def test_champions_load_in_a_fresh_process(store, registered, settings, tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["full"] == [2, 16, 16, 3] and result["lora"] == [2, 32, 32, 3] and result["dtype"] == "uint8"
+    assert result["full"] == [2, 16, 16, 3] and result["lora"] == [2, 16, 16, 3] and result["dtype"] == "uint8"
     assert result["same"], "the LoRA model loaded elsewhere generates what the fused model does"
     # pogdiff came from the code logged with the model
     assert Path(result["pogdiff"]).parent.parent.name == "code"
