@@ -112,12 +112,12 @@ def _ingest_and_index(source: Path, home: Path, index_cfg: IndexConfig) -> None:
 
 def load_prepared(home: Path, index_cfg: IndexConfig, size: int, label: str, individual_column: str | None) -> Prepared:
     """Read an ingested and indexed pipeline home as the train task does (tasks/train.py)."""
-    from pogdiff.features import make_extractor
+    from pogdiff.index import image_extractor
     from storage.settings import Settings
     from storage.training_set import load_real_set, load_training_set
 
     settings = Settings(home=home)
-    extractor = make_extractor(index_cfg.image_feature, index_cfg.image_feature_size).name
+    extractor = image_extractor(index_cfg).name
     s = load_training_set(settings.dataset_uri, settings.lancedb_uri, extractor, size)
     graph = NeighbourGraph.build(*(torch.from_numpy(a) for a in (s.caption_of, s.nb_index, s.nb_sims, s.density, s.features)))
     data = TrainData(to_tensor(s.images), s.captions, graph)

@@ -26,12 +26,7 @@ import torch
 from pogdiff import demo
 from pogdiff.config import PoGConfig, TrainConfig
 from pogdiff.model import PixelDiffusionPipeline, UNetSpec, default_scheduler
-from pogdiff.neighbours import (
-    image_similarity,
-    psi_weight,
-    sample_member_images,
-    sample_neighbour_captions,
-)
+from pogdiff.neighbours import draw_borrowing, similarity_threshold
 from pogdiff.trainer import TrainData, train
 
 GOALS = {"dense_ratio": 1.40, "sparse_ratio": 1.15, "borrow_share": 0.3}
@@ -43,21 +38,17 @@ def _data(size: int) -> TrainData:
 
 def _threshold_for_share(data: TrainData, pog: PoGConfig, share: float, draws: int = 20_000) -> float:
     """The psi threshold above which ``share`` of the samples borrow: a quantile of psi over uniform
-    draws of training images and their neighbours, as the trainer draws them (caption dropout, which
-    sets psi = 0, is accounted for)."""
+    draws of training images and their neighbours, drawn as the trainer draws them (caption dropout,
+    which sets psi = 0, is accounted for)."""
     T = default_scheduler().config.num_train_timesteps
     kept = share / (1.0 - TrainConfig().caption_dropout)
     g = torch.Generator().manual_seed(0)
     graph = data.graph
     idx = torch.randint(len(data.images), (draws,), generator=g)
-    cap = graph.caption_of[idx]
-    nb = sample_neighbour_captions(graph, cap, pog.k, pog.neighbour_sampling, g)
-    psi = torch.zeros(draws)
-    has = nb >= 0
-    other = sample_member_images(graph, nb[has], g)
-    t = torch.randint(T, (int(has.sum()),), generator=g)
-    psi[has] = psi_weight(image_similarity(graph, idx[has], other), graph.density_ratio()[cap[has]], t, T,
-                          pog.lam, pog.a, pog.b, pog.timestep_weight, pog.psi_max)
+    t = torch.randint(T, (draws,), generator=g)
+    open_pog = pog.model_copy(update={"psi_threshold": 0.0})
+    tau = similarity_threshold(graph.image_features, graph.caption_of, pog.similarity_quantile)
+    psi = draw_borrowing(graph, idx, t, torch.zeros(draws, dtype=torch.bool), open_pog, tau, T, g).psi
     return float(torch.quantile(psi, max(0.0, 1.0 - kept)))
 
 
@@ -96,7 +87,7 @@ def main() -> None:
 
     variants = {
         "vanilla": PoGConfig(method="vanilla"),
-        "pogdiff_dense": PoGConfig(method="pogdiff", lam=10.0, a=0.0, psi_threshold=0.0),
+        "pogdiff_dense": PoGConfig(method="pogdiff", lam=10.0, a=0.0, psi_threshold=0.0, similarity_quantile=0.0),
         "pogdiff_sparse": sparse_pog,
     }
     times: dict[str, list[float]] = {name: [] for name in variants}

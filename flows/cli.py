@@ -110,6 +110,30 @@ def cmd_retrain(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_tune(args, settings: Settings) -> int:
+    import shutil
+
+    from storage.parquet import check_source
+
+    config = load_config(args.config)
+    check_source(Path(args.source), config.ingest)
+    from flows.tune import tune
+
+    started = time.time()
+    result = tune(args.source, config)
+    chosen = result["chosen"]
+    what = "plain fine-tuning (lam = 0): no borrowing beat it on the validation draw" if chosen["trial"] < 0 else \
+        f"trial {chosen['trial']}: {chosen['knobs']}"
+    print(f"\ntuned in {time.time() - started:.0f} s: {result['trials']} trials"
+          f"{' (stopped by tune.time_limit_minutes)' if result['out_of_time'] else ''}; chosen {what}")
+    print(f"score {chosen['score']:.3f} against {result['reference_score']:.3f} for lam = 0; MLflow parent run {result['parent_run_id']}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(result["tuned_config"], args.out)
+    print(f"retrain config: {args.out or result['tuned_config']}  (pogdiff retrain SOURCE --config {args.out or result['tuned_config']})")
+    return 0
+
+
 def cmd_evaluate(args, settings: Settings) -> int:
     from flows.evaluate import evaluate_registered
 
@@ -176,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("source")
     r.add_argument("--config", help="retrain config YAML (default: built-in defaults)")
     r.set_defaults(func=cmd_retrain)
+
+    t = sub.add_parser("tune", help="calibrate PoGDiff's psi on a source: short fine-tunes scored on a validation draw")
+    t.add_argument("source")
+    t.add_argument("--config", help="retrain config YAML whose psi knobs to tune (its tune section sets the budget)")
+    t.add_argument("--out", help="also write the chosen retrain config here")
+    t.set_defaults(func=cmd_tune)
 
     e = sub.add_parser("evaluate", help="evaluate a registered version (default: the champion) on the current data")
     e.add_argument("model", nargs="?", default="champion", help="alias, version, name@alias or name/version")

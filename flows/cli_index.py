@@ -40,15 +40,16 @@ def cmd_index(args, settings) -> int:
     return 0
 
 
-def _image_similarity(feats, images_of: dict[str, list[str]], a: str, b: str) -> float | None:
-    """Mean over all image pairs (one image of caption a, one of b) of clip(cos, 0, 1); None without images."""
+def _pair_similarities(feats, images_of: dict[str, list[str]], a: str, b: str):
+    """clip(cos, 0, 1) of every image pair (one image of caption a, one of b) as a flat tensor; None without images."""
     import numpy as np
+    import torch
 
     fa = [feats[i] for i in images_of.get(a, []) if i in feats]
     fb = [feats[i] for i in images_of.get(b, []) if i in feats]
     if not fa or not fb:
         return None
-    return float(np.clip(np.stack(fa) @ np.stack(fb).T, 0.0, 1.0).mean())
+    return torch.from_numpy(np.clip(np.stack(fa) @ np.stack(fb).T, 0.0, 1.0)).float().flatten()
 
 
 def _explain(args, settings) -> dict:
@@ -57,9 +58,8 @@ def _explain(args, settings) -> dict:
     import torch
 
     from pogdiff.embedders import make_embedder
-    from pogdiff.features import make_extractor
-    from pogdiff.index import caption_id
-    from pogdiff.neighbours import DUPLICATE_COS, KERNEL_CUTOFF, psi_weight
+    from pogdiff.index import caption_id, image_extractor
+    from pogdiff.neighbours import DUPLICATE_COS, KERNEL_CUTOFF, psi_weight, similarity_threshold, thresholded
     from storage import parquet, vectors
     from storage.parquet import SourceError
 
@@ -97,24 +97,33 @@ def _explain(args, settings) -> dict:
         own = {"in_dataset": False, "count": 0, "density": rho, "source": f"nearest {len(hits)} stored captions"}
     images = parquet.read_images(settings.dataset_uri, columns=["id", "caption"])
     images_of: dict[str, list[str]] = {}
-    for image_id, caption in zip(images.column("id").to_pylist(), images.column("caption").to_pylist()):
+    image_ids, image_caps = images.column("id").to_pylist(), images.column("caption").to_pylist()
+    for image_id, caption in zip(image_ids, image_caps):
         images_of.setdefault(caption_id(caption), []).append(image_id)
-    extractor = make_extractor(cfg.image_feature, cfg.image_feature_size).name
+    extractor = image_extractor(cfg).name
     feats = vectors.read_image_features(settings.lancedb_uri, extractor)
     ratio = own["density"] / mean_rho if mean_rho > 0 else float("nan")
+    featured = [n for n, i in enumerate(image_ids) if i in feats]
+    cap_index = {c: n for n, c in enumerate(sorted(images_of))}
+    tau = similarity_threshold(torch.from_numpy(np.stack([feats[image_ids[n]] for n in featured])) if featured else torch.zeros(0, 1),
+                               torch.tensor([cap_index[caption_id(image_caps[n])] for n in featured], dtype=torch.long),
+                               pog.similarity_quantile)
+    steps = 1000
+    t = torch.arange(steps)  # psi is shown as its mean over the timesteps, as training draws them
     rows = []
     for j, sim in nb:
-        s_img = _image_similarity(feats, images_of, cid, j)
-        psi = None
-        if s_img is not None:
-            # w(t) shown at t = T: 1 for both schedules (linear scales it by t / T below that)
-            psi = float(psi_weight(torch.tensor([s_img]), torch.tensor([ratio]), torch.tensor([1000]), 1000,
-                                   pog.lam, pog.a, pog.b, pog.timestep_weight, pog.psi_max)[0])
+        pairs = _pair_similarities(feats, images_of, cid, j)
+        s_img = psi = None
+        if pairs is not None:
+            s_img = float(pairs.mean())
+            s = thresholded(pairs, tau).repeat_interleave(steps)
+            psi = float(psi_weight(s, torch.full_like(s, ratio), t.repeat(len(pairs)), steps,
+                                   pog.lam, pog.a, pog.b, pog.timestep_weight, pog.psi_max).mean())
         rows.append({"caption_id": j, "caption": captions[row[j]], "similarity": sim, "count": int(counts[row[j]]),
                      "density": float(density[row[j]]), "s_img": s_img, "psi": psi})
     return {"caption": args.caption, "caption_id": cid, **own, "mean_density": mean_rho, "density_ratio": ratio,
             "method": pog.method, "lam": pog.lam, "a": pog.a, "b": pog.b, "timestep_weight": pog.timestep_weight,
-            "image_feature": extractor, "neighbours": rows}
+            "similarity_quantile": pog.similarity_quantile, "tau": tau, "image_feature": extractor, "neighbours": rows}
 
 
 def _num(v: float | None, fmt: str = ".3f") -> str:
@@ -131,12 +140,12 @@ def cmd_neighbours(args, settings) -> int:
     print(f"caption: {out['caption']!r} ({where}; id {out['caption_id']})")
     print(f"density: rho_eff {out['density']:.3f} from the {out['source']}; mean over training images "
           f"{out['mean_density']:.3f}; ratio {out['density_ratio']:.3f}")
-    print(f"psi = lam * s_img^a * ratio^-b * w(t), lam={out['lam']} a={out['a']} b={out['b']}, "
-          f"w(t) at t = T ({out['timestep_weight']})")
+    print(f"psi = lam * clip((s_img - tau) / (1 - tau), 0, 1)^a * ratio^-b * w(t), lam={out['lam']} a={out['a']} b={out['b']}, "
+          f"tau {out['tau']:.3f} (quantile {out['similarity_quantile']} of s_img over random image pairs), w(t) {out['timestep_weight']}")
     if out["method"] != "pogdiff":
         print(f"note: the config's method is {out['method']}, which does not use this psi")
-    print(f"s_img: mean of clip(cos, 0, 1) of {out['image_feature']} features over all image pairs of the two captions "
-          "(training draws one pair per step); psi shown at that mean")
+    print(f"s_img: mean of clip(cos, 0, 1) of {out['image_feature']} features over all image pairs of the two captions; "
+          "psi: its mean over those pairs and all timesteps (training draws one pair and one t per sample)")
     if not out["neighbours"]:
         print("no neighbours (the index holds no other caption)")
         return 0

@@ -59,8 +59,14 @@ class IndexConfig(_Stage):
     ann_threshold: int = Field(100_000, ge=1)
     ann_index: Literal["IVF_HNSW_SQ", "IVF_PQ"] = "IVF_HNSW_SQ"
     ann_candidates: int = Field(50, ge=2)  # ANN hits per caption: its top-k and its density come from these
-    image_feature: Literal["pixels"] = "pixels"
-    image_feature_size: int = Field(16, ge=2)  # side of the downsampled image used as feature
+    # psi's image feature (pogdiff/features.py). unet: the diffusion model's own UNet, which sees identity
+    # (same product 0.95 vs another product 0.76-0.92 on the demo); pixels: downsampled pixels, which see
+    # colour and position (same product 0.50 vs same colour 0.52); dinov2 / clip: vision models for photos.
+    image_feature: Literal["unet", "pixels", "dinov2", "clip"] = "unet"
+    # unet: the diffusion model (None: the retrain's train.base_model, or the default base alone);
+    # dinov2 / clip: a local folder or a hub id in the local cache
+    image_feature_model: str | None = None
+    image_feature_size: int = Field(16, ge=2)  # pixels only: side of the downsampled image used as feature
     batch_size: int = Field(64, ge=1)
     # Captions to embed are split into shards of this size, one task each, mapped over the flow's
     # task runner (threads by default; Dask with POGDIFF_TASK_RUNNER=dask).
@@ -72,27 +78,48 @@ class IndexConfig(_Stage):
             raise ValueError("embedder_path is only used by the clip and sentence-transformers embedders")
         if self.embedder != "minilm" and not self.embedder_path:
             raise ValueError(f"embedder '{self.embedder}' needs embedder_path (a local model folder)")
+        if self.image_feature in ("dinov2", "clip") and not self.image_feature_model:
+            raise ValueError(f"image_feature '{self.image_feature}' needs image_feature_model (a local folder or a cached hub id)")
+        if self.image_feature == "pixels" and self.image_feature_model is not None:
+            raise ValueError("image_feature_model is not used by image_feature 'pixels'")
         if self.ann_candidates <= self.k:
             raise ValueError("ann_candidates must exceed k (the caption itself and duplicates are among the hits)")
         return self
 
+    @property
+    def feature_model(self) -> str | None:
+        """The model behind ``image_feature``: for ``unet`` without one, the default base model."""
+        if self.image_feature == "unet" and self.image_feature_model is None:
+            return TrainConfig.model_fields["base_model"].default
+        return self.image_feature_model
+
 
 class PoGConfig(_Stage):
-    """The objective and its neighbour weight (DESIGN §4).
+    """The objective and its neighbour weight (DESIGN §4, docs/method.md "The knobs").
 
-    psi_i = lam * s_img(i, i')^a * (rho_eff(y_i) / mean rho_eff)^(-b) * w(t)
+    psi_i = lam * clip((s_img(i, i') - tau) / (1 - tau), 0, 1)^a * (rho_eff(y_i) / mean rho_eff)^(-b) * w(t)
+    tau = the ``similarity_quantile`` of s_img over random pairs of training images.
     """
 
     method: Literal["vanilla", "pogdiff", "cbdm"] = "pogdiff"
     loss_form: Literal["B", "A"] = "B"
-    lam: float = Field(1.0, ge=0)
+    # psi = 1 trusts the neighbour's prediction as much as the ground truth. Measured on the demo
+    # catalogue (validation split, per-image captions, one seed): few-bucket accuracy 0.69 plain,
+    # 0.68 at lam 0.02 (threshold quantile 0.9), 0.65 at 0.05, 0.56 at 0.2, 0.32 at 1. So the default
+    # borrows little; `pogdiff tune` measures how much a data set allows.
+    lam: float = Field(0.02, ge=0)
     a: float = Field(1.0, ge=0)
     b: float = Field(0.5, ge=0)
     k: int = Field(5, ge=1)  # neighbours drawn from (at most the index's k)
+    # y' is drawn among the top-k in proportion to caption cosine x thresholded image similarity
+    # (similarity), or uniformly among those above the threshold (uniform)
     neighbour_sampling: Literal["similarity", "uniform"] = "similarity"
+    # tau as a quantile of s_img over random image pairs: pairs less alike than that never borrow
+    similarity_quantile: float = Field(0.9, ge=0, lt=1)
     psi_threshold: float = Field(1e-3, ge=0)  # neighbour branch runs only where psi > threshold
     psi_max: float = Field(10.0, gt=0)
-    timestep_weight: Literal["constant", "linear"] = "constant"
+    # w(t): constant 1, t / T (borrow where noise is high: layout, identity) or 1 - t / T (detail)
+    timestep_weight: Literal["constant", "linear", "inverse"] = "constant"
     # s_img's features: "index" = the index stage's image features; "latent" = the model's own z0
     # (the scaled VAE latent mean for Stable Diffusion, DESIGN §4), computed once by the trainer
     similarity_features: Literal["index", "latent"] = "index"
@@ -192,9 +219,10 @@ class EvaluateConfig(_Stage):
 class GateConfig(_Stage):
     """Promotion gate, against the current champion's run metrics (README "Model lifecycle").
 
-    Promote when  gain(metric) >= min_improvement  and  worsening(guard_metric) <= allowed,
-    where gain/worsening are signed by each metric's direction and allowed is max_worsening
-    (absolute) or max_worsening * |champion's guard value| (relative). No champion: promote.
+    Promote when  gain(metric) >= min_improvement  and  worsening(guard_metric) <= allowed  and
+    champion head_metric - new head_metric <= head_max_drop, where gain/worsening are signed by each
+    metric's direction and allowed is max_worsening (absolute) or max_worsening * |champion's guard
+    value| (relative). No champion: promote.
     """
 
     metric: str = "few/grecall"
@@ -205,13 +233,20 @@ class GateConfig(_Stage):
     # relative, so one default fits every feature extractor's FID scale
     max_worsening: float = Field(0.05, ge=0)
     worsening: Literal["relative", "absolute"] = "relative"
-    # guard value missing on either side: reject (safe) or decide on `metric` alone (recorded as skipped)
+    # The head check (higher is better, absolute): a candidate whose well-covered individuals got worse
+    # than this is never promoted, whatever its gain on rare ones: that is how a collapse of the caption
+    # conditioning shows (measured: PoGDiff at lam 1 took many-bucket accuracy from 0.75 to 0.41). None: off.
+    head_metric: str | None = "many/accuracy"
+    head_max_drop: float = Field(0.03, ge=0)
+    # guard or head value missing on either side: reject (safe) or decide without it (recorded as skipped)
     missing_guard: Literal["reject", "skip"] = "reject"
 
     @model_validator(mode="after")
     def _distinct(self) -> "GateConfig":
         if self.guard_metric == self.metric:
             raise ValueError("guard_metric must differ from metric")
+        if self.head_metric == self.metric:
+            raise ValueError("head_metric must differ from metric")
         return self
 
 
@@ -223,6 +258,51 @@ class RegisterConfig(_Stage):
     gate: GateConfig = GateConfig()
 
 
+class TuneSpace(_Stage):
+    """Where ``pogdiff tune`` searches psi's knobs: [low, high] ranges (low == high: fixed) and choices."""
+
+    lam: tuple[float, float] = (0.005, 0.5)  # log-uniform; lam = 0 (plain fine-tuning) is always the reference trial
+    a: tuple[float, float] = (0.5, 2.0)
+    b: tuple[float, float] = (0.0, 1.0)
+    k: tuple[int, int] = (1, 5)
+    similarity_quantile: tuple[float, float] = (0.0, 0.95)
+    timestep_weight: tuple[Literal["constant", "linear", "inverse"], ...] = ("constant", "linear", "inverse")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "TuneSpace":
+        for name in ("lam", "a", "b", "k", "similarity_quantile"):
+            low, high = getattr(self, name)
+            if low > high:
+                raise ValueError(f"{name}: low {low} exceeds high {high}")
+        if self.lam[0] <= 0:
+            raise ValueError("lam: the range is searched on a log scale and must be above 0 (lam = 0 is always tried)")
+        if self.b[0] < 0 or self.a[0] < 0 or self.k[0] < 1:
+            raise ValueError("a and b must be >= 0 and k >= 1")
+        if not 0 <= self.similarity_quantile[0] or not self.similarity_quantile[1] < 1:
+            raise ValueError("similarity_quantile must lie in [0, 1)")
+        if not self.timestep_weight:
+            raise ValueError("timestep_weight needs at least one choice")
+        return self
+
+
+class TuneConfig(_Stage):
+    """``pogdiff tune``: short fine-tunes over psi's knobs, scored on a validation draw (pogdiff/tune.py)."""
+
+    trials: int = Field(8, ge=1)  # searched trials, after the lam = 0 reference trial
+    steps_per_trial: int | None = Field(None, ge=1)  # None: train.steps
+    time_limit_minutes: float | None = Field(None, gt=0)  # no trial starts after this (the finished ones count)
+    # Trials per batch, mapped over the flow's task runner. On a machine with one accelerator or few
+    # cores, parallel trials only slow each other down.
+    parallel_trials: int = Field(1, ge=1)
+    # The validation draw: evaluation with this seed (other prompts drawn, other noise), never the
+    # evaluate section's seed, on which the reported scores are computed.
+    eval_seed: int = Field(4321, ge=0)
+    # Feasible trials keep many-bucket accuracy within this of the reference's (the gate's head check).
+    head_max_drop: float = Field(0.03, ge=0)
+    seed: int = 0  # the sampler's seed (TPE)
+    space: TuneSpace = TuneSpace()
+
+
 class RetrainConfig(_Stage):
     """The whole retrain flow: one section per stage."""
 
@@ -231,6 +311,28 @@ class RetrainConfig(_Stage):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegisterConfig = RegisterConfig()  # the register stage ("register" would shadow BaseModel.register)
+    tune: TuneConfig = TuneConfig()  # only `pogdiff tune` reads it
+
+    @model_validator(mode="after")
+    def _validation_draw(self) -> "RetrainConfig":
+        if self.tune.eval_seed == self.evaluate.seed:
+            raise ValueError(f"tune.eval_seed ({self.tune.eval_seed}) must differ from evaluate.seed: trials are scored "
+                             "on a validation draw, not on the one reported scores come from")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unet_feature_of_the_base(cls, data: Any) -> Any:
+        """``index.image_feature: unet`` without a model uses the UNet being fine-tuned (``train.base_model``)."""
+        if not isinstance(data, dict):
+            return data
+        index, train = data.get("index") or {}, data.get("train") or {}
+        if not isinstance(index, dict) or not isinstance(train, dict):
+            return data  # the field validation names the bad section
+        feature = index.get("image_feature", IndexConfig.model_fields["image_feature"].default)
+        if feature == "unet" and index.get("image_feature_model") is None and train.get("base_model"):
+            return {**data, "index": {**index, "image_feature_model": train["base_model"]}}
+        return data
 
 
 def _explain(err: ValidationError) -> str:

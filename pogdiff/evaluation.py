@@ -29,8 +29,9 @@ from pogdiff.metrics import (
     frechet_distance,
     grecall,
     grecall_normalised,
-    nearest_group_gate,
+    nearest_group,
     per_group_mean,
+    separability,
 )
 
 GroupedBy = Literal["individual", "caption"]
@@ -138,17 +139,15 @@ def _individual(metadata: str, column: str, row: int) -> str | None:
     return str(value)
 
 
-def attribute_judge(images: np.ndarray, individuals: list[str]) -> np.ndarray | None:
-    """The demo's exact judge: ``[G]`` bool, the individual detected on image j is ``individuals[j]``.
+def attribute_judge(images: np.ndarray, individuals: list[str]) -> list[str | None] | None:
+    """The demo's exact judge: the name of the individual detected on each image (None: none is).
 
     images uint8 ``[G, H, W, 3]`` (H >= 16); individuals: the name each image was generated for.
-    None when some name is not a demo individual (no exact judge exists for that data).
+    Returns None when some name is not a demo individual (no exact judge exists for that data).
     """
-    wanted = [demo.individual_named(n) for n in individuals]
-    if any(w is None for w in wanted):
+    if any(demo.individual_named(n) is None for n in individuals):
         return None
-    found = demo.detect(images)
-    return np.array([f == w for f, w in zip(found, wanted)], dtype=bool)
+    return [None if f is None else f.name for f in demo.detect(images)]
 
 
 def images_per_individual(counts: np.ndarray, cfg: EvaluateConfig) -> np.ndarray:
@@ -268,10 +267,17 @@ def evaluate(pipe: ImageGenerator, real: RealSet, cfg: EvaluateConfig) -> EvalRe
     real_f, gen_f = extractor(real.images), extractor(samples)
     real_t = torch.as_tensor(real.group, dtype=torch.long)
 
-    judged = attribute_judge(samples, [real.names[i] for i in gen_ids.tolist()]) if cfg.gate == "judge" else None
+    wanted = [real.names[i] for i in gen_ids.tolist()]
+    judged = attribute_judge(samples, wanted) if cfg.gate == "judge" else None
     gate = "judge" if judged is not None else "nearest"
-    nearest_ok = nearest_group_gate(real_f, real_t, gen_f, gen_ids)
-    ok = torch.from_numpy(judged) if judged is not None else nearest_ok
+    nearest = nearest_group(real_f, real_t, gen_f)
+    nearest_ok = nearest == gen_ids
+    if judged is not None:
+        ok = torch.tensor([j == w for j, w in zip(judged, wanted)], dtype=torch.bool)
+        index = {name: i for i, name in enumerate(real.names)}
+        shown = np.array([-1 if j is None else index.get(j, -1) for j in judged])
+    else:
+        ok, shown = nearest_ok, nearest.numpy()
     raw = grecall(real_f, real_t, gen_f, gen_ids, c, gen_ok=ok)
     per_individual = {
         "grecall": raw,
@@ -303,7 +309,7 @@ def evaluate(pipe: ImageGenerator, real: RealSet, cfg: EvaluateConfig) -> EvalRe
         "fid_min_samples": FID_MIN_SAMPLES,
         **fid_notes,
     }
-    metrics = {**bucket_means(per_individual, buckets), **fids}
+    metrics = {**bucket_means(per_individual, buckets), **fids, "overall/separability": separability(gen_ids.numpy(), shown)}
     edges = np.concatenate([[0], np.cumsum(n)]).tolist()
     spans = list(zip(edges[:-1], edges[1:]))
     return EvalResult(metrics, rows, [samples[a:b] for a, b in spans], [prompts[a:b] for a, b in spans], sources, info)

@@ -17,7 +17,7 @@ import torch
 
 from pogdiff.config import IndexConfig
 from pogdiff.embedders import Embedder, embed_captions, make_embedder
-from pogdiff.features import make_extractor
+from pogdiff.features import FeatureExtractor, make_extractor
 from pogdiff.neighbours import exact_graph, graph_from_candidates
 
 
@@ -102,8 +102,13 @@ def build_caption_graph(
     return with_graph(embed_caption_counts(counts, known, cfg, embedder, progress), cfg)
 
 
-def image_features(images: np.ndarray, cfg: IndexConfig) -> np.ndarray:
+def image_extractor(cfg: IndexConfig) -> FeatureExtractor:
+    """psi's image feature extractor as ``cfg`` names it (``image_feature``, its model and size)."""
+    return make_extractor(cfg.image_feature, cfg.image_feature_size, cfg.feature_model)
+
+
+def image_features(images: np.ndarray, extractor: FeatureExtractor) -> np.ndarray:
     """Features for psi's image similarity: uint8 ``[N, H, W, 3]`` -> float32 ``[N, F]`` (L2-normalised)."""
     if len(images) == 0:
-        return np.zeros((0, 3 * cfg.image_feature_size**2), np.float32)
-    return make_extractor(cfg.image_feature, cfg.image_feature_size)(images).numpy()
+        return np.zeros((0, extractor.dim), np.float32)
+    return extractor(images).numpy()

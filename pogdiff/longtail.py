@@ -15,7 +15,7 @@ import torch
 
 from pogdiff.config import PoGConfig
 from pogdiff.metrics import GROUPS, LOWER_IS_BETTER, METRIC_ORDER
-from pogdiff.neighbours import NeighbourGraph, image_similarity, psi_weight, sample_member_images, sample_neighbour_captions
+from pogdiff.neighbours import NeighbourGraph, draw_borrowing, similarity_threshold
 
 Aggregate = dict[str, dict[str, dict[str, dict[str, float | list[float]]]]]  # method -> bucket -> metric -> stats
 
@@ -144,30 +144,26 @@ def psi_by_bucket(
 ) -> dict[str, dict[str, float]]:
     """What psi the trainer would give, per bucket of the sample's caption, before caption dropout.
 
-    Draws ``draws`` training images uniformly (as the trainer's batches do), a neighbour caption and
-    one of its images and a timestep exactly as ``pogdiff.trainer`` does, and reports per bucket:
-    ``share`` of the samples, ``psi_mean``, ``active_share`` (psi > threshold), ``s_img_mean`` and
-    ``density_factor`` (mean of (rho_eff / mean rho_eff)^(-b)). ``buckets[c]`` is caption c's bucket.
+    Draws ``draws`` training images uniformly (as the trainer's batches do), a timestep, and a
+    neighbour with ``draw_borrowing`` exactly as ``pogdiff.trainer`` does (tau from
+    ``similarity_threshold``), and reports per bucket: ``share`` of the samples, ``psi_mean``,
+    ``psi_q1..q4`` (mean psi per timestep quartile, q1 the least noise), ``psi_p90`` (its 90th
+    percentile), ``active_share`` (psi > 0), ``s_img_mean`` (raw cosine of the drawn pairs that
+    borrow) and ``density_factor`` (mean of (rho_eff / mean rho_eff)^(-b)); and ``tau`` under
+    ``"overall"``. ``buckets[c]`` is caption c's bucket.
     """
     g = torch.Generator().manual_seed(seed)
     n = graph.caption_of.shape[0]
     idx = torch.randint(n, (draws,), generator=g)
     cap = graph.caption_of[idx]
     t = torch.randint(num_train_timesteps, (draws,), generator=g)
-    nb = sample_neighbour_captions(graph, cap, pog.k, pog.neighbour_sampling, g)
-    has = nb >= 0
-    s_img = torch.zeros(draws)
-    psi = torch.zeros(draws)
-    ratio = graph.density_ratio()
-    if has.any():
-        other = sample_member_images(graph, nb[has], g)
-        s_img[has] = image_similarity(graph, idx[has], other)
-        psi[has] = psi_weight(s_img[has], ratio[cap[has]], t[has], num_train_timesteps, pog.lam, pog.a, pog.b,
-                              pog.timestep_weight, pog.psi_max)
-    psi = torch.where(psi > pog.psi_threshold, psi, torch.zeros_like(psi))
-    factor = ratio.clamp_min(1e-12).pow(-pog.b)[cap]
+    tau = similarity_threshold(graph.image_features, graph.caption_of, pog.similarity_quantile)
+    borrow = draw_borrowing(graph, idx, t, torch.zeros(draws, dtype=torch.bool), pog, tau, num_train_timesteps, g)
+    psi, active = borrow.psi, borrow.active
+    factor = graph.density_ratio().clamp_min(1e-12).pow(-pog.b)[cap]
+    quartile = (t * 4 // num_train_timesteps).clamp(0, 3)
     bucket_of = np.array(buckets)[cap.numpy()]
-    out = {}
+    out: dict[str, dict[str, float]] = {}
     for name in (*sorted(set(buckets), key=lambda b: GROUPS.index(b) if b in GROUPS else len(GROUPS)), "overall"):
         sel = torch.from_numpy(bucket_of == name) if name != "overall" else torch.ones(draws, dtype=torch.bool)
         if not sel.any():
@@ -175,10 +171,13 @@ def psi_by_bucket(
         out[name] = {
             "share": float(sel.float().mean()),
             "psi_mean": float(psi[sel].mean()),
-            "active_share": float((psi[sel] > 0).float().mean()),
-            "s_img_mean": float(s_img[sel & has].mean()) if (sel & has).any() else math.nan,
+            **{f"psi_q{q + 1}": float(psi[sel & (quartile == q)].mean()) for q in range(4) if (sel & (quartile == q)).any()},
+            "psi_p90": float(torch.quantile(psi[sel], 0.9)),
+            "active_share": float(active[sel].float().mean()),
+            "s_img_mean": float(borrow.s_img[sel & active].mean()) if (sel & active).any() else math.nan,
             "density_factor": float(factor[sel].mean()),
         }
+    out["overall"]["tau"] = tau
     return out
 
 

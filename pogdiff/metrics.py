@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+import math
+
 import numpy as np
 import torch
 
@@ -33,7 +35,7 @@ Bucket = Literal["many", "medium", "few"]
 BUCKETS: tuple[Bucket, ...] = ("many", "medium", "few")
 GROUPS = (*BUCKETS, "overall")  # prefixes of the reported metric keys "<group>/<metric>"
 # Reported metrics in display order; FID is the only one where lower is better.
-METRIC_ORDER = ("grecall", "grecall_norm", "accuracy", "nearest_accuracy", "similarity", "fid")
+METRIC_ORDER = ("grecall", "grecall_norm", "accuracy", "nearest_accuracy", "similarity", "fid", "separability")
 LOWER_IS_BETTER = frozenset({"fid"})
 # Fewest feature rows per set that frechet_distance accepts. The sample covariance needs 2; below
 # ~10 rows it is so noisy that the distance says more about which images were drawn than about the
@@ -41,10 +43,14 @@ LOWER_IS_BETTER = frozenset({"fid"})
 FID_MIN_SAMPLES = 10
 
 
+def nearest_group(real_features: torch.Tensor, real_ids: torch.Tensor, gen_features: torch.Tensor) -> torch.Tensor:
+    """``[G]``: the group of each generated image's nearest real image (cosine of the features)."""
+    return real_ids[(gen_features @ real_features.T).argmax(1)]
+
+
 def nearest_group_gate(real_features: torch.Tensor, real_ids: torch.Tensor, gen_features: torch.Tensor, gen_ids: torch.Tensor) -> torch.Tensor:
     """``[G]`` bool: the nearest real image of each generated image belongs to its own group."""
-    nearest = (gen_features @ real_features.T).argmax(1)
-    return real_ids[nearest] == gen_ids
+    return nearest_group(real_features, real_ids, gen_features) == gen_ids
 
 
 def grecall(
@@ -119,6 +125,28 @@ def feature_similarity(real_features, real_ids, gen_features, gen_ids, num_group
         if len(r) and len(g):
             out[c] = (g @ r.T).mean().item()
     return out
+
+
+def separability(prompted: np.ndarray, assigned: np.ndarray) -> float:
+    """Normalised mutual information between the individual each image was prompted for and the one
+    it shows: NMI = I(P; A) / ((H(P) + H(A)) / 2), in [0, 1]; both ``[G]`` integer labels (any values).
+
+    1 when every individual's images are told apart from every other's (even if misread consistently),
+    0 when what an image shows is independent of its prompt: the conditioning has collapsed. NaN with
+    fewer than two prompted individuals.
+    """
+    p = np.unique(np.asarray(prompted), return_inverse=True)[1]
+    a = np.unique(np.asarray(assigned), return_inverse=True)[1]
+    if p.max(initial=0) < 1:
+        return math.nan
+    joint = np.zeros((p.max() + 1, a.max() + 1))
+    np.add.at(joint, (p, a), 1.0)
+    joint /= joint.sum()
+    pp, pa = joint.sum(1), joint.sum(0)
+    nz = joint > 0
+    mi = float((joint[nz] * np.log(joint[nz] / np.outer(pp, pa)[nz])).sum())
+    h = -float((pp * np.log(pp)).sum()) - float((pa[pa > 0] * np.log(pa[pa > 0])).sum())
+    return max(0.0, 2.0 * mi / h) if h > 0 else 0.0
 
 
 def assign_buckets(counts: np.ndarray, many_above: int, few_below: int) -> list[Bucket]:

@@ -1,10 +1,14 @@
 """Caption neighbour graph, effective density, neighbour sampling and the PoG weight psi.
 
-psi_i = lam * s_img(i, i')^a * (rho_eff(y_i) / mean rho_eff)^(-b) * w(t)        (DESIGN §4)
+psi_i = lam * s^(a) * (rho_eff(y_i) / mean rho_eff)^(-b) * w(t)        (DESIGN §4)
+s     = clip((s_img(i, i') - tau) / (1 - tau), 0, 1)
 
-with s_img the cosine of image features of sample i and its neighbour sample i', clipped to [0, 1];
-rho_eff the kernel-smoothed caption count (label distribution smoothing over caption embeddings);
-w(t) = 1 (constant) or t / T (linear).
+with s_img the cosine of the image features of sample i and its neighbour sample i'; tau the
+similarity threshold (a quantile of s_img over random pairs of training images, so one setting fits
+every feature's scale); rho_eff the kernel-smoothed caption count (label distribution smoothing over
+caption embeddings); w(t) = 1 (constant), t / T (linear) or 1 - t / T (inverse). Below tau a pair
+is taken to show different things and psi is 0: borrowing between different individuals erases
+what tells them apart.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from pogdiff.config import PoGConfig
 
 # Cosine at or above this is an exact duplicate of the caption and never its own neighbour.
 DUPLICATE_COS = 1.0 - 1e-5
@@ -172,30 +178,86 @@ class NeighbourGraph:
         return self.density / mean
 
 
-def sample_neighbour_captions(
-    graph: NeighbourGraph,
-    captions: torch.Tensor,
-    k: int,
-    how: Literal["similarity", "uniform"],
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """Draw y' among the top-k neighbours of each caption ``[B] -> [B]`` (-1 where none exists).
+def similarity_threshold(features: torch.Tensor, caption_of: torch.Tensor, quantile: float, pairs: int = 20_000,
+                         seed: int = 0) -> float:
+    """tau = the ``quantile`` of clip(cos, 0, 1) over ``pairs`` random pairs of training images of different captions.
 
-    ``similarity``: probability proportional to max(cos, 0) (uniform if all are <= 0);
-    ``uniform``: uniform over the valid top-k.
+    features ``[N, F]`` L2-normalised, caption_of ``[N]``. Seeded independently of training, so the same
+    data and features give the same tau. ``quantile`` 0 gives tau = 0 (no threshold); a set with one
+    caption has no pairs and gives tau = 0 too.
     """
-    ids = graph.nb_ids[captions, :k]
+    n = caption_of.shape[0]
+    if quantile <= 0 or n < 2:
+        return 0.0
+    g = torch.Generator().manual_seed(seed)
+    i, j = torch.randint(n, (pairs,), generator=g), torch.randint(n, (pairs,), generator=g)
+    keep = caption_of[i] != caption_of[j]
+    if not keep.any():
+        return 0.0
+    s = (features[i[keep]].float() * features[j[keep]].float()).sum(1).clamp(0, 1)
+    return float(torch.quantile(s, quantile))
+
+
+def thresholded(s_img: torch.Tensor, tau: float) -> torch.Tensor:
+    """s = clip((s_img - tau) / (1 - tau), 0, 1), elementwise."""
+    if tau >= 1.0:
+        return torch.zeros_like(s_img)
+    return ((s_img - tau) / (1.0 - tau)).clamp(0, 1)
+
+
+@dataclass(frozen=True)
+class Borrowing:
+    """One batch's neighbour draw: nb_caption ``[B]`` (-1: none), s_img ``[B]`` (raw cosine of the pair,
+    0 where none), psi ``[B]`` (0 where none, for dropped captions and at or below ``psi_threshold``)."""
+
+    nb_caption: torch.Tensor
+    s_img: torch.Tensor
+    psi: torch.Tensor
+
+    @property
+    def active(self) -> torch.Tensor:
+        return self.psi > 0
+
+
+def draw_borrowing(
+    graph: NeighbourGraph,
+    images: torch.Tensor,
+    t: torch.Tensor,
+    dropped: torch.Tensor,
+    pog: PoGConfig,
+    tau: float,
+    num_train_timesteps: int,
+    generator: torch.Generator,
+) -> Borrowing:
+    """For each training image ``[B]``, draw y' among its caption's top-k and one image i' of y', and weigh it.
+
+    Each candidate y'_j (j < k) gets one image drawn from its members; candidates are ranked by caption
+    and image similarity together, weight_j = max(cos(y, y'_j), 0) * s_j with s_j the thresholded image
+    similarity (``similarity``), or s_j > 0 alone (``uniform``), and y' is drawn in proportion. A sample
+    whose candidates all fall below tau borrows nothing. ``dropped`` ``[B]`` marks captions dropped for
+    guidance, which never borrow. t ``[B]``.
+    """
+    caps = graph.caption_of[images]
+    k = min(pog.k, graph.nb_ids.shape[1])
+    ids = graph.nb_ids[caps, :k]  # [B, k]
     valid = ids >= 0
-    if how == "similarity":
-        w = graph.nb_sims[captions, :k].clamp_min(0) * valid
-        w = torch.where(w.sum(1, keepdim=True) > 0, w, valid.float())
+    members = sample_member_images(graph, ids.clamp_min(0).flatten(), generator).view(ids.shape)
+    raw = image_similarity(graph, images[:, None].expand_as(ids).flatten(), members.flatten()).view(ids.shape)
+    s = thresholded(raw, tau) * valid
+    if pog.neighbour_sampling == "similarity":
+        w = graph.nb_sims[caps, :k].clamp_min(0) * s  # -inf (no neighbour) -> 0
     else:
-        w = valid.float()
-    has = valid.any(1)
-    w[~has, 0] = 1.0  # placeholder row so multinomial is defined; masked below
+        w = (s > 0).float()
+    has = (w > 0).any(1) & ~dropped
+    w[~has] = 1.0  # any row makes multinomial defined; masked below
     pick = torch.multinomial(w, 1, generator=generator).squeeze(1)
-    out = ids.gather(1, pick[:, None]).squeeze(1)
-    return torch.where(has, out, torch.full_like(out, -1))
+    rows = torch.arange(len(images))
+    nb = torch.where(has, ids[rows, pick], torch.full_like(caps, -1))
+    s_pick = torch.where(has, s[rows, pick], torch.zeros(len(images)))
+    psi = torch.where(has, psi_weight(s_pick, graph.density_ratio()[caps], t, num_train_timesteps, pog.lam, pog.a,
+                                      pog.b, pog.timestep_weight, pog.psi_max), torch.zeros(len(images)))
+    psi = torch.where(psi > pog.psi_threshold, psi, torch.zeros_like(psi))
+    return Borrowing(torch.where(psi > 0, nb, torch.full_like(nb, -1)), torch.where(has, raw[rows, pick], torch.zeros(len(images))), psi)
 
 
 def sample_member_images(graph: NeighbourGraph, captions: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -213,20 +275,23 @@ def image_similarity(graph: NeighbourGraph, images: torch.Tensor, other: torch.T
 
 
 def psi_weight(
-    s_img: torch.Tensor,
+    s: torch.Tensor,
     density_ratio: torch.Tensor,
     t: torch.Tensor,
     num_train_timesteps: int,
     lam: float,
     a: float,
     b: float,
-    schedule: Literal["constant", "linear"],
+    schedule: Literal["constant", "linear", "inverse"],
     psi_max: float,
 ) -> torch.Tensor:
-    """psi = lam * s_img^a * ratio^(-b) * w(t), clipped to [0, psi_max]; all inputs ``[B]``."""
+    """psi = lam * s^a * ratio^(-b) * w(t), clipped to [0, psi_max]; all inputs ``[B]``, s the
+    thresholded image similarity in [0, 1] (0^0 counts as 0: no similarity, no borrowing)."""
     if schedule == "linear":
         w = t.float() / num_train_timesteps
+    elif schedule == "inverse":
+        w = 1.0 - t.float() / num_train_timesteps
     else:
-        w = torch.ones_like(s_img)
-    psi = lam * s_img.pow(a) * density_ratio.clamp_min(1e-12).pow(-b) * w
+        w = torch.ones_like(s)
+    psi = lam * torch.where(s > 0, s.pow(a), torch.zeros_like(s)) * density_ratio.clamp_min(1e-12).pow(-b) * w
     return psi.clamp(0, psi_max)

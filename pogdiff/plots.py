@@ -92,8 +92,31 @@ def save_png(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png", dpi=dpi)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a picture of a run is meant to be read by others
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def tune_trials(reference_score: float, trials: list[tuple[int, float, float, bool]], title: str | None = None) -> Figure:
+    """Trials of ``pogdiff tune``: score by trial number and by lam, feasible or not, beside the lam = 0 reference.
+
+    trials: (number, lam, score, feasible) per finished trial.
+    """
+    fig = _figure(9.0, 3.4)
+    by_trial, by_lam = fig.subplots(1, 2)
+    for ax, x_of, label in ((by_trial, lambda t: t[0], "trial"), (by_lam, lambda t: t[1], "lam (log scale)")):
+        for ok, marker, name in ((True, "o", "feasible"), (False, "x", "infeasible: many-bucket accuracy fell")):
+            pts = [t for t in trials if t[3] == ok]
+            if pts:
+                ax.scatter([x_of(t) for t in pts], [t[2] for t in pts], marker=marker, color=COLOURS["few"] if ok else "#555555", label=name)
+        ax.axhline(reference_score, color=COLOURS["overall"], linestyle="--", label="lam = 0 (plain fine-tuning)")
+        ax.set_xlabel(label)
+        ax.set_ylabel("score: (few gRecall + few accuracy) / 2")
+    by_lam.set_xscale("log")
+    by_trial.legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig

@@ -31,13 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pogdiff.config import TrainConfig
 from pogdiff.model import TextToImagePipeline, latent_features
-from pogdiff.neighbours import (
-    NeighbourGraph,
-    image_similarity,
-    psi_weight,
-    sample_member_images,
-    sample_neighbour_captions,
-)
+from pogdiff.neighbours import NeighbourGraph, draw_borrowing, similarity_threshold
 from pogdiff.objectives import cbdm_loss, min_snr_weight, pogdiff_loss, vanilla_loss
 
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -150,7 +144,12 @@ def _save_checkpoint(root: Path, step: int, unet, optimizer, lr_sched, generator
             tmp / "state.pt",
         )
         (tmp / "step.json").write_text(json.dumps({"step": step}))
-        os.replace(tmp, root / f"step-{step:08d}")
+        target = root / f"step-{step:08d}"
+        if target.exists():  # left by an earlier run into this folder that was not resumed: superseded
+            stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=root))
+            os.replace(target, stale / target.name)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for old in _checkpoint_dirs(root)[:-keep]:
@@ -314,7 +313,7 @@ def _train(
     graph = data.graph
     if pog.similarity_features == "latent":
         graph = replace(graph, image_features=latent_features(z_mean))
-    ratio = graph.density_ratio()
+    tau = similarity_threshold(graph.image_features, graph.caption_of, pog.similarity_quantile) if pog.method == "pogdiff" else 0.0
     alphas = sched.alphas_cumprod.to(device)
     n_images, n_captions = data.images.shape[0], len(data.captions)
     metrics: dict[str, float] = {}
@@ -339,15 +338,8 @@ def _train(
             x0 = x0 + z_std[idx] * torch.randn(x0.shape, generator=gen)
 
         if pog.method == "pogdiff":
-            nb_cap = sample_neighbour_captions(graph, cap, pog.k, pog.neighbour_sampling, gen_nb)
-            has = (nb_cap >= 0) & ~drop
-            psi = torch.zeros(B)
-            if has.any():
-                other = sample_member_images(graph, nb_cap[has], gen_nb)
-                s_img = image_similarity(graph, idx[has], other)
-                psi[has] = psi_weight(s_img, ratio[cap[has]], t[has], T, pog.lam, pog.a, pog.b, pog.timestep_weight, pog.psi_max)
-            active = psi > pog.psi_threshold
-            psi = torch.where(active, psi, torch.zeros_like(psi))
+            borrow = draw_borrowing(graph, idx, t, drop, pog, tau, T, gen_nb)
+            nb_cap, psi, active = borrow.nb_caption, borrow.psi, borrow.active
         elif pog.method == "cbdm":
             # y' uniform over the other captions (the fine-tuning setting of the official code).
             other = torch.randint(max(n_captions - 1, 1), (B,), generator=gen_nb)
@@ -434,6 +426,7 @@ def _train(
             metrics["psi/mean"] = psi.mean().item()
             metrics["psi/active_share"] = torch.cat([p[2]["active"] for p in parts]).mean().item()
             metrics.update(_quartile_means(psi, ts, T, "psi"))
+            metrics["psi/tau"] = tau
         if ddp.main:
             if on_step is not None:
                 on_step(step + 1, metrics)

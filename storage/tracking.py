@@ -625,7 +625,7 @@ class GateCheck:
     """One metric the gate compared. ``change`` = new - champion (raw); ``limit`` is the required gain
     (role ``metric``) or the allowed worsening (role ``guard``), in the metric's units."""
 
-    role: str  # "metric" | "guard"
+    role: str  # "metric" | "guard" | "head"
     new: float | None
     champion: float | None
     change: float | None
@@ -667,16 +667,19 @@ def decide(
         promote  <=>  no champion
                       or ( gain(metric) >= min_improvement
                            and worsening(guard) <= max_worsening        (absolute)
-                                                   max_worsening * |champion guard|   (relative) )
+                                                   max_worsening * |champion guard|   (relative)
+                           and champion head - new head <= head_max_drop )
 
+    The head check (``head_metric``, higher is better) keeps a rare-caption gain bought by erasing
+    what the model knew about well-covered individuals from ever being promoted.
     A missing or non-finite value of ``metric`` on either side rejects (nothing to compare). A
-    missing guard value rejects with ``missing_guard="reject"`` and is ignored (status ``skipped``,
+    missing guard or head value rejects with ``missing_guard="reject"`` and is ignored (status ``skipped``,
     said in the reason) with ``"skip"``. ``checks`` holds every number the decision used.
     """
     if champion_metrics is None:
         checks = {
             name: GateCheck(role, _finite(new_metrics, name), None, None, None, "missing")
-            for role, name in (("metric", gate.metric), ("guard", gate.guard_metric))
+            for role, name in (("metric", gate.metric), ("guard", gate.guard_metric), ("head", gate.head_metric))
             if name is not None
         }
         return GateResult(True, "no champion yet", checks)
@@ -696,25 +699,31 @@ def decide(
         text = f"{gate.metric} {new:.4g} vs {old:.4g}: gain {gain:+.4g} {'>=' if ok else '<'} required {gate.min_improvement:g}"
         (passed if ok else failed).append(text)
 
-    if gate.guard_metric is not None:
-        name = gate.guard_metric
+    def guard(role: str, name: str, lower_is_better: bool, allowed_of, how_of) -> None:
         new, old = _finite(new_metrics, name), _finite(champion_metrics, name)
         if new is None or old is None:
             where = _missing_side(new, old, cv)
             if gate.missing_guard == "reject":
-                checks[name] = GateCheck("guard", new, old, None, None, "missing")
-                failed.append(f"guard {name} missing on {where}")
+                checks[name] = GateCheck(role, new, old, None, None, "missing")
+                failed.append(f"{role} {name} missing on {where}")
             else:
-                checks[name] = GateCheck("guard", new, old, None, None, "skipped")
-                passed.append(f"guard {name} not checked (missing on {where}; missing_guard=skip)")
-        else:
-            worse = new - old if gate.guard_lower_is_better else old - new
-            allowed = gate.max_worsening * abs(old) if gate.worsening == "relative" else gate.max_worsening
-            ok = worse <= allowed + _TOLERANCE
-            checks[name] = GateCheck("guard", new, old, new - old, allowed, "passed" if ok else "failed")
-            how = f" ({gate.max_worsening:g} of {abs(old):.4g})" if gate.worsening == "relative" else ""
-            text = f"guard {name} {new:.4g} vs {old:.4g}: worsened by {worse:+.4g} {'<=' if ok else '>'} allowed {allowed:.4g}{how}"
-            (passed if ok else failed).append(text)
+                checks[name] = GateCheck(role, new, old, None, None, "skipped")
+                passed.append(f"{role} {name} not checked (missing on {where}; missing_guard=skip)")
+            return
+        worse = new - old if lower_is_better else old - new
+        allowed = allowed_of(old)
+        ok = worse <= allowed + _TOLERANCE
+        checks[name] = GateCheck(role, new, old, new - old, allowed, "passed" if ok else "failed")
+        text = f"{role} {name} {new:.4g} vs {old:.4g}: worsened by {worse:+.4g} {'<=' if ok else '>'} allowed {allowed:.4g}{how_of(old)}"
+        (passed if ok else failed).append(text)
+
+    if gate.guard_metric is not None:
+        relative = gate.worsening == "relative"
+        guard("guard", gate.guard_metric, gate.guard_lower_is_better,
+              lambda old: gate.max_worsening * abs(old) if relative else gate.max_worsening,
+              lambda old: f" ({gate.max_worsening:g} of {abs(old):.4g})" if relative else "")
+    if gate.head_metric is not None:
+        guard("head", gate.head_metric, False, lambda old: gate.head_max_drop, lambda old: "")
 
     promoted = not failed
     # the failing checks first: they are why a version stays challenger

@@ -15,8 +15,7 @@ from prefect import get_run_logger, task
 
 from pogdiff.config import IndexConfig
 from pogdiff.embedders import embed_captions, make_embedder
-from pogdiff.features import make_extractor
-from pogdiff.index import caption_id, embed_caption_counts, image_features, needs_ann, with_graph
+from pogdiff.index import caption_id, embed_caption_counts, image_extractor, image_features, needs_ann, with_graph
 from storage import parquet, vectors
 from storage.images import decode_images
 from storage.settings import Settings
@@ -62,14 +61,14 @@ def build_caption_index(settings: Settings, cfg: IndexConfig, progress: bool = F
 
 def build_image_features(settings: Settings, cfg: IndexConfig) -> dict:
     """Compute the psi image feature once per image; images already featurised are skipped."""
-    name = make_extractor(cfg.image_feature, cfg.image_feature_size).name
+    extractor = image_extractor(cfg)
+    name = extractor.name
     done = vectors.known_feature_ids(settings.lancedb_uri, name)
     table = parquet.read_images(settings.dataset_uri, columns=["id", "image"])
     ids = table.column("id").to_pylist()
     new = [i for i, image_id in enumerate(ids) if image_id not in done]
     blobs = table.column("image").take(pa.array(new, pa.int64())).to_pylist()
-    # Pixel features are an area average, so decoding at a multiple of their size loses nothing.
-    feats = image_features(decode_images(blobs, 4 * cfg.image_feature_size), cfg)
+    feats = image_features(decode_images(blobs, extractor.input_size), extractor)
     report = vectors.write_image_features(settings.lancedb_uri, [ids[i] for i in new], name, feats)
     return {"extractor": name, "computed": len(new), "reused": len(ids) - len(new), "version": report.version}
 

@@ -21,7 +21,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from pogdiff.config import IndexConfig, TrainConfig
-from pogdiff.features import make_extractor
+from pogdiff.index import image_extractor
 from pogdiff.model import load_pipeline, to_tensor
 from pogdiff.neighbours import NeighbourGraph
 from pogdiff.train_cli import write_train_data
@@ -53,8 +53,8 @@ class _Progress:
             update_progress_artifact(self.artifact, 100.0 * step / self.steps, description=f"training: {step}/{self.steps} steps")
 
 
-def _training_data(settings: Settings, index_cfg: IndexConfig, image_size: int) -> TrainData:
-    extractor = make_extractor(index_cfg.image_feature, index_cfg.image_feature_size).name
+def training_data(settings: Settings, index_cfg: IndexConfig, image_size: int) -> TrainData:
+    extractor = image_extractor(index_cfg).name
     stored = load_training_set(settings.dataset_uri, settings.lancedb_uri, extractor, image_size)
     graph = NeighbourGraph.build(
         torch.from_numpy(stored.caption_of),
@@ -124,7 +124,7 @@ def train_model(settings: Settings, cfg: TrainConfig, index_cfg: IndexConfig, ru
     """Returns the path of the fine-tuned model folder."""
     log = get_run_logger()
     pipe = load_pipeline(cfg.base_model)  # pixel or Stable Diffusion, by the folder's layout
-    data = _training_data(settings, index_cfg, pipe.image_size)
+    data = training_data(settings, index_cfg, pipe.image_size)
     tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
     out = run_dir(settings, run_id)
     with tracking.resume(run_id):

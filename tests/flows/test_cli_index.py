@@ -65,8 +65,16 @@ def test_index_then_neighbours_explain_the_weight(tmp_path):
     assert "a red circle" in nb
     red = nb["a red circle"]
     assert 0 < red["s_img"] <= 1 and red["count"] == 6
-    # psi = lam * s_img^a * (rho / mean rho)^-b with the PoG defaults lam = a = 1, b = 0.5
-    assert red["psi"] == pytest.approx(red["s_img"] * data["density_ratio"] ** -0.5, rel=1e-5)
+    assert data["image_feature"].startswith("unet:") and 0 < data["tau"] < 1  # the default base's UNet feature
+    # without a threshold, a = 1 and constant w(t): psi = lam * mean s_img * (rho / mean rho)^-b
+    cfg = tmp_path / "open.yaml"
+    cfg.write_text("train:\n  pog:\n    lam: 2.0\n    a: 1.0\n    b: 0.5\n    similarity_quantile: 0.0\n")
+    opened = json.loads(_pogdiff("neighbours", "a small red circle", "-k", "2", "--json", "--config", str(cfg), home=home).stdout)
+    red_open = {r["caption"]: r for r in opened["neighbours"]}["a red circle"]
+    assert opened["tau"] == 0.0
+    assert red_open["psi"] == pytest.approx(2.0 * red_open["s_img"] * opened["density_ratio"] ** -0.5, rel=1e-5)
+    # with the default threshold psi only counts pairs above tau, rescaled: never more than without it
+    assert red["psi"] * 2.0 / data["lam"] <= red_open["psi"] + 1e-9
 
     unseen = json.loads(_pogdiff("neighbours", "a large red circle", "--json", home=home).stdout)
     assert not unseen["in_dataset"] and unseen["count"] == 0

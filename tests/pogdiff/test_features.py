@@ -87,3 +87,37 @@ def test_evaluate_config_requires_a_model_for_vision_extractors(dinov2_dir):
         parse_config({"feature_model": "facebook/dinov2-small"}, EvaluateConfig)
     with pytest.raises(ConfigError, match="feature_extractor"):
         parse_config({"feature_extractor": "inception"}, EvaluateConfig)
+
+
+def test_unet_feature_sees_identity_is_deterministic_and_keyed_by_the_weights():
+    """The embedded base's own UNet tells a product from another of the same colour or shape, which
+    pixels cannot; the same image always gives the same feature; other weights give another name."""
+    from pogdiff import demo
+    from pogdiff.features import UNetFeatures
+    from pogdiff.model import load_pipeline
+
+    rng = np.random.default_rng(0)
+    vexo, same_colour, same_shape = (demo.Individual(s, c) for s, c in (("circle", "red"), ("square", "red"), ("circle", "blue")))
+    looks = [vexo, same_colour, same_shape]
+    images = np.stack([demo.render(ind, demo.sample_instance(rng, "full"), 16) for ind in looks for _ in range(8)])
+    who = np.repeat(np.arange(3), 8)
+    pipe = load_pipeline("builtin:logos16")
+    extractor = make_extractor("unet", model="builtin:logos16")
+    assert isinstance(extractor, UNetFeatures) and extractor.name.startswith("unet:") and extractor.input_size == 16
+    f = extractor(images)
+    assert f.shape == (24, extractor.dim) and torch.allclose(f.norm(dim=1), torch.ones(24))
+    assert torch.equal(f, extractor(images[::-1].copy()).flip(0))  # per image: batch order does not matter
+    def nearest_is_same(feats: torch.Tensor) -> float:
+        """Leave-one-out: share of images whose most similar other image shows the same product."""
+        s = feats @ feats.T
+        s.fill_diagonal_(-2.0)
+        return float((who[s.argmax(1).numpy()] == who).mean())
+
+    # a red circle among red squares and blue circles: pixels mostly see colour and place
+    assert nearest_is_same(f) >= 0.9
+    assert nearest_is_same(PixelFeatures(16)(images)) <= 0.75
+    with torch.no_grad():
+        next(pipe.unet.parameters()).add_(0.01)
+    assert UNetFeatures(pipe).name != extractor.name
+    with pytest.raises(ValueError, match="'unet' needs the diffusion model"):
+        make_extractor("unet")

@@ -206,3 +206,16 @@ def test_metric_names_keep_display_order_and_ignore_other_keys():
     assert metric_names(keys) == ["grecall", "accuracy", "fid", "zeta"]
     keys["many/grecall_norm"] = 0.7
     assert metric_names(keys) == ["grecall", "grecall_norm", "accuracy", "fid", "zeta"]
+
+
+def test_separability_is_normalised_mutual_information():
+    from pogdiff.metrics import separability
+
+    prompted = np.array([0, 0, 1, 1, 2, 2])
+    assert separability(prompted, prompted) == pytest.approx(1.0)
+    assert separability(prompted, np.array([5, 5, 7, 7, 9, 9])) == pytest.approx(1.0)  # consistent misreading still separates
+    assert separability(prompted, np.zeros(6)) == 0.0  # one look for every prompt: collapsed
+    # two of three individuals merged: I = H(A) = log 3 - 2/3 log 2, H(P) = log 3 -> NMI = 2 I / (H(P) + H(A))
+    h_p, h_a = np.log(3), np.log(3) - 2 / 3 * np.log(2)
+    assert separability(prompted, np.array([0, 0, 0, 0, 2, 2])) == pytest.approx(2 * h_a / (h_p + h_a))
+    assert np.isnan(separability(np.zeros(4), np.arange(4)))  # one prompted individual: undefined

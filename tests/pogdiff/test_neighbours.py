@@ -3,8 +3,10 @@
 import pytest
 import torch
 
+from pogdiff.config import PoGConfig
 from pogdiff.neighbours import (
     NeighbourGraph,
+    draw_borrowing,
     effective_density,
     exact_graph,
     graph_from_candidates,
@@ -12,7 +14,8 @@ from pogdiff.neighbours import (
     knn_graph,
     psi_weight,
     sample_member_images,
-    sample_neighbour_captions,
+    similarity_threshold,
+    thresholded,
 )
 
 
@@ -128,15 +131,51 @@ def _graph():
     return NeighbourGraph.build(caption_of, nb_ids, nb_sims, torch.tensor([3.0, 1.0, 1.0]), feats)
 
 
-def test_neighbour_sampling_follows_similarity_and_skips_missing():
-    g = _graph()
-    gen = torch.Generator().manual_seed(0)
-    draws = sample_neighbour_captions(g, torch.zeros(4000, dtype=torch.long), 2, "similarity", gen)
-    share = (draws == 1).float().mean().item()
-    assert share == pytest.approx(0.9, abs=0.03)
-    uni = sample_neighbour_captions(g, torch.zeros(4000, dtype=torch.long), 2, "uniform", gen)
-    assert (uni == 1).float().mean().item() == pytest.approx(0.5, abs=0.03)
-    assert sample_neighbour_captions(g, torch.tensor([1, 2]), 2, "similarity", gen).tolist() == [0, -1]
+def _draw(g, images, pog, tau=0.0, t=None, dropped=None, seed=0):
+    images = torch.as_tensor(images)
+    t = torch.full_like(images, 500) if t is None else t
+    dropped = torch.zeros(len(images), dtype=torch.bool) if dropped is None else dropped
+    return draw_borrowing(g, images, t, dropped, pog, tau, 1000, torch.Generator().manual_seed(seed))
+
+
+def test_neighbour_draw_ranks_caption_and_image_similarity_together():
+    # caption 0 (images 0-2) has neighbours 1 (cos 0.6) and 2 (cos 0.3); every image looks alike
+    caption_of = torch.tensor([0, 0, 0, 1, 2])
+    g = NeighbourGraph.build(caption_of, torch.tensor([[1, 2], [0, 2], [0, 1]]), torch.tensor([[0.6, 0.3], [0.6, 0.1], [0.3, 0.1]]),
+                             torch.ones(3), _unit([[1, 0]] * 5))
+    pog = PoGConfig(lam=0.1, b=0.0)
+    draws = _draw(g, torch.zeros(6000, dtype=torch.long), pog)
+    assert (draws.nb_caption == 1).float().mean().item() == pytest.approx(0.6 / 0.9, abs=0.03)
+    uniform = _draw(g, torch.zeros(6000, dtype=torch.long), pog.model_copy(update={"neighbour_sampling": "uniform"}))
+    assert (uniform.nb_caption == 1).float().mean().item() == pytest.approx(0.5, abs=0.03)
+    # the same caption similarities, but caption 1's image now looks unlike image 0: always caption 2
+    apart = NeighbourGraph.build(caption_of, g.nb_ids, g.nb_sims, torch.ones(3), _unit([[1, 0], [1, 0], [1, 0], [0, 1], [1, 0]]))
+    assert set(_draw(apart, torch.zeros(500, dtype=torch.long), pog).nb_caption.tolist()) == {2}
+
+
+def test_no_borrowing_below_the_similarity_threshold_without_a_neighbour_or_when_dropped():
+    g = _graph()  # image 0 ~ caption 1's image (cos 0.995), image 2 ~ it at cos 0.0995, caption 2's image opposite
+    pog = PoGConfig(lam=1.0, a=1.0, b=0.0, psi_threshold=0.0)
+    open_draw = _draw(g, [0, 2, 4], pog, tau=0.0)
+    assert open_draw.nb_caption.tolist() == [1, 1, -1]  # caption 2's only neighbour is missing
+    assert open_draw.psi[1].item() == pytest.approx(0.0995, abs=1e-3)
+    shut = _draw(g, [0, 2], pog, tau=0.5)
+    assert shut.nb_caption.tolist() == [1, -1] and shut.psi[1].item() == 0.0  # 0.0995 < tau: psi is 0
+    assert shut.psi[0].item() == pytest.approx((0.995 - 0.5) / 0.5, abs=1e-3)  # rescaled above tau
+    assert shut.s_img[0].item() == pytest.approx(0.995, abs=1e-3)  # the raw cosine is reported
+    dropped = _draw(g, [0, 0], pog, dropped=torch.tensor([True, False]))
+    assert dropped.psi[0].item() == 0.0 and dropped.nb_caption[0].item() == -1 and dropped.psi[1].item() > 0
+
+
+def test_similarity_threshold_is_a_quantile_of_random_pairs_of_other_captions():
+    # two captions; images of the same caption are identical (never paired), across captions cos = 0.6
+    feats = _unit([[1, 0, 0], [1, 0, 0], [0.6, 0.8, 0], [0.6, 0.8, 0]])
+    caption_of = torch.tensor([0, 0, 1, 1])
+    assert similarity_threshold(feats, caption_of, 0.5) == pytest.approx(0.6)
+    assert similarity_threshold(feats, caption_of, 0.0) == 0.0
+    assert similarity_threshold(feats, torch.zeros(4, dtype=torch.long), 0.9) == 0.0  # one caption: no pairs
+    assert similarity_threshold(feats, caption_of, 0.5, seed=3) == similarity_threshold(feats, caption_of, 0.5, seed=3)
+    assert thresholded(torch.tensor([0.2, 0.6, 0.8, 1.0]), 0.6).tolist() == pytest.approx([0.0, 0.0, 0.5, 1.0])
 
 
 def test_member_images_belong_to_the_caption():
@@ -167,4 +206,8 @@ def test_psi_formula_and_density_ratio():
     assert (same[1] / same[0]).item() == pytest.approx(3**0.5)
     lin = psi_weight(s, ratio, t, 1000, lam=2.0, a=2.0, b=0.5, schedule="linear", psi_max=100.0)
     torch.testing.assert_close(lin, expected * t / 1000)
+    inverse = psi_weight(s, ratio, t, 1000, lam=2.0, a=2.0, b=0.5, schedule="inverse", psi_max=100.0)
+    torch.testing.assert_close(inverse, expected * (1 - t / 1000))
     assert psi_weight(s, ratio, t, 1000, 100.0, 0.0, 0.0, "constant", psi_max=5.0).max() == 5.0
+    # with a = 0 a pair without any similarity still borrows nothing (0^0 is not 1 here)
+    assert psi_weight(torch.tensor([0.0, 0.5]), ratio[:2], t[:2], 1000, 1.0, 0.0, 0.0, "constant", 10.0).tolist() == [0.0, 1.0]

@@ -31,11 +31,11 @@ from storage.settings import Settings, load_settings
 from tasks.register import register_model
 
 ROOT = Path(__file__).resolve().parents[2]
-FEW, FID = "few/grecall", "overall/fid"
+FEW, FID, HEAD = "few/grecall", "overall/fid", "many/accuracy"
 
 
 def m(grecall: float | None = None, fid: float | None = None) -> dict[str, float]:
-    out = {"few/accuracy": 0.9}
+    out = {"few/accuracy": 0.9, HEAD: 0.9}
     if grecall is not None:
         out[FEW] = grecall
     if fid is not None:
@@ -46,7 +46,8 @@ def m(grecall: float | None = None, fid: float | None = None) -> dict[str, float
 # ----------------------------------------------------------------------------------- the gate
 
 
-GATE = GateConfig(min_improvement=0.05, max_worsening=0.1)  # relative: FID may worsen by 10 %
+# relative: FID may worsen by 10 %; the head check has its own test below
+GATE = GateConfig(min_improvement=0.05, max_worsening=0.1, head_metric=None)
 
 
 @pytest.mark.parametrize(
@@ -100,16 +101,35 @@ def test_gate_options():
     skip = tracking.decide(GateConfig(missing_guard="skip"), m(0.9), m(0.5, 20), "1")
     assert skip.promoted and skip.checks[FID].status == "skipped" and "not checked" in skip.reason
     # no guard at all
-    assert tracking.decide(GateConfig(guard_metric=None), m(0.9), m(0.5), "1").checks.keys() == {FEW}
+    assert tracking.decide(GateConfig(guard_metric=None), m(0.9), m(0.5), "1").checks.keys() == {FEW, HEAD}
     # absolute worsening, and a lower-is-better gate metric with a higher-is-better guard
     absolute = GateConfig(min_improvement=0.05, max_worsening=1.0, worsening="absolute")
     assert not tracking.decide(absolute, m(0.9, 21.5), m(0.5, 20), "1").promoted
     assert tracking.decide(absolute, m(0.9, 21.0), m(0.5, 20), "1").promoted
     lower = GateConfig(metric="few/fid", higher_is_better=False, min_improvement=1.0,
-                       guard_metric="overall/accuracy", guard_lower_is_better=False, max_worsening=0.02, worsening="absolute")
+                       guard_metric="overall/accuracy", guard_lower_is_better=False, max_worsening=0.02, worsening="absolute",
+                       head_metric=None)
     assert tracking.decide(lower, {"few/fid": 8.0, "overall/accuracy": 0.89}, {"few/fid": 9.0, "overall/accuracy": 0.9}, "1").promoted
     assert not tracking.decide(lower, {"few/fid": 8.5, "overall/accuracy": 0.9}, {"few/fid": 9.0, "overall/accuracy": 0.9}, "1").promoted
     assert not tracking.decide(lower, {"few/fid": 5.0, "overall/accuracy": 0.85}, {"few/fid": 9.0, "overall/accuracy": 0.9}, "1").promoted
+
+
+def test_gate_head_check_never_promotes_a_collapse():
+    gate = GateConfig(min_improvement=0.05, max_worsening=0.1)  # the default head check: many/accuracy, drop <= 0.03
+    champion = {**m(0.50, 20.0), HEAD: 0.95}
+    collapsed = tracking.decide(gate, {**m(0.90, 20.0), HEAD: 0.50}, champion, "2")
+    assert not collapsed.promoted and collapsed.checks[HEAD].status == "failed"
+    assert "head many/accuracy 0.5 vs 0.95: worsened by +0.45 > allowed 0.03" in collapsed.reason
+    assert collapsed.checks[HEAD].role == "head" and collapsed.checks[FEW].status == "passed"
+    within = tracking.decide(gate, {**m(0.90, 20.0), HEAD: 0.925}, champion, "2")
+    assert within.promoted and within.checks[HEAD].status == "passed"
+    assert tracking.decide(gate, {**m(0.90, 20.0), HEAD: 0.99}, champion, "2").promoted  # better head: fine
+    headless = {k: v for k, v in m(0.90, 20.0).items() if k != HEAD}
+    missing = tracking.decide(gate, headless, champion, "2")
+    assert not missing.promoted and "head many/accuracy missing on the new version" in missing.reason
+    assert tracking.decide(gate.model_copy(update={"missing_guard": "skip"}), headless, champion, "2").promoted
+    with pytest.raises(ConfigError, match="head_metric must differ"):
+        parse_config({"registry": {"gate": {"head_metric": FEW}}})
 
 
 def test_gate_never_promotes_a_worse_model():
@@ -200,7 +220,7 @@ def test_lifecycle_two_retrains_then_models_json(home):
     ]
     assert "gain +0 < required 0.01" in versions[0]["gate"]["reason"]
     assert versions[1]["promoted_by"] == "gate" and versions[0]["promoted_by"] is None
-    assert versions[0]["metrics"] == {"few/accuracy": 0.9, FEW: 0.5, FID: 20.0}
+    assert versions[0]["metrics"] == {"few/accuracy": 0.9, HEAD: 0.9, FEW: 0.5, FID: 20.0}
     assert all(v["weights"] == "full" and v["run_id"] and v["created"].endswith("+00:00") for v in versions)
 
     # the gate's numbers are on the version, where a reviewer sees them

@@ -1,0 +1,145 @@
+"""Tune tasks: the Optuna study on disk, the parent MLflow run, and one trial (fine-tune + validation draw).
+
+The study is an Optuna journal file under ``<home>/tune/<key>/``, keyed by what is tuned (the config
+less the tune budget) and the dataset snapshot, so a crashed or extended tune continues from its
+finished trials. Trials run in their own experiment (``<registry.experiment>-tune``), so a retrain's
+crash recovery never mistakes a trial for one of its own runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+from prefect import get_run_logger, task
+from prefect.exceptions import MissingContextError
+
+from pogdiff.config import RetrainConfig
+from pogdiff.evaluation import evaluate
+from pogdiff.model import load_pipeline
+from pogdiff.trainer import train
+from pogdiff.tune import TrialResult, trial_train
+from storage import tracking
+from storage.settings import Settings
+from storage.training_set import load_real_set
+from tasks.train import training_data
+
+TUNE_KEY_TAG = "tune_key"
+REFERENCE_ATTR = "reference"
+# The tune budget: changing it extends or shortens the same study instead of starting another.
+_BUDGET = {"trials", "time_limit_minutes", "parallel_trials"}
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("pogdiff.tune")
+
+
+def experiment_of(config: RetrainConfig) -> str:
+    return f"{config.registry.experiment}-tune"
+
+
+def tune_key(config: RetrainConfig, snapshot_id: str) -> str:
+    """sha256 of the config less the tune budget, and the snapshot: the same key continues the same study."""
+    resolved = config.model_dump(mode="json")
+    resolved["tune"] = {k: v for k, v in resolved["tune"].items() if k not in _BUDGET}
+    return hashlib.sha256(json.dumps({"config": resolved, "snapshot_id": snapshot_id}, sort_keys=True).encode()).hexdigest()
+
+
+def study_dir(settings: Settings, key: str) -> Path:
+    return Path(settings.home) / "tune" / key[:16]
+
+
+def open_study(settings: Settings, config: RetrainConfig, key: str) -> optuna.Study:
+    """Create or load the study; trials a crash left RUNNING are marked FAIL (their numbers are not reused)."""
+    folder = study_dir(settings, key)
+    folder.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = JournalStorage(JournalFileBackend(str(folder / "study.journal")))
+    sampler = optuna.samplers.TPESampler(seed=config.tune.seed, n_startup_trials=min(4, config.tune.trials))
+    study = optuna.create_study(storage=storage, sampler=sampler, study_name=key[:16], direction="maximize", load_if_exists=True)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(t.number, state=TrialState.FAIL)
+        _logger().warning("tune: trial %d was left running by a crashed tune; marked failed, a new trial replaces it", t.number)
+    return study
+
+
+def finished_trials(study: optuna.Study) -> list[TrialResult]:
+    return [TrialResult(t.number, t.user_attrs["knobs"], t.user_attrs["metrics"])
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+
+
+def reference_of(study: optuna.Study) -> TrialResult | None:
+    ref = study.user_attrs.get(REFERENCE_ATTR)
+    return None if ref is None else TrialResult(-1, ref["knobs"], ref["metrics"])
+
+
+def open_parent_run(settings: Settings, config: RetrainConfig, key: str, snapshot_id: str) -> str:
+    """The tune's parent run: the one an earlier attempt of the same study left open, or a new one."""
+    tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    experiment = experiment_of(config)
+    for status in ("RUNNING", "FAILED", "KILLED"):
+        for run_id, tags in tracking.unfinished_runs(experiment, status):
+            if tags.get(TUNE_KEY_TAG) == key and tags.get("mlflow.parentRunId") is None:
+                tracking.set_tags(run_id, {"resumed": "true"})
+                for child, child_tags in tracking.unfinished_runs(experiment):
+                    if child_tags.get("mlflow.parentRunId") == run_id:  # the trial the crash interrupted
+                        tracking.set_tags(child, {"failed_reason": "left RUNNING by a crashed tune; another trial replaces it"})
+                        tracking.end(child, "FAILED")
+                return run_id
+    tags = {TUNE_KEY_TAG: key, "dataset_snapshot_id": snapshot_id, "base_model": config.train.base_model}
+    run_id = tracking.start(experiment, run_name=f"tune-{snapshot_id}", tags=tags)
+    with tracking.resume(run_id):
+        tracking.log_config(config.model_dump(mode="json"))
+    return run_id
+
+
+# Never retried by Prefect: a trial is minutes of training; a crashed tune resumes from its finished trials.
+@task(name="tune-trial")
+def run_trial(settings: Settings, config: RetrainConfig, knobs: dict[str, Any], number: int, parent_run_id: str,
+              folder: str) -> dict[str, Any]:
+    """Fine-tune a fresh copy of the base with the trial's knobs (``pogdiff.tune.trial_train``), evaluate
+    it on the validation draw (``tune.eval_seed``) and log both into a child run of ``parent_run_id``.
+
+    Returns ``{"number", "knobs", "metrics", "run_id", "seconds"}``; the trial's model is not kept.
+    """
+    log = _logger()
+    started = time.perf_counter()
+    cfg = trial_train(config.train, config.tune, knobs)
+    pipe = load_pipeline(cfg.base_model)
+    data = training_data(settings, config.index, pipe.image_size)
+    real = load_real_set(settings.dataset_uri, pipe.image_size, config.evaluate.individual_column)
+    eval_cfg = config.evaluate.model_copy(update={"seed": config.tune.eval_seed})
+    out = Path(folder) / ("reference" if number < 0 else f"trial-{number:03d}")
+    tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    name = "reference (lam 0)" if number < 0 else f"trial {number}"
+    child = tracking.start(experiment_of(config), run_name=name,
+                           tags={"mlflow.parentRunId": parent_run_id, "tune_trial": str(number)})
+    try:
+        with tracking.resume(child):
+            tracking.log_config({"knobs": knobs, "method": cfg.pog.method, "steps": cfg.steps, "eval_seed": eval_cfg.seed})
+            train(pipe, data, cfg, out, on_step=lambda step, m: tracking.log_metrics({f"train/{k}": v for k, v in m.items()}, step=step),
+                  resume=False)
+            result = evaluate(pipe, real, eval_cfg)
+            tracking.log_metrics(result.metrics)
+    except BaseException:
+        tracking.end(child, "FAILED")
+        raise
+    tracking.end(child, "FINISHED")
+    shutil.rmtree(out, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    log.info("tune: %s %s: few gRecall %.3f, few accuracy %.3f, many accuracy %.3f (%.0f s)", name, knobs,
+             result.metrics.get("few/grecall", float("nan")), result.metrics.get("few/accuracy", float("nan")),
+             result.metrics.get("many/accuracy", float("nan")), seconds)
+    return {"number": number, "knobs": knobs, "metrics": result.metrics, "run_id": child, "seconds": seconds}
