@@ -1,39 +1,45 @@
-"""The long-tail benchmark: vanilla fine-tuning vs CBDM vs PoGDiff, same base, data, order, seeds and budget.
+"""The long-tail benchmark: plain fine-tuning vs CBDM vs PoGDiff (defaults) vs PoGDiff (tuned), on both caption variants.
 
-    python -m bench.longtail                      # the reported run: demo data seed 0, seeds 0 1 2
-    python -m bench.longtail --sweep              # lr and psi knobs on the validation split only
-    python -m bench.longtail --quick              # smoke test: tiny data, 3 steps, 2 seeds
-    python -m bench.longtail --source HOME        # the same comparison on a pipeline home's ingested + indexed data
-    python -m bench.longtail --methods vanilla    # plain fine-tuning alone, with the competence check
-    python -m bench.longtail --captions individual  # the demo with one caption per individual
+    python -m bench.longtail                          # the reported run: both caption variants, seeds 0 1 2
+    python -m bench.longtail --captions per-image     # one variant
+    python -m bench.longtail --methods vanilla        # plain fine-tuning alone, with the competence check
+    python -m bench.longtail --quick                  # smoke test: tiny base and data, 3 steps, one trial
 
-Every method fine-tunes with the config's train recipe (``--config``, default configs/demo.yaml);
-buckets, gRecall and accuracy are per individual (the evaluation's ``individual_column``). With
-vanilla among the methods the JSON also holds the competence check (``competence_check``).
+Every method fine-tunes the same base with the config's train recipe (``--config``, default
+configs/demo.yaml), on the same data order and evaluation seeds. Buckets, gRecall and accuracy are
+per individual. The caption variants are the demo's two: ``per-image`` (each caption names the
+product and describes its image, so a rare product's captions have neighbours showing the same
+product) and ``individual`` (one caption per product, so every neighbour is another product).
 
-Data goes through the pipeline's own stages: the demo data set is written by ``generate_longtail``,
-ingested into Parquet and indexed into LanceDB (MiniLM caption vectors, neighbour graph, rho_eff,
-image features) in a scratch home, then read back with ``load_training_set`` as the train task does.
-``--source HOME`` skips the first two and reads ``HOME``'s dataset and LanceDB tables instead.
+Splits, fixed up front: *validation* = the demo data of data seed 1 (another rendering and another
+rank order of the products), evaluated with the tune's ``eval_seed``; *test* = data seed 0 (the data
+``pogdiff demo`` trains on), evaluation seeds 1234 + s. Per variant:
 
-Splits (fixed up front): the reported *test* split is the demo data set of data seed 0 (the data
-``pogdiff demo`` trains on) with evaluation seeds 1234 + s; the *validation* split is the demo
-data set of data seed 1 (another rendering and another rank order of the individuals) with
-evaluation seeds 4321 + s. ``--sweep`` only ever runs on the validation split.
+1. validation (only for the methods that need it): ``pogdiff tune`` itself (a subprocess on its own
+   home in the work folder: Prefect, MLflow and the Optuna journal, as a user runs it) over psi's
+   knobs, then CBDM's tau over CBDM_TAUS, chosen by the same score and feasibility rule
+   (``pogdiff.tune.choose``) against the tune's lam = 0 reference;
+2. test: every method x seed. ``pogdiff_tuned`` with lam = 0 chosen is plain fine-tuning, and its rows
+   are vanilla's (same base, data order and seeds: the same training), said so in the JSON.
 
-Writes (atomically) ``longtail.json`` (method -> bucket -> metric -> mean, std, per-seed values,
-with command, seeds, runtime, budget, each method's config, diagnostics and the goal test),
-``longtail.md`` and ``longtail.png`` in ``--out`` (default bench/results); ``--sweep`` writes
-``longtail_sweep.json``. Prints one JSON summary.
+Each finished piece is kept in ``--state`` (default bench/results/longtail-state: the runs as JSON
+lines, each variant's tune journal and chosen config) at once, so an interrupted run resumes where
+it stopped, even in another checkout; ``--work`` (default var/bench/longtail) is scratch.
+``runtime_s`` is the compute of all invocations together. Writes
+(atomically) ``longtail.json`` (per variant: validation, method -> bucket -> metric -> mean, std,
+per-seed values, the goals, the competence check, diagnostics), ``longtail.md`` and one plot per
+variant in ``--out`` (default bench/results). Prints one JSON summary.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,45 +48,33 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from pogdiff import demo
-from pogdiff.config import EvaluateConfig, IndexConfig, PoGConfig, RetrainConfig, TrainConfig, load_config
+from pogdiff.config import EvaluateConfig, IndexConfig, PoGConfig, RetrainConfig, TrainConfig, load_config, parse_config
 from pogdiff.evaluation import RealSet, evaluate
-from pogdiff.longtail import aggregate, competence_check, demo_similarity_table, goal_check, markdown_table, psi_by_bucket, sweep_table
+from pogdiff.longtail import aggregate, competence_check, demo_similarity_table, goal_check, markdown_table, no_harm_check, psi_by_bucket
 from pogdiff.metrics import BUCKETS, assign_buckets
 from pogdiff.model import UNetSpec, load_pipeline, to_tensor
 from pogdiff.neighbours import NeighbourGraph
 from pogdiff.trainer import TrainData, train
+from pogdiff.tune import TrialResult, choose, score, trials_table
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"  # index, train recipe and evaluate sections (judge, N, buckets)
 RESULTS = Path(__file__).resolve().parent / "results"
+WORK = REPO / "var" / "bench" / "longtail"  # scratch
+STATE = RESULTS / "longtail-state"  # small, kept with the results, so a benchmark can span sessions
 
-SPLITS = {"test": {"data_seed": 0, "eval_seed": 1234}, "validation": {"data_seed": 1, "eval_seed": 4321}}
-
-# The fine-tuning recipe of every method is the config's train section (configs/demo.yaml: the
-# demo's own recipe); --steps, --lr and --batch override its budget for all methods alike.
-# POG_KNOBS are set from the validation sweep (``--sweep``: vanilla alone for the learning rate,
-# then the psi knobs) before the reported run; the sweep file records the evidence.
 SEEDS = (0, 1, 2)
-METHODS = ("vanilla", "cbdm", "pogdiff")
+METHODS = ("vanilla", "cbdm", "pogdiff", "pogdiff_tuned")
+NEEDS_VALIDATION = {"cbdm", "pogdiff_tuned"}
+CBDM_TAUS = (0.1, 0.3, 1.0)  # the official default is 1.0
+TUNE_TRIALS = 6  # searched trials per variant after the lam = 0 reference: sized to the 2.5-hour budget on 2 cores
+SPLITS = {"test": {"data_seed": 0, "eval_seed": 1234}, "validation": {"data_seed": 1}}
+LIMIT_S = 9000  # the whole benchmark on 2 CPU cores, all invocations together
 QUICK_SPEC = UNetSpec(image_size=16, block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=4)
-
-# PoGDiff's knobs for the reported run: the best entry of the validation sweep in
-# bench/results/longtail_sweep.json (centred on PoGConfig's defaults; a new --sweep centres on these).
-POG_KNOBS: dict = {"lam": 0.3}
-
-# The validation sweep: learning rates (vanilla only), then one psi knob at a time around POG_KNOBS.
-# 1e-3 was dropped from the grid once 5e-4 had lost to 2e-4, and 1e-4 added because the best was then
-# at the grid's lower edge.
-SWEEP_LR = (1e-4, 2e-4, 5e-4)
-SWEEP_PSI: dict[str, tuple] = {  # sized to about an hour at one seed; k at most the index's k (5)
-    "lam": (0.3, 3.0),
-    "a": (0.0, 2.0),
-    "b": (1.0,),
-    "timestep_weight": ("linear",),
-    "k": (1,),
-}
+QUICK_SHAPE = {"max_count": 12, "alpha": 1.1, "min_count": 2}
 
 
 @dataclass(frozen=True)
@@ -99,17 +93,6 @@ class Prepared:
         return [of_caption[c] for c in self.data.captions]
 
 
-def _ingest_and_index(source: Path, home: Path, index_cfg: IndexConfig) -> None:
-    from storage import parquet
-    from storage.settings import Settings
-    from tasks.index import build_caption_index, build_image_features
-
-    settings = Settings(home=home)
-    parquet.ingest(source, settings.dataset_uri, RetrainConfig().ingest, workers=1)
-    build_caption_index(settings, index_cfg)
-    build_image_features(settings, index_cfg)
-
-
 def load_prepared(home: Path, index_cfg: IndexConfig, size: int, label: str, individual_column: str | None) -> Prepared:
     """Read an ingested and indexed pipeline home as the train task does (tasks/train.py)."""
     from pogdiff.index import image_extractor
@@ -117,32 +100,37 @@ def load_prepared(home: Path, index_cfg: IndexConfig, size: int, label: str, ind
     from storage.training_set import load_real_set, load_training_set
 
     settings = Settings(home=home)
-    extractor = image_extractor(index_cfg).name
-    s = load_training_set(settings.dataset_uri, settings.lancedb_uri, extractor, size)
+    s = load_training_set(settings.dataset_uri, settings.lancedb_uri, image_extractor(index_cfg).name, size)
     graph = NeighbourGraph.build(*(torch.from_numpy(a) for a in (s.caption_of, s.nb_index, s.nb_sims, s.density, s.features)))
     data = TrainData(to_tensor(s.images), s.captions, graph)
     return Prepared(data, load_real_set(settings.dataset_uri, size, individual_column), s.counts, label)
 
 
-def prepare_demo(work: Path, data_seed: int, index_cfg: IndexConfig, size: int, quick: bool, captions: str,
-                 individual_column: str | None) -> Prepared:
-    """Generate the demo data set of ``data_seed``, ingest and index it into ``work``, read it back."""
+def demo_source(work: Path, data_seed: int, size: int, quick: bool, captions: str) -> Path:
+    """The demo data set of ``data_seed`` in ``work`` (rewritten identically when it exists)."""
     source = work / f"demo-{data_seed}"
-    shape = {"max_count": 12, "alpha": 1.1, "min_count": 2} if quick else {}
-    demo.generate_longtail(source, seed=data_seed, size=size, captions=captions, **shape)
-    _ingest_and_index(source, work / f"home-{data_seed}", index_cfg)
-    label = f"demo data seed {data_seed}, {captions} captions" + (" (quick)" if quick else "")
-    return load_prepared(work / f"home-{data_seed}", index_cfg, size, label, individual_column)
+    demo.generate_longtail(source, seed=data_seed, size=size, captions=captions, **(QUICK_SHAPE if quick else {}))
+    return source
 
 
-def method_configs(pog_knobs: dict) -> dict[str, PoGConfig]:
-    return {"vanilla": PoGConfig(method="vanilla"), "cbdm": PoGConfig(method="cbdm"),
-            "pogdiff": PoGConfig(method="pogdiff", **pog_knobs)}
+def prepare_test(work: Path, index_cfg: IndexConfig, size: int, quick: bool, captions: str, individual_column: str | None) -> Prepared:
+    """Generate, ingest and index the test split into ``work/home-test`` (idempotent), read it back."""
+    from storage import parquet
+    from storage.settings import Settings
+    from tasks.index import build_caption_index, build_image_features
+
+    source = demo_source(work, SPLITS["test"]["data_seed"], size, quick, captions)
+    settings = Settings(home=work / "home-test")
+    parquet.ingest(source, settings.dataset_uri, RetrainConfig().ingest, workers=1)
+    build_caption_index(settings, index_cfg)
+    build_image_features(settings, index_cfg)
+    label = f"demo data seed {SPLITS['test']['data_seed']}, {captions} captions" + (" (quick)" if quick else "")
+    return load_prepared(work / "home-test", index_cfg, size, label, individual_column)
 
 
-def run_one(prep: Prepared, base: str, cfg: TrainConfig, eval_cfg: EvaluateConfig, work: Path) -> dict:
-    """Fine-tune a fresh copy of ``base`` with ``cfg`` and evaluate it; returns metrics and training stats."""
-    pipe = load_pipeline(base)
+def run_one(prep: Prepared, cfg: TrainConfig, eval_cfg: EvaluateConfig, work: Path) -> dict:
+    """Fine-tune a fresh copy of ``cfg.base_model`` with ``cfg`` and evaluate it; returns metrics and training stats."""
+    pipe = load_pipeline(cfg.base_model)
     psi, active = [], []
 
     def on_step(step: int, m: dict[str, float]) -> None:
@@ -150,7 +138,7 @@ def run_one(prep: Prepared, base: str, cfg: TrainConfig, eval_cfg: EvaluateConfi
         active.append(m.get("psi/active_share", 0.0))
 
     started = time.perf_counter()
-    result = train(pipe, prep.data, cfg, work, on_step=on_step, resume=False)
+    train(pipe, prep.data, cfg, work, on_step=on_step, resume=False)
     trained = time.perf_counter() - started
     ev = evaluate(pipe, prep.real, eval_cfg)
     return {
@@ -158,47 +146,186 @@ def run_one(prep: Prepared, base: str, cfg: TrainConfig, eval_cfg: EvaluateConfi
         "metrics": ev.metrics,
         "train_seconds": round(trained, 2),
         "eval_seconds": round(time.perf_counter() - started - trained, 2),
-        "final_loss": result.final["loss"],
         "psi_mean": float(np.mean(psi)),
         "psi_active_share": float(np.mean(active)),
         "gate": ev.info["gate"],
     }
 
 
-def compare(prep: Prepared, methods: dict[str, PoGConfig], seeds: tuple[int, ...], base: str, steps: int, lr: float,
-            batch: int, eval_cfg: EvaluateConfig, eval_seed: int, work: Path, log,
-            recipe: TrainConfig = TrainConfig()) -> tuple[dict, dict, dict]:
-    """Every method x seed from the same base with ``recipe``'s optimisation (EMA, schedule, ...);
-    returns (per-seed rows, aggregate, train configs)."""
-    rows: dict[str, list[dict]] = {m: [] for m in methods}
-    configs = {}
-    for name, pog in methods.items():
-        for seed in seeds:
-            cfg = recipe.model_copy(update={"base_model": base, "steps": steps, "batch_size": batch, "learning_rate": lr,
-                                            "seed": seed, "checkpoint_every": 10**9, "pog": pog})
-            configs[name] = cfg.model_dump(exclude={"seed"})
-            ecfg = eval_cfg.model_copy(update={"seed": eval_seed + seed})
-            row = run_one(prep, base, cfg, ecfg, work / f"{name}-{seed}")
-            rows[name].append(row)
-            m = row["metrics"]
-            log(f"{name} seed {seed}: few gRecall {m.get('few/grecall', float('nan')):.3f} acc {m.get('few/accuracy', float('nan')):.3f}"
-                f" | overall gRecall {m.get('overall/grecall', float('nan')):.3f} acc {m.get('overall/accuracy', float('nan')):.3f}"
-                f" | train {row['train_seconds']:.0f} s, eval {row['eval_seconds']:.0f} s")
-    agg = aggregate({m: [r["metrics"] for r in rs] for m, rs in rows.items()})
-    return rows, agg, configs
+class Store:
+    """Finished runs as JSON lines in ``work/results.jsonl``, keyed by what determines them."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: dict[str, dict] = {}
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    self.rows[row["key"]] = row
+
+    @staticmethod
+    def key(**what) -> str:
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+    def get(self, key: str) -> dict | None:
+        return self.rows.get(key)
+
+    def put(self, key: str, row: dict) -> dict:
+        row = {**row, "key": key}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:  # one line per run: a crash loses at most the run in flight
+            f.write(json.dumps(row) + "\n")
+        self.rows[key] = row
+        return row
 
 
-def diagnostics(prep: Prepared, buckets: list[str], pog: PoGConfig) -> dict:
-    """How much psi borrows per bucket, and how visually similar the caption neighbours are.
+def _clean_env(home: Path) -> dict[str, str]:
+    """The environment of a ``pogdiff`` subprocess on its own home: local stores, no inherited servers."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POGDIFF_", "PREFECT_", "MLFLOW_"))}
+    return {**env, "POGDIFF_HOME": str(home), "HF_HUB_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
-    ``buckets[c]`` is caption c's bucket (its individual's). For demo data, image similarity and the
-    top-k caption neighbours are broken down by how two individuals relate: the same individual,
-    the same colour, the same shape, or neither.
+
+def _read_study(journal: Path) -> tuple[TrialResult, list[TrialResult]]:
+    """The reference and the finished trials of the tune study in ``journal``."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from tasks.tune import finished_trials, reference_of
+
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
+    return reference_of(study), finished_trials(study)
+
+
+def _run_tune(args: list[str], home: Path, kept: Path, log_file: Path) -> int:
+    """``pogdiff tune`` on ``home``, its study journal copied to ``kept`` every few seconds (and seeded
+    from it into a fresh home), so a benchmark stopped anywhere keeps the finished trials."""
+    journals = home / "tune"
+    if kept.exists() and not any(journals.glob("*/study.journal")):
+        (journals / kept.parent.name).mkdir(parents=True, exist_ok=True)
+        (journals / kept.parent.name / "study.journal").write_bytes(kept.read_bytes())
+
+    def keep() -> None:
+        found = list(journals.glob("*/study.journal"))
+        if found:
+            kept.parent.parent.mkdir(parents=True, exist_ok=True)
+            target = kept.parent.parent / found[0].parent.name / "study.journal"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(".study.journal.tmp")
+            tmp.write_bytes(found[0].read_bytes())
+            tmp.replace(target)
+
+    with open(log_file, "a", encoding="utf-8") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=_clean_env(home), stdout=out,
+                                stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            time.sleep(5)
+            keep()
+    keep()
+    return proc.returncode
+
+
+def validate(work: Path, state: Path, config: RetrainConfig, size: int, quick: bool, captions: str, store: Store, log) -> dict:
+    """Phase 1 on the validation split: ``pogdiff tune``, then CBDM's tau. Returns what was chosen and why.
+
+    ``work`` holds the scratch (data, stores); ``state`` what a later invocation resumes from
+    (tune.json, tuned.yaml, the study journal).
     """
+    home = work / "home-validation"
+    state.mkdir(parents=True, exist_ok=True)
+    state_file = state / "tune.json"
+    progress = json.loads(state_file.read_text()) if state_file.exists() else {"seconds": 0.0, "done": False}
+    tuned_path = state / "tuned.yaml"
+    journal = next(iter(sorted((state / "tune").glob("*/study.journal"))), state / "tune" / "pending" / "study.journal")
+    if not progress["done"]:
+        source = demo_source(work, SPLITS["validation"]["data_seed"], size, quick, captions)
+        cfg_path = work / "tune-config.yaml"
+        cfg_path.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
+        log(f"{captions}: pogdiff tune on the validation split ({config.tune.trials} trials after the lam = 0 reference)")
+        started = time.perf_counter()
+        code = _run_tune(["tune", str(source), "--config", str(cfg_path), "--out", str(tuned_path)], home, journal, work / "tune.log")
+        progress["seconds"] += time.perf_counter() - started
+        progress["done"] = code == 0
+        state_file.write_text(json.dumps(progress))
+        if code != 0:
+            raise SystemExit(f"error: pogdiff tune failed (exit {code}); see {work / 'tune.log'}; a rerun resumes it")
+        journal = next(iter(sorted((state / "tune").glob("*/study.journal"))))
+    reference, trials = _read_study(journal)
+    tuned = load_config(tuned_path)
+    chosen = choose(reference, trials, config.tune.head_max_drop)
+
+    eval_cfg = config.evaluate.model_copy(update={"seed": config.tune.eval_seed})
+    prep = None
+    cbdm = []
+    for tau in CBDM_TAUS:
+        cfg = config.train.model_copy(update={"checkpoint_every": 10**9, "pog": PoGConfig(method="cbdm", cbdm_tau=tau)})
+        key = Store.key(split="validation", captions=captions, train=cfg.model_dump(), evaluate=eval_cfg.model_dump())
+        row = store.get(key)
+        if row is None:
+            if prep is None:  # the tune ingested and indexed the validation split into its home
+                prep = load_prepared(home, config.index, size, f"validation, {captions} captions", config.evaluate.individual_column)
+            row = store.put(key, {"split": "validation", "captions": captions, "method": "cbdm", "cbdm_tau": tau,
+                                  **run_one(prep, cfg, eval_cfg, work / "scratch")})
+            log(f"{captions}: validation cbdm tau {tau}: score {score(row['metrics']):.3f} (lam = 0 reference {reference.score:.3f})")
+        cbdm.append(TrialResult(len(cbdm), {"cbdm_tau": tau}, row["metrics"]))
+    best_cbdm = choose(reference, cbdm, config.tune.head_max_drop)
+    if best_cbdm is reference:  # CBDM must stay CBDM: its best tau by score when none beats the reference
+        best_cbdm = max(cbdm, key=lambda t: t.score)
+    return {
+        "tune": {"reference": {"metrics": reference.metrics, "score": reference.score},
+                 "trials": [{"number": t.number, "knobs": t.knobs, "metrics": t.metrics, "score": t.score} for t in trials],
+                 "chosen": {"trial": chosen.number, "knobs": chosen.knobs, "score": chosen.score},
+                 "pog": tuned.train.pog.model_dump(), "table": trials_table(reference, trials, chosen, config.tune.head_max_drop),
+                 "seconds": round(progress["seconds"], 1)},
+        "cbdm": {"taus": {str(t.knobs["cbdm_tau"]): {"score": t.score, "metrics": t.metrics} for t in cbdm},
+                 "chosen_tau": best_cbdm.knobs["cbdm_tau"]},
+    }
+
+
+def method_pogs(methods: tuple[str, ...], validation: dict | None) -> dict[str, PoGConfig]:
+    out = {"vanilla": PoGConfig(method="vanilla"), "pogdiff": PoGConfig(method="pogdiff")}
+    if validation is not None:
+        out["cbdm"] = PoGConfig(method="cbdm", cbdm_tau=validation["cbdm"]["chosen_tau"])
+        out["pogdiff_tuned"] = PoGConfig.model_validate(validation["tune"]["pog"])
+    return {m: out[m] for m in methods}
+
+
+def test_phase(prep: Prepared, config: RetrainConfig, pogs: dict[str, PoGConfig], seeds: tuple[int, ...], captions: str,
+               store: Store, work: Path, log) -> tuple[dict[str, list[dict]], dict[str, str]]:
+    """Phase 2: every method x seed on the test split; returns per-seed rows and notes per method."""
+    rows: dict[str, list[dict]] = {m: [] for m in pogs}
+    notes: dict[str, str] = {}
+    for name, pog in pogs.items():
+        if name == "pogdiff_tuned" and pog.method == "vanilla" and "vanilla" in pogs:
+            notes[name] = "the tune chose lam = 0 (plain fine-tuning): the same training as vanilla, so vanilla's rows"
+            rows[name] = rows["vanilla"]
+            continue
+        for seed in seeds:
+            cfg = config.train.model_copy(update={"seed": seed, "checkpoint_every": 10**9, "pog": pog})
+            eval_cfg = config.evaluate.model_copy(update={"seed": SPLITS["test"]["eval_seed"] + seed})
+            key = Store.key(split="test", captions=captions, train=cfg.model_dump(), evaluate=eval_cfg.model_dump())
+            row = store.get(key)
+            if row is None:
+                row = store.put(key, {"split": "test", "captions": captions, "method": name, **run_one(prep, cfg, eval_cfg, work / "scratch")})
+                m = row["metrics"]
+                log(f"{captions}: {name} seed {seed}: few gRecall {m.get('few/grecall', float('nan')):.3f} acc "
+                    f"{m.get('few/accuracy', float('nan')):.3f} | many acc {m.get('many/accuracy', float('nan')):.3f} | "
+                    f"train {row['train_seconds']:.0f} s, eval {row['eval_seconds']:.0f} s")
+            rows[name].append(row)
+    return rows, notes
+
+
+def diagnostics(prep: Prepared, buckets: list[str], pogs: dict[str, PoGConfig]) -> dict:
+    """How much psi borrows per bucket and timestep quartile (per PoGDiff config), and how alike the
+    caption neighbours' images are: s_img per relation of two individuals (same individual, same
+    colour, same shape, neither) and the share of top-k caption neighbours in each relation."""
     from pogdiff.model import default_scheduler
 
     g = prep.data.graph
-    out: dict = {"psi_by_bucket": psi_by_bucket(g, buckets, pog, default_scheduler().config.num_train_timesteps)}
+    steps = default_scheduler().config.num_train_timesteps
+    out: dict = {"psi_by_bucket": {name: psi_by_bucket(g, buckets, pog, steps) for name, pog in pogs.items() if pog.method == "pogdiff"}}
     caps = prep.data.captions
     owner = {prep.real.captions[r]: int(i) for r, i in enumerate(prep.real.group)}
     individual_of = [owner[c] for c in caps]  # caption -> individual (a caption names one individual)
@@ -212,9 +339,22 @@ def diagnostics(prep: Prepared, buckets: list[str], pog: PoGConfig) -> dict:
         image_individual = torch.tensor(individual_of)[g.caption_of]
         pairs = {(a, b): relation(a, b) for a in range(len(looks)) for b in range(a, len(looks))}
         out["s_img_by_relation"] = demo_similarity_table(g.image_features, image_individual, pairs)
-        kinds = [relation(individual_of[c], individual_of[j]) for c in range(len(caps)) for j in g.nb_ids[c, : pog.k].tolist() if j >= 0]
-        out["neighbour_relation_share"] = {k: kinds.count(k) / len(kinds) for k in
+        k = PoGConfig().k
+        kinds = [relation(individual_of[c], individual_of[j]) for c in range(len(caps)) for j in g.nb_ids[c, :k].tolist() if j >= 0]
+        out["neighbour_relation_share"] = {r: kinds.count(r) / len(kinds) for r in
                                            ("same_individual", "same_colour", "same_shape", "unrelated")} if kinds else {}
+    return out
+
+
+def goals(agg: dict, captions: str) -> dict:
+    """The issue's goals for one variant (pogdiff/longtail.py's checks, with the seed std as margin)."""
+    out = {}
+    if {"pogdiff_tuned", "vanilla", "cbdm"} <= set(agg) and captions == "per-image":
+        out["tuned_beats_baselines"] = goal_check(agg, "pogdiff_tuned", ("vanilla", "cbdm"))
+    if {"pogdiff_tuned", "vanilla"} <= set(agg) and captions == "individual":
+        out["tuned_no_harm"] = no_harm_check(agg, "pogdiff_tuned", "vanilla", (*BUCKETS, "overall"), ("grecall", "accuracy"))
+    if {"pogdiff", "vanilla"} <= set(agg):
+        out["defaults_no_harm_on_many"] = no_harm_check(agg, "pogdiff", "vanilla", ("many",), ("accuracy",))
     return out
 
 
@@ -255,188 +395,123 @@ def plot(agg: dict, path: Path, title: str) -> None:
         ax.tick_params(labelsize=8)
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    save_png(fig, tmp)
-    os.replace(tmp, path)
+    save_png(fig, path)
 
 
-def score(e: dict) -> float:
-    """The sweep's selection score: few-bucket gRecall + identity accuracy (means over seeds)."""
-    few = e["results"].get("few", {})
-    return few.get("grecall", {}).get("mean", -1.0) + few.get("accuracy", {}).get("mean", -1.0)
-
-
-def _sweep(args, prep: Prepared, eval_cfg: EvaluateConfig, recipe: TrainConfig, work: Path, log, partial: Path) -> dict:
-    """lr for vanilla, then each psi knob alone around POG_KNOBS; validation split only.
-
-    Every finished entry is saved to ``partial`` at once, and entries already there (same label,
-    learning rate, knobs, steps, batch and seeds) are not run again: an interrupted sweep continues.
-    """
-    seeds = tuple(args.seeds)
-    eval_seed = SPLITS["validation"]["eval_seed"]
-    entries = []
-    budget = {"steps": args.steps, "batch_size": args.batch, "seeds": list(seeds)}
-    done = json.loads(partial.read_text()) if partial.exists() else []
-
-    def add(label: str, methods: dict[str, PoGConfig], lr: float) -> None:
-        found = [e for e in done if e["label"] == label and e["learning_rate"] == lr and e["budget"] == budget
-                 and e["method"] in methods and e["config"] == methods[e["method"]].model_dump()]
-        if len(found) == len(methods):
-            log(f"{label}: done in an earlier sweep, kept")
-            entries.extend(found)
-            return
-        rows, agg, configs = compare(prep, methods, seeds, args.base, args.steps, lr, args.batch, eval_cfg, eval_seed,
-                                     work / label, log, recipe)
-        for name in methods:
-            entries.append({"label": label, "method": name, "learning_rate": lr, "budget": budget, "config": configs[name]["pog"],
-                            "results": agg[name], "per_seed": rows[name]})
-        _write_atomic(partial, json.dumps(entries + [e for e in done if e not in entries], indent=2).encode())
-
-    for lr in SWEEP_LR:
-        add(f"lr={lr:g}", {"vanilla": PoGConfig(method="vanilla")}, lr)
-    # the learning rate is method-independent: the one vanilla does best with, then fixed for the rest
-    lr = max((e for e in entries if e["method"] == "vanilla"), key=score)["learning_rate"]
-    add("baselines", {"cbdm": PoGConfig(method="cbdm")}, lr)
-    add("pogdiff", {"pogdiff": PoGConfig(method="pogdiff", **POG_KNOBS)}, lr)
-    for knob, values in SWEEP_PSI.items():
-        for v in values:
-            add(f"{knob}={v}", {"pogdiff": PoGConfig(method="pogdiff", **{**POG_KNOBS, knob: v})}, lr)
-
-    pog_entries = [e for e in entries if e["method"] == "pogdiff"]
-    best = max(pog_entries, key=score)
-    return {"entries": entries, "selection": "max of few/grecall + few/accuracy (means over seeds), validation split",
-            "learning_rate": lr, "best_pogdiff": {"label": best["label"], "config": best["config"], "score": score(best)}}
-
-
-def write_sweep_markdown(doc: dict, path: Path) -> None:
-    """``longtail_sweep.json``'s entries as a table, with the selection it led to."""
-    best = doc["best_pogdiff"]
-    budget = doc["entries"][0]["budget"]
-    compute = sum(r["train_seconds"] + r["eval_seconds"] for e in doc["entries"] for r in e["per_seed"])
-    header = (f"Validation sweep ({doc['data']['source']}, seeds {budget['seeds']}, {budget['steps']} steps x batch "
-              f"{budget['batch_size']}; means over seeds). Selection: {doc['selection']}. Learning rate chosen: "
-              f"{doc['learning_rate']:g}; best PoGDiff entry: {best['label']} (score {best['score']:.3f}). "
-              f"Command: `{doc['command']}`; {compute:.0f} s of training and evaluation in all (the sweep resumes "
-              f"where it stopped, so it may span invocations).\n\n")
-    _write_atomic(path, (header + sweep_table(doc["entries"], PoGConfig(method="pogdiff").model_dump())).encode())
+def _markdown(doc: dict) -> str:
+    parts = [f"Long-tail benchmark: {len(doc['seeds'])} seeds {doc['seeds']}, {doc['budget']['steps']} steps x batch "
+             f"{doc['budget']['batch_size']}, lr {doc['budget']['learning_rate']:g}; mean ± std over seeds. Command: "
+             f"`{doc['command']}`; compute {doc['runtime_s']:.0f} s over all invocations (limit {doc['limit_s']} s).\n"]
+    for captions, v in doc["variants"].items():
+        parts.append(f"\n## {captions} captions ({v['data']['source']})\n\n" + markdown_table(v["results"]))
+        for name, note in v["notes"].items():
+            parts.append(f"\n{name}: {note}.\n")
+        if v.get("validation"):
+            val = v["validation"]
+            parts.append(f"\nValidation: `pogdiff tune` ({val['tune']['seconds']:.0f} s)\n\n" + val["tune"]["table"])
+            taus = ", ".join(f"tau {t}: score {s['score']:.3f}" for t, s in val["cbdm"]["taus"].items())
+            parts.append(f"\nCBDM on the validation split: {taus}; chosen tau {val['cbdm']['chosen_tau']}.\n")
+        for name, check in v["goals"].items():
+            failed = [c for c in check["checks"] if not c["passed"]]
+            parts.append(f"\nGoal {name}: {'met' if check['met'] else 'not met'}"
+                         + (": " + "; ".join(f"{c['bucket']}/{c['metric']} vs {c['baseline']} {c.get('difference', float('nan')):+.3f} "
+                                             f"(margin {c.get('margin', float('nan')):.3f})" for c in failed) if failed else "") + ".\n")
+    return "".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.longtail", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help="tiny random base, 16 px data of 2-12 images per individual, 3 steps, 2 seeds, 2 images per individual (smoke test)")
-    p.add_argument("--sweep", action="store_true", help="tune lr and the psi knobs on the validation split; writes longtail_sweep.json")
-    p.add_argument("--source", help="pipeline home (POGDIFF_HOME) whose dataset and LanceDB tables were made by ingest + index")
-    p.add_argument("--config", default=str(DEMO_CONFIG), help="retrain config YAML; its index and evaluate sections are used")
-    p.add_argument("--base", help="base model every method starts from (default: the config's train.base_model)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                   help="methods to compare (a subset writes longtail_<methods>_<captions>.json, not longtail.json)")
-    p.add_argument("--captions", choices=demo.CAPTION_MODES, default="per-image",
-                   help="demo captions: per-image (each caption describes its image) or individual (one per individual)")
+    p.add_argument("--quick", action="store_true", help="smoke test: tiny random base and data, 3 steps, one tune trial, seed 0")
+    p.add_argument("--config", default=str(DEMO_CONFIG), help="retrain config YAML: its index, train, evaluate and tune sections")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--captions", nargs="+", choices=demo.CAPTION_MODES, default=list(demo.CAPTION_MODES))
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
-    p.add_argument("--steps", type=int, help="fine-tuning steps (default: the config's train.steps)")
-    p.add_argument("--lr", type=float, help="learning rate (default: the config's train.learning_rate)")
-    p.add_argument("--batch", type=int, help="batch size (default: the config's train.batch_size)")
-    p.add_argument("--pog", action="append", default=[], metavar="KEY=VALUE", help="override a PoGDiff knob (repeatable)")
+    p.add_argument("--trials", type=int, default=TUNE_TRIALS, help="pogdiff tune's searched trials per variant")
+    p.add_argument("--state", default=str(STATE), help="what a rerun resumes from: finished runs, the tune studies and their choices")
+    p.add_argument("--work", default=str(WORK), help="scratch: the data sets, the stores and the tune homes")
     p.add_argument("--out", default=str(RESULTS), help="folder for the results files")
     args = p.parse_args(argv)
     started = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - started:6.0f} s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
-
-    retrain = load_config(args.config)
-    index_cfg, eval_cfg, recipe = retrain.index, retrain.evaluate, retrain.train
-    args.steps = args.steps or recipe.steps
-    args.lr = args.lr or recipe.learning_rate
-    args.batch = args.batch or recipe.batch_size
-    args.base = args.base or recipe.base_model
     if len(set(args.seeds)) < len(args.seeds):
         raise SystemExit(f"error: --seeds has repeats: {args.seeds}")
-    pog_knobs = {**POG_KNOBS}
-    for item in args.pog:
-        key, sep, value = item.partition("=")
-        if not sep or key not in PoGConfig.model_fields or key == "method":
-            raise SystemExit(f"error: --pog {item!r}: expected KEY=VALUE with KEY a PoGConfig field other than method")
-        pog_knobs[key] = value
-    all_methods = method_configs(pog_knobs)  # validates the knobs before any work
-    methods = {m: c for m, c in all_methods.items() if m in args.methods}
+
+    config = load_config(args.config)
+    work_root = Path(args.work)
+    data = config.model_dump(mode="json")
+    data["train"]["checkpoint_every"] = 10**9
+    data["tune"] = {**data["tune"], "trials": args.trials}
     if args.quick:
-        args.steps, args.batch, args.seeds = 3, 8, args.seeds[:2]
-        eval_cfg = eval_cfg.model_copy(update={"min_images_per_individual": 2, "max_images_per_individual": 2, "num_inference_steps": 2,
-                                               "buckets": eval_cfg.buckets.model_copy(update={"many_above": 5, "few_below": 3})})
-    split = "validation" if args.sweep else "test"
-    out = Path(args.out)
+        from pogdiff.model import PixelDiffusionPipeline
 
-    with tempfile.TemporaryDirectory(prefix="longtail-") as tmp:
-        work = Path(tmp)
-        if args.quick:  # a tiny random base at the detector's smallest size: checks the bench runs, not the numbers
-            from pogdiff.model import PixelDiffusionPipeline
+        base = work_root / "tiny-base"
+        if not (base / "pogdiff.json").exists():
+            PixelDiffusionPipeline.new(QUICK_SPEC, seed=0).save_pretrained(base, extra={"method": "random"})
+        data["train"].update({"base_model": str(base), "steps": 3, "batch_size": 8})
+        data["index"]["image_feature_model"] = str(base)
+        data["tune"].update({"trials": 1, "steps_per_trial": 3})
+        data["evaluate"].update({"min_images_per_individual": 2, "max_images_per_individual": 2, "num_inference_steps": 2,
+                                 "buckets": {"many_above": 5, "few_below": 3}})
+        args.seeds = args.seeds[:1]
+    config = parse_config(data)
+    size = load_pipeline(config.train.base_model).image_size
+    state_root = Path(args.state)
+    store = Store(state_root / "results.jsonl")
+    methods = tuple(m for m in METHODS if m in args.methods)
+    command = "python -m bench.longtail " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
 
-            args.base = str(work / "tiny-base")
-            PixelDiffusionPipeline.new(QUICK_SPEC, seed=0).save_pretrained(Path(args.base), extra={"method": "random"})
-        size = load_pipeline(args.base).image_size
-        if args.source:
-            home = Path(args.source)
-            if not home.is_dir():
-                raise SystemExit(f"error: --source {home} is not a folder (expected a pipeline home with dataset/ and lancedb/)")
-            prep = load_prepared(home, index_cfg, size, f"source {home.name}", eval_cfg.individual_column)
-        else:
-            prep = prepare_demo(work, SPLITS[split]["data_seed"], index_cfg, size, args.quick, args.captions,
-                                eval_cfg.individual_column)
-        buckets = prep.caption_buckets(eval_cfg.buckets.many_above, eval_cfg.buckets.few_below)
-        individual_buckets = assign_buckets(prep.real.counts, eval_cfg.buckets.many_above, eval_cfg.buckets.few_below)
-        log(f"data: {len(prep.real.images)} images, {len(prep.real.names)} individuals, {len(prep.counts)} captions "
-            f"({prep.source}); split {split}")
-        diag = diagnostics(prep, buckets, all_methods["pogdiff"])  # what PoGDiff would borrow, whichever methods run
-        command = "python -m bench.longtail " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-        common = {
-            "command": command.strip(),
-            "split": split if not args.source else f"source ({split} role)",
+    variants = {}
+    for captions in args.captions:
+        work = work_root / captions
+        work.mkdir(parents=True, exist_ok=True)
+        validation = validate(work, state_root / captions, config, size, args.quick, captions, store, log) \
+            if NEEDS_VALIDATION & set(methods) else None
+        prep = prepare_test(work, config.index, size, args.quick, captions, config.evaluate.individual_column)
+        buckets = prep.caption_buckets(config.evaluate.buckets.many_above, config.evaluate.buckets.few_below)
+        individual_buckets = assign_buckets(prep.real.counts, config.evaluate.buckets.many_above, config.evaluate.buckets.few_below)
+        log(f"{captions}: test data {len(prep.real.images)} images, {len(prep.real.names)} individuals, {len(prep.counts)} captions")
+        pogs = method_pogs(methods, validation)
+        rows, notes = test_phase(prep, config, pogs, tuple(args.seeds), captions, store, work, log)
+        agg = aggregate({m: [r["metrics"] for r in rs] for m, rs in rows.items()})
+        variants[captions] = {
             "data": {"source": prep.source, "images": int(len(prep.real.images)), "grouped_by": prep.real.grouped_by,
                      "individuals": len(prep.real.names), "captions": int(len(prep.counts)),
                      "counts": dict(zip(prep.real.names, prep.real.counts.tolist())),
                      "buckets": {b: individual_buckets.count(b) for b in BUCKETS}},
-            "budget": {"steps": args.steps, "batch_size": args.batch, "learning_rate": args.lr,
-                       "samples_seen": args.steps * args.batch,
-                       "base_model": "tiny random UNet (quick)" if args.quick else args.base},
-            "seeds": list(args.seeds),
-            "evaluate": eval_cfg.model_dump() | {"seed": f"{SPLITS[split]['eval_seed']} + training seed"},
-            "index": index_cfg.model_dump(),
-            "diagnostics": diag,
-            "quick": args.quick,
-            "machine": {"device": "cuda" if torch.cuda.is_available() else "cpu", "arch": platform.machine(),
-                        "threads": torch.get_num_threads()},
+            "validation": validation,
+            "methods": {m: pog.model_dump() for m, pog in pogs.items()},
+            "notes": notes,
+            "results": agg,
+            "per_seed": rows,
+            "goals": goals(agg, captions),
+            "competence": competence_check(agg) if "vanilla" in agg else None,
+            "diagnostics": diagnostics(prep, buckets, pogs),
         }
-        if args.sweep:
-            partial = out / "longtail_sweep.partial.json"
-            sweep = _sweep(args, prep, eval_cfg, recipe, work, log, partial)
-            doc = {"bench": "longtail_sweep", **common, **sweep, "runtime_s": round(time.perf_counter() - started, 1)}
-            _write_atomic(out / "longtail_sweep.json", json.dumps(doc, indent=2).encode())
-            write_sweep_markdown(doc, out / "longtail_sweep.md")
-            partial.unlink(missing_ok=True)
-            print(json.dumps({"bench": "longtail_sweep", "best_pogdiff": sweep["best_pogdiff"], "runtime_s": doc["runtime_s"]}))
-            return 0
-        rows, agg, configs = compare(prep, methods, tuple(args.seeds), args.base, args.steps, args.lr, args.batch, eval_cfg,
-                                     SPLITS[split]["eval_seed"], work, log, recipe)
-    # the method goal needs all three methods; the competence goal needs vanilla
-    goal = goal_check(agg) if set(methods) == set(METHODS) else None
-    competence = competence_check(agg) if "vanilla" in agg else None
-    runtime = round(time.perf_counter() - started, 1)
-    doc = {"bench": "longtail", **common, "captions": args.captions, "runtime_s": runtime, "limit_s": 3600,
-           "methods": configs, "results": agg, "per_seed": rows, "goal": goal, "competence": competence}
-    stem = "longtail" if set(methods) == set(METHODS) and args.captions == "per-image" else \
-        f"longtail_{'_'.join(methods)}_{args.captions}"
+        plot(agg, Path(args.out) / f"longtail_{captions}{'' if set(methods) == set(METHODS) else '_' + '_'.join(methods)}.png",
+             f"{prep.source}: {len(args.seeds)} seeds, {config.train.steps} steps, lr {config.train.learning_rate:g}")
+
+    runtime = sum(r.get("train_seconds", 0) + r.get("eval_seconds", 0) for r in store.rows.values()) + sum(
+        (v["validation"] or {}).get("tune", {}).get("seconds", 0) for v in variants.values())
+    doc = {"bench": "longtail", "command": command.strip(), "runtime_s": round(runtime, 1), "limit_s": LIMIT_S,
+           "wall_s_this_invocation": round(time.perf_counter() - started, 1), "quick": args.quick, "seeds": list(args.seeds),
+           "budget": {"steps": config.train.steps, "batch_size": config.train.batch_size, "learning_rate": config.train.learning_rate,
+                      "base_model": "tiny random UNet (quick)" if args.quick else config.train.base_model,
+                      "tune_trials": config.tune.trials, "cbdm_taus": list(CBDM_TAUS)},
+           "evaluate": config.evaluate.model_dump() | {"seed": f"{SPLITS['test']['eval_seed']} + training seed"},
+           "index": config.index.model_dump(), "splits": SPLITS,
+           "machine": {"device": "cuda" if torch.cuda.is_available() else "cpu", "arch": platform.machine(),
+                       "threads": torch.get_num_threads()},
+           "variants": variants}
+    stem = "longtail" if set(methods) == set(METHODS) and set(args.captions) == set(demo.CAPTION_MODES) else \
+        f"longtail_{'_'.join(methods)}_{'_'.join(args.captions)}"
+    out = Path(args.out)
     _write_atomic(out / f"{stem}.json", json.dumps(doc, indent=2).encode())
-    first = next(iter(rows.values()))[0]
-    header = (f"Long-tail benchmark ({prep.source}, {len(args.seeds)} seeds {list(args.seeds)}, {args.steps} steps x batch "
-              f"{args.batch}, lr {args.lr:g}; mean ± std over seeds; gate {first['gate']}). "
-              f"Command: `{doc['command']}`; runtime {runtime:.0f} s.\n\n")
-    _write_atomic(out / f"{stem}.md", (header + markdown_table(agg)).encode())
-    plot(agg, out / f"{stem}.png", f"{prep.source}: {len(args.seeds)} seeds, {args.steps} steps, lr {args.lr:g}")
-    summary = {m: {b: {k: agg[m].get(b, {}).get(k, {}).get("mean") for k in ("accuracy", "grecall", "grecall_norm")}
-                   for b in (*BUCKETS, "overall")} for m in agg}
-    print(json.dumps({"bench": "longtail", "file": f"{stem}.json", "runtime_s": runtime, "limit_s": 3600,
-                      "goal_met": None if goal is None else goal["met"],
-                      "competence_met": None if competence is None else competence["met"], "results": summary}))
+    _write_atomic(out / f"{stem}.md", _markdown(doc).encode())
+    summary = {c: {m: {b: agg_b.get("accuracy", {}).get("mean") for b, agg_b in v["results"][m].items()} for m in v["results"]}
+               for c, v in variants.items()}
+    print(json.dumps({"bench": "longtail", "file": f"{stem}.json", "runtime_s": doc["runtime_s"], "limit_s": LIMIT_S,
+                      "goals_met": {c: {g: chk["met"] for g, chk in v["goals"].items()} for c, v in variants.items()},
+                      "accuracy": summary}))
     return 0
 
 

@@ -60,8 +60,8 @@ class IndexConfig(_Stage):
     ann_index: Literal["IVF_HNSW_SQ", "IVF_PQ"] = "IVF_HNSW_SQ"
     ann_candidates: int = Field(50, ge=2)  # ANN hits per caption: its top-k and its density come from these
     # psi's image feature (pogdiff/features.py). unet: the diffusion model's own UNet, which sees identity
-    # (same product 0.95 vs another product 0.76-0.92 on the demo); pixels: downsampled pixels, which see
-    # colour and position (same product 0.50 vs same colour 0.52); dinov2 / clip: vision models for photos.
+    # (bench/similarity.py: same product above same colour in 82% of pairs); pixels: downsampled pixels,
+    # which see colour and position (48%: chance); dinov2 / clip: vision models for photos.
     image_feature: Literal["unet", "pixels", "dinov2", "clip"] = "unet"
     # unet: the diffusion model (None: the retrain's train.base_model, or the default base alone);
     # dinov2 / clip: a local folder or a hub id in the local cache

@@ -78,6 +78,24 @@ def goal_check(
     return {"checks": checks, "met": all(c["passed"] for c in checks)}
 
 
+def no_harm_check(agg: Aggregate, method: str, baseline: str, buckets: tuple[str, ...], metrics: tuple[str, ...]) -> dict:
+    """Not worse than ``baseline`` by more than one seed std on each bucket x metric:
+    sign * (mean_m - mean_base) >= -max(std_m, std_base). Returns ``{"checks": [...], "met": bool}``;
+    a missing value fails its check."""
+    checks = []
+    for bucket in buckets:
+        for metric in metrics:
+            m, b = _stat(agg, method, bucket, metric), _stat(agg, baseline, bucket, metric)
+            row = {"bucket": bucket, "metric": metric, "baseline": baseline, "test": "not_worse"}
+            if m is None or b is None:
+                checks.append({**row, "passed": False, "note": "missing value"})
+                continue
+            diff = (-1.0 if metric in LOWER_IS_BETTER else 1.0) * (m["mean"] - b["mean"])
+            margin = max(m["std"], b["std"])
+            checks.append({**row, "difference": diff, "margin": margin, "passed": bool(diff >= -margin)})
+    return {"checks": checks, "met": all(c["passed"] for c in checks)}
+
+
 def competence_check(agg: Aggregate, method: str = "vanilla") -> dict:
     """Is the fine-tuned model competent, with a visible long tail? (the embedded default's bar)
 
@@ -112,25 +130,6 @@ def markdown_table(agg: Aggregate, metrics: tuple[str, ...] = METRIC_ORDER, grou
             arrow = "↓" if name in LOWER_IS_BETTER else "↑"
             cells = [_cell(_stat(agg, method, g, name)) for g in present]
             lines.append(f"| {method} | {name} {arrow} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def sweep_table(entries: list[dict], defaults: dict, metrics: tuple[str, ...] = ("few/grecall", "few/accuracy", "overall/grecall", "overall/accuracy")) -> str:
-    """The validation sweep as markdown: one row per entry, with the knobs it changed from ``defaults``.
-
-    entries: ``{"label", "method", "learning_rate", "config": {knob: value}, "results": bucket -> metric
-    -> {"mean", "std"}}`` as ``bench.longtail --sweep`` writes them; ``defaults`` the knobs' reference
-    values (PoGConfig's). Cells are means over the sweep's seeds.
-    """
-    lines = ["| entry | method | lr | changed knobs | " + " | ".join(metrics) + " |", "|---|---|---|---|" + "---|" * len(metrics)]
-    for e in entries:
-        changed = ", ".join(f"{k}={v}" for k, v in e["config"].items() if k != "method" and defaults.get(k) != v) or "–"
-        cells = []
-        for key in metrics:
-            bucket, metric = key.split("/", 1)
-            stat = e["results"].get(bucket, {}).get(metric)
-            cells.append("–" if stat is None else f"{stat['mean']:.3f}")
-        lines.append(f"| {e['label']} | {e['method']} | {e['learning_rate']:g} | {changed} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -322,7 +322,15 @@ def write_image_features(uri: str, image_ids: list[str], extractor: str, feature
         },
         schema=image_features_schema(features.shape[1]),
     )
-    table = _upsert(db, IMAGE_FEATURES, "image_id", rows)
+    existing = _open(db, IMAGE_FEATURES)
+    if existing is not None and existing.schema.field("feature").type.list_size != features.shape[1]:
+        # Another extractor of another width (index.image_feature changed): the table is a cache of the
+        # current extractor's features, so it is replaced, as a new table version, by the new ones.
+        check_writable(db.uri)
+        table = db.create_table(IMAGE_FEATURES, rows, mode="overwrite")
+        table.create_scalar_index("image_id", replace=True)
+    else:
+        table = _upsert(db, IMAGE_FEATURES, "image_id", rows)
     return WriteReport(rows=len(image_ids), written=len(image_ids), version=table.version)
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pogdiff.config import PoGConfig
-from pogdiff.longtail import aggregate, competence_check, goal_check, markdown_table, pair_similarity, psi_by_bucket, sweep_table
+from pogdiff.longtail import aggregate, competence_check, goal_check, markdown_table, no_harm_check, pair_similarity, psi_by_bucket
 from pogdiff.neighbours import NeighbourGraph
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,19 +60,14 @@ def test_markdown_table_shows_mean_and_std_of_every_method() -> None:
     assert "| pogdiff | grecall ↑ | 0.400 ± 0.000 |" in table
 
 
-def test_sweep_table_names_only_the_knobs_an_entry_changed() -> None:
-    defaults = PoGConfig(method="pogdiff").model_dump()
-    res = {"few": {"grecall": {"mean": 0.3612, "std": 0.0}}, "overall": {"accuracy": {"mean": 0.5, "std": 0.0}}}
-    entries = [{"label": "pogdiff", "method": "pogdiff", "learning_rate": 2e-4, "config": dict(defaults), "results": res},
-               {"label": "lam=0.3", "method": "pogdiff", "learning_rate": 2e-4, "config": {**defaults, "lam": 0.3}, "results": res},
-               {"label": "lr=0.0005", "method": "vanilla", "learning_rate": 5e-4,
-                "config": PoGConfig(method="vanilla").model_dump(), "results": {}}]
-    rows = sweep_table(entries, defaults).splitlines()
-    assert rows[0] == "| entry | method | lr | changed knobs | few/grecall | few/accuracy | overall/grecall | overall/accuracy |"
-    assert rows[2] == "| pogdiff | pogdiff | 0.0002 | – | 0.361 | – | – | 0.500 |"
-    assert rows[3] == "| lam=0.3 | pogdiff | 0.0002 | lam=0.3 | 0.361 | – | – | 0.500 |"
-    assert rows[4] == "| lr=0.0005 | vanilla | 0.0005 | – | – | – | – | – |"
-
+def test_no_harm_tolerates_one_std_and_names_what_failed() -> None:
+    agg = _agg([0.5, 0.6], [0.5, 0.6], [0.80, 0.90], [0.86, 0.90])  # many: -0.03 against a std of 0.071: fine
+    assert no_harm_check(agg, "pogdiff", "vanilla", ("many", "few"), ("accuracy",))["met"]
+    worse = _agg([0.5, 0.6], [0.5, 0.6], [0.60, 0.62], [0.90, 0.91])
+    result = no_harm_check(worse, "pogdiff", "vanilla", ("many", "few"), ("grecall", "accuracy"))
+    assert not result["met"]
+    assert {(c["bucket"], c["metric"]) for c in result["checks"] if not c["passed"]} == {("many", "grecall"), ("many", "accuracy")}
+    assert not no_harm_check(worse, "pogdiff", "vanilla", ("medium",), ("accuracy",))["met"]  # missing: fails
 
 def _graph() -> tuple[NeighbourGraph, list[str]]:
     # caption 0: 8 images, caption 1: 2 images, neighbours of each other, identical image features
@@ -108,32 +103,45 @@ def test_pair_similarity_is_the_clipped_cosine_and_leaves_out_self_pairs() -> No
         pair_similarity(f, caption_of, 0, 2)
 
 
-def test_quick_run_writes_json_table_and_plot(tmp_path: Path) -> None:
-    run = _bench("--quick", "--seeds", "0", "--out", str(tmp_path))
-    assert run.returncode == 0, run.stderr[-2000:]
-    doc = json.loads((tmp_path / "longtail.json").read_text())
-    assert set(doc["results"]) == {"vanilla", "cbdm", "pogdiff"}
-    assert doc["seeds"] == [0] and doc["runtime_s"] > 0 and doc["command"].startswith("python -m bench.longtail --quick")
-    assert doc["budget"]["steps"] == 3 and doc["methods"]["cbdm"]["pog"]["method"] == "cbdm"
-    for method, rows in doc["per_seed"].items():
-        for key, value in rows[0]["metrics"].items():
-            bucket, metric = key.split("/", 1)
-            assert doc["results"][method][bucket][metric]["values"] == [value]
-    assert doc["per_seed"]["pogdiff"][0]["psi_mean"] > 0  # the neighbour branch ran
-    assert doc["per_seed"]["vanilla"][0]["psi_mean"] == 0
-    relations = {"same_individual", "same_colour", "same_shape", "unrelated"}
-    assert set(doc["diagnostics"]["s_img_by_relation"]) == relations
-    assert set(doc["diagnostics"]["neighbour_relation_share"]) == relations
-    assert doc["data"]["grouped_by"] == "individual" and doc["data"]["individuals"] == 24
-    assert doc["data"]["captions"] > 24  # per-image captions: the graph is over captions, the buckets over individuals
-    assert sum(doc["data"]["buckets"].values()) == 24
-    assert doc["goal"]["checks"]
-    table = (tmp_path / "longtail.md").read_text()
-    few = doc["results"]["pogdiff"]["few"]["grecall"]
-    assert f"{few['mean']:.3f} ± {few['std']:.3f}" in table
-    assert (tmp_path / "longtail.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads(run.stdout)["bench"] == "longtail"
+def test_quick_run_tunes_validates_and_resumes(tmp_path: Path) -> None:
+    """One variant end to end: `pogdiff tune` on the validation split, CBDM's tau, then the test runs;
+    a run already in the work folder (marked with numbers no real run gives) is kept, not redone."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    state = tmp_path / "state"
+    first = _bench("--quick", "--captions", "per-image", "--methods", "vanilla", "--work", str(work), "--state", str(state), "--out", str(out))
+    assert first.returncode == 0, first.stderr[-3000:]
+    lines = (state / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 1  # vanilla alone needs no validation
+    row = json.loads(lines[0])
+    marked = {**row, "metrics": {k: 7.0 for k in row["metrics"]}}
+    (state / "results.jsonl").write_text(json.dumps(marked) + "\n")
 
+    run = _bench("--quick", "--captions", "per-image", "--work", str(work), "--state", str(state), "--out", str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    doc = json.loads((out / "longtail_vanilla_cbdm_pogdiff_pogdiff_tuned_per-image.json").read_text())
+    v = doc["variants"]["per-image"]
+    assert set(v["results"]) == {"vanilla", "cbdm", "pogdiff", "pogdiff_tuned"}
+    assert v["results"]["vanilla"]["few"]["accuracy"]["mean"] == 7.0  # the finished run was kept
+    val = v["validation"]
+    assert val["tune"]["reference"]["metrics"] and len(val["tune"]["trials"]) == 1 and "| ref |" in val["tune"]["table"]
+    assert set(val["cbdm"]["taus"]) == {"0.1", "0.3", "1.0"} and v["methods"]["cbdm"]["cbdm_tau"] == val["cbdm"]["chosen_tau"]
+    assert v["methods"]["pogdiff"] == PoGConfig(method="pogdiff").model_dump()  # the documented defaults
+    assert v["methods"]["pogdiff_tuned"] == val["tune"]["pog"]
+    assert v["per_seed"]["pogdiff"][0]["psi_mean"] > 0 and v["per_seed"]["vanilla"][0]["psi_mean"] == 0
+    psi = v["diagnostics"]["psi_by_bucket"]["pogdiff"]["overall"]
+    assert {"psi_q1", "psi_q4", "tau", "active_share"} <= set(psi)
+    relations = {"same_individual", "same_colour", "same_shape", "unrelated"}
+    assert set(v["diagnostics"]["s_img_by_relation"]) == relations
+    assert v["data"]["grouped_by"] == "individual" and v["data"]["individuals"] == 24
+    assert "defaults_no_harm_on_many" in v["goals"] and "tuned_beats_baselines" in v["goals"]
+    assert doc["runtime_s"] > 0 and doc["limit_s"] == 9000 and doc["command"].startswith("python -m bench.longtail --quick")
+    table = (out / "longtail_vanilla_cbdm_pogdiff_pogdiff_tuned_per-image.md").read_text()
+    assert "## per-image captions" in table and "CBDM on the validation split" in table
+    assert (out / "longtail_per-image.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(run.stdout)["bench"] == "longtail"
+    # a third invocation redoes nothing: the tune is done, every run is in the work folder
+    again = _bench("--quick", "--captions", "per-image", "--work", str(work), "--state", str(state), "--out", str(out))
+    assert again.returncode == 0 and "seed 0:" not in again.stderr and "pogdiff tune on" not in again.stderr
 
 def test_competence_needs_a_competent_head_and_a_visible_tail() -> None:
     def agg(many: float, few: float, overall: float) -> dict:
@@ -145,42 +153,3 @@ def test_competence_needs_a_competent_head_and_a_visible_tail() -> None:
     failed = {c["check"] for c in competence_check(agg(0.95, 0.85, 0.69))["checks"] if not c["passed"]}
     assert failed == {"overall/accuracy >= 0.70", "many/accuracy - few/accuracy >= 0.15"}
     assert not competence_check(aggregate({"cbdm": [{"many/accuracy": 1.0}]}))["met"]  # no vanilla values
-
-
-def test_bad_pog_override_is_refused_by_name(tmp_path: Path) -> None:
-    run = _bench("--quick", "--pog", "lamda=2", "--out", str(tmp_path))
-    assert run.returncode != 0
-    assert "error: --pog 'lamda=2'" in run.stderr
-    assert not (tmp_path / "longtail.json").exists()
-
-
-def test_quick_sweep_continues_an_interrupted_sweep_and_writes_its_table(tmp_path: Path) -> None:
-    # as if an earlier sweep had stopped after its first two entries; their marks lie outside the
-    # metrics' range, so only kept entries can carry them
-    budget = {"steps": 3, "batch_size": 8, "seeds": [0]}
-    vanilla = PoGConfig(method="vanilla").model_dump()
-    kept = [{"label": f"lr={lr:g}", "method": "vanilla", "learning_rate": lr, "budget": budget, "config": vanilla,
-             "results": {"few": {"grecall": {"mean": mark, "std": 0.0}, "accuracy": {"mean": 0.0, "std": 0.0}}},
-             "per_seed": [{"train_seconds": 1.0, "eval_seconds": 1.0}]}
-            for lr, mark in ((1e-4, 5.0), (2e-4, 4.0))]
-    stale = {**kept[1], "label": "k=1", "method": "pogdiff", "learning_rate": 1e-4,
-             "config": PoGConfig(method="pogdiff", k=2).model_dump()}  # other knobs than the sweep's k=1: rerun
-    (tmp_path / "longtail_sweep.partial.json").write_text(json.dumps(kept + [stale]))
-    run = _bench("--quick", "--sweep", "--seeds", "0", "--out", str(tmp_path))
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stderr.count("done in an earlier sweep, kept") == 2
-    doc = json.loads((tmp_path / "longtail_sweep.json").read_text())
-    assert doc["split"] == "validation" and not (tmp_path / "longtail_sweep.partial.json").exists()
-    labels = [e["label"] for e in doc["entries"]]
-    assert labels[:5] == ["lr=0.0001", "lr=0.0002", "lr=0.0005", "baselines", "pogdiff"]
-    assert {"lam=0.3", "k=1", "timestep_weight=linear"} <= set(labels)
-    assert [e["results"]["few"]["grecall"]["mean"] for e in doc["entries"][:2]] == [5.0, 4.0]
-    k1 = next(e for e in doc["entries"] if e["label"] == "k=1")
-    assert k1["config"]["k"] == 1 and k1["results"]["few"]["grecall"]["mean"] <= 1.0
-    assert doc["learning_rate"] == 1e-4  # the entry marked highest wins the learning-rate choice
-    assert all(e["learning_rate"] == 1e-4 for e in doc["entries"] if e["method"] != "vanilla")
-    assert doc["best_pogdiff"]["label"] in labels
-    table = (tmp_path / "longtail_sweep.md").read_text()
-    assert "Learning rate chosen: 0.0001" in table
-    row = next(line for line in table.splitlines() if line.startswith("| k=1 | pogdiff |"))
-    assert "k=1 |" in row.split("| pogdiff |")[1]  # the changed knobs are named

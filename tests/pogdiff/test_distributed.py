@@ -20,7 +20,7 @@ from pogdiff.trainer import Distributed, train
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = {"steps": 3, "batch_size": 4, "learning_rate": 1e-3, "checkpoint_every": 2,
-          "pog": {"method": "pogdiff", "lam": 5.0, "psi_threshold": 0.0}}  # most samples borrow: the ranks run the neighbour branch
+          "pog": {"method": "pogdiff", "lam": 5.0, "psi_threshold": 0.0, "similarity_quantile": 0.0}}  # most samples borrow: the ranks run the neighbour branch
 
 
 @pytest.fixture(scope="module")

@@ -116,7 +116,7 @@ def test_fine_tune_two_steps_and_sample(sd_dir, data, tmp_path, method):
     pipe = load_pipeline(str(sd_dir))
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     vae_before = {k: v.clone() for k, v in pipe.vae.state_dict().items()}
-    pog = PoGConfig(method=method, lam=5.0, psi_threshold=0.0, similarity_features="latent")
+    pog = PoGConfig(method=method, lam=5.0, psi_threshold=0.0, similarity_quantile=0.0, similarity_features="latent")
     seen = []
     r = train(pipe, data, TrainConfig(steps=2, batch_size=4, learning_rate=1e-3, checkpoint_every=1, pog=pog),
               tmp_path / "run", on_step=lambda s, m: seen.append(m))
@@ -143,7 +143,7 @@ def test_fine_tune_two_steps_and_sample(sd_dir, data, tmp_path, method):
 def test_index_features_give_no_borrowing_when_they_are_zero(sd_dir, data, tmp_path):
     # the counterpart of the latent-feature run above: same config, index features (all zero) -> psi = 0
     pipe = load_pipeline(str(sd_dir))
-    pog = PoGConfig(method="pogdiff", lam=5.0, psi_threshold=0.0, similarity_features="index")
+    pog = PoGConfig(method="pogdiff", lam=5.0, psi_threshold=0.0, similarity_quantile=0.0, similarity_features="index")
     r = train(pipe, data, TrainConfig(steps=1, batch_size=4, pog=pog), tmp_path / "run")
     assert r.final["psi/mean"] == 0.0
 

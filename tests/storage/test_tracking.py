@@ -113,7 +113,7 @@ def test_flatten_nested_config():
         "cfg.train.opts": "{}",
     }
     flat = tracking.flatten(RetrainConfig())
-    assert flat["train.pog.lam"] == "1.0"
+    assert flat["train.pog.lam"] == "0.02"
     assert flat["evaluate.buckets.few_below"] == "20"
 
 

@@ -65,6 +65,19 @@ def test_image_features_written_once(tmp_path):
     np.testing.assert_array_equal(vectors.read_image_features(uri, "pixels16")["b"], f[1])
 
 
+def test_image_features_of_another_extractor_replace_the_cache_whatever_their_width(tmp_path):
+    uri = str(tmp_path / "lancedb")
+    vectors.write_image_features(uri, ["a", "b"], "pixels16", np.eye(2, 3, dtype=np.float32))
+    before = lancedb.connect(uri).open_table(vectors.IMAGE_FEATURES).version
+    wide = np.ones((2, 5), np.float32)
+    report = vectors.write_image_features(uri, ["a", "b"], "unet:abc", wide)  # index.image_feature changed
+    assert report.version > before
+    assert vectors.known_feature_ids(uri, "unet:abc") == {"a", "b"} and vectors.known_feature_ids(uri, "pixels16") == set()
+    np.testing.assert_array_equal(vectors.read_image_features(uri, "unet:abc")["a"], wide[0])
+    vectors.write_image_features(uri, ["c"], "unet:abc", wide[:1])  # same width again: an upsert
+    assert vectors.known_feature_ids(uri, "unet:abc") == {"a", "b", "c"}
+
+
 def _clustered_graph(n, d=384, seed=0):
     """n clustered unit vectors (20 per cluster on average) as a CaptionGraph without neighbours."""
     rng = np.random.default_rng(seed)
