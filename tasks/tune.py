@@ -12,22 +12,26 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import optuna
+import yaml
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import MissingContextError
 
 from pogdiff.config import RetrainConfig
 from pogdiff.evaluation import evaluate
 from pogdiff.model import load_pipeline
 from pogdiff.trainer import train
-from pogdiff.tune import TrialResult, trial_train
+from pogdiff.plots import save_png, tune_trials
+from pogdiff.tune import TrialResult, feasible, sampler_value, trial_train, trials_table, tuned_config
 from storage import tracking
 from storage.settings import Settings
 from storage.training_set import load_real_set
@@ -83,6 +87,19 @@ def finished_trials(study: optuna.Study) -> list[TrialResult]:
 def reference_of(study: optuna.Study) -> TrialResult | None:
     ref = study.user_attrs.get(REFERENCE_ATTR)
     return None if ref is None else TrialResult(-1, ref["knobs"], ref["metrics"])
+
+
+def record_reference(study: optuna.Study, done: dict[str, Any]) -> TrialResult:
+    """Keep the lam = 0 trial's result in the study (it is not a sampled trial)."""
+    study.set_user_attr(REFERENCE_ATTR, {"knobs": done["knobs"], "metrics": done["metrics"], "run_id": done["run_id"]})
+    return reference_of(study)
+
+
+def record_trial(study: optuna.Study, trial: optuna.Trial, done: dict[str, Any], reference: TrialResult, head_max_drop: float) -> None:
+    """Keep a finished trial's knobs, metrics and run, and tell the sampler its value."""
+    for key in ("knobs", "metrics", "run_id"):
+        trial.set_user_attr(key, done[key])
+    study.tell(trial, sampler_value(done["metrics"], reference.metrics, head_max_drop))
 
 
 def open_parent_run(settings: Settings, config: RetrainConfig, key: str, snapshot_id: str) -> str:
@@ -143,3 +160,39 @@ def run_trial(settings: Settings, config: RetrainConfig, knobs: dict[str, Any], 
              result.metrics.get("few/grecall", float("nan")), result.metrics.get("few/accuracy", float("nan")),
              result.metrics.get("many/accuracy", float("nan")), seconds)
     return {"number": number, "knobs": knobs, "metrics": result.metrics, "run_id": child, "seconds": seconds}
+
+
+@task(name="publish-tune")
+def publish_result(settings: Settings, config: RetrainConfig, parent_run_id: str, reference: TrialResult,
+                   trials: list[TrialResult], chosen: TrialResult, folder: str) -> tuple[str, str]:
+    """Write the chosen retrain config (``<folder>/tuned.yaml``), and give the parent run the trials table,
+    plot and config, and the flow run the table as a Prefect artifact. Returns (config path, table)."""
+    head_max_drop = config.tune.head_max_drop
+    what = "plain fine-tuning (lam = 0): no borrowing beat it" if chosen.number < 0 else f"trial {chosen.number}"
+    text = (f"# Written by `pogdiff tune`: the retrain config with the chosen psi knobs ({what}; validation score "
+            f"{chosen.score:.3f}).\n" + yaml.safe_dump(tuned_config(config, chosen.knobs).model_dump(mode="json", exclude={"tune"}),
+                                                        sort_keys=False))
+    path = Path(folder) / "tuned.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    table = trials_table(reference, trials, chosen, head_max_drop)
+    points = [(t.number, float(t.knobs["lam"]), t.score, feasible(t.metrics, reference.metrics, head_max_drop)) for t in trials]
+    tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    with tempfile.TemporaryDirectory() as tmp_dir, tracking.resume(parent_run_id):
+        out = Path(tmp_dir)
+        (out / "trials.md").write_text(table, encoding="utf-8")
+        (out / "tuned.yaml").write_text(text, encoding="utf-8")
+        save_png(tune_trials(reference.score, points, f"{len(trials)} trials; chosen: {'lam = 0' if chosen.number < 0 else what}"),
+                 out / "trials.png")
+        tracking.log_artifacts(out, "tune")
+        tracking.log_metrics({"tune/reference_score": reference.score, "tune/chosen_score": chosen.score,
+                              "tune/chosen_lam": float(chosen.knobs["lam"]), "tune/trials": float(len(trials))})
+    tracking.set_tags(parent_run_id, {"tune.chosen": "reference" if chosen.number < 0 else str(chosen.number)})
+    try:
+        create_markdown_artifact(key="tune-trials", markdown=f"# pogdiff tune: chosen {what}\n\n{table}",
+                                 description="pogdiff tune: every trial on the validation draw")
+    except MissingContextError:
+        pass  # called outside a flow run (notebooks, tests of the function itself)
+    return str(path), table
