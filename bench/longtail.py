@@ -41,7 +41,6 @@ import platform
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +50,7 @@ import torch
 import yaml
 
 from pogdiff import demo
+from pogdiff.atomic import write_bytes_atomic
 from pogdiff.config import EvaluateConfig, IndexConfig, PoGConfig, RetrainConfig, TrainConfig, load_config, parse_config
 from pogdiff.evaluation import RealSet, evaluate
 from pogdiff.longtail import aggregate, competence_check, demo_similarity_table, goal_check, markdown_table, no_harm_check, psi_by_bucket
@@ -188,14 +188,9 @@ def _clean_env(home: Path) -> dict[str, str]:
 
 def _read_study(journal: Path) -> tuple[TrialResult, list[TrialResult]]:
     """The reference and the finished trials of the tune study in ``journal``."""
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
+    from tasks.tune import finished_trials, load_study, reference_of
 
-    from tasks.tune import finished_trials, reference_of
-
-    storage = JournalStorage(JournalFileBackend(str(journal)))
-    study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0], storage=storage)
+    study = load_study(journal)
     return reference_of(study), finished_trials(study)
 
 
@@ -358,18 +353,6 @@ def goals(agg: dict, captions: str) -> dict:
     return out
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def plot(agg: dict, path: Path, title: str) -> None:
     """gRecall and identity accuracy per bucket, one bar per method, seed std as error bars."""
@@ -505,8 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     stem = "longtail" if set(methods) == set(METHODS) and set(args.captions) == set(demo.CAPTION_MODES) else \
         f"longtail_{'_'.join(methods)}_{'_'.join(args.captions)}"
     out = Path(args.out)
-    _write_atomic(out / f"{stem}.json", json.dumps(doc, indent=2).encode())
-    _write_atomic(out / f"{stem}.md", _markdown(doc).encode())
+    write_bytes_atomic(out / f"{stem}.json", json.dumps(doc, indent=2).encode())
+    write_bytes_atomic(out / f"{stem}.md", _markdown(doc).encode())
     summary = {c: {m: {b: agg_b.get("accuracy", {}).get("mean") for b, agg_b in v["results"][m].items()} for m in v["results"]}
                for c, v in variants.items()}
     print(json.dumps({"bench": "longtail", "file": f"{stem}.json", "runtime_s": doc["runtime_s"], "limit_s": LIMIT_S,

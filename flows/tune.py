@@ -11,15 +11,12 @@ import time
 
 from prefect import flow, unmapped
 
+from flows.prepare import prepare
 from flows.runners import task_runner
 from pogdiff.config import RetrainConfig
 from pogdiff.tune import REFERENCE, choose, suggest
 from storage import tracking
 from storage.settings import load_settings
-from tasks.caching import cached, index_key, ingest_key
-from tasks.dataset import dataset_snapshot
-from tasks.index import embed_shard, index_captions, index_images, plan_embedding
-from tasks.ingest import ingest
 from tasks.tune import (
     finished_trials,
     open_parent_run,
@@ -39,11 +36,7 @@ def tune(source: str, config: RetrainConfig = RetrainConfig()) -> dict:
     """Calibrate psi on ``source`` (pogdiff/tune.py); returns the chosen knobs, the trials and where the config is."""
     started = time.monotonic()
     settings = load_settings()
-    cached(ingest, ingest_key, settings)(source, settings, config.ingest)
-    snapshot = dataset_snapshot(settings)
-    shards = embed_shard.map(unmapped(config.index), plan_embedding(settings, config.index))
-    cached(index_captions, index_key, settings)(settings, config.index, snapshot["snapshot_id"], shards)
-    cached(index_images, index_key, settings)(settings, config.index, snapshot["snapshot_id"])
+    snapshot = prepare(source, settings, config)["snapshot"]
 
     key = tune_key(config, snapshot["snapshot_id"])
     folder = study_dir(settings, key)

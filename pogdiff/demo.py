@@ -25,14 +25,14 @@ import csv
 import functools
 import io
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from PIL import Image
+
+from pogdiff.atomic import write_bytes_atomic
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 
@@ -257,19 +257,6 @@ def longtail_counts(
     return [max(min_count, round(max_count / r**alpha)) for r in range(1, n_individuals + 1)]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files; a data set is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")  # RGB from uint8 [H, W, 3]
@@ -339,18 +326,18 @@ def generate_longtail(
             instance = sample_instance(rng, "full")
             caption = _caption(individual, instance, captions, rng)
             name = f"images/{individual.slug}_{k:04d}.png"
-            _write_atomic(Path(out_dir) / name, _png_bytes(render(individual, instance, size)))
+            write_bytes_atomic(Path(out_dir) / name, _png_bytes(render(individual, instance, size)))
             caption_rows.append([name, caption, individual.name, individual.shape, individual.colour])
             attribute_rows.append(
                 [name, individual.name, individual.shape, individual.colour]
                 + [f"{v:.6f}" for v in (instance.cx, instance.cy, instance.scale, instance.rotation)]
                 + [instance.background]
             )
-    _write_atomic(
+    write_bytes_atomic(
         Path(out_dir) / "captions.csv",
         _csv_bytes(["image", "caption", "individual", "shape", "colour"], caption_rows),
     )
-    _write_atomic(
+    write_bytes_atomic(
         Path(out_dir) / "attributes.csv",
         _csv_bytes(
             ["image", "individual", "shape", "colour", "cx", "cy", "scale", "rotation", "background"],

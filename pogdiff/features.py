@@ -150,17 +150,23 @@ class VisionModelFeatures:
         return torch.cat(out) if out else torch.zeros(0, self.dim)
 
 
-def make_extractor(name: str, size: int = 16, model: str | None = None, batch_size: int = 64) -> FeatureExtractor:
+def make_extractor(name: str, size: int = 16, model: str | None = None, batch_size: int = 64,
+                   pipe: "TextToImagePipeline | None" = None) -> FeatureExtractor:
     """``pixels`` (offline; ``size`` = side of the downsampled image), ``unet`` (``model`` = the diffusion
-    model whose UNet to use: builtin name, folder or hub id) or ``dinov2`` / ``clip`` (``model`` needed)."""
+    model whose UNet to use: builtin name, folder or hub id) or ``dinov2`` / ``clip`` (``model`` needed).
+
+    ``pipe``: ``model`` already loaded and not yet trained, used by ``unet`` instead of loading it again.
+    """
     if name == "pixels":
         return PixelFeatures(size)
     if name == "unet":
         if not model:
             raise ValueError("feature extractor 'unet' needs the diffusion model whose UNet it uses")
-        from pogdiff.model import load_pipeline
+        if pipe is None:
+            from pogdiff.model import load_pipeline
 
-        return UNetFeatures(load_pipeline(model), batch_size)
+            pipe = load_pipeline(model)
+        return UNetFeatures(pipe, batch_size)
     if name in _MODEL_TYPES:
         if not model:
             raise ValueError(f"feature extractor {name!r} needs a model: a local folder or a cached hub id")

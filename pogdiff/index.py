@@ -9,8 +9,9 @@ hits of an ANN index (the store builds it) and the graph is refined from those.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from pogdiff.config import IndexConfig
 from pogdiff.embedders import Embedder, embed_captions, make_embedder
 from pogdiff.features import FeatureExtractor, make_extractor
 from pogdiff.neighbours import exact_graph, graph_from_candidates
+
+if TYPE_CHECKING:
+    from pogdiff.model import TextToImagePipeline
 
 
 def caption_id(caption: str) -> str:
@@ -102,9 +106,14 @@ def build_caption_graph(
     return with_graph(embed_caption_counts(counts, known, cfg, embedder, progress), cfg)
 
 
-def image_extractor(cfg: IndexConfig) -> FeatureExtractor:
-    """psi's image feature extractor as ``cfg`` names it (``image_feature``, its model and size)."""
-    return make_extractor(cfg.image_feature, cfg.image_feature_size, cfg.feature_model)
+def image_extractor(cfg: IndexConfig, loaded: Mapping[str, TextToImagePipeline] | None = None) -> FeatureExtractor:
+    """psi's image feature extractor as ``cfg`` names it (``image_feature``, its model and size).
+
+    ``loaded``: pipelines the caller already holds, by the name they were loaded from (untrained), so
+    the base model is not loaded a second time just to name its features.
+    """
+    pipe = (loaded or {}).get(cfg.feature_model) if cfg.image_feature == "unet" else None
+    return make_extractor(cfg.image_feature, cfg.image_feature_size, cfg.feature_model, pipe=pipe)
 
 
 def image_features(images: np.ndarray, extractor: FeatureExtractor) -> np.ndarray:

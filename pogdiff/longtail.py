@@ -159,7 +159,7 @@ def psi_by_bucket(
     tau = similarity_threshold(graph.image_features, graph.caption_of, pog.similarity_quantile)
     borrow = draw_borrowing(graph, idx, t, torch.zeros(draws, dtype=torch.bool), pog, tau, num_train_timesteps, g)
     psi, active = borrow.psi, borrow.active
-    factor = graph.density_ratio().clamp_min(1e-12).pow(-pog.b)[cap]
+    factor = graph.density_ratio.clamp_min(1e-12).pow(-pog.b)[cap]
     quartile = (t * 4 // num_train_timesteps).clamp(0, 3)
     bucket_of = np.array(buckets)[cap.numpy()]
     out: dict[str, dict[str, float]] = {}

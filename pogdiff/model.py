@@ -20,9 +20,6 @@ conditioned on all-MiniLM-L6-v2 hidden states; it ships inside the package (``po
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Protocol
@@ -31,6 +28,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 
+from pogdiff.atomic import write_folder_atomic
 from pogdiff.text import BUILTIN_MINILM, TextEncoder, load_text_encoder
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -149,26 +147,6 @@ def load_pipeline(ref: str) -> TextToImagePipeline:
             return PixelDiffusionPipeline.from_pretrained(ref)
         raise FileNotFoundError(f"{path} is neither a Stable Diffusion folder (model_index.json with a vae) nor a pogdiff pixel model (pogdiff.json)")
     return sd.StableDiffusionPipeline.from_pretrained(ref)
-
-
-def write_folder_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a fresh sibling folder, then swap it in: a crash never leaves a half-written ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    tmp.chmod(0o755)  # mkdtemp creates 0700; a model folder is meant to be shared
-    try:
-        write(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def latent_features(z0: torch.Tensor) -> torch.Tensor:
@@ -302,7 +280,7 @@ class PixelDiffusionPipeline:
             }
             (tmp / "pogdiff.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
-        write_folder_atomically(path, write)
+        write_folder_atomic(path, write)
 
     def to(self, device: torch.device | str) -> "PixelDiffusionPipeline":
         # The text encoder is a shared cached instance (``load_text_encoder``) and stays where it is.

@@ -14,6 +14,7 @@ what tells them apart.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -172,8 +173,10 @@ class NeighbourGraph:
     def num_captions(self) -> int:
         return self.nb_ids.shape[0]
 
+    @cached_property
     def density_ratio(self) -> torch.Tensor:
-        """rho_eff(y) / mean over training images of rho_eff, per caption ``[C]``."""
+        """rho_eff(y) / mean over training images of rho_eff, per caption ``[C]``; computed once (O(N)),
+        since the trainer reads it every step."""
         mean = self.density[self.caption_of].mean()
         return self.density / mean
 
@@ -254,7 +257,7 @@ def draw_borrowing(
     rows = torch.arange(len(images))
     nb = torch.where(has, ids[rows, pick], torch.full_like(caps, -1))
     s_pick = torch.where(has, s[rows, pick], torch.zeros(len(images)))
-    psi = torch.where(has, psi_weight(s_pick, graph.density_ratio()[caps], t, num_train_timesteps, pog.lam, pog.a,
+    psi = torch.where(has, psi_weight(s_pick, graph.density_ratio[caps], t, num_train_timesteps, pog.lam, pog.a,
                                       pog.b, pog.timestep_weight, pog.psi_max), torch.zeros(len(images)))
     psi = torch.where(psi > pog.psi_threshold, psi, torch.zeros_like(psi))
     return Borrowing(torch.where(psi > 0, nb, torch.full_like(nb, -1)), torch.where(has, raw[rows, pick], torch.zeros(len(images))), psi)

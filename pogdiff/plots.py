@@ -6,14 +6,13 @@ figure state), so this works in worker threads and on machines without a display
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from pogdiff.atomic import write_atomic
 from pogdiff.metrics import BUCKETS, GROUPS, LOWER_IS_BETTER, metric_names
 
 COLOURS = {"many": "#4c72b0", "medium": "#dd8452", "few": "#c44e52", "overall": "#8c8c8c"}
@@ -86,18 +85,7 @@ def grecall_scatter(rows: list[dict], many_above: int | None = None, few_below: 
 
 def save_png(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
     """Write ``fig`` as PNG atomically (temp file in the same folder, then rename); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a picture of a run is meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
 
 
 def tune_trials(reference_score: float, trials: list[tuple[int, float, float, bool]], title: str | None = None) -> Figure:

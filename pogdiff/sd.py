@@ -22,7 +22,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from pogdiff.model import FORMAT_VERSION, Sampler, guided_sample, latent_features, to_tensor, write_folder_atomically
+from pogdiff.atomic import write_folder_atomic
+from pogdiff.model import FORMAT_VERSION, Sampler, guided_sample, latent_features, to_tensor
 
 
 def is_sd_folder(path: Path) -> bool:
@@ -114,7 +115,7 @@ class StableDiffusionPipeline:
             meta = {"format": FORMAT_VERSION, "space": "latent", "image_size": self.image_size, **(extra or {})}
             (tmp / "pogdiff.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
-        write_folder_atomically(path, write)
+        write_folder_atomic(path, write)
 
     def to(self, device: torch.device | str) -> "StableDiffusionPipeline":
         for module in (self.unet, self.vae, self.text_encoder):

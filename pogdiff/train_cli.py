@@ -18,12 +18,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pogdiff.atomic import write_atomic, write_text_atomic
 from pogdiff.config import ConfigError, TrainConfig, load_config
 from pogdiff.model import load_pipeline
 from pogdiff.neighbours import NeighbourGraph
@@ -39,28 +39,19 @@ def write_train_data(path: Path, data: TrainData) -> None:
     images uint8 ``[N, H, W, 3]`` (exact for images that came from uint8), captions ``[C]`` str,
     caption_of ``[N]``, nb_ids / nb_sims ``[C, k]``, density ``[C]``, image_features ``[N, F]``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     g = data.graph
     images = ((data.images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f,
-                format=np.int64(DATA_FORMAT),
-                images=images,
-                captions=np.array(data.captions, dtype=str),
-                caption_of=g.caption_of.numpy(),
-                nb_ids=g.nb_ids.numpy(),
-                nb_sims=g.nb_sims.numpy(),
-                density=g.density.numpy(),
-                image_features=g.image_features.numpy(),
-            )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, lambda f: np.savez(
+        f,
+        format=np.int64(DATA_FORMAT),
+        images=images,
+        captions=np.array(data.captions, dtype=str),
+        caption_of=g.caption_of.numpy(),
+        nb_ids=g.nb_ids.numpy(),
+        nb_sims=g.nb_sims.numpy(),
+        density=g.density.numpy(),
+        image_features=g.image_features.numpy(),
+    ))
 
 
 def read_train_data(path: Path) -> TrainData:
@@ -132,9 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             "model_dir": str(result.model_dir), "steps": result.steps, "resumed_from": result.resumed_from,
             "seconds": result.seconds, "final": result.final, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         }
-        tmp = out / ".result.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
-        os.replace(tmp, out / "result.json")
+        write_text_atomic(out / "result.json", json.dumps(summary, indent=2, sort_keys=True))
     return 0
 
 

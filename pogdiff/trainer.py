@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -29,6 +28,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 
+from pogdiff.atomic import write_folder_atomic
 from pogdiff.config import TrainConfig
 from pogdiff.model import TextToImagePipeline, latent_features
 from pogdiff.neighbours import NeighbourGraph, draw_borrowing, similarity_threshold
@@ -133,9 +133,7 @@ def _checkpoint_dirs(root: Path) -> list[Path]:
 
 
 def _save_checkpoint(root: Path, step: int, unet, optimizer, lr_sched, generators: list[torch.Generator], ema: EMA | None, keep: int = 2) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    try:
+    def write(tmp: Path) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}, tmp / "unet.safetensors")
         if ema is not None:
             save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, tmp / "ema.safetensors")
@@ -144,14 +142,9 @@ def _save_checkpoint(root: Path, step: int, unet, optimizer, lr_sched, generator
             tmp / "state.pt",
         )
         (tmp / "step.json").write_text(json.dumps({"step": step}))
-        target = root / f"step-{step:08d}"
-        if target.exists():  # left by an earlier run into this folder that was not resumed: superseded
-            stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=root))
-            os.replace(target, stale / target.name)
-            shutil.rmtree(stale, ignore_errors=True)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    # a folder of the same step left by an earlier run into this folder that was not resumed is superseded
+    write_folder_atomic(root / f"step-{step:08d}", write)
     for old in _checkpoint_dirs(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 

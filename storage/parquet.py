@@ -44,7 +44,6 @@ from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -52,6 +51,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
+from pogdiff.atomic import TMP_SUFFIX, write_atomic
 from pogdiff.config import IngestConfig
 from storage.sources import Item, Reason, SourceError, check_source, open_source
 from storage.validate import Checked, check_many, init_worker, own_pixel_limit
@@ -108,7 +108,6 @@ IMAGES_DIR = "images"
 QUARANTINE_DIR = "quarantine"
 SNAPSHOTS_DIR = "snapshots"
 _PART_GLOB = "part-*.parquet"
-_TMP_SUFFIX = ".tmp"
 _BATCH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _TASK_ITEMS = 8  # items per pool task: amortises inter-process traffic, still balances the load
 
@@ -136,36 +135,12 @@ class IngestReport(BaseModel):
 # --------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(directory: Path) -> None:
-    if os.name != "posix":  # pragma: no cover - directories cannot be opened for fsync elsewhere
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(final: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write a file with ``write(handle)`` so that the name ``final`` only ever shows a complete file."""
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(final.parent)
-
 
 def _write_table(table: pa.Table, final: Path) -> None:
     # The image column holds PNG/WebP bytes already: compressing it again costs time and saves nothing.
     compression = {name: "none" if name == "image" else "snappy" for name in table.column_names}
     other = [name for name in table.column_names if name != "image"]
-    _write_atomic(final, lambda f: pq.write_table(table, f, compression=compression, use_dictionary=other))
+    write_atomic(final, lambda f: pq.write_table(table, f, compression=compression, use_dictionary=other))
 
 
 def _next_part(directory: Path, batch_id: str) -> int:
@@ -290,7 +265,7 @@ def _write_manifest(dataset: Path, snapshot: str, rows: int, batch_id: str) -> s
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         data = json.dumps(manifest, indent=1).encode()
-        _write_atomic(path, lambda handle: handle.write(data))
+        write_atomic(path, lambda handle: handle.write(data))
     return path.relative_to(dataset).as_posix()
 
 
@@ -400,7 +375,7 @@ def ingest(
             directory.mkdir(parents=True, exist_ok=True)
         with _locked(dataset), _pool(cfg, workers) as check:
             for directory in (images_dir, quarantine_dir, dataset / SNAPSHOTS_DIR):  # left by a crash; never visible
-                for stale in directory.glob(f".*{_TMP_SUFFIX}"):
+                for stale in directory.glob(f".*{TMP_SUFFIX}"):
                     stale.unlink(missing_ok=True)
             image_files = _parts(dataset, IMAGES_DIR)
             existing = set(_read(image_files, DATASET_SCHEMA, ["id"]).column("id").to_pylist())

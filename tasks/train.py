@@ -22,7 +22,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from pogdiff.config import IndexConfig, TrainConfig
 from pogdiff.index import image_extractor
-from pogdiff.model import load_pipeline, to_tensor
+from pogdiff.model import TextToImagePipeline, load_pipeline, to_tensor
 from pogdiff.neighbours import NeighbourGraph
 from pogdiff.train_cli import write_train_data
 from pogdiff.trainer import TrainData, train
@@ -53,9 +53,10 @@ class _Progress:
             update_progress_artifact(self.artifact, 100.0 * step / self.steps, description=f"training: {step}/{self.steps} steps")
 
 
-def training_data(settings: Settings, index_cfg: IndexConfig, image_size: int) -> TrainData:
-    extractor = image_extractor(index_cfg).name
-    stored = load_training_set(settings.dataset_uri, settings.lancedb_uri, extractor, image_size)
+def training_data(settings: Settings, index_cfg: IndexConfig, base_model: str, pipe: TextToImagePipeline) -> TrainData:
+    """The indexed training set at ``pipe``'s image size; ``pipe`` is ``base_model`` freshly loaded."""
+    extractor = image_extractor(index_cfg, loaded={base_model: pipe}).name
+    stored = load_training_set(settings.dataset_uri, settings.lancedb_uri, extractor, pipe.image_size)
     graph = NeighbourGraph.build(
         torch.from_numpy(stored.caption_of),
         torch.from_numpy(stored.nb_index),
@@ -124,7 +125,7 @@ def train_model(settings: Settings, cfg: TrainConfig, index_cfg: IndexConfig, ru
     """Returns the path of the fine-tuned model folder."""
     log = get_run_logger()
     pipe = load_pipeline(cfg.base_model)  # pixel or Stable Diffusion, by the folder's layout
-    data = training_data(settings, index_cfg, pipe.image_size)
+    data = training_data(settings, index_cfg, cfg.base_model, pipe)
     tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
     out = run_dir(settings, run_id)
     with tracking.resume(run_id):

@@ -26,6 +26,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import MissingContextError
 
+from pogdiff.atomic import write_text_atomic
 from pogdiff.config import RetrainConfig
 from pogdiff.evaluation import evaluate
 from pogdiff.model import load_pipeline
@@ -77,6 +78,13 @@ def open_study(settings: Settings, config: RetrainConfig, key: str) -> optuna.St
         study.tell(t.number, state=TrialState.FAIL)
         _logger().warning("tune: trial %d was left running by a crashed tune; marked failed, a new trial replaces it", t.number)
     return study
+
+
+def load_study(journal: Path) -> optuna.Study | None:
+    """The study stored in a ``study.journal`` file, read as it is (nothing marked), or None when it holds none."""
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    names = optuna.get_all_study_names(storage)
+    return optuna.load_study(study_name=names[0], storage=storage) if names else None
 
 
 def finished_trials(study: optuna.Study) -> list[TrialResult]:
@@ -135,7 +143,7 @@ def run_trial(settings: Settings, config: RetrainConfig, knobs: dict[str, Any], 
     started = time.perf_counter()
     cfg = trial_train(config.train, config.tune, knobs)
     pipe = load_pipeline(cfg.base_model)
-    data = training_data(settings, config.index, pipe.image_size)
+    data = training_data(settings, config.index, cfg.base_model, pipe)
     real = load_real_set(settings.dataset_uri, pipe.image_size, config.evaluate.individual_column)
     eval_cfg = config.evaluate.model_copy(update={"seed": config.tune.eval_seed})
     out = Path(folder) / ("reference" if number < 0 else f"trial-{number:03d}")
@@ -172,11 +180,7 @@ def publish_result(settings: Settings, config: RetrainConfig, parent_run_id: str
     text = (f"# Written by `pogdiff tune`: the retrain config with the chosen psi knobs ({what}; validation score "
             f"{chosen.score:.3f}).\n" + yaml.safe_dump(tuned_config(config, chosen.knobs).model_dump(mode="json", exclude={"tune"}),
                                                         sort_keys=False))
-    path = Path(folder) / "tuned.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    path = write_text_atomic(Path(folder) / "tuned.yaml", text)
     table = trials_table(reference, trials, chosen, head_max_drop)
     points = [(t.number, float(t.knobs["lam"]), t.score, feasible(t.metrics, reference.metrics, head_max_drop)) for t in trials]
     tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)

@@ -80,7 +80,7 @@ def _graph() -> tuple[NeighbourGraph, list[str]]:
 def test_psi_by_bucket_follows_the_density_factor_and_vanishes_with_lambda_zero() -> None:
     g, buckets = _graph()
     stats = psi_by_bucket(g, buckets, PoGConfig(lam=1.0, b=0.5, similarity_quantile=0.0), 1000, draws=4000)
-    ratio = g.density_ratio()
+    ratio = g.density_ratio
     assert stats["overall"]["tau"] == 0.0
     assert stats["few"]["psi_mean"] == pytest.approx(ratio[1].item() ** -0.5, rel=1e-5)  # s_img = 1, w = 1
     assert [stats["few"][f"psi_q{q}"] for q in range(1, 5)] == pytest.approx([ratio[1].item() ** -0.5] * 4, rel=1e-5)

@@ -6,26 +6,20 @@ that loads. Every trial is scored on the validation draw (tune.eval_seed), never
 
 from __future__ import annotations
 
-import optuna
 import yaml
 from mlflow.tracking import MlflowClient
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from faultkit import cli_env, record, start_cli
 from localserver import wait_for
 from pogdiff.config import load_config
 from storage import tracking
+from tasks.tune import load_study
 
 
 def _study(home):
     journals = list((home / "tune").glob("*/study.journal"))
-    if not journals:
-        return None
-    storage = JournalStorage(JournalFileBackend(str(journals[0])))
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-    return optuna.load_study(study_name=names[0], storage=storage) if names else None
+    return load_study(journals[0]) if journals else None
 
 
 def _finished(home) -> int:

@@ -194,7 +194,7 @@ def test_image_similarity_is_clipped_cosine():
 
 def test_psi_formula_and_density_ratio():
     g = _graph()
-    ratio = g.density_ratio()  # mean over images of rho: (3*3 + 1 + 1) / 5 = 2.2
+    ratio = g.density_ratio  # mean over images of rho: (3*3 + 1 + 1) / 5 = 2.2
     assert ratio.tolist() == pytest.approx([3 / 2.2, 1 / 2.2, 1 / 2.2])
     s = torch.tensor([1.0, 0.5, 0.5])
     t = torch.tensor([0, 500, 999])
