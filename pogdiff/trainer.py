@@ -12,7 +12,9 @@ single-process trajectory up to the order of floating-point sums.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -28,13 +30,14 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 
-from pogdiff.atomic import write_folder_atomic
+from pogdiff.atomic import TMP_SUFFIX, write_folder_atomic
 from pogdiff.config import TrainConfig
 from pogdiff.model import TextToImagePipeline, latent_features
 from pogdiff.neighbours import NeighbourGraph, draw_borrowing, similarity_threshold
 from pogdiff.objectives import cbdm_loss, min_snr_weight, pogdiff_loss, vanilla_loss
 
 StepCallback = Callable[[int, dict[str, float]], None]
+log = logging.getLogger(__name__)
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the attention projections, as in the diffusers LoRA example
 
 
@@ -126,10 +129,41 @@ class EMA:
                 p.copy_(self.shadow[k].to(p.dtype))
 
 
+CHECKPOINT_MANIFEST = "manifest.json"
+
+
 def _checkpoint_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _verified_step(path: Path) -> int | None:
+    """The step of checkpoint folder ``path`` when every file its manifest lists is there with its
+    sha256, else None (truncated or corrupted by a crash or a power loss, or no manifest)."""
+    try:
+        manifest = json.loads((path / CHECKPOINT_MANIFEST).read_text(encoding="utf-8"))
+        if all(_digest(path / name) == digest for name, digest in manifest["files"].items()):
+            return int(manifest["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _clean_checkpoints(root: Path) -> None:
+    """Remove what a crash mid-save leaves: ``.<name>.<random>.tmp`` folders and ``.<name>.old`` folders."""
+    if root.is_dir():
+        for stale in root.iterdir():
+            if stale.is_dir() and stale.name.startswith(".") and stale.name.endswith((TMP_SUFFIX, ".old")):
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 def _save_checkpoint(root: Path, step: int, unet, optimizer, lr_sched, generators: list[torch.Generator], ema: EMA | None, keep: int = 2) -> None:
@@ -141,7 +175,8 @@ def _save_checkpoint(root: Path, step: int, unet, optimizer, lr_sched, generator
             {"optimizer": optimizer.state_dict(), "lr_sched": lr_sched.state_dict(), "rng": [g.get_state() for g in generators]},
             tmp / "state.pt",
         )
-        (tmp / "step.json").write_text(json.dumps({"step": step}))
+        files = {p.name: _digest(p) for p in sorted(tmp.iterdir())}
+        (tmp / CHECKPOINT_MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
 
     # a folder of the same step left by an earlier run into this folder that was not resumed is superseded
     write_folder_atomic(root / f"step-{step:08d}", write)
@@ -149,7 +184,7 @@ def _save_checkpoint(root: Path, step: int, unet, optimizer, lr_sched, generator
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(path: Path, unet, optimizer, lr_sched, generators: list[torch.Generator], ema: EMA | None) -> int:
+def _load_checkpoint(path: Path, step: int, unet, optimizer, lr_sched, generators: list[torch.Generator], ema: EMA | None) -> int:
     unet.load_state_dict(load_file(path / "unet.safetensors"))
     if ema is not None:
         if not (path / "ema.safetensors").exists():
@@ -161,7 +196,7 @@ def _load_checkpoint(path: Path, unet, optimizer, lr_sched, generators: list[tor
     lr_sched.load_state_dict(state["lr_sched"])
     for g, st in zip(generators, state["rng"], strict=True):
         g.set_state(st)
-    return int(json.loads((path / "step.json").read_text())["step"])
+    return step
 
 
 @dataclass(frozen=True)
@@ -292,8 +327,14 @@ def _train(
 
     ema = EMA(unet, cfg.ema_decay) if cfg.ema_decay is not None else None
     start = 0
-    if resume and (ckpts := _checkpoint_dirs(ckpt_root)):
-        start = _load_checkpoint(ckpts[-1], unet, optimizer, lr_sched, generators, ema)
+    if ddp.main:
+        _clean_checkpoints(ckpt_root)
+    if resume:
+        for path in reversed(_checkpoint_dirs(ckpt_root)):
+            if (step := _verified_step(path)) is not None:
+                start = _load_checkpoint(path, step, unet, optimizer, lr_sched, generators, ema)
+                break
+            log.warning("checkpoint %s does not match its manifest (truncated or corrupt); trying an older one", path)
     # The gradient forward goes through DDP (gradients all-reduced in backward); the PoGDiff
     # neighbour forward needs no gradient and calls the bare UNet.
     model = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None) if ddp.world > 1 else unet
