@@ -44,36 +44,111 @@ def _is_true(call: ast.Call, keyword: str) -> bool:
     return any(k.arg == keyword and isinstance(k.value, ast.Constant) and k.value.value is True for k in call.keywords)
 
 
+def _aliases(tree: ast.AST) -> dict[str, str]:
+    """Local name -> the dotted name it was imported as: ``import pickle as p`` gives p -> pickle,
+    ``from pickle import loads as l`` gives l -> pickle.loads."""
+    out: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                out[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for a in node.names:
+                out[a.asname or a.name] = f"{node.module}.{a.name}"
+    return out
+
+
+def _resolved(node: ast.AST, aliases: dict[str, str]) -> str:
+    name = _name(node)
+    head, _, rest = name.partition(".")
+    full = aliases.get(head, head)
+    return f"{full}.{rest}" if rest else full
+
+
+_PICKLERS = ("pickle", "cPickle", "_pickle", "cloudpickle", "dill", "joblib", "shelve", "marshal")
+_SAFE_YAML_LOADERS = ("SafeLoader", "CSafeLoader", "BaseLoader", "CBaseLoader")
+
+
 def unsafe_loads(tree: ast.AST) -> list[str]:
-    """Calls and imports that can execute code hidden in a file: pickle loading, cloudpickle,
-    ``torch.load`` without ``weights_only=True``, ``np.load(..., allow_pickle=True)``."""
+    """Calls and imports that can execute code hidden in a file or a string, imported names resolved
+    through their aliases: pickle-family loading (pickle, cloudpickle, dill, joblib, shelve, marshal),
+    ``torch.load`` without ``weights_only=True``, ``numpy.load(allow_pickle=True)``,
+    ``pandas.read_pickle``, ``yaml.unsafe_load`` / ``full_load`` / ``load`` without a safe Loader,
+    ``trust_remote_code=True`` and ``shell=True`` in any call."""
+    aliases = _aliases(tree)
     found = []
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
             found += [f"line {node.lineno}: import {n}" for n in names if n.split(".")[0] in ("cloudpickle", "dill", "joblib")]
         if not isinstance(node, ast.Call):
             continue
-        name = _name(node.func)
-        if name.split(".")[-1] in ("load", "loads", "Unpickler") and name.split(".")[0] in ("pickle", "cPickle", "cloudpickle"):
+        name = _resolved(node.func, aliases)
+        root, last = name.split(".")[0], name.split(".")[-1]
+        if root in _PICKLERS and last in ("load", "loads", "Unpickler", "open"):
             found.append(f"line {node.lineno}: {name}")
         elif name == "torch.load" and not _is_true(node, "weights_only"):
             found.append(f"line {node.lineno}: torch.load without weights_only=True")
-        elif name in ("np.load", "numpy.load") and _is_true(node, "allow_pickle"):
-            found.append(f"line {node.lineno}: np.load(allow_pickle=True)")
+        elif name == "numpy.load" and _is_true(node, "allow_pickle"):
+            found.append(f"line {node.lineno}: numpy.load(allow_pickle=True)")
+        elif name == "pandas.read_pickle" or (last == "read_pickle" and root not in aliases):
+            found.append(f"line {node.lineno}: {name}")
+        elif root == "yaml" and last in ("unsafe_load", "unsafe_load_all", "full_load", "full_load_all"):
+            found.append(f"line {node.lineno}: {name}")
+        elif name in ("yaml.load", "yaml.load_all"):
+            loader = next((k.value for k in node.keywords if k.arg == "Loader"), node.args[1] if len(node.args) > 1 else None)
+            if loader is None or _name(loader).split(".")[-1] not in _SAFE_YAML_LOADERS:
+                found.append(f"line {node.lineno}: {name} without a safe Loader")
+        for keyword in ("trust_remote_code", "shell"):
+            if _is_true(node, keyword):
+                found.append(f"line {node.lineno}: {name}({keyword}=True)")
     return found
 
 
-def test_the_scan_finds_unsafe_loads():
-    bad = ast.parse("import pickle, cloudpickle\nimport torch, numpy as np\npickle.loads(b)\ntorch.load(p)\n"
-                    "np.load(p, allow_pickle=True)\ntorch.load(p, weights_only=True)\n")
-    assert len(unsafe_loads(bad)) == 4
+_PLANTED = {
+    "import pickle as p\np.loads(b)\n": "pickle.loads",
+    "from pickle import loads\nloads(b)\n": "pickle.loads",
+    "from pickle import loads as l\nl(b)\n": "pickle.loads",
+    "import cloudpickle\n": "import cloudpickle",
+    "import dill as d\n": "import dill",
+    "import joblib\njoblib.load(p)\n": "joblib.load",
+    "import torch\ntorch.load(p)\n": "torch.load without weights_only",
+    "import torch as t\nt.load(p, weights_only=False)\n": "torch.load without weights_only",
+    "from torch import load\nload(p)\n": "torch.load without weights_only",
+    "import numpy as np\nnp.load(p, allow_pickle=True)\n": "numpy.load(allow_pickle=True)",
+    "import pandas as pd\npd.read_pickle(p)\n": "pandas.read_pickle",
+    "from pandas import read_pickle\nread_pickle(p)\n": "pandas.read_pickle",
+    "import yaml\nyaml.unsafe_load(s)\n": "yaml.unsafe_load",
+    "import yaml\nyaml.load(s)\n": "yaml.load without a safe Loader",
+    "import yaml\nyaml.load(s, Loader=yaml.Loader)\n": "yaml.load without a safe Loader",
+    "import yaml as y\ny.full_load(s)\n": "yaml.full_load",
+    "from transformers import AutoModel\nAutoModel.from_pretrained(m, trust_remote_code=True)\n": "trust_remote_code=True",
+    "import subprocess as sp\nsp.run(cmd, shell=True)\n": "subprocess.run(shell=True)",
+    "import shelve\nshelve.open(p)\n": "shelve.open",
+}
+_SAFE = ("import torch\ntorch.load(p, weights_only=True)\n", "import numpy as np\nnp.load(p)\n",
+         "import yaml\nyaml.safe_load(s)\nyaml.load(s, Loader=yaml.SafeLoader)\n", "import subprocess\nsubprocess.run(['ls'])\n",
+         "import json\njson.loads(s)\n")
+
+
+@pytest.mark.parametrize("code", list(_PLANTED))
+def test_the_scan_finds_each_unsafe_load_planted_in_a_file(code, tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text(code)
+    found = unsafe_loads(ast.parse(planted.read_text()))
+    assert len(found) >= 1 and any(_PLANTED[code] in f for f in found), found
+
+
+@pytest.mark.parametrize("code", _SAFE)
+def test_the_scan_passes_safe_loads(code):
+    assert unsafe_loads(ast.parse(code)) == []
 
 
 def test_no_code_loads_pickled_data():
     found = {str(p.relative_to(ROOT)): hits for p in _sources() if (hits := unsafe_loads(ast.parse(p.read_text())))}
     assert found == {}
-    record("pickle / cloudpickle / torch.load without weights_only in the sources (AST scan)", "all",
+    record("unsafe loaders in the sources (AST scan, aliases resolved: pickle family, torch.load without weights_only, "
+           "read_pickle, yaml unsafe loaders, trust_remote_code=True, shell=True)", "all",
            "none: weights are safetensors, optimizer state `torch.load(weights_only=True)`, the MLflow model logged from code")
 
 
