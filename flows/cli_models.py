@@ -77,6 +77,11 @@ def cmd_promote(args, settings: Settings) -> int:
     if decision.champion_before == decision.version:
         print(f"{name} version {decision.version} is already champion; nothing changed")
     else:
+        from tasks.register import keep_champion_lineage
+
+        run_id = tracking.version_run_id(name, decision.version)
+        if run_id is not None and (problem := keep_champion_lineage(settings, name, run_id)):
+            print(f"warning: the champion's data versions are not tagged ({problem})", file=sys.stderr)
         before = f"v{decision.champion_before}" if decision.champion_before else "none"
         print(f"{name} version {decision.version} -> champion (promoted by hand; champion before: {before}): {decision.reason}")
     return 0

@@ -26,7 +26,7 @@ def evaluate_registered(model: str = "champion", config: RetrainConfig = Retrain
     snapshot = dataset_snapshot(settings)
     run_id = open_evaluation_run(settings, config, target, snapshot)
     try:
-        metrics = evaluate_model(settings, config.evaluate, target["model_dir"], run_id)
+        metrics = evaluate_model(settings, config.evaluate, target["model_dir"], run_id, snapshot["snapshot_id"])
     except BaseException:
         close_run(settings, run_id, failed=True)
         raise

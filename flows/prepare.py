@@ -1,14 +1,16 @@
-"""The stages every training flow starts with: ingest -> snapshot -> caption index -> image features.
+"""The stages every flow starts with: ingest -> pinned snapshot -> caption index -> image features.
 
-Called inside a flow (retrain, tune), not a flow itself: the tasks show in the calling flow's run.
+Called inside a flow (ingest, retrain, tune), not a flow itself: the tasks show in the calling
+flow's run.
 """
 
 from __future__ import annotations
 
 from prefect import unmapped
 
-from pogdiff.config import RetrainConfig
+from pogdiff.config import IndexConfig, IngestConfig
 from storage.settings import Settings
+from storage.training_set import DataVersion
 from tasks.caching import cached, index_key, ingest_key
 from tasks.dataset import dataset_snapshot
 from tasks.index import embed_shard, index_captions, index_images, plan_embedding
@@ -23,15 +25,18 @@ def _run(task, *args) -> dict:
     return {**data, "cached": state.name == "Cached"}
 
 
-def prepare(source: str, settings: Settings, config: RetrainConfig) -> dict:
-    """Ingest ``source`` and index the resulting snapshot; ingest and index are cached by their inputs.
+def prepare(source: str, settings: Settings, ingest_cfg: IngestConfig, index_cfg: IndexConfig) -> dict:
+    """Ingest ``source``, pin the dataset snapshot and index it; ingest and index are cached by their inputs.
 
-    Returns ``{"ingest", "snapshot", "captions", "images"}``: each stage's report (``cached`` says
-    whether it was a cache hit) and the snapshot (``snapshot_id``, ``rows``) the later stages record.
+    Returns ``{"ingest", "snapshot", "captions", "images", "data"}``: each stage's report (``cached``
+    says whether it was a cache hit), the snapshot (``snapshot_id``, ``rows``) and ``data``, the
+    ``DataVersion`` (snapshot and LanceDB table versions) every later stage reads and the run records.
     """
-    report = _run(cached(ingest, ingest_key, settings), source, settings, config.ingest)
+    report = _run(cached(ingest, ingest_key, settings), source, settings, ingest_cfg)
     snapshot = dataset_snapshot(settings)
-    shards = embed_shard.map(unmapped(config.index), plan_embedding(settings, config.index))
-    captions = _run(cached(index_captions, index_key, settings), settings, config.index, snapshot["snapshot_id"], shards)
-    images = _run(cached(index_images, index_key, settings), settings, config.index, snapshot["snapshot_id"])
-    return {"ingest": report, "snapshot": snapshot, "captions": captions, "images": images}
+    shards = embed_shard.map(unmapped(index_cfg), plan_embedding(settings, index_cfg, snapshot["snapshot_id"]))
+    captions = _run(cached(index_captions, index_key, settings), settings, index_cfg, snapshot["snapshot_id"], shards)
+    images = _run(cached(index_images, index_key, settings), settings, index_cfg, snapshot["snapshot_id"])
+    data = DataVersion(snapshot_id=snapshot["snapshot_id"], rows=snapshot["rows"], captions_version=captions["version"],
+                       features_version=images["version"])
+    return {"ingest": report, "snapshot": snapshot, "captions": captions, "images": images, "data": data}

@@ -20,12 +20,12 @@ from tasks.train import train_model
 def retrain(source: str, config: RetrainConfig = RetrainConfig()) -> dict:
     """Retrain on ``source``. Locations come from settings; ingest and index are cached by their inputs."""
     settings = load_settings()
-    prepared = prepare(source, settings, config)
-    snapshot = prepared["snapshot"]
-    run_id = open_run(settings, config, snapshot["snapshot_id"], snapshot["rows"])
+    prepared = prepare(source, settings, config.ingest, config.index)
+    data = prepared["data"]  # what training and evaluation read, and the run records as its lineage
+    run_id = open_run(settings, config, data)
     try:
-        model_dir = train_model(settings, config.train, config.index, run_id)
-        metrics = evaluate_model(settings, config.evaluate, model_dir, run_id)
+        model_dir = train_model(settings, config.train, config.index, run_id, data)
+        metrics = evaluate_model(settings, config.evaluate, model_dir, run_id, data.snapshot_id)
         decision = register_model(settings, config.registry, model_dir, run_id, metrics)
     except TrainingTimeLimit:
         close_run(settings, run_id, failed=True, resumable=True)  # the next retrain continues this run
@@ -34,5 +34,5 @@ def retrain(source: str, config: RetrainConfig = RetrainConfig()) -> dict:
         close_run(settings, run_id, failed=True)
         raise
     close_run(settings, run_id, failed=False)
-    publish_report(settings, metrics, decision, run_id, snapshot["snapshot_id"])
-    return {**prepared, "run_id": run_id, "model_dir": model_dir, "metrics": metrics, "decision": decision}
+    publish_report(settings, metrics, decision, run_id, data.snapshot_id)
+    return {**prepared, "data": data.model_dump(), "run_id": run_id, "model_dir": model_dir, "metrics": metrics, "decision": decision}

@@ -36,17 +36,17 @@ def tune(source: str, config: RetrainConfig = RetrainConfig()) -> dict:
     """Calibrate psi on ``source`` (pogdiff/tune.py); returns the chosen knobs, the trials and where the config is."""
     started = time.monotonic()
     settings = load_settings()
-    snapshot = prepare(source, settings, config)["snapshot"]
+    data = prepare(source, settings, config.ingest, config.index)["data"]
 
-    key = tune_key(config, snapshot["snapshot_id"])
+    key = tune_key(config, data.snapshot_id)
     folder = study_dir(settings, key)
     study = open_study(settings, config, key)
-    parent = open_parent_run(settings, config, key, snapshot["snapshot_id"])
+    parent = open_parent_run(settings, config, key, data.snapshot_id)
     tc = config.tune
     try:
         reference = reference_of(study)
         if reference is None:
-            reference = record_reference(study, run_trial(settings, config, REFERENCE, -1, parent, str(folder)))
+            reference = record_reference(study, run_trial(settings, config, data, REFERENCE, -1, parent, str(folder)))
         out_of_time = False
         while (left := tc.trials - len(finished_trials(study))) > 0:
             if tc.time_limit_minutes is not None and time.monotonic() - started > 60 * tc.time_limit_minutes:
@@ -54,7 +54,7 @@ def tune(source: str, config: RetrainConfig = RetrainConfig()) -> dict:
                 break
             asked = [study.ask() for _ in range(min(left, tc.parallel_trials))]
             knobs = [suggest(t, tc.space) for t in asked]
-            futures = run_trial.map(unmapped(settings), unmapped(config), knobs, [t.number for t in asked],
+            futures = run_trial.map(unmapped(settings), unmapped(config), unmapped(data), knobs, [t.number for t in asked],
                                     unmapped(parent), unmapped(str(folder)))
             for trial, future in zip(asked, futures):
                 record_trial(study, trial, future.result(), reference, tc.head_max_drop)

@@ -59,6 +59,9 @@ class IndexConfig(_Stage):
     ann_threshold: int = Field(100_000, ge=1)
     ann_index: Literal["IVF_HNSW_SQ", "IVF_PQ"] = "IVF_HNSW_SQ"
     ann_candidates: int = Field(50, ge=2)  # ANN hits per caption: its top-k and its density come from these
+    # LanceDB versions older than this are pruned after each write, except the champion's (tagged) and
+    # everything after it: a run's lineage tags resolve for at least this long, the champion's always.
+    version_retention_days: float = Field(30.0, gt=0)
     # psi's image feature (pogdiff/features.py). unet: the diffusion model's own UNet, which sees identity
     # (bench/similarity.py: same product above same colour in 82% of pairs); pixels: downsampled pixels,
     # which see colour and position (48%: chance); dinov2 / clip: vision models for photos.

@@ -35,6 +35,7 @@ from pogdiff.config import TrainConfig
 from pogdiff.model import TextToImagePipeline, latent_features
 from pogdiff.neighbours import NeighbourGraph, draw_borrowing, similarity_threshold
 from pogdiff.objectives import cbdm_loss, min_snr_weight, pogdiff_loss, vanilla_loss
+from pogdiff.process import WriterLock
 
 StepCallback = Callable[[int, dict[str, float]], None]
 log = logging.getLogger(__name__)
@@ -265,14 +266,17 @@ def train(
     the scaled VAE posterior of each image, sampled afresh every step as the diffusers example does).
 
     Under DDP (WORLD_SIZE > 1) ``cfg.batch_size`` is the global batch; only rank 0 calls
-    ``on_step`` and writes checkpoints and the model.
+    ``on_step`` and writes checkpoints and the model. Rank 0 holds ``out_dir``'s writer lock while it
+    trains: a second trainer into the same folder raises ``RunFolderBusy`` before writing anything.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
     ddp, created_group = _join_process_group()
     try:
-        return _train(pipe, data, cfg, out_dir, ckpt_root, on_step, resume, ddp, started)
+        # rank 0 writes the folder: it alone holds the writer lock, for the whole training
+        with WriterLock(out_dir) if ddp.main else nullcontext():
+            return _train(pipe, data, cfg, out_dir, ckpt_root, on_step, resume, ddp, started)
     finally:
         if created_group:
             dist.destroy_process_group()

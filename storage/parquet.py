@@ -196,9 +196,23 @@ def _batches(files: list[Path], schema: pa.Schema, columns: list[str]) -> Iterat
 # --------------------------------------------------------------------------------------------
 
 
-def read_images(dataset: Path, columns: list[str] | None = None) -> pa.Table:
-    """All accepted image rows (DATASET_SCHEMA, or ``columns`` of it), sorted by id."""
-    files = _parts(dataset, IMAGES_DIR)
+def _snapshot_files(dataset: Path, snapshot: str | None) -> list[Path]:
+    """The image part files of ``snapshot`` (its manifest), or of the dataset as it is now (None)."""
+    if snapshot is None:
+        return _parts(dataset, IMAGES_DIR)
+    if snapshot == "empty":
+        return []
+    files = [Path(dataset) / f["path"] for f in read_manifest(dataset, snapshot)["files"]]
+    gone = [f for f in files if not f.is_file()]
+    if gone:
+        raise FileNotFoundError(f"snapshot {snapshot} of {dataset} lists {len(gone)} part file(s) that no longer exist (e.g. {gone[0]})")
+    return files
+
+
+def read_images(dataset: Path, columns: list[str] | None = None, snapshot: str | None = None) -> pa.Table:
+    """All accepted image rows (DATASET_SCHEMA, or ``columns`` of it), sorted by id: of ``snapshot``
+    (a pinned snapshot id, read from its manifest) or, by default, of the dataset as it is now."""
+    files = _snapshot_files(dataset, snapshot)
     wanted = list(DATASET_SCHEMA.names) if columns is None else list(columns)
     read = wanted if "id" in wanted else [*wanted, "id"]
     table = _read(files, DATASET_SCHEMA, read).sort_by("id")
@@ -232,9 +246,21 @@ def _snapshot_of(ids: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def caption_counts(dataset: Path) -> dict[str, int]:
-    """Training images per caption, keys in sorted order."""
-    captions = _read(_parts(dataset, IMAGES_DIR), DATASET_SCHEMA, ["caption"]).column("caption")
+def pin_snapshot(dataset: Path) -> tuple[str, int]:
+    """``(snapshot_id, rows)`` of the dataset now, with its manifest written, so later reads of that
+    snapshot see exactly these rows whatever is ingested meanwhile. Waits for an ingest in progress
+    (the dataset lock), so a snapshot never holds half an ingest."""
+    dataset = Path(dataset)
+    _parts(dataset, IMAGES_DIR)  # a missing dataset is one clear error
+    with _locked(dataset):
+        snapshot, rows = snapshot_summary(dataset)
+        _write_manifest(dataset, snapshot, rows, "pinned")
+    return snapshot, rows
+
+
+def caption_counts(dataset: Path, snapshot: str | None = None) -> dict[str, int]:
+    """Training images per caption (of ``snapshot``, default the dataset now), keys in sorted order."""
+    captions = _read(_snapshot_files(dataset, snapshot), DATASET_SCHEMA, ["caption"]).column("caption")
     if len(captions) == 0:
         return {}
     counts = pc.value_counts(captions).to_pylist()

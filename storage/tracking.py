@@ -294,6 +294,15 @@ def run_params(run_id: str) -> dict[str, str]:
     return dict(MlflowClient().get_run(run_id).data.params)
 
 
+def run_tags(run_id: str) -> dict[str, str]:
+    return dict(MlflowClient().get_run(run_id).data.tags)
+
+
+def version_run_id(model_name: str, version: str) -> str | None:
+    """The run that logged ``version`` of ``model_name`` (None for a version registered from outside a run)."""
+    return MlflowClient().get_model_version(model_name, str(version)).run_id or None
+
+
 def log_artifacts(local_dir: Path, artifact_path: str | None = None) -> None:
     _require_run("log_artifacts")
     mlflow.log_artifacts(str(local_dir), artifact_path)

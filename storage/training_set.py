@@ -6,11 +6,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from pogdiff.evaluation import RealSet, group_by_metadata
 from pogdiff.index import caption_id
 from storage import parquet, vectors
 from storage.images import decode_images
+
+
+class DataVersion(BaseModel):
+    """The data one flow run reads, fixed before training: the Parquet snapshot (its manifest lists
+    the part files) and the LanceDB table versions the index stage wrote for it. Training,
+    evaluation and the run's lineage use this one value, so rows ingested or indexed meanwhile are
+    neither trained on nor missing from the record; the next run picks them up."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    snapshot_id: str
+    rows: int
+    captions_version: int
+    features_version: int
 
 
 @dataclass(frozen=True)
@@ -30,12 +45,15 @@ class StoredTrainingSet:
     features: np.ndarray
 
 
-def load_training_set(dataset: Path, lancedb_uri: str, extractor: str, size: int) -> StoredTrainingSet:
-    """Read every accepted image with its caption's neighbours and its image feature."""
-    table = parquet.read_images(dataset, columns=["id", "caption", "image"])
+def load_training_set(dataset: Path, lancedb_uri: str, extractor: str, size: int,
+                      version: DataVersion | None = None) -> StoredTrainingSet:
+    """Read every accepted image with its caption's neighbours and its image feature: at ``version``
+    (the snapshot's rows, the tables as the index wrote them for it) or, without one, as they are now."""
+    snapshot = version.snapshot_id if version is not None else None
+    table = parquet.read_images(dataset, columns=["id", "caption", "image"], snapshot=snapshot)
     if table.num_rows == 0:
         raise ValueError(f"dataset {dataset} has no images; run ingest first")
-    caps = vectors.read_caption_table(lancedb_uri)
+    caps = vectors.read_caption_table(lancedb_uri, version.captions_version if version is not None else None)
     if caps is None:
         raise ValueError(f"LanceDB at {lancedb_uri} has no '{vectors.CAPTIONS}' table; run index first")
     cap_ids = caps.column("caption_id").to_pylist()
@@ -45,7 +63,7 @@ def load_training_set(dataset: Path, lancedb_uri: str, extractor: str, size: int
     if missing:
         raise ValueError(f"{len(missing)} captions of the dataset are not indexed (e.g. {sorted(missing)[0]!r}); run index")
     image_ids = table.column("id").to_pylist()
-    feats = vectors.read_image_features(lancedb_uri, extractor)
+    feats = vectors.read_image_features(lancedb_uri, extractor, version.features_version if version is not None else None)
     lacking = [i for i in image_ids if i not in feats]
     if lacking:
         raise ValueError(f"{len(lacking)} images have no '{extractor}' feature (e.g. {lacking[0]}); run index")
@@ -64,11 +82,12 @@ def load_training_set(dataset: Path, lancedb_uri: str, extractor: str, size: int
     )
 
 
-def load_real_set(dataset: Path, size: int, individual_column: str | None) -> RealSet:
-    """Every accepted image (sorted by id, as ``load_training_set``) decoded to uint8 ``[R, size, size, 3]``,
+def load_real_set(dataset: Path, size: int, individual_column: str | None, snapshot: str | None = None) -> RealSet:
+    """Every accepted image of ``snapshot`` (default: the dataset now; sorted by id, as
+    ``load_training_set``) decoded to uint8 ``[R, size, size, 3]``,
     with its caption and its individual: ``metadata[individual_column]``, or its caption where the
     dataset's metadata has no such key (``group_by_metadata``)."""
-    table = parquet.read_images(dataset, columns=["caption", "image", "metadata"])
+    table = parquet.read_images(dataset, columns=["caption", "image", "metadata"], snapshot=snapshot)
     if table.num_rows == 0:
         raise ValueError(f"dataset {dataset} has no images; run ingest first")
     images = decode_images(table.column("image").to_pylist(), size)

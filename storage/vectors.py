@@ -15,6 +15,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import lancedb
@@ -71,8 +72,17 @@ def connect(uri: str) -> lancedb.DBConnection:
         raise PermissionError(f"LanceDB directory {uri} cannot be created: {err.strerror or err}") from None
 
 
-def _open(db, name: str):
-    return db.open_table(name) if name in db.list_tables().tables else None
+def _open(db, name: str, version: int | None = None):
+    """The table (None when it does not exist), checked out read-only at ``version`` when given."""
+    if name not in db.list_tables().tables:
+        return None
+    table = db.open_table(name)
+    if version is not None:
+        try:
+            table.checkout(version)
+        except Exception as err:  # lance raises a bare error naming neither table nor version
+            raise FileNotFoundError(f"LanceDB table {name!r} has no version {version} (pruned, or a re-created table): {err}") from None
+    return table
 
 
 def check_writable(uri: str) -> None:
@@ -97,7 +107,24 @@ def quote_sql(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def _upsert(db, name: str, key: str, rows: pa.Table):
+def _optimize(table, retention_days: float) -> None:
+    """Compact, and prune versions older than ``retention_days``, but never a tagged version.
+
+    Lance refuses to prune at all when a tagged version falls inside the pruned range, so the
+    cutoff stops just before the oldest tagged version: everything from it on is kept.
+    """
+    keep = timedelta(days=retention_days)
+    tagged = {v["version"] for v in table.tags.list().values()}
+    if tagged:
+        made = {v["version"]: v["timestamp"] for v in table.list_versions()}
+        oldest = min((made[v] for v in tagged if v in made), default=None)
+        if oldest is not None:
+            now = datetime.now(oldest.tzinfo) if oldest.tzinfo else datetime.now()
+            keep = max(keep, now - oldest + timedelta(seconds=1))
+    table.optimize(cleanup_older_than=keep)
+
+
+def _upsert(db, name: str, key: str, rows: pa.Table, retention_days: float):
     """Insert or update ``rows`` keyed on ``key``; returns the table (None if it does not exist and rows is empty)."""
     check_writable(db.uri)
     table = _open(db, name)
@@ -109,7 +136,7 @@ def _upsert(db, name: str, key: str, rows: pa.Table):
         return table
     if rows.num_rows:
         table.merge_insert(key).when_matched_update_all().when_not_matched_insert_all().execute(rows)
-        table.optimize()
+        _optimize(table, retention_days)
     return table
 
 
@@ -130,8 +157,9 @@ def _ensure_ann_index(table, cfg: IndexConfig) -> None:
     table.create_index(VECTOR, config=config)
 
 
-def read_caption_table(uri: str) -> pa.Table | None:
-    table = _open(connect(uri), CAPTIONS)
+def read_caption_table(uri: str, version: int | None = None) -> pa.Table | None:
+    """The captions table now, or at ``version`` (a pinned lineage version)."""
+    table = _open(connect(uri), CAPTIONS, version)
     return None if table is None else table.to_arrow()
 
 
@@ -205,7 +233,7 @@ def _changed(old: pa.Table | None, new: pa.Table, columns: list[str]) -> np.ndar
 
 def _write(uri: str, new: pa.Table, old: pa.Table | None, columns: list[str], cfg: IndexConfig) -> WriteReport:
     changed = new.take(pa.array(_changed(old, new, columns), pa.int64()))
-    table = _upsert(connect(uri), CAPTIONS, "caption_id", changed)
+    table = _upsert(connect(uri), CAPTIONS, "caption_id", changed, cfg.version_retention_days)
     _ensure_ann_index(table, cfg)
     return WriteReport(rows=new.num_rows, written=changed.num_rows, version=table.version, ann_index=_vector_index(table))
 
@@ -308,8 +336,10 @@ def known_feature_ids(uri: str, extractor: str) -> set[str]:
     return {i for i, e in zip(t.column("image_id").to_pylist(), t.column("extractor").to_pylist()) if e == extractor}
 
 
-def write_image_features(uri: str, image_ids: list[str], extractor: str, features: np.ndarray) -> WriteReport:
-    """Insert features ``[N, F]`` of images not yet featurised (callers pass only new ids)."""
+def write_image_features(uri: str, image_ids: list[str], extractor: str, features: np.ndarray,
+                         retention_days: float = IndexConfig.model_fields["version_retention_days"].default) -> WriteReport:
+    """Insert features ``[N, F]`` of images not yet featurised (callers pass only new ids); versions
+    older than ``retention_days`` are pruned (``_optimize``)."""
     db = connect(uri)
     if not image_ids:
         table = _open(db, IMAGE_FEATURES)
@@ -330,17 +360,30 @@ def write_image_features(uri: str, image_ids: list[str], extractor: str, feature
         table = db.create_table(IMAGE_FEATURES, rows, mode="overwrite")
         table.create_scalar_index("image_id", replace=True)
     else:
-        table = _upsert(db, IMAGE_FEATURES, "image_id", rows)
+        table = _upsert(db, IMAGE_FEATURES, "image_id", rows, retention_days)
     return WriteReport(rows=len(image_ids), written=len(image_ids), version=table.version)
 
 
-def read_image_features(uri: str, extractor: str) -> dict[str, np.ndarray]:
-    table = _open(connect(uri), IMAGE_FEATURES)
+def read_image_features(uri: str, extractor: str, version: int | None = None) -> dict[str, np.ndarray]:
+    """image id -> feature under ``extractor``, from the table now or at ``version``."""
+    table = _open(connect(uri), IMAGE_FEATURES, version)
     if table is None:
         return {}
     t = table.to_arrow()
     feats = np.asarray(t.column("feature").combine_chunks().flatten()).reshape(t.num_rows, -1)
     return {i: f for i, e, f in zip(t.column("image_id").to_pylist(), t.column("extractor").to_pylist(), feats) if e == extractor}
+
+
+def tag_versions(uri: str, versions: dict[str, int], tag: str) -> None:
+    """Point LanceDB tag ``tag`` of each named table at its version (created or moved): a tagged
+    version is never pruned (``_optimize``), so the lineage of what the tag marks keeps resolving."""
+    db = connect(uri)
+    for name, version in versions.items():
+        table = db.open_table(name)
+        if tag in table.tags.list():
+            table.tags.update(tag, version)
+        else:
+            table.tags.create(tag, version)
 
 
 def table_versions(uri: str) -> dict[str, int]:

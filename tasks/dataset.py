@@ -11,10 +11,11 @@ from tasks.retry import IO_RETRIES
 
 @task(name="dataset-snapshot", **IO_RETRIES)
 def dataset_snapshot(settings: Settings) -> dict:
-    """``{"snapshot_id", "rows"}`` of the Parquet dataset as it is now.
+    """``{"snapshot_id", "rows"}`` of the Parquet dataset as it is now, pinned (``parquet.pin_snapshot``):
+    every later stage of the flow run reads exactly these rows, whatever is ingested meanwhile.
 
     Read after ingest rather than taken from the ingest report, because a cached ingest report can
     predate rows another source added to the same dataset since.
     """
-    snapshot, rows = parquet.snapshot_summary(settings.dataset_uri)
+    snapshot, rows = parquet.pin_snapshot(settings.dataset_uri)
     return {"snapshot_id": snapshot, "rows": rows}

@@ -66,11 +66,12 @@ def write_report(result: EvalResult, real: RealSet, cfg: EvaluateConfig, out: Pa
 
 
 @task(name="evaluate")
-def evaluate_model(settings: Settings, cfg: EvaluateConfig, model_dir: str, run_id: str) -> dict[str, float]:
-    """Returns ``{"<bucket>/<metric>": value}``; the metrics go to the run, its files under ``eval/``."""
+def evaluate_model(settings: Settings, cfg: EvaluateConfig, model_dir: str, run_id: str, snapshot: str | None = None) -> dict[str, float]:
+    """Evaluate against the real images of ``snapshot`` (default: the dataset now). Returns
+    ``{"<bucket>/<metric>": value}``; the metrics go to the run, its files under ``eval/``."""
     log = _logger()
     pipe = load_pipeline(model_dir)  # pixel-space or Stable Diffusion folder, by its layout
-    real = load_real_set(settings.dataset_uri, pipe.image_size, cfg.individual_column)
+    real = load_real_set(settings.dataset_uri, pipe.image_size, cfg.individual_column, snapshot)
     if real.grouped_by == "caption" and cfg.individual_column is not None:
         log.warning("evaluate: the dataset's metadata has no %r key: each distinct caption is its own individual",
                     cfg.individual_column)

@@ -22,18 +22,21 @@ from storage.settings import Settings
 from tasks.retry import IO_RETRIES
 
 
-def plan_shards(settings: Settings, cfg: IndexConfig) -> list[dict[str, str]]:
-    """The captions of the dataset with no vector under this embedder yet, as shards (id -> caption)
-    of at most ``cfg.embed_shard_size``; empty when every caption is embedded already."""
+def plan_shards(settings: Settings, cfg: IndexConfig, snapshot: str | None = None) -> list[dict[str, str]]:
+    """The captions of the dataset (at ``snapshot``, default now) with no vector under this embedder
+    yet, as shards (id -> caption) of at most ``cfg.embed_shard_size``; empty when every caption is
+    embedded already."""
     known = vectors.known_vectors(settings.lancedb_uri, make_embedder(cfg).key)
-    missing = {i: c for c in parquet.caption_counts(settings.dataset_uri) if (i := caption_id(c)) not in known}
+    missing = {i: c for c in parquet.caption_counts(settings.dataset_uri, snapshot) if (i := caption_id(c)) not in known}
     ids = sorted(missing)
     return [{i: missing[i] for i in ids[s : s + cfg.embed_shard_size]} for s in range(0, len(ids), cfg.embed_shard_size)]
 
 
 def build_caption_index(settings: Settings, cfg: IndexConfig, progress: bool = False,
-                        precomputed: dict[str, np.ndarray] | None = None) -> dict:
-    """Embed only captions not yet in LanceDB under this embedder, then refresh neighbours and density.
+                        precomputed: dict[str, np.ndarray] | None = None, snapshot: str | None = None) -> dict:
+    """Embed only captions not yet in LanceDB under this embedder, then refresh neighbours and density
+    over the captions of ``snapshot`` (default: the dataset now). ``version`` in the result is the
+    table version whose rows for those captions are exactly this graph.
 
     ``precomputed`` (caption id -> vector, e.g. from ``embed_shard`` tasks) counts as embedded by this
     run. Up to ``cfg.ann_threshold`` captions the graph is exact; above it the vectors are written
@@ -44,7 +47,7 @@ def build_caption_index(settings: Settings, cfg: IndexConfig, progress: bool = F
     embedder = make_embedder(cfg)
     precomputed = precomputed or {}
     known = {**vectors.known_vectors(uri, embedder.key), **precomputed}
-    graph = embed_caption_counts(parquet.caption_counts(settings.dataset_uri), known, cfg, embedder, progress)
+    graph = embed_caption_counts(parquet.caption_counts(settings.dataset_uri, snapshot), known, cfg, embedder, progress)
     if precomputed:
         fresh = len(precomputed.keys() & set(graph.ids))
         graph = replace(graph, embedded=graph.embedded + fresh, reused=graph.reused - fresh)
@@ -59,24 +62,25 @@ def build_caption_index(settings: Settings, cfg: IndexConfig, progress: bool = F
             "version": report.version, "ann_index": report.ann_index, "seconds": round(time.perf_counter() - started, 3)}
 
 
-def build_image_features(settings: Settings, cfg: IndexConfig) -> dict:
-    """Compute the psi image feature once per image; images already featurised are skipped."""
+def build_image_features(settings: Settings, cfg: IndexConfig, snapshot: str | None = None) -> dict:
+    """Compute the psi image feature once per image of ``snapshot`` (default: the dataset now);
+    images already featurised are skipped."""
     extractor = image_extractor(cfg)
     name = extractor.name
     done = vectors.known_feature_ids(settings.lancedb_uri, name)
-    table = parquet.read_images(settings.dataset_uri, columns=["id", "image"])
+    table = parquet.read_images(settings.dataset_uri, columns=["id", "image"], snapshot=snapshot)
     ids = table.column("id").to_pylist()
     new = [i for i, image_id in enumerate(ids) if image_id not in done]
     blobs = table.column("image").take(pa.array(new, pa.int64())).to_pylist()
     feats = image_features(decode_images(blobs, extractor.input_size), extractor)
-    report = vectors.write_image_features(settings.lancedb_uri, [ids[i] for i in new], name, feats)
+    report = vectors.write_image_features(settings.lancedb_uri, [ids[i] for i in new], name, feats, cfg.version_retention_days)
     return {"extractor": name, "computed": len(new), "reused": len(ids) - len(new), "version": report.version}
 
 
 @task(name="plan-embedding", **IO_RETRIES)
-def plan_embedding(settings: Settings, cfg: IndexConfig) -> list[dict[str, str]]:
+def plan_embedding(settings: Settings, cfg: IndexConfig, snapshot_id: str | None = None) -> list[dict[str, str]]:
     """``plan_shards``: what the ``embed-shard`` tasks have to embed (nothing on unchanged data)."""
-    return plan_shards(settings, cfg)
+    return plan_shards(settings, cfg, snapshot_id)
 
 
 @task(name="embed-shard")
@@ -89,7 +93,8 @@ def embed_shard(cfg: IndexConfig, captions: dict[str, str]) -> dict[str, np.ndar
 def index_captions(settings: Settings, cfg: IndexConfig, snapshot_id: str, shards: list[dict[str, np.ndarray]] | None = None) -> dict:
     """``build_caption_index`` for one dataset snapshot (the snapshot keys the task's cache), taking
     the vectors the ``embed-shard`` tasks computed."""
-    out = build_caption_index(settings, cfg, precomputed={k: v for shard in shards or [] for k, v in shard.items()})
+    out = build_caption_index(settings, cfg, precomputed={k: v for shard in shards or [] for k, v in shard.items()},
+                              snapshot=snapshot_id)
     get_run_logger().info(
         "index: %d captions, %d embedded, %d reused; %s top-%d graph, %d edges; %d rows written, table version %d",
         out["captions"], out["embedded"], out["reused"], out["mode"], cfg.k, out["edges"], out["written"], out["version"],
@@ -100,6 +105,6 @@ def index_captions(settings: Settings, cfg: IndexConfig, snapshot_id: str, shard
 @task(name="index-images", **IO_RETRIES)
 def index_images(settings: Settings, cfg: IndexConfig, snapshot_id: str) -> dict:
     """``build_image_features`` for one dataset snapshot."""
-    out = build_image_features(settings, cfg)
+    out = build_image_features(settings, cfg, snapshot_id)
     get_run_logger().info("index: %d image features computed, %d reused", out["computed"], out["reused"])
     return {"snapshot_id": snapshot_id, **out}

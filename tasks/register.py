@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from prefect import get_run_logger, task
 
 from pogdiff.config import RegisterConfig
 from storage import tracking, vectors
+from storage.links import redact_uri
 from storage.settings import Settings
 from tasks.retry import IO_RETRIES
 
@@ -40,6 +42,30 @@ def register_version(settings: Settings, cfg: RegisterConfig, model_dir: str, ru
         )
 
 
+def champion_tag(model_name: str) -> str:
+    """The LanceDB tag on the table versions the champion of ``model_name`` was trained on."""
+    return "champion-" + re.sub(r"[^A-Za-z0-9_.-]", "-", model_name)
+
+
+def keep_champion_lineage(settings: Settings, model_name: str, run_id: str) -> str | None:
+    """Move the champion's LanceDB tags to the table versions ``run_id`` recorded, so the champion's
+    lineage resolves however old it gets (``vectors.tag_versions``).
+
+    Returns None, or why the tags could not move (the promotion stands either way: the lineage then
+    resolves for ``index.version_retention_days``).
+    """
+    tags = tracking.run_tags(run_id)
+    versions = {table: int(tags[tag]) for table, tag in ((vectors.CAPTIONS, "lancedb_captions_version"),
+                                                         (vectors.IMAGE_FEATURES, "lancedb_image_features_version")) if tag in tags}
+    if not versions:
+        return f"run {run_id} records no LanceDB table versions"
+    try:
+        vectors.tag_versions(settings.lancedb_uri, versions, champion_tag(model_name))
+    except (ValueError, RuntimeError, OSError) as err:  # table gone, version pruned, store unreachable
+        return f"LanceDB at {redact_uri(settings.lancedb_uri)}: {err}"
+    return None
+
+
 @task(name="register", **IO_RETRIES)
 def register_model(settings: Settings, cfg: RegisterConfig, model_dir: str, run_id: str, metrics: dict[str, float]) -> dict:
     """Returns the promotion decision (``tracking.PromotionDecision`` as a dict: ``promoted``,
@@ -50,5 +76,7 @@ def register_model(settings: Settings, cfg: RegisterConfig, model_dir: str, run_
     version = register_version(settings, cfg, model_dir, run_id)
     decision = tracking.promote(cfg.model_name, version, metrics, cfg.gate)
     get_run_logger().info("register: %s version %s — %s", cfg.model_name, version, decision.reason)
+    if decision.promoted and (problem := keep_champion_lineage(settings, cfg.model_name, run_id)):
+        get_run_logger().warning("register: the champion's data versions are not tagged (%s)", problem)
     return {**asdict(decision), "model_name": cfg.model_name, "run_id": run_id,
             "champion_metrics": before[1] if before else {}}

@@ -15,6 +15,7 @@ from pogdiff.config import RetrainConfig
 from storage import tracking, vectors
 from storage.links import redact_uri
 from storage.settings import REPO_ROOT, Settings
+from storage.training_set import DataVersion
 from tasks.retry import IO_RETRIES
 
 
@@ -34,8 +35,9 @@ def _git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
-def _lance_tables(uri: str) -> dict[str, dict]:
-    """Per LanceDB table: ``version``, ``rows``, ``uri`` and ``digest``.
+def _lance_tables(uri: str, versions: dict[str, int] | None = None) -> dict[str, dict]:
+    """Per LanceDB table: ``version``, ``rows``, ``uri`` and ``digest``, of the latest version or,
+    for the tables ``versions`` names, of that version.
 
     A Lance version is immutable, so (table location, version, commit time) identifies the content;
     the commit time tells a re-created table's version 1 from the old one's.
@@ -44,6 +46,8 @@ def _lance_tables(uri: str) -> dict[str, dict]:
     out = {}
     for name in db.list_tables().tables:
         table = db.open_table(name)
+        if versions and name in versions:
+            table.checkout(versions[name])
         version = table.version
         committed = next((v["timestamp"] for v in table.list_versions() if v["version"] == version), None)
         key = f"{table.uri}\n{version}\n{committed}"
@@ -104,7 +108,7 @@ def _crashed_run(experiment: str, key: str, log) -> str | None:
 
 
 @task(name="open-run", **IO_RETRIES)
-def open_run(settings: Settings, config: RetrainConfig, snapshot_id: str, num_rows: int) -> str:
+def open_run(settings: Settings, config: RetrainConfig, data: DataVersion) -> str:
     """Start the MLflow run, or resume the one a crashed retrain of the same config and snapshot
     left RUNNING (tag ``resumed_from_crash=true``; same run id, so the same run folder and the
     trainer continues from its last checkpoint). Logs the resolved config as params, lineage tags
@@ -113,12 +117,16 @@ def open_run(settings: Settings, config: RetrainConfig, snapshot_id: str, num_ro
     Inputs (MLflow datasets): context ``training`` = the Parquet snapshot and the LanceDB tables
     the trainer reads (``captions`` with its neighbour graph, ``image_features``); context
     ``evaluation`` = the captions evaluation prompts are drawn from and the snapshot's real images
-    (logged under their own names: MLflow keeps one input per dataset and run).
+    (logged under their own names: MLflow keeps one input per dataset and run). All of them are
+    ``data``: the pinned snapshot and the table versions the index wrote for it, which is what the
+    train and evaluate tasks read.
     """
     log = _logger()
     tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
     tracking.check_server()
-    tables = _lance_tables(settings.lancedb_uri)
+    snapshot_id, num_rows = data.snapshot_id, data.rows
+    tables = _lance_tables(settings.lancedb_uri, {vectors.CAPTIONS: data.captions_version,
+                                                  vectors.IMAGE_FEATURES: data.features_version})
     missing = {vectors.CAPTIONS, vectors.IMAGE_FEATURES} - set(tables)
     if missing:
         raise FileNotFoundError(f"LanceDB at {redact_uri(settings.lancedb_uri)} has no table {sorted(missing)}; run the index stage first")

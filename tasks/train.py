@@ -24,11 +24,12 @@ from pogdiff.config import IndexConfig, TrainConfig
 from pogdiff.index import image_extractor
 from pogdiff.model import TextToImagePipeline, load_pipeline, to_tensor
 from pogdiff.neighbours import NeighbourGraph
+from pogdiff.process import child_env
 from pogdiff.train_cli import write_train_data
 from pogdiff.trainer import TrainData, train
 from storage import tracking
 from storage.settings import Settings
-from storage.training_set import load_training_set
+from storage.training_set import DataVersion, load_training_set
 
 # Exit statuses of pogdiff.train_cli, as errors a reviewer can act on.
 _CHILD_ERRORS = {2: "bad training input", 3: "the loss diverged", 4: "the training time limit ran out"}
@@ -53,10 +54,12 @@ class _Progress:
             update_progress_artifact(self.artifact, 100.0 * step / self.steps, description=f"training: {step}/{self.steps} steps")
 
 
-def training_data(settings: Settings, index_cfg: IndexConfig, base_model: str, pipe: TextToImagePipeline) -> TrainData:
-    """The indexed training set at ``pipe``'s image size; ``pipe`` is ``base_model`` freshly loaded."""
+def training_data(settings: Settings, index_cfg: IndexConfig, base_model: str, pipe: TextToImagePipeline,
+                  version: DataVersion | None = None) -> TrainData:
+    """The indexed training set at ``version`` (default: as stored now) at ``pipe``'s image size;
+    ``pipe`` is ``base_model`` freshly loaded."""
     extractor = image_extractor(index_cfg, loaded={base_model: pipe}).name
-    stored = load_training_set(settings.dataset_uri, settings.lancedb_uri, extractor, pipe.image_size)
+    stored = load_training_set(settings.dataset_uri, settings.lancedb_uri, extractor, pipe.image_size, version)
     graph = NeighbourGraph.build(
         torch.from_numpy(stored.caption_of),
         torch.from_numpy(stored.nb_index),
@@ -77,7 +80,7 @@ def launch_ddp(data: TrainData, cfg: TrainConfig, out: Path, on_step) -> dict:
     write_train_data(out / "train.npz", data)
     (out / "train.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")), encoding="utf-8")
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(cfg.num_processes),
+        sys.executable, "-m", "pogdiff.launch", "--multi_gpu", "--num_processes", str(cfg.num_processes),
         "--num_machines", "1", "--mixed_precision", cfg.mixed_precision, "--dynamo_backend", "no",
         "-m", "pogdiff.train_cli", "--config", str(out / "train.yaml"), "--data", str(out / "train.npz"), "--out", str(out),
     ]
@@ -98,7 +101,9 @@ def launch_ddp(data: TrainData, cfg: TrainConfig, out: Path, on_step) -> dict:
                 on_step(int(row.pop("step")), row)
 
     with open(out / "launch.log", "ab") as log:
-        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+        # pogdiff.launch and its ranks die with this process (pogdiff.process.die_with_parent)
+        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                 env=child_env({**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}))
         while child.poll() is None:
             follow()
             time.sleep(1.0)
@@ -121,11 +126,13 @@ def _launch_failure(log: Path, processes: int, status: int) -> str:
 
 # Never cached or retried by Prefect: a retry would restart a long job; resume comes from checkpoints.
 @task(name="train")
-def train_model(settings: Settings, cfg: TrainConfig, index_cfg: IndexConfig, run_id: str) -> str:
-    """Returns the path of the fine-tuned model folder."""
+def train_model(settings: Settings, cfg: TrainConfig, index_cfg: IndexConfig, run_id: str, version: DataVersion) -> str:
+    """Fine-tune on the data at ``version`` (the run's recorded lineage); returns the model folder's path."""
     log = get_run_logger()
     pipe = load_pipeline(cfg.base_model)  # pixel or Stable Diffusion, by the folder's layout
-    data = training_data(settings, index_cfg, cfg.base_model, pipe)
+    data = training_data(settings, index_cfg, cfg.base_model, pipe, version)
+    log.info("train: %d images of snapshot %s (captions table v%d, image features v%d)", len(data.images),
+             version.snapshot_id, version.captions_version, version.features_version)
     tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
     out = run_dir(settings, run_id)
     with tracking.resume(run_id):

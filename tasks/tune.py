@@ -35,7 +35,7 @@ from pogdiff.plots import save_png, tune_trials
 from pogdiff.tune import TrialResult, feasible, sampler_value, trial_train, trials_table, tuned_config
 from storage import tracking
 from storage.settings import Settings
-from storage.training_set import load_real_set
+from storage.training_set import DataVersion, load_real_set
 from tasks.train import training_data
 
 TUNE_KEY_TAG = "tune_key"
@@ -132,8 +132,8 @@ def open_parent_run(settings: Settings, config: RetrainConfig, key: str, snapsho
 
 # Never retried by Prefect: a trial is minutes of training; a crashed tune resumes from its finished trials.
 @task(name="tune-trial")
-def run_trial(settings: Settings, config: RetrainConfig, knobs: dict[str, Any], number: int, parent_run_id: str,
-              folder: str) -> dict[str, Any]:
+def run_trial(settings: Settings, config: RetrainConfig, data: DataVersion, knobs: dict[str, Any], number: int,
+              parent_run_id: str, folder: str) -> dict[str, Any]:
     """Fine-tune a fresh copy of the base with the trial's knobs (``pogdiff.tune.trial_train``), evaluate
     it on the validation draw (``tune.eval_seed``) and log both into a child run of ``parent_run_id``.
 
@@ -143,8 +143,8 @@ def run_trial(settings: Settings, config: RetrainConfig, knobs: dict[str, Any], 
     started = time.perf_counter()
     cfg = trial_train(config.train, config.tune, knobs)
     pipe = load_pipeline(cfg.base_model)
-    data = training_data(settings, config.index, cfg.base_model, pipe)
-    real = load_real_set(settings.dataset_uri, pipe.image_size, config.evaluate.individual_column)
+    train_set = training_data(settings, config.index, cfg.base_model, pipe, data)
+    real = load_real_set(settings.dataset_uri, pipe.image_size, config.evaluate.individual_column, data.snapshot_id)
     eval_cfg = config.evaluate.model_copy(update={"seed": config.tune.eval_seed})
     out = Path(folder) / ("reference" if number < 0 else f"trial-{number:03d}")
     tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
@@ -154,7 +154,7 @@ def run_trial(settings: Settings, config: RetrainConfig, knobs: dict[str, Any], 
     try:
         with tracking.resume(child):
             tracking.log_config({"knobs": knobs, "method": cfg.pog.method, "steps": cfg.steps, "eval_seed": eval_cfg.seed})
-            train(pipe, data, cfg, out, on_step=lambda step, m: tracking.log_metrics({f"train/{k}": v for k, v in m.items()}, step=step),
+            train(pipe, train_set, cfg, out, on_step=lambda step, m: tracking.log_metrics({f"train/{k}": v for k, v in m.items()}, step=step),
                   resume=False)
             result = evaluate(pipe, real, eval_cfg)
             tracking.log_metrics(result.metrics)

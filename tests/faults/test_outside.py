@@ -111,7 +111,7 @@ def _run_with_fault(kind: str, tiny, tmp_path, prefect_api) -> tuple[Path, int, 
 
 
 def _checkpoint_ok(path: Path, step: int) -> None:
-    assert json.loads((path / "step.json").read_text()) == {"step": step}
+    assert json.loads((path / "manifest.json").read_text())["step"] == step
     weights = load_file(path / "unet.safetensors")
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
     state = torch.load(path / "state.pt", weights_only=True)

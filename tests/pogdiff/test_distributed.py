@@ -55,7 +55,7 @@ def test_two_process_accelerate_launch_trains_like_one_process_and_resumes(job, 
     assert first.returncode == 0, first.stderr[-4000:]
     result = json.loads((out / "result.json").read_text())
     assert result["world_size"] == 2 and result["steps"] == 3 and result["resumed_from"] == 0
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl", "model", "result.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".writer.lock", "checkpoints", "metrics.jsonl", "model", "result.json"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3  # rank 0 alone reports
 

@@ -34,6 +34,7 @@ from storage import tracking
 from storage.mlflow_model import unet_digest
 from storage.settings import Settings, load_settings
 from tasks.register import register_version
+from storage.training_set import DataVersion
 from tasks.track import open_run
 
 GATE = "few/grecall"
@@ -424,7 +425,7 @@ def test_predict_rows_are_independent_and_in_order(model_dir):
 
 def test_open_run_records_lineage_and_tags(settings):
     config = RetrainConfig()
-    run_id = open_run.fn(settings, config, "snap1234", 7)
+    run_id = open_run.fn(settings, config, DataVersion(snapshot_id="snap1234", rows=7, captions_version=1, features_version=2))
     tracking.end(run_id)
     run = MlflowClient().get_run(run_id)
     tags = run.data.tags

@@ -1,5 +1,7 @@
 """LanceDB tables: upserts of changed rows only, so unchanged re-runs create no new version."""
 
+import time
+
 import lancedb
 import numpy as np
 import pytest
@@ -126,7 +128,7 @@ def test_upserting_the_same_captions_twice_changes_nothing(tmp_path):
     assert (r2.written, r2.version) == (0, r1.version)
     # force the same rows through merge_insert as well: matched on caption_id, so no new rows
     db = vectors.connect(uri)
-    vectors._upsert(db, vectors.CAPTIONS, "caption_id", before)
+    vectors._upsert(db, vectors.CAPTIONS, "caption_id", before, cfg.version_retention_days)
     after = vectors.read_caption_table(uri).sort_by("caption_id")
     assert after.num_rows == before.num_rows == 200
     assert after.equals(before.sort_by("caption_id"))
@@ -157,3 +159,26 @@ def test_touching_lancedb_makes_child_processes_spawn(tmp_path):
 
     vectors.connect(str(tmp_path / "lancedb"))
     assert multiprocessing.get_start_method() in ("spawn", "forkserver")
+
+
+def test_pruning_keeps_the_tagged_champion_versions_and_moves_on_when_the_tag_moves(tmp_path):
+    uri = str(tmp_path / "lancedb")
+    keep = 1e-5  # days: 0.86 s, so versions a second old are past the retention window
+    feats = np.eye(4, 3, dtype=np.float32)
+
+    def write(i: int) -> int:
+        time.sleep(1.1)
+        return vectors.write_image_features(uri, [f"img{i}"], "pixels16", feats[i : i + 1], keep).version
+
+    first = vectors.write_image_features(uri, ["img0"], "pixels16", feats[:1], keep).version
+    champion = write(1)
+    with pytest.raises(FileNotFoundError, match=f"no version {first}"):  # untagged and old: pruned
+        vectors.read_image_features(uri, "pixels16", first)
+    vectors.tag_versions(uri, {vectors.IMAGE_FEATURES: champion}, "champion-demo")
+    later = write(2)  # Lance alone would refuse to prune here (a tagged version in the pruned range)
+    assert set(vectors.read_image_features(uri, "pixels16", champion)) == {"img0", "img1"}
+    vectors.tag_versions(uri, {vectors.IMAGE_FEATURES: later}, "champion-demo")  # a new champion
+    write(3)
+    with pytest.raises(FileNotFoundError, match=f"no version {champion}"):
+        vectors.read_image_features(uri, "pixels16", champion)
+    assert set(vectors.read_image_features(uri, "pixels16", later)) == {"img0", "img1", "img2"}
