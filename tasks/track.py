@@ -5,7 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import socket
 import subprocess
+
+import psutil
 
 from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
@@ -57,6 +61,8 @@ def _lance_tables(uri: str, versions: dict[str, int] | None = None) -> dict[str,
 
 
 RETRAIN_KEY_TAG = "retrain_key"
+KIND_TAG = "kind"  # retrain | evaluation: what opened the run (a run without one is a retrain's)
+OWNER_TAG = "owner"  # host:pid:start time of the process that opened the run
 RESUMED_TAG = "resumed_from_crash"
 RESUMABLE_TAG = "resumable"  # on a KILLED run: stopped between steps with a checkpoint, to be continued
 
@@ -83,15 +89,41 @@ def retrain_key(config: RetrainConfig, snapshot_id: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _crashed_run(experiment: str, key: str, log) -> str | None:
-    """The run a crashed retrain with this key left RUNNING, to resume; other RUNNING runs are
-    marked FAILED (their config or data changed, so their checkpoints cannot continue).
+def owner() -> str:
+    """``host:pid:start`` of this process: who opened a run, and whether it is still alive (``owner_alive``)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{psutil.Process().create_time():.2f}"
 
-    Assumes one retrain per experiment at a time (the deployments' ``concurrency_limit: 1``): a
-    RUNNING run found when a retrain starts belongs to a process that died without closing it.
+
+def owner_alive(tag: str | None) -> bool | None:
+    """True / False when ``tag`` names a process of this host that is / is no longer running (a pid
+    reused by another process counts as gone); None when it cannot be told (another host, no tag)."""
+    try:
+        host, pid, started = (tag or "").rsplit(":", 2)
+        if host != socket.gethostname():
+            return None
+        return f"{psutil.Process(int(pid)).create_time():.2f}" == started
+    except psutil.NoSuchProcess:
+        return False
+    except (ValueError, psutil.Error):
+        return None
+
+
+def _crashed_run(experiment: str, key: str, log) -> str | None:
+    """The run a crashed retrain with this key left RUNNING, to resume; other RUNNING retrain runs
+    are marked FAILED (their config or data changed, so their checkpoints cannot continue).
+
+    Only retrain runs are considered (an ``evaluate`` flow's run in the same experiment is never
+    touched), and never one whose owner process is alive on this host. A run whose owner cannot be
+    checked (another host) is taken as crashed: the deployments run one retrain per experiment at a
+    time (``concurrency_limit: 1``), so a RUNNING retrain found when a retrain starts has no process left.
     """
     resumable = None
     for run_id, tags in tracking.unfinished_runs(experiment):
+        if tags.get(KIND_TAG, "retrain") != "retrain":
+            continue
+        if owner_alive(tags.get(OWNER_TAG)):
+            log.warning("open-run: MLflow run %s is RUNNING in a live process (%s); left alone", run_id, tags[OWNER_TAG])
+            continue
         if resumable is None and tags.get(RETRAIN_KEY_TAG) == key:
             resumable = run_id
             continue
@@ -141,6 +173,8 @@ def open_run(settings: Settings, config: RetrainConfig, data: DataVersion) -> st
         "base_model": config.train.base_model,
         "method": config.train.pog.method,
         RETRAIN_KEY_TAG: key,
+        KIND_TAG: "retrain",
+        OWNER_TAG: owner(),
     }
     run_id = _crashed_run(config.registry.experiment, key, log)
     if run_id is None:
