@@ -33,6 +33,11 @@ class IngestConfig(_Stage):
     allowed_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
     min_side: int = Field(8, ge=1)  # pixels; smaller images are rejected
     max_pixels: int = Field(64_000_000, ge=1)  # decompression-bomb guard, checked before decoding
+    # Byte caps, checked before anything is read into memory: an encoded image (file, Parquet cell or
+    # tar member) and any other tar member (caption, JSON). A chunk of inputs in flight holds at most
+    # about workers x max_image_bytes of image data, whatever the source.
+    max_image_bytes: int = Field(50_000_000, ge=1)
+    max_member_bytes: int = Field(1_000_000, ge=1)
     max_caption_chars: int = Field(1000, ge=1)
     caption_overflow: Literal["reject", "truncate"] = "reject"
     same_image_other_caption: Literal["keep", "reject"] = "keep"

@@ -20,8 +20,9 @@ Guarantees:
 * **Atomic.** Each part file is written under a temporary name in the same directory, fsynced and
   moved into place with ``os.replace``; readers only look at ``part-*.parquet``, so a crash never
   exposes a partial file, only complete parts. A crashed ingest is finished by running it again.
-* **Bounded memory.** The source is streamed ``chunk_rows`` inputs at a time; at most two chunks are
-  in flight (one being checked by the pool while the previous one is written).
+* **Bounded memory.** The source is streamed ``chunk_rows`` inputs at a time, fewer when their image
+  bytes reach workers x ``max_image_bytes``; at most two chunks are in flight (one being checked by
+  the pool while the previous one is written). No image or tar member above its byte cap is read.
 
 One ingest at a time holds an exclusive lock on ``dataset/.lock`` (POSIX ``flock``; released by the
 OS if the process dies), so concurrent ingests into the same dataset are serialised, not
@@ -134,6 +135,19 @@ class IngestReport(BaseModel):
 # Files
 # --------------------------------------------------------------------------------------------
 
+
+
+def _chunk(items: Iterator[Item], rows: int, max_bytes: int) -> list[Item]:
+    """The next at most ``rows`` items, fewer once their in-memory image bytes reach ``max_bytes``
+    (items that hold their encoded image: Parquet cells, tar members; paths are read by the checker)."""
+    chunk: list[Item] = []
+    held = 0
+    for item in items:
+        chunk.append(item)
+        held += len(item.data) if item.data is not None else 0
+        if len(chunk) >= rows or held >= max_bytes:
+            break
+    return chunk
 
 
 def _write_table(table: pa.Table, final: Path) -> None:
@@ -467,7 +481,7 @@ def ingest(
 
             # Two chunks in flight: the pool checks chunk n+1 while chunk n is deduplicated and written.
             in_flight: deque[tuple[list[Item], Iterator[Checked]]] = deque()
-            while chunk := list(itertools.islice(stream.items, chunk_rows)):
+            while chunk := _chunk(stream.items, chunk_rows, workers * cfg.max_image_bytes):
                 in_flight.append((chunk, check([item for item in chunk if item.reason is None])))
                 if len(in_flight) > 1:
                     commit(*in_flight.popleft())

@@ -71,6 +71,7 @@ class Reason(StrEnum):
     EMPTY_CAPTION = "empty_caption"
     INVALID_UTF8 = "invalid_utf8"
     CAPTION_TOO_LONG = "caption_too_long"
+    TOO_LARGE = "too_large"  # more bytes than max_image_bytes / max_member_bytes, never read
     DUPLICATE = "duplicate"
     SAME_IMAGE_OTHER_CAPTION = "same_image_other_caption"
 
@@ -454,6 +455,9 @@ def _tar_items(shards: list[Path], root: Path, cfg: IngestConfig) -> Iterator[It
                         )
                     elif not member.isfile():
                         sample.reject(Reason.MISSING_FILE, f"member '{member.name}' is not a regular file")
+                    elif member.size > (cap := cfg.max_image_bytes if ext in IMAGE_EXTENSIONS else cfg.max_member_bytes):
+                        # skipped, not read: the streaming reader discards it in small blocks (a gzip bomb stays one)
+                        sample.reject(Reason.TOO_LARGE, f"member '{member.name}' has {member.size} bytes, more than {cap}")
                     else:
                         handle = tar.extractfile(member)
                         content = handle.read() if handle is not None else b""
@@ -479,6 +483,24 @@ def _files(source: Path, suffix: str) -> list[Path]:
     if source.is_file():
         return [source]
     return sorted(p for p in source.rglob(f"*{suffix}") if p.is_file() and not p.name.startswith("."))
+
+
+def _outside(files: list[Path], source: Path) -> tuple[list[Path], list[Item]]:
+    """``files`` split into those inside ``source`` and a rejection for each one that is a symlink
+    resolving outside it (a shard is never followed out of the source, like an image path)."""
+    if source.is_file():
+        return files, []
+    root = Path(os.path.realpath(source))
+    inside, rejected = [], []
+    for path in files:
+        real = Path(os.path.realpath(path))
+        if real.is_relative_to(root):
+            inside.append(path)
+        else:
+            rel = path.relative_to(source).as_posix()
+            rejected.append(Item(printable(rel), reason=Reason.PATH_OUTSIDE_SOURCE,
+                                 message=f"{printable(rel)}: shard is a symlink resolving outside the source folder"))
+    return inside, rejected
 
 
 def detect_kind(source: Path, cfg: IngestConfig) -> Kind:
@@ -528,20 +550,20 @@ def open_source(source: Path, cfg: IngestConfig, batch_rows: int = 256) -> Itera
             handle.close()
         return
     if kind == "parquet":
-        files = _files(source, ".parquet")
-        if not files:
+        files, outside = _outside(_files(source, ".parquet"), source)
+        if not files and not outside:
             raise SourceError(f"no .parquet files in {source}")
         total = 0
         for path in files:  # footers only: checks every file's columns before anything is ingested
             pf = _parquet_file(path)
             _image_mode(pf.schema_arrow, path, cfg)
             total += pf.metadata.num_rows
-        yield Stream(kind, _parquet_items(files, root, cfg, batch_rows), total)
+        yield Stream(kind, itertools.chain(outside, _parquet_items(files, root, cfg, batch_rows)), total + len(outside))
         return
-    shards = _files(source, ".tar")
-    if not shards:
+    shards, outside = _outside(_files(source, ".tar"), source)
+    if not shards and not outside:
         raise SourceError(f"no .tar shards in {source}")
-    yield Stream(kind, _tar_items(shards, root, cfg), None)
+    yield Stream(kind, itertools.chain(outside, _tar_items(shards, root, cfg)), None)
 
 
 def check_source(source: Path, cfg: IngestConfig) -> None:

@@ -78,14 +78,17 @@ def normalise(im: Image.Image, cfg: IngestConfig) -> bytes:
     return buffer.getvalue()
 
 
-def _read(item: Item) -> bytes | Checked:
-    """The item's bytes, reading its file after the path checks; a Checked rejection otherwise."""
-    if item.data is not None:
-        return item.data
-    assert item.path is not None, "an item to check has a path or data"
+def _read(item: Item, max_bytes: int) -> bytes | Checked:
+    """The item's bytes, reading its file after the path and size checks; a Checked rejection otherwise."""
 
     def reject(reason: Reason, message: str) -> Checked:
-        return Checked(item, reason, f"{printable(item.key)}: {message}")
+        return Checked(replace(item, data=None), reason, f"{printable(item.key)}: {message}")
+
+    if item.data is not None:
+        if len(item.data) > max_bytes:
+            return reject(Reason.TOO_LARGE, f"{len(item.data)} bytes, more than max_image_bytes={max_bytes}")
+        return item.data
+    assert item.path is not None, "an item to check has a path or data"
 
     try:
         real = Path(os.path.realpath(item.path))
@@ -93,6 +96,8 @@ def _read(item: Item) -> bytes | Checked:
             return reject(Reason.PATH_OUTSIDE_SOURCE, "symlink resolves outside the source folder")
         if not real.is_file():
             return reject(Reason.MISSING_FILE, "not a regular file" if real.exists() else "no such file")
+        if (size := real.stat().st_size) > max_bytes:  # checked before reading, so it is never in memory
+            return reject(Reason.TOO_LARGE, f"{size} bytes, more than max_image_bytes={max_bytes}")
         return real.read_bytes()
     except ValueError as err:  # e.g. a NUL character in the path
         return reject(Reason.MISSING_FILE, f"not a usable path ({one_line(err)})")
@@ -104,7 +109,7 @@ def check(item: Item, cfg: IngestConfig) -> Checked:
     """Read, validate and normalise one image; the checks in order: readable, non-empty, an image,
     allowed format, pixel count (from the header, before any decoding), minimum side, full decode."""
 
-    data = _read(item)
+    data = _read(item, cfg.max_image_bytes)
     if isinstance(data, Checked):
         return data
     item = replace(item, data=None)  # the original bytes do not travel back to the parent process
