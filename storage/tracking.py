@@ -795,7 +795,28 @@ def _fmt(value: float | None) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    # microseconds: promotions are ordered by this stamp (``_settle_champion``)
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _settle_champion(client: MlflowClient, model_name: str) -> str | None:
+    """Point ``champion`` at the version with the latest recorded promotion (``promoted_at``, then
+    the higher version number on a tie); returns it.
+
+    Called after every alias move. Two promotions racing (the nightly gate and a reviewer) can set
+    the alias in either order; each re-reads every recorded decision after its own move, and the
+    one that settles last sets the alias to the latest decision, so the champion is the one the
+    later decision chose whatever the order of the alias writes. Both decisions stay recorded on
+    their versions. Stamps come from the deciding machines' clocks (keep them synchronised).
+    """
+    decided = [(mv.tags["promoted_at"], int(mv.version)) for mv in _search_versions(client, f"name = {_quoted(model_name)}")
+               if mv.tags.get("promoted_at")]
+    if not decided:
+        return None
+    latest = str(max(decided)[1])
+    if str(client.get_registered_model(model_name).aliases.get(CHAMPION)) != latest:
+        client.set_registered_model_alias(model_name, CHAMPION, latest)
+    return latest
 
 
 def _gate_tags(gate: GateConfig, result: GateResult, champion_before: str | None) -> dict[str, str]:
@@ -824,8 +845,9 @@ def promote(model_name: str, version: str, new_metrics: Mapping[str, float], gat
     ``gate.reason``, ``gate.champion_version``, ``gate.config``, and per compared metric
     ``gate.<metric>.{role,new,champion,change,limit,status}``), then the aliases move; a promoted
     version also gets ``promoted_by=gate`` and ``promoted_at``. Re-running it on the champion
-    changes nothing (``"already champion"``). Registrations must not race (the retrain deployment
-    runs one at a time): two concurrent gates compare against the same champion.
+    changes nothing (``"already champion"``). A promotion racing this one (a reviewer's, or another
+    gate) cannot leave the older decision as champion (``_settle_champion``); a gate racing a gate
+    compares against the champion it read.
     """
     version = str(version)
     client = MlflowClient()
@@ -844,6 +866,7 @@ def promote(model_name: str, version: str, new_metrics: Mapping[str, float], gat
     client.set_registered_model_alias(model_name, CHALLENGER, version)
     if result.promoted:
         client.set_registered_model_alias(model_name, CHAMPION, version)
+        _settle_champion(client, model_name)
     return PromotionDecision(result.promoted, version, champion_before, "gate", result.reason, result.checks)
 
 
@@ -873,6 +896,7 @@ def promote_manually(model_name: str, version: str, user: str | None, reason: st
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version, key, value)
     client.set_registered_model_alias(model_name, CHAMPION, version)
+    _settle_champion(client, model_name)
     return PromotionDecision(True, version, champion_before, "manual", text)
 
 
