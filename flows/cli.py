@@ -32,6 +32,8 @@ def _prepare_env(settings: Settings) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if settings.prefect_api_url:
         os.environ["PREFECT_API_URL"] = settings.prefect_api_url
+        # Prefect prints "View at <UI URL>/runs/..." lines derived from the API URL: never with its credentials
+        os.environ.setdefault("PREFECT_UI_URL", redact_uri(settings.prefect_api_url, mask=False).removesuffix("/api"))
     Path(settings.prefect_home).mkdir(parents=True, exist_ok=True)
 
 

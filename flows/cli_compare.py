@@ -11,6 +11,7 @@ import json
 import sys
 
 from pogdiff.config import RegisterConfig
+from storage.links import redact_text
 from storage.settings import Settings
 
 
@@ -60,7 +61,7 @@ def cmd_compare(args, settings: Settings) -> int:
         a = resolve_run(settings.mlflow_tracking_uri, args.a, args.model)
         b = resolve_run(settings.mlflow_tracking_uri, args.b, args.model)
     except RunNotFound as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact_text(str(err))}", file=sys.stderr)
         return 2
     rows = comparison_rows(a.metrics, b.metrics)
     if args.json:

@@ -7,6 +7,7 @@ import json
 import sys
 
 from pogdiff.config import RegisterConfig, load_config
+from storage.links import redact_text
 from storage.settings import Settings
 
 
@@ -23,7 +24,7 @@ def _configure(settings: Settings) -> None:
 
 
 def _fail(err: Exception) -> int:
-    print(f"error: {err}", file=sys.stderr)
+    print(f"error: {redact_text(str(err))}", file=sys.stderr)
     return 2
 
 

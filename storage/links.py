@@ -6,15 +6,24 @@ import re
 from urllib.parse import urlsplit, urlunsplit
 
 
+# query parameters that carry a secret: bearer and API tokens, passwords, S3 / GCS / Azure signed URLs
+_SECRET_PARAM = re.compile(
+    r"([?&;](?:[A-Za-z0-9_.-]*token|access[_-]?key|api[_-]?key|apikey|key|password|passwd|pwd|secret|"
+    r"client[_-]?secret|sig|signature|x-amz-signature|x-amz-credential|x-amz-security-token|"
+    r"x-goog-signature|x-goog-credential|credential|auth|authorization)=)[^&;#\s'\"<>]*",
+    re.IGNORECASE,
+)
+
+
 def redact_uri(uri: str, mask: bool = True) -> str:
-    """``scheme://user:secret@host/path`` → ``scheme://***@host/path`` (``mask=False``:
-    ``scheme://host/path``); other strings unchanged. The one helper for every URI that is shown,
-    logged or stored."""
+    """``scheme://user:secret@host/path?token=t`` → ``scheme://***@host/path?token=***``
+    (``mask=False``: ``scheme://host/path?token=***``); other strings unchanged. The one helper for
+    every URI that is shown, logged or stored."""
     parts = urlsplit(uri)
-    if not parts.netloc or "@" not in parts.netloc:
-        return uri
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"***@{host}" if mask else host))
+    if parts.netloc and "@" in parts.netloc:
+        host = parts.netloc.rsplit("@", 1)[1]
+        uri = urlunsplit(parts._replace(netloc=f"***@{host}" if mask else host))
+    return _SECRET_PARAM.sub(r"\1***", uri)
 
 
 # scheme://userinfo@ inside free text (an error message, a log line); userinfo stops at the first
@@ -23,8 +32,9 @@ _USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s/@'\"<>]+@")
 
 
 def redact_text(text: str) -> str:
-    """Every ``scheme://user:secret@`` in ``text`` → ``scheme://***@``."""
-    return _USERINFO.sub(r"\1***@", text)
+    """Every ``scheme://user:secret@`` in ``text`` → ``scheme://***@``, and every secret query
+    parameter's value (``?token=…``, ``&X-Amz-Signature=…``) → ``***``."""
+    return _SECRET_PARAM.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
 
 
 def mlflow_run_link(ui_url: str | None, run_id: str) -> str | None:

@@ -105,6 +105,14 @@ def configure(tracking_uri: str, artifact_root: str | None = None) -> None:
     mlflow.set_registry_uri(tracking_uri)
     if artifact_root is not None and _is_server(tracking_uri) and not _has_scheme(artifact_root):
         artifact_root = None
+    if artifact_root is not None and redact_uri(artifact_root) != artifact_root:
+        # MLflow stores the root in every experiment's location, which every reader of the server sees
+        raise ValueError(
+            f"artifact root {redact_uri(artifact_root)} carries credentials; MLflow would store them as the "
+            "experiment's location for every reader to see: give them to the store through its own environment "
+            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_CONNECTION_STRING, "
+            "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD) and drop them from the URI"
+        )
     _artifact_root = artifact_root
 
 
@@ -374,6 +382,13 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     upstream broke, and MLflow would store it silently (inf is stored as the largest float).
     """
     _require_run("log_metrics")
+    clean = finite_metrics(metrics)
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """``metrics`` as floats; ``ValueError`` naming the key for None, a non-number, NaN or +-inf."""
     clean: dict[str, float] = {}
     for key, value in metrics.items():
         try:
@@ -383,8 +398,7 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
         if not math.isfinite(number):
             raise ValueError(f"metric {key!r} is {number} (must be finite)")
         clean[key] = number
-    if clean:
-        mlflow.log_metrics(clean, step=step)
+    return clean
 
 
 # --------------------------------------------------------------------------------------- lineage

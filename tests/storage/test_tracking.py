@@ -466,3 +466,11 @@ def test_system_metrics_are_sampled_when_psutil_is_there(store, monkeypatch):
     with tracking.run(unique("nosys")) as run_id:
         tracking.log_metrics({"loss": 1.0})
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+
+
+def test_an_artifact_root_with_credentials_is_refused_without_echoing_them(tmp_path):
+    for root in ("s3://AKIA:s3cr3t@bucket/mlflow", "https://bucket.example/mlflow?sig=s3cr3t"):
+        with pytest.raises(ValueError, match="carries credentials") as err:
+            tracking.configure(f"sqlite:///{tmp_path / 'mlflow.db'}", root)
+        assert "s3cr3t" not in str(err.value)
+    tracking.configure(f"sqlite:///{tmp_path / 'mlflow.db'}", "s3://bucket/mlflow")  # no credentials: accepted
