@@ -28,6 +28,7 @@ from pogdiff.process import child_env
 from pogdiff.train_cli import write_train_data
 from pogdiff.trainer import TrainData, train
 from storage import tracking
+from storage.metric_sink import MetricSink, MetricsNotWritten
 from storage.settings import Settings
 from storage.training_set import DataVersion, load_training_set
 
@@ -40,15 +41,16 @@ def run_dir(settings: Settings, run_id: str) -> Path:
 
 
 class _Progress:
-    """on_step: every step's metrics to MLflow; every 5% a log line and the progress artifact."""
+    """on_step: every step's metrics to MLflow through ``sink`` (never blocking the step); every 5%
+    a log line and the progress artifact."""
 
-    def __init__(self, steps: int, log) -> None:
-        self.steps, self.log = steps, log
+    def __init__(self, steps: int, log, sink: MetricSink) -> None:
+        self.steps, self.log, self.sink = steps, log, sink
         self.every = max(1, steps // 20)
         self.artifact = create_progress_artifact(0.0, key="training-progress", description=f"training: 0/{steps} steps")
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
-        tracking.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
+        self.sink.log(step, {f"train/{k}": v for k, v in metrics.items()})
         if step % self.every == 0 or step == self.steps:
             self.log.info("train step %d/%d loss %.4f", step, self.steps, metrics["loss"])
             update_progress_artifact(self.artifact, 100.0 * step / self.steps, description=f"training: {step}/{self.steps} steps")
@@ -135,15 +137,25 @@ def train_model(settings: Settings, cfg: TrainConfig, index_cfg: IndexConfig, ru
              version.snapshot_id, version.captions_version, version.features_version)
     tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
     out = run_dir(settings, run_id)
-    with tracking.resume(run_id):
-        progress = _Progress(cfg.steps, log)
-        if cfg.num_processes == 1:
-            result = train(pipe, data, cfg, out, on_step=progress)
-            summary = {"model_dir": str(result.model_dir), "steps": result.steps, "resumed_from": result.resumed_from, "seconds": result.seconds}
-        else:
-            del pipe  # each rank loads its own copy
-            summary = launch_ddp(data, cfg, out, progress)
-        tracking.log_metrics({"train/seconds": summary["seconds"]})
+    sink = MetricSink(run_id)
+    with tracking.resume(run_id):  # the active run: MLflow's system metrics sample while training runs
+        try:
+            progress = _Progress(cfg.steps, log, sink)
+            if cfg.num_processes == 1:
+                result = train(pipe, data, cfg, out, on_step=progress)
+                summary = {"model_dir": str(result.model_dir), "steps": result.steps, "resumed_from": result.resumed_from,
+                           "seconds": result.seconds}
+            else:
+                del pipe  # each rank loads its own copy
+                summary = launch_ddp(data, cfg, out, progress)
+            sink.log(summary["steps"], {"train/seconds": summary["seconds"]})
+        except BaseException:
+            try:
+                sink.close(timeout_s=60)  # the steps before the failure still reach the run
+            except MetricsNotWritten as err:
+                log.warning("train: %s", err)
+            raise
+        sink.close()  # waits for an MLflow outage to end (up to 10 min): no step's metrics are lost
     if summary["resumed_from"]:
         log.info("train: resumed from checkpoint at step %d", summary["resumed_from"])
     log.info("train: %d steps of %s in %.1f s on %d process(es)", summary["steps"], cfg.pog.method, summary["seconds"], cfg.num_processes)

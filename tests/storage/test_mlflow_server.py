@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from localserver import free_port, healthy, wait_for
+from localserver import free_port, healthy, start_mlflow_server, stop_server, wait_for
 from mlflow import MlflowClient
 
 from pogdiff.config import GateConfig
@@ -31,26 +29,12 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    mlflow_exe = Path(sys.executable).parent / "mlflow"
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(mlflow_exe), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts"],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = start_mlflow_server(root, port)
     try:
         wait_for(lambda: healthy(url), STARTUP_LIMIT_S, "the mlflow server", [proc], interval=0.5, log=root / "server.log")
         yield {"url": url, "root": root}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker: the group we started
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+        stop_server(proc)
 
 
 def test_register_promote_and_load_over_http(server, tmp_path, tiny_spec):
