@@ -139,8 +139,11 @@ def cmd_tune(args, settings: Settings) -> int:
 def cmd_evaluate(args, settings: Settings) -> int:
     from flows.evaluate import evaluate_registered
 
+    from storage.compare import resolve_run
+
     started = time.time()
     config = load_config(args.config or DEMO_CONFIG)
+    resolve_run(settings.mlflow_tracking_uri, args.model, config.registry.model_name)  # a bad reference: one line, no flow run
     result = evaluate_registered(args.model, config)
     print(f"\nevaluated {result['model']} version {result['version']} in {time.time() - started:.0f} s "
           f"(MLflow run {result['run_id']})")
@@ -236,13 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from storage.errors import RunNotFound
     from storage.parquet import SourceError
 
     try:
         settings = load_settings()
         _prepare_env(settings)
         return args.func(args, settings)
-    except (SourceError, ConfigError, FileNotFoundError, ConnectionError) as err:
+    except (SourceError, ConfigError, FileNotFoundError, ConnectionError, RunNotFound) as err:
         print(f"error: {redact_text(str(err))}", file=sys.stderr)
         return 2
 

@@ -15,11 +15,9 @@ from dataclasses import dataclass, field
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from storage.errors import RunNotFound
+
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-class RunNotFound(LookupError):
-    """A reference names no run, model, alias or version in the tracking store."""
 
 
 @dataclass(frozen=True)

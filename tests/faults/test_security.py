@@ -260,8 +260,31 @@ def test_uri_password_never_reaches_logs_mlflow_or_prefect(mlflow_server, prefec
     with tempfile.TemporaryDirectory() as tmp:
         files = [p for p in Path(mlflow.download_artifacts(run.info.run_id, "", tmp)).rglob("*") if p.is_file()]
         assert files and all(secret.encode() not in p.read_bytes() for p in files)
-    for version in mlflow.search_model_versions(f"name = '{run.data.params['registry.model_name']}'"):
+    model = run.data.params["registry.model_name"]
+    for version in mlflow.search_model_versions(f"name = '{model}'"):
         assert all(secret not in f"{k}={v}" for k, v in version.tags.items())
+
+    # every other command on the same credentialed settings, its success and its error paths
+    commands = [
+        ["models", "--config", str(config)],
+        ["models", "--model", "no-such-model"],
+        ["compare", "champion", "challenger", "--model", model],
+        ["compare", "champion", "no-such-run", "--model", model],
+        ["promote", "1", "--config", str(config), "--reason", "check"],
+        ["promote", "99", "--config", str(config)],
+        ["evaluate", "champion", "--config", str(config)],
+        ["evaluate", "99", "--config", str(config)],
+    ]
+    for n, args in enumerate(commands):
+        code, text = start_cli(args, env, tmp_path / f"cmd-{n}.log").wait()
+        assert secret not in text, (args, text[-2000:])
+        if "99" in args or "no-such-run" in args or "no-such-model" in args:
+            assert code != 0 and "error:" in text, (args, text[-2000:])
+        else:
+            assert code == 0, (args, text[-3000:])
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    assert secret not in experiment.artifact_location
     record("password in the MLflow tracking URI and UI URL (`http://alice:<pw>@host`)", "all",
-           "run works against a real server; password in none of: stdout/stderr, Prefect logs and artifacts, "
-           "MLflow params, tags, inputs, artifacts, version tags")
+           "run works against a real server; password in none of: stdout/stderr of retrain, models, compare, promote, "
+           "evaluate (success and error paths), Prefect logs and artifacts, MLflow params, tags, inputs, artifacts, "
+           "version tags, experiment location")
