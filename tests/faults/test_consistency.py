@@ -40,14 +40,20 @@ def two_sources(tmp_path):
     return first, second
 
 
-def test_training_reads_the_pinned_snapshot_while_new_data_lands(two_sources, tmp_path):
-    first, second = two_sources
-    settings = load_settings(home=tmp_path / "home")
-    parquet.ingest(first, settings.dataset_uri, IngestConfig(), workers=1)
+def _pinned(source, home) -> tuple:
+    """Ingest ``source`` into a fresh home, pin its snapshot and index it: (settings, the DataVersion)."""
+    settings = load_settings(home=home)
+    parquet.ingest(source, settings.dataset_uri, IngestConfig(), workers=1)
     snapshot, rows = parquet.pin_snapshot(settings.dataset_uri)
     captions, features = _index(settings, snapshot)
-    version = DataVersion(snapshot_id=snapshot, rows=rows, captions_version=captions["version"],
-                          features_version=features["version"])
+    return settings, DataVersion(snapshot_id=snapshot, rows=rows, captions_version=captions["version"],
+                                 features_version=features["version"])
+
+
+def test_training_reads_the_pinned_snapshot_while_new_data_lands(two_sources, tmp_path):
+    first, second = two_sources
+    settings, version = _pinned(first, tmp_path / "home")
+    snapshot, rows = version.snapshot_id, version.rows
     before = _load(settings, version)
     assert len(before.image_ids) == rows
 
@@ -82,13 +88,9 @@ def test_training_reads_the_pinned_snapshot_while_new_data_lands(two_sources, tm
 
 def test_a_pruned_table_version_is_one_clear_error(two_sources, tmp_path):
     first, _ = two_sources
-    settings = load_settings(home=tmp_path / "home")
-    parquet.ingest(first, settings.dataset_uri, IngestConfig(), workers=1)
-    snapshot, rows = parquet.pin_snapshot(settings.dataset_uri)
-    captions, features = _index(settings, snapshot)
-    gone = DataVersion(snapshot_id=snapshot, rows=rows, captions_version=captions["version"] + 50,
-                       features_version=features["version"])
-    with pytest.raises(FileNotFoundError, match=f"'captions' has no version {captions['version'] + 50}"):
+    settings, version = _pinned(first, tmp_path / "home")
+    gone = version.model_copy(update={"captions_version": version.captions_version + 50})
+    with pytest.raises(FileNotFoundError, match=f"'captions' has no version {version.captions_version + 50}"):
         _load(settings, gone)
     with pytest.raises(FileNotFoundError, match="no manifest for snapshot 0123456789abcdef"):
         _load(settings, DataVersion(snapshot_id="0123456789abcdef", rows=1, captions_version=1, features_version=1))
