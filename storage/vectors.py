@@ -72,7 +72,7 @@ def connect(uri: str) -> lancedb.DBConnection:
         raise PermissionError(f"LanceDB directory {uri} cannot be created: {err.strerror or err}") from None
 
 
-def _open(db, name: str, version: int | None = None):
+def open_table(db, name: str, version: int | None = None):
     """The table (None when it does not exist), checked out read-only at ``version`` when given."""
     if name not in db.list_tables().tables:
         return None
@@ -127,7 +127,7 @@ def _optimize(table, retention_days: float) -> None:
 def _upsert(db, name: str, key: str, rows: pa.Table, retention_days: float):
     """Insert or update ``rows`` keyed on ``key``; returns the table (None if it does not exist and rows is empty)."""
     check_writable(db.uri)
-    table = _open(db, name)
+    table = open_table(db, name)
     if table is None:
         if not rows.num_rows:
             return None
@@ -159,7 +159,7 @@ def _ensure_ann_index(table, cfg: IndexConfig) -> None:
 
 def read_caption_table(uri: str, version: int | None = None) -> pa.Table | None:
     """The captions table now, or at ``version`` (a pinned lineage version)."""
-    table = _open(connect(uri), CAPTIONS, version)
+    table = open_table(connect(uri), CAPTIONS, version)
     return None if table is None else table.to_arrow()
 
 
@@ -292,7 +292,7 @@ def ann_candidates(uri: str, ids: list[str], vectors: np.ndarray, cfg: IndexConf
     Returns ``[C, L]`` positions into ``ids`` (-1 where fewer hits came back or the hit is not in ``ids``),
     nearest first. Searches the ANN index when the table has one, exactly otherwise.
     """
-    table = _open(connect(uri), CAPTIONS)
+    table = open_table(connect(uri), CAPTIONS)
     if table is None:
         raise ValueError(f"LanceDB at {uri} has no '{CAPTIONS}' table; write the caption vectors first")
     limit = cfg.ann_candidates
@@ -314,7 +314,7 @@ def ann_candidates(uri: str, ids: list[str], vectors: np.ndarray, cfg: IndexConf
 def search_captions(uri: str, vector: np.ndarray, limit: int, cfg: IndexConfig) -> list[dict]:
     """Nearest stored captions to one vector ``[D]`` (L2-normalised), nearest first: dicts with caption_id,
     caption, count, density and the exact cosine ``similarity`` (the index only picks the rows)."""
-    table = _open(connect(uri), CAPTIONS)
+    table = open_table(connect(uri), CAPTIONS)
     if table is None:
         return []
     ids = _search(table, vector[None, :].astype(np.float32), limit, cfg).column("caption_id").to_pylist()
@@ -329,7 +329,7 @@ def search_captions(uri: str, vector: np.ndarray, limit: int, cfg: IndexConfig) 
 
 
 def known_feature_ids(uri: str, extractor: str) -> set[str]:
-    table = _open(connect(uri), IMAGE_FEATURES)
+    table = open_table(connect(uri), IMAGE_FEATURES)
     if table is None:
         return set()
     t = table.to_arrow().select(["image_id", "extractor"])
@@ -342,7 +342,7 @@ def write_image_features(uri: str, image_ids: list[str], extractor: str, feature
     older than ``retention_days`` are pruned (``_optimize``)."""
     db = connect(uri)
     if not image_ids:
-        table = _open(db, IMAGE_FEATURES)
+        table = open_table(db, IMAGE_FEATURES)
         return WriteReport(rows=0, written=0, version=table.version if table is not None else 0)
     rows = pa.table(
         {
@@ -352,7 +352,7 @@ def write_image_features(uri: str, image_ids: list[str], extractor: str, feature
         },
         schema=image_features_schema(features.shape[1]),
     )
-    existing = _open(db, IMAGE_FEATURES)
+    existing = open_table(db, IMAGE_FEATURES)
     if existing is not None and existing.schema.field("feature").type.list_size != features.shape[1]:
         # Another extractor of another width (index.image_feature changed): the table is a cache of the
         # current extractor's features, so it is replaced, as a new table version, by the new ones.
@@ -366,7 +366,7 @@ def write_image_features(uri: str, image_ids: list[str], extractor: str, feature
 
 def read_image_features(uri: str, extractor: str, version: int | None = None) -> dict[str, np.ndarray]:
     """image id -> feature under ``extractor``, from the table now or at ``version``."""
-    table = _open(connect(uri), IMAGE_FEATURES, version)
+    table = open_table(connect(uri), IMAGE_FEATURES, version)
     if table is None:
         return {}
     t = table.to_arrow()

@@ -49,9 +49,7 @@ def _lance_tables(uri: str, versions: dict[str, int] | None = None) -> dict[str,
     db = vectors.connect(uri)
     out = {}
     for name in db.list_tables().tables:
-        table = db.open_table(name)
-        if versions and name in versions:
-            table.checkout(versions[name])
+        table = vectors.open_table(db, name, (versions or {}).get(name))
         version = table.version
         committed = next((v["timestamp"] for v in table.list_versions() if v["version"] == version), None)
         key = f"{table.uri}\n{version}\n{committed}"
