@@ -44,17 +44,32 @@ def healthy(url: str) -> bool:
         return False
 
 
-def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
+def start_mlflow_server(root: Path, port: int, auth: tuple[str, str] | None = None) -> subprocess.Popen:
     """A real ``mlflow server`` on 127.0.0.1:``port``, SQLite backend and proxied artifacts under
-    ``root`` (restartable on the same store), in its own process group; not waited for."""
+    ``root`` (restartable on the same store), in its own process group; not waited for.
+
+    With ``auth=(user, password)`` it runs MLflow's basic-auth app (``--app-name basic-auth``): every
+    request but ``/health`` needs those credentials (the user is the admin), others get 401."""
     mlflow_exe = Path(sys.executable).parent / "mlflow"
     log = open(root / "server.log", "a")  # noqa: SIM115 - the server writes it for its whole life
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    app = []
+    if auth is not None:
+        ini = root / "basic_auth.ini"
+        # the credential check cache spares a PBKDF2 hash per request (one worker: never stale)
+        ini.write_text("[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+                       f"database_uri = sqlite:///{root / 'auth.db'}\n"
+                       f"admin_username = {auth[0]}\nadmin_password = {auth[1]}\n"
+                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                       "auth_cache_ttl_seconds = 600\n")
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
+        env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = os.urandom(16).hex()  # the auth app's CSRF key (required)
+        app = ["--app-name", "basic-auth"]
     return subprocess.Popen(
-        [str(mlflow_exe), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        [str(mlflow_exe), "server", *app, "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts"],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
     )
 
 

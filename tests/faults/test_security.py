@@ -4,16 +4,17 @@ their roots, and credentials in URIs never reach logs, MLflow or Prefect."""
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
+import base64
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import lancedb
 import pyarrow as pa
 import pytest
-from faultkit import EXPERIMENT, ROOT, base_env, cli_env, record, start_cli
-from localserver import free_port, healthy, wait_for
+from faultkit import EXPERIMENT, ROOT, cli_env, record, start_cli
+from localserver import free_port, healthy, start_mlflow_server, stop_server, wait_for
 from mlflow.tracking import MlflowClient
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
@@ -209,31 +210,45 @@ def test_run_folders_stay_inside_runs_dir(run_id, tmp_path):
     # quarantined as path_outside_source: tests/storage/test_parquet.py and test_sources.py
 
 
+SECRET = "s3cret-Pw-of-alice"  # the auth app wants 12 characters or more
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "mlflow-server.log", "w")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "server-artifacts"),
-         "--serve-artifacts"], cwd=tmp_path, env=base_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    """Port of a real MLflow server behind basic auth (user alice, password SECRET): a request
+    without the right credentials gets 401, so every path below must carry them to work at all."""
+    port, root = free_port(), tmp_path / "mlflow-server"
+    root.mkdir()
+    proc = start_mlflow_server(root, port, auth=("alice", SECRET))
     try:
-        wait_for(lambda: healthy(url) or proc.poll() is not None, 240, "the MLflow server", interval=1)
-        assert proc.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-3000:]
+        wait_for(lambda: healthy(f"http://127.0.0.1:{port}"), 240, "the MLflow server", procs=[proc], interval=1,
+                 log=root / "server.log")
         yield port
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_server(proc)
+
+
+def _status(url: str, user: str | None = None, password: str = "") -> int:
+    request = urllib.request.Request(url)
+    if user is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
 
 
 @pytest.mark.slow
-def test_uri_password_never_reaches_logs_mlflow_or_prefect(mlflow_server, prefect_api, tiny, tmp_path):
-    """A retrain whose tracking URI and UI URL carry a password (the server ignores basic auth, so
-    the run works): the password is in none of its output, params, tags, artifacts, registry
-    tags, Prefect artifacts or Prefect logs."""
+def test_uri_password_never_reaches_logs_mlflow_or_prefect(mlflow_server, prefect_api, tiny, tmp_path, monkeypatch):
+    """A retrain against a server that enforces basic auth, its tracking URI and UI URL carrying
+    the password: it works (so the credentials reach every request, the model download included),
+    and the password is in none of its output, params, tags, artifacts, registry tags, Prefect
+    artifacts or Prefect logs; then every other command on the same settings."""
     source, config, _ = tiny
-    secret = "s3cret-Pw"
+    secret = SECRET
+    search = f"http://127.0.0.1:{mlflow_server}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert (_status(search), _status(search, "alice", "wrong-password-1"), _status(search, "alice", secret)) == (401, 401, 200)
     tracking_uri = f"http://alice:{secret}@127.0.0.1:{mlflow_server}"
     env = cli_env(tmp_path / "home", prefect_api, POGDIFF_MLFLOW_TRACKING_URI=tracking_uri,
                   POGDIFF_MLFLOW_UI_URL=f"http://bob:{secret}@mlflow.example.org")
@@ -251,6 +266,8 @@ def test_uri_password_never_reaches_logs_mlflow_or_prefect(mlflow_server, prefec
     assert all(secret not in str(a.data) and secret not in str(a.description) for a in artifacts)
     assert logs and all(secret not in log.message for log in logs)
 
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, "")  # configure() sets them below; undone after the test
     tracking.configure(tracking_uri)  # the client side of the same settings
     mlflow = MlflowClient()
     (run,) = mlflow.search_runs([mlflow.get_experiment_by_name(EXPERIMENT).experiment_id])
@@ -285,6 +302,6 @@ def test_uri_password_never_reaches_logs_mlflow_or_prefect(mlflow_server, prefec
     experiment = mlflow.get_experiment_by_name(EXPERIMENT)
     assert secret not in experiment.artifact_location
     record("password in the MLflow tracking URI and UI URL (`http://alice:<pw>@host`)", "all",
-           "run works against a real server; password in none of: stdout/stderr of retrain, models, compare, promote, "
+           "run works against a real MLflow server that enforces basic auth (401 without the password); password in none of: stdout/stderr of retrain, models, compare, promote, "
            "evaluate (success and error paths), Prefect logs and artifacts, MLflow params, tags, inputs, artifacts, "
            "version tags, experiment location")
