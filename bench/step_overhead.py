@@ -25,8 +25,8 @@ import torch
 
 from pogdiff import demo
 from pogdiff.config import PoGConfig, TrainConfig
-from pogdiff.model import PixelDiffusionPipeline, UNetSpec, default_scheduler
 from pogdiff.neighbours import draw_borrowing, similarity_threshold
+from pogdiff.pipelines.pixel import PixelDiffusionPipeline, UNetSpec, default_scheduler
 from pogdiff.trainer import TrainData, train
 
 GOALS = {"dense_ratio": 1.40, "sparse_ratio": 1.15, "borrow_share": 0.3}

@@ -388,8 +388,8 @@ def train_data(
     """
     import torch
 
-    from pogdiff.model import to_tensor
     from pogdiff.neighbours import NeighbourGraph, effective_density, knn_graph
+    from pogdiff.pipelines.base import to_tensor
     from pogdiff.text import load_text_encoder
     from pogdiff.trainer import TrainData
 

@@ -25,8 +25,8 @@ import torch
 
 from pogdiff.atomic import write_atomic, write_text_atomic
 from pogdiff.config import ConfigError, TrainConfig, load_config
-from pogdiff.model import load_pipeline
 from pogdiff.neighbours import NeighbourGraph
+from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.process import die_with_parent
 from pogdiff.trainer import TrainData, TrainingDiverged, TrainingTimeLimit, train
 

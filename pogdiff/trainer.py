@@ -32,9 +32,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pogdiff.atomic import TMP_SUFFIX, write_folder_atomic
 from pogdiff.config import TrainConfig
-from pogdiff.model import TextToImagePipeline, latent_features
 from pogdiff.neighbours import NeighbourGraph, draw_borrowing, similarity_threshold
 from pogdiff.objectives import cbdm_loss, min_snr_weight, pogdiff_loss, vanilla_loss
+from pogdiff.pipelines.base import TextToImagePipeline, latent_features
 from pogdiff.process import WriterLock
 
 StepCallback = Callable[[int, dict[str, float]], None]

@@ -22,8 +22,9 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from pogdiff.config import IndexConfig, TrainConfig
 from pogdiff.index import image_extractor
-from pogdiff.model import TextToImagePipeline, load_pipeline, to_tensor
 from pogdiff.neighbours import NeighbourGraph
+from pogdiff.pipelines.base import TextToImagePipeline, to_tensor
+from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.process import child_env
 from pogdiff.train_cli import write_train_data
 from pogdiff.trainer import TrainData, train

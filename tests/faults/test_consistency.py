@@ -14,7 +14,7 @@ from faultkit import record
 from pogdiff import demo
 from pogdiff.config import IndexConfig, IngestConfig, PoGConfig, TrainConfig
 from pogdiff.index import image_extractor
-from pogdiff.model import PixelDiffusionPipeline
+from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from pogdiff.trainer import train
 from storage import parquet
 from storage.settings import load_settings

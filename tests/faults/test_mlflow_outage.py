@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from pogdiff import demo
 from pogdiff.config import PoGConfig, TrainConfig
-from pogdiff.model import PixelDiffusionPipeline
+from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from pogdiff.trainer import train
 from storage import tracking
 from storage.metric_sink import MetricSink

@@ -18,7 +18,7 @@ from localserver import wait_for
 
 from pogdiff import demo
 from pogdiff.config import PoGConfig, TrainConfig
-from pogdiff.model import PixelDiffusionPipeline
+from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from pogdiff.process import RunFolderBusy, WriterLock
 from pogdiff.trainer import train
 

@@ -8,7 +8,7 @@ import torch
 
 from pogdiff import demo
 from pogdiff.base import BaseRecipe, build_base
-from pogdiff.model import BUILTIN_MODELS, PixelDiffusionPipeline
+from pogdiff.pipelines.pixel import BUILTIN_MODELS, PixelDiffusionPipeline
 
 
 def _weights(pipe: PixelDiffusionPipeline) -> torch.Tensor:

@@ -14,7 +14,8 @@ from localserver import free_port
 
 from pogdiff import demo
 from pogdiff.config import TrainConfig
-from pogdiff.model import PixelDiffusionPipeline, load_pipeline
+from pogdiff.pipelines.loader import load_pipeline
+from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from pogdiff.train_cli import main, read_train_data, write_train_data
 from pogdiff.trainer import Distributed, train
 

@@ -11,9 +11,11 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from pogdiff import demo
 from pogdiff.config import PoGConfig, TrainConfig
-from pogdiff.model import PixelDiffusionPipeline, latent_features, load_pipeline, to_uint8
 from pogdiff.neighbours import NeighbourGraph
-from pogdiff.sd import StableDiffusionPipeline
+from pogdiff.pipelines.base import latent_features, to_uint8
+from pogdiff.pipelines.loader import load_pipeline
+from pogdiff.pipelines.pixel import PixelDiffusionPipeline
+from pogdiff.pipelines.sd import StableDiffusionPipeline
 from pogdiff.trainer import TrainData, train
 
 SIZE = 16  # pixels; the tiny VAE downsamples by 2, so latents are 4 x 8 x 8

@@ -6,7 +6,7 @@ import torch
 
 from pogdiff import demo
 from pogdiff.config import PoGConfig, TrainConfig
-from pogdiff.model import PixelDiffusionPipeline
+from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from pogdiff.trainer import EMA, TrainData, TrainingDiverged, TrainingTimeLimit, lr_factor, train
 
 
