@@ -55,7 +55,7 @@ def test_sigkill_of_the_flow_process_kills_the_ddp_launcher_and_its_ranks(tiny_s
     assert proc.poll() is None, "the launching process ended before the kill"
     children = [p for p in _trainers(str(run)) if p.pid != proc.pid]
     launchers = [p for p in children if "pogdiff.launch" in p.info["cmdline"]]
-    ranks = [p for p in children if "pogdiff.train_cli" in p.info["cmdline"] and p not in launchers]
+    ranks = [p for p in children if "tasks.train_cli" in p.info["cmdline"] and p not in launchers]
     assert (len(launchers), len(ranks)) == (1, 2), [p.info["cmdline"][:4] for p in children]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -16,7 +16,7 @@ from pogdiff import demo
 from pogdiff.config import TrainConfig
 from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
-from pogdiff.train_cli import main, read_train_data, write_train_data
+from tasks.train_cli import main, read_train_data, write_train_data
 from pogdiff.trainer import Distributed, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,7 +45,7 @@ def _launch(job: Path, config: Path, out: Path) -> subprocess.CompletedProcess:
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()),
-           "-m", "pogdiff.train_cli", "--config", str(config), "--data", str(job / "train.npz"), "--out", str(out)]
+           "-m", "tasks.train_cli", "--config", str(config), "--data", str(job / "train.npz"), "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
 
