@@ -16,8 +16,9 @@ from pogdiff import demo
 from pogdiff.config import TrainConfig
 from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
+from pogdiff.distributed import Distributed
+from pogdiff.trainer import train
 from tasks.train_cli import main, read_train_data, write_train_data
-from pogdiff.trainer import Distributed, train
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = {"steps": 3, "batch_size": 4, "learning_rate": 1e-3, "checkpoint_every": 2,

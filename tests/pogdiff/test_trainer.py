@@ -7,7 +7,8 @@ import torch
 from pogdiff import demo
 from pogdiff.config import PoGConfig, TrainConfig
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
-from pogdiff.trainer import EMA, TrainData, TrainingDiverged, TrainingTimeLimit, lr_factor, train
+from pogdiff.optim import EMA, lr_factor
+from pogdiff.trainer import TrainData, TrainingDiverged, TrainingTimeLimit, train
 
 
 @pytest.fixture(scope="module")
