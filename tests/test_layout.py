@@ -1,4 +1,4 @@
-"""Architecture rules: the method library stays pure, no import cycles; configs reject unknown keys by name."""
+"""Architecture rules: the method library stays pure, no import cycles, short modules; configs reject unknown keys by name."""
 
 import ast
 import subprocess
@@ -13,6 +13,7 @@ from pogdiff.config import ConfigError, RetrainConfig, load_config, parse_config
 ROOT = Path(__file__).resolve().parent.parent
 FORBIDDEN = {"prefect", "mlflow", "lancedb"}
 PACKAGES = ("pogdiff", "storage", "tasks", "flows")
+MAX_LIBRARY_LINES = 400
 
 
 def _imports(path: Path) -> set[str]:
@@ -115,6 +116,12 @@ def test_cycle_detector_counts_function_level_imports():
     guarded = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from a import g\n")
     assert _cycle({"a": _imported(a, modules), "b": _imported(b, modules)}) == ["a", "b", "a"]
     assert _cycle({"a": _imported(a, modules), "b": _imported(guarded, modules)}) is None
+
+
+def test_library_modules_are_short():
+    long = {str(f.relative_to(ROOT)): n for f in sorted((ROOT / "pogdiff").rglob("*.py"))
+            if (n := len(f.read_text(encoding="utf-8").splitlines())) > MAX_LIBRARY_LINES}
+    assert not long, f"pogdiff/ modules over {MAX_LIBRARY_LINES} lines: {long}"
 
 
 def test_unknown_key_is_named():

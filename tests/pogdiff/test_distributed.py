@@ -12,7 +12,7 @@ import torch
 import yaml
 from localserver import free_port
 
-from pogdiff import demo
+from pogdiff import demo_train
 from pogdiff.config import TrainConfig
 from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
@@ -29,7 +29,7 @@ CONFIG = {"steps": 3, "batch_size": 4, "learning_rate": 1e-3, "checkpoint_every"
 def job(tmp_path_factory, tiny_spec) -> Path:
     """A saved tiny pixel base model, a training set file and a config, as a calling task would write them."""
     root = tmp_path_factory.mktemp("job")
-    write_train_data(root / "train.npz", demo.train_data([6, 3, 2, 1], size=tiny_spec.image_size, k=2))
+    write_train_data(root / "train.npz", demo_train.train_data([6, 3, 2, 1], size=tiny_spec.image_size, k=2))
     PixelDiffusionPipeline.new(tiny_spec, seed=0).save_pretrained(root / "base")
     return root
 
