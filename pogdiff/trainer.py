@@ -142,6 +142,13 @@ class _Run:
     def num_train_timesteps(self) -> int:
         return self.scheduler.config.num_train_timesteps
 
+    def predict(self, x: torch.Tensor, t: torch.Tensor, captions: torch.Tensor, grad: bool) -> torch.Tensor:
+        """f(x, captions, t) ``[b, C', h, w]``: with ``grad`` through ``model``, else the bare UNet without a graph."""
+        with nullcontext() if grad else torch.no_grad():
+            c = captions.to(self.device)
+            mask = self.mask[c] if self.mask is not None else None
+            return (self.model if grad else self.unet)(x, t, self.hidden[c], encoder_attention_mask=mask).sample
+
 
 def _device(ddp: Distributed) -> torch.device:
     if torch.cuda.is_available():
@@ -195,14 +202,15 @@ def _setup(pipe: TextToImagePipeline, data: TrainData, cfg: TrainConfig, ckpt_ro
     graph = data.graph
     if cfg.pog.similarity_features == "latent":
         graph = replace(graph, image_features=latent_features(z_mean))
-    T = sched.config.num_train_timesteps
     return _Run(
-        cfg, ddp, shard, device, unet, model, trainable, optimizer, lr_sched,
+        cfg=cfg, ddp=ddp, shard=shard, device=device, unet=unet, model=model, trainable=trainable,
+        optimizer=optimizer, lr_sched=lr_sched,
         # Weights and optimizer state stay fp32; fp16 gradients are loss-scaled (a no-op otherwise).
-        torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16"),
-        ema, generators, sched, sched.alphas_cumprod.to(device),
-        hidden.to(device), mask.to(device) if mask is not None else None, z_mean, z_std, graph.caption_of,
-        make_method(cfg.pog, graph, T), ckpt_root, start,
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16"),
+        ema=ema, generators=generators, scheduler=sched, alphas=sched.alphas_cumprod.to(device),
+        hidden=hidden.to(device), mask=mask.to(device) if mask is not None else None,
+        z_mean=z_mean, z_std=z_std, caption_of=graph.caption_of,
+        method=make_method(cfg.pog, graph, sched.config.num_train_timesteps), ckpt_root=ckpt_root, start=start,
     )
 
 
@@ -226,14 +234,6 @@ def _draw(run: _Run) -> tuple[Batch, torch.Tensor, torch.Tensor, torch.Tensor]:
     return Batch(idx, cap, drop, t), x0, noise, cond
 
 
-def _predict(run: _Run, x: torch.Tensor, t: torch.Tensor, captions: torch.Tensor, grad: bool) -> torch.Tensor:
-    """f(x, captions, t) ``[b, C', h, w]``: with ``grad`` through ``run.model``, else the bare UNet without a graph."""
-    with nullcontext() if grad else torch.no_grad():
-        c = captions.to(run.device)
-        mask = run.mask[c] if run.mask is not None else None
-        return (run.model if grad else run.unet)(x, t, run.hidden[c], encoder_attention_mask=mask).sample
-
-
 def _micro_batch(run: _Run) -> tuple[torch.Tensor, Tensors, Tensors, torch.Tensor]:
     """One forward of this rank's shard of a global batch: weighted loss ``[b]``, the method's terms and report, t ``[b]``.
 
@@ -248,12 +248,8 @@ def _micro_batch(run: _Run) -> tuple[torch.Tensor, Tensors, Tensors, torch.Tenso
     xt = sched.add_noise(x0, noise, t_dev)
     prediction_type = sched.config.prediction_type
     target = noise if prediction_type == "epsilon" else sched.get_velocity(x0, noise, t_dev)
-
-    def predict(x: torch.Tensor, t: torch.Tensor, captions: torch.Tensor, grad: bool) -> torch.Tensor:
-        return _predict(run, x, t, captions, grad)
-
-    pred = predict(xt, t_dev, cond, grad=True)
-    terms, report = run.method.loss(Shard(xt, t_dev, pred, target, predict), {k: v[s] for k, v in draws.items()})
+    pred = run.predict(xt, t_dev, cond, grad=True)
+    terms, report = run.method.loss(Shard(xt, t_dev, pred, target, run.predict), {k: v[s] for k, v in draws.items()})
     loss_vec = terms["loss"]
     if run.cfg.snr_gamma is not None:
         ab = run.alphas[t_dev]
