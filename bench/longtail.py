@@ -55,8 +55,10 @@ from pogdiff.config import EvaluateConfig, IndexConfig, PoGConfig, RetrainConfig
 from pogdiff.evaluation import RealSet, evaluate
 from pogdiff.longtail import aggregate, competence_check, demo_similarity_table, goal_check, markdown_table, no_harm_check, psi_by_bucket
 from pogdiff.metrics import BUCKETS, assign_buckets
-from pogdiff.model import UNetSpec, load_pipeline, to_tensor
 from pogdiff.neighbours import NeighbourGraph
+from pogdiff.pipelines.base import to_tensor
+from pogdiff.pipelines.loader import load_pipeline
+from pogdiff.pipelines.pixel import UNetSpec
 from pogdiff.trainer import TrainData, train
 from pogdiff.tune import TrialResult, choose, score, trials_table
 
@@ -316,7 +318,7 @@ def diagnostics(prep: Prepared, buckets: list[str], pogs: dict[str, PoGConfig]) 
     """How much psi borrows per bucket and timestep quartile (per PoGDiff config), and how alike the
     caption neighbours' images are: s_img per relation of two individuals (same individual, same
     colour, same shape, neither) and the share of top-k caption neighbours in each relation."""
-    from pogdiff.model import default_scheduler
+    from pogdiff.pipelines.pixel import default_scheduler
 
     g = prep.data.graph
     steps = default_scheduler().config.num_train_timesteps
@@ -425,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     data["train"]["checkpoint_every"] = 10**9
     data["tune"] = {**data["tune"], "trials": args.trials}
     if args.quick:
-        from pogdiff.model import PixelDiffusionPipeline
+        from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 
         base = work_root / "tiny-base"
         if not (base / "pogdiff.json").exists():

@@ -23,17 +23,17 @@ import time
 import numpy as np
 import torch
 
-from pogdiff import demo
+from pogdiff import demo, demo_train
 from pogdiff.config import PoGConfig, TrainConfig
-from pogdiff.model import PixelDiffusionPipeline, UNetSpec, default_scheduler
 from pogdiff.neighbours import draw_borrowing, similarity_threshold
+from pogdiff.pipelines.pixel import PixelDiffusionPipeline, UNetSpec, default_scheduler
 from pogdiff.trainer import TrainData, train
 
 GOALS = {"dense_ratio": 1.40, "sparse_ratio": 1.15, "borrow_share": 0.3}
 
 
 def _data(size: int) -> TrainData:
-    return demo.train_data(demo.longtail_counts(), size=size, k=5)
+    return demo_train.train_data(demo.longtail_counts(), size=size, k=5)
 
 
 def _threshold_for_share(data: TrainData, pog: PoGConfig, share: float, draws: int = 20_000) -> float:

@@ -164,7 +164,7 @@ def cmd_base_build(args, settings: Settings) -> int:
     import shutil
 
     from pogdiff.base import BaseRecipe, build_base
-    from pogdiff.model import BUILTIN_MODELS
+    from pogdiff.pipelines.pixel import BUILTIN_MODELS
 
     recipe = BaseRecipe(steps=args.steps) if args.steps else BaseRecipe()
     work = Path(settings.runs_dir) / "base-build"

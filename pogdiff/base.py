@@ -22,8 +22,9 @@ import torch
 
 from pogdiff import demo
 from pogdiff.config import PoGConfig, TrainConfig
-from pogdiff.model import PixelDiffusionPipeline, UNetSpec, to_tensor
 from pogdiff.neighbours import NeighbourGraph
+from pogdiff.pipelines.base import to_tensor
+from pogdiff.pipelines.pixel import PixelDiffusionPipeline, UNetSpec
 from pogdiff.trainer import StepCallback, TrainData, TrainResult, train
 
 

@@ -159,7 +159,7 @@ class TrainConfig(_Stage):
     # Wall-clock budget of one training attempt, checked between steps; on expiry a checkpoint is
     # written and training stops with an error (a re-run resumes). None: no limit.
     time_limit_minutes: float | None = Field(None, gt=0)
-    # > 1: the train task runs `accelerate launch --num_processes N -m pogdiff.train_cli` (DDP)
+    # > 1: the train task runs `accelerate launch --num_processes N -m tasks.train_cli` (DDP)
     num_processes: int = Field(1, ge=1)
     pog: PoGConfig = PoGConfig()
 

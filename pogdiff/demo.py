@@ -13,8 +13,8 @@ and background. Two kinds of caption name what an image shows:
   like, from 150 images for the best seller and from a handful for a rare one, as a catalogue
   teaches Stable Diffusion a new product.
 
-``detect`` reads the shape and colour back from an image, so the identity of generated images is
-scored exactly, not by a learned judge.
+``pogdiff.detector.detect`` reads the shape and colour back from an image, so the identity of
+generated images is scored exactly, not by a learned judge.
 
 Pure library code: numpy, PIL and the standard library only.
 """
@@ -22,7 +22,6 @@ Pure library code: numpy, PIL and the standard library only.
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import math
 from dataclasses import dataclass
@@ -271,7 +270,9 @@ def _csv_bytes(header: list[str], rows: list[list[str]]) -> bytes:
     return buffer.getvalue().encode("utf-8")
 
 
-def _caption(individual: Individual, instance: Instance, mode: CaptionMode, rng: np.random.Generator) -> str:
+def image_caption(individual: Individual, instance: Instance, mode: CaptionMode, rng: np.random.Generator) -> str:
+    """The catalogue caption of one image: the individual's own (``individual``), or ``describe`` in a
+    phrasing drawn from ``rng`` (``per-image``)."""
     if mode == "individual":
         return individual.caption
     if mode != "per-image":
@@ -324,7 +325,7 @@ def generate_longtail(
         summary[individual.name] = count
         for k in range(count):
             instance = sample_instance(rng, "full")
-            caption = _caption(individual, instance, captions, rng)
+            caption = image_caption(individual, instance, captions, rng)
             name = f"images/{individual.slug}_{k:04d}.png"
             write_bytes_atomic(Path(out_dir) / name, _png_bytes(render(individual, instance, size)))
             caption_rows.append([name, caption, individual.name, individual.shape, individual.colour])
@@ -369,241 +370,3 @@ def balanced_draw(n: int, seed: int, size: int = 32, variation: Variation = "ful
         images[j] = render(individual, instance, size)
         captions.append(describe(instance, individual.description, int(rng.integers(len(_PHRASINGS)))))
     return images, captions
-
-
-def train_data(
-    counts: list[int],
-    size: int,
-    k: int,
-    seed: int = 0,
-    variation: Variation = "full",
-    bandwidth: float = 0.05,
-    captions: CaptionMode = "individual",
-):
-    """An in-memory ``TrainData`` of the first ``len(counts)`` individuals, ``counts[c]`` images each.
-
-    What the index stage would compute, without stores: MiniLM caption vectors, top-k caption
-    neighbours, effective density, and mean-centred L2-normalised pixels as the image feature. For
-    tests and benchmarks of the trainer.
-    """
-    import torch
-
-    from pogdiff.model import to_tensor
-    from pogdiff.neighbours import NeighbourGraph, effective_density, knn_graph
-    from pogdiff.text import load_text_encoder
-    from pogdiff.trainer import TrainData
-
-    individuals = all_individuals()[: len(counts)]
-    rng = np.random.default_rng(seed)
-    images, image_captions = [], []
-    for individual, n in zip(individuals, counts):
-        for _ in range(n):
-            instance = sample_instance(rng, variation)
-            images.append(render(individual, instance, size))
-            image_captions.append(_caption(individual, instance, captions, rng))
-    names = list(dict.fromkeys(image_captions))  # first appearance: in `individual` mode caption c is individual c
-    row = {c: i for i, c in enumerate(names)}
-    caption_of = torch.tensor([row[c] for c in image_captions])
-    per_caption = torch.bincount(caption_of, minlength=len(names)).float()
-    vectors = load_text_encoder().embed(names)
-    nb_ids, nb_sims = knn_graph(vectors, k)
-    density = effective_density(vectors, per_caption, bandwidth)
-    x = to_tensor(np.stack(images))
-    flat = x.flatten(1) - x.flatten(1).mean(1, keepdim=True)
-    graph = NeighbourGraph.build(caption_of, nb_ids, nb_sims, density, torch.nn.functional.normalize(flat, dim=1))
-    return TrainData(x, names, graph)
-
-
-# --- the detector ---------------------------------------------------------------------------
-
-_MIN_SIZE = 16  # the smallest size calibrated and tested; there a small triangle's side is 6 pixels
-_MASK_THRESHOLD = 64.0  # RGB distance from the background: > 5 sigma-12 noise, < 1/2 the least contrast
-_MIN_AREA, _MAX_AREA = 0.02, 0.60  # bounds on the shape's pixel count, fraction of the image
-_MAX_COLOUR_RESIDUAL = 48.0  # clean renders: < 1; sigma-20 noise: < 35; the next colour: > 75
-_MIN_CORE_BLEND = 0.7  # the shape's inner pixels must reach the colour, not a dim version of it
-_MAX_AMBIGUITY = 0.8  # reject a shape whose nearest centroid is not clearly nearer than the next
-_CHUNK = 256  # images labelled at once; bounds the labelling's memory at int64 [256, H, W]
-
-
-def _largest_components(mask: np.ndarray) -> np.ndarray:
-    """Largest 4-connected component of each mask: bool [N, H, W] -> bool [N, H, W].
-
-    Label propagation over the whole batch at once: every foreground pixel repeatedly takes the
-    smallest label among itself and its 4 neighbours, then its label's label (pointer jumping,
-    valid because a label is the index of a pixel of the same component), which converges in far
-    fewer rounds than the component's diameter. Ties go to the component with the smaller label.
-    """
-    n, h, w = mask.shape
-    flat = mask.reshape(-1)
-    background = flat.size  # larger than every pixel index
-    labels = np.where(flat, np.arange(flat.size), background)
-    while True:
-        grid = labels.reshape(n, h, w)
-        m = grid.copy()
-        np.minimum(m[:, 1:], grid[:, :-1], out=m[:, 1:])
-        np.minimum(m[:, :-1], grid[:, 1:], out=m[:, :-1])
-        np.minimum(m[:, :, 1:], grid[:, :, :-1], out=m[:, :, 1:])
-        np.minimum(m[:, :, :-1], grid[:, :, 1:], out=m[:, :, :-1])
-        new = np.where(flat, m.reshape(-1), background)
-        new = np.where(flat, new[np.minimum(new, background - 1)], background)
-        if np.array_equal(new, labels):
-            break
-        labels = new
-    sizes = np.bincount(labels[flat], minlength=flat.size).reshape(n, h * w)
-    largest = np.argmax(sizes, axis=1) + np.arange(n) * h * w
-    keep = (labels.reshape(n, h * w) == largest[:, None]) & (sizes.max(axis=1) > 0)[:, None]
-    return keep.reshape(n, h, w)
-
-
-def _border_median(images: np.ndarray) -> np.ndarray:
-    """Background estimate: per-image median of the border pixels, uint8 [N, H, W, 3] -> float [N, 3]."""
-    border = np.concatenate(
-        [images[:, 0], images[:, -1], images[:, 1:-1, 0], images[:, 1:-1, -1]], axis=1
-    )
-    return np.median(border.astype(np.float64), axis=1)
-
-
-def _blend(pixels: np.ndarray, bg: np.ndarray, fg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Read pixels float [M, 3] as blends bg + t (fg - bg) of colours float [3].
-
-    Returns t clipped to [0, 1], float [M], and each pixel's distance from the blend segment, float [M].
-    """
-    d = fg - bg
-    t = np.clip((pixels - bg) @ d / (d @ d), 0.0, 1.0)
-    return t, np.linalg.norm(pixels - bg - t[:, None] * d, axis=1)
-
-
-def _colour_of(pixels: np.ndarray, bg: np.ndarray) -> str | None:
-    """The colour whose background->colour blend best explains the shape's pixels float [M, 3].
-
-    Blends, not the colour nearest to the median pixel: at small sizes most pixels of a thin shape
-    are edge mixtures with the background, and e.g. half cyan on dark olive is nearer to green
-    than to cyan. None if no blend explains the pixels (median distance > _MAX_COLOUR_RESIDUAL)
-    or the inner pixels stay far short of the colour (a dim shape).
-    """
-    residual = {
-        name: float(np.median(_blend(pixels, bg, np.asarray(rgb, np.float64))[1]))
-        for name, rgb in COLOURS.items()
-    }
-    name = min(residual, key=residual.__getitem__)
-    t, _ = _blend(pixels, bg, np.asarray(COLOURS[name], np.float64))
-    if residual[name] > _MAX_COLOUR_RESIDUAL or np.quantile(t, 0.75) < _MIN_CORE_BLEND:
-        return None
-    return name
-
-
-def _shape_features(alpha: np.ndarray) -> np.ndarray:
-    """Rotation-, scale- and translation-invariant descriptors of a coverage map float [H, W] -> [3].
-
-    Coverage-weighted (hence sub-pixel accurate) moments about the centroid:
-    - eta20 + eta02 = (mu20 + mu02) / m00^2, each pixel's own inertia (m00 / 6) included: disc
-      1/(2 pi) = 0.159, square 1/6, triangle 0.192, this cross 0.228;
-    - c_n = |sum alpha rho^2 e^{i n phi}| / sum alpha rho^2 for n = 3 and 4, the strength of
-      3- and 4-fold symmetry: triangle c3 ~ 0.55; square c4 ~ 0.29, cross c4 ~ 0.66; ~0 otherwise.
-    A maximum-radius fill ratio, area / (pi r_max^2), was left out: r_max rests on a single
-    pixel, so it is the noisiest descriptor at 16 pixels and adds nothing the three above miss.
-    """
-    ys, xs = np.nonzero(alpha > 0)
-    a = alpha[ys, xs]
-    m00 = a.sum()
-    x = xs - (a @ xs) / m00
-    y = ys - (a @ ys) / m00
-    rho2 = x**2 + y**2
-    eta = (a @ rho2 + m00 / 6.0) / m00**2
-    phase = (x + 1j * y) / np.maximum(np.sqrt(rho2), 1e-12)  # e^{i phi}; a pixel at the centroid adds 0
-    weight = a * rho2
-    c3 = abs(weight @ phase**3) / weight.sum()
-    c4 = abs(weight @ phase**4) / weight.sum()
-    return np.array([eta, c3, c4])
-
-
-def _analyse(images: np.ndarray) -> list[tuple[str, np.ndarray] | None]:
-    """Colour and shape descriptors [3] of the shape in each image uint8 [N, H, W, 3], or None
-    where there is no single shape of a demo colour."""
-    n, h, w, _ = images.shape
-    pixels = images.astype(np.float64)
-    bg = _border_median(images)
-    distance = np.linalg.norm(pixels - bg[:, None, None, :], axis=-1)
-    components = _largest_components(distance > _MASK_THRESHOLD)
-    out: list[tuple[str, np.ndarray] | None] = []
-    for i in range(n):
-        comp = components[i]
-        colour = None
-        if _MIN_AREA <= comp.mean() <= _MAX_AREA:
-            colour = _colour_of(pixels[i][comp], bg[i])
-        if colour is None:
-            out.append(None)
-            continue
-        # the component and its 4-neighbours, so that faint anti-aliased edges count fractionally
-        support = comp.copy()
-        support[1:] |= comp[:-1]
-        support[:-1] |= comp[1:]
-        support[:, 1:] |= comp[:, :-1]
-        support[:, :-1] |= comp[:, 1:]
-        t, _ = _blend(pixels[i][support], bg[i], np.asarray(COLOURS[colour], np.float64))
-        alpha = np.zeros((h, w))
-        alpha[support] = t
-        out.append((colour, _shape_features(alpha)))
-    return out
-
-
-@functools.lru_cache(maxsize=8)
-def _calibration(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Shape centroids float [4, 3] (order of SHAPES) and per-descriptor scales float [3] at ``size``.
-
-    Measured on 64 clean ``full`` renders per shape (all colours and backgrounds, seed 0), so the
-    centroids absorb the discretisation of this image size. A descriptor's scale is the spread of
-    the centroids along it: each descriptor weighs by how far it moves the shapes apart, not by
-    its clean within-shape spread, which noise would dwarf (eta shifts by ~4 clean std at sigma 12).
-    """
-    rng = np.random.default_rng(0)
-    colours = list(COLOURS)
-    centroids = []
-    for shape in SHAPES:
-        renders = np.stack(
-            [
-                render(Individual(shape, colours[k % len(colours)]), sample_instance(rng, "full"), size)
-                for k in range(64)
-            ]
-        )
-        found = _analyse(renders)
-        if any(f is None for f in found):
-            raise RuntimeError(f"calibration renders of {shape!r} at size {size} were not detected")
-        centroids.append(np.mean([f[1] for f in found], axis=0))
-    centroids_array = np.array(centroids)
-    return centroids_array, centroids_array.std(axis=0)
-
-
-def detect(images: np.ndarray) -> list[Individual | None]:
-    """Read the individual off each image: uint8 [N, H, W=H, 3] with H >= 16 -> N results.
-
-    Background = median of the border pixels; the shape = the largest 4-connected set of pixels
-    more than 64 away from it in RGB (None if under 2% or over 60% of the image); colour = the
-    demo colour whose blend with the background explains those pixels (None if none does);
-    shape = nearest centroid in rotation/scale-invariant moment descriptors (``_shape_features``),
-    None if the two nearest centroids are about equally near (a shape between shapes).
-    Deterministic; exact on clean renders and robust to pixel noise (see tests/pogdiff/test_demo.py).
-    Where it cannot tell, e.g. 16-pixel images blurred by a 1-pixel Gaussian, it abstains (None)
-    rather than name a wrong shape.
-    """
-    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
-        raise ValueError(f"images must be [N, H, W=H, 3], got {images.shape}")
-    if images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8, got {images.dtype}")
-    if images.shape[1] < _MIN_SIZE:
-        raise ValueError(f"images must be at least {_MIN_SIZE} pixels wide, got {images.shape[1]}")
-    centroids, scale = _calibration(images.shape[1])
-    results: list[Individual | None] = []
-    for start in range(0, len(images), _CHUNK):
-        for found in _analyse(images[start : start + _CHUNK]):
-            if found is None:
-                results.append(None)
-                continue
-            colour, features = found
-            distance = np.linalg.norm((features - centroids) / scale, axis=1)
-            nearest, second = np.argsort(distance)[:2]
-            if distance[nearest] > _MAX_AMBIGUITY * distance[second]:
-                results.append(None)
-            else:
-                results.append(Individual(SHAPES[int(nearest)], colour))
-    return results

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from pogdiff import demo
+from pogdiff import demo, detector
 from pogdiff.config import EvaluateConfig
 from pogdiff.features import make_extractor
 from pogdiff.metrics import (
@@ -147,7 +147,7 @@ def attribute_judge(images: np.ndarray, individuals: list[str]) -> list[str | No
     """
     if any(demo.individual_named(n) is None for n in individuals):
         return None
-    return [None if f is None else f.name for f in demo.detect(images)]
+    return [None if f is None else f.name for f in detector.detect(images)]
 
 
 def images_per_individual(counts: np.ndarray, cfg: EvaluateConfig) -> np.ndarray:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from pogdiff.model import TextToImagePipeline
+    from pogdiff.pipelines.base import TextToImagePipeline
 
 
 class FeatureExtractor(Protocol):
@@ -75,7 +75,7 @@ class UNetFeatures:
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> torch.Tensor:
-        from pogdiff.model import to_tensor
+        from pogdiff.pipelines.base import to_tensor
 
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 images [N, H, W, 3], got shape {images.shape}")
@@ -163,7 +163,7 @@ def make_extractor(name: str, size: int = 16, model: str | None = None, batch_si
         if not model:
             raise ValueError("feature extractor 'unet' needs the diffusion model whose UNet it uses")
         if pipe is None:
-            from pogdiff.model import load_pipeline
+            from pogdiff.pipelines.loader import load_pipeline
 
             pipe = load_pipeline(model)
         return UNetFeatures(pipe, batch_size)

@@ -22,7 +22,7 @@ from pogdiff.features import FeatureExtractor, make_extractor
 from pogdiff.neighbours import exact_graph, graph_from_candidates
 
 if TYPE_CHECKING:
-    from pogdiff.model import TextToImagePipeline
+    from pogdiff.pipelines.base import TextToImagePipeline
 
 
 def caption_id(caption: str) -> str:

@@ -2,7 +2,7 @@
 
 The train task starts DDP through this module instead of ``accelerate.commands.launch`` directly:
 the launcher first asks the kernel to kill it when the flow process dies (``die_with_parent``),
-then names itself as the parent its ranks must not outlive; each rank (``pogdiff.train_cli``) makes
+then names itself as the parent its ranks must not outlive; each rank (``tasks.train_cli``) makes
 the same request. A SIGKILLed flow therefore leaves no trainer behind.
 """
 

@@ -5,7 +5,7 @@ into the logged model and executes it at load time, so no live object is ever cl
 artifact ``"model"`` is, by the model config's ``weights``:
 
 - ``full``: the saved model folder (pixel or Stable Diffusion, loaded by its layout with
-  ``pogdiff.model.load_pipeline``);
+  ``pogdiff.pipelines.loader.load_pipeline``);
 - ``lora``: ``pogdiff.json`` + ``scheduler/`` of the fine-tuned model and the LoRA adapter in
   ``lora/`` (peft format, as the trainer saves it). Everything else comes from the model config's
   ``base_model``: the artifact ``"base"`` for a builtin base (``builtin:<name>``, part of the
@@ -41,7 +41,9 @@ import torch
 from diffusers import DDPMScheduler
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
-from pogdiff.model import BUILTIN_MODELS, TextToImagePipeline, load_pipeline
+from pogdiff.pipelines.base import TextToImagePipeline
+from pogdiff.pipelines.loader import load_pipeline
+from pogdiff.pipelines.pixel import BUILTIN_MODELS
 
 PROMPT = "prompt"
 # Column -> (type, default). ``storage.tracking.model_signature`` declares the same columns (a test

@@ -545,7 +545,7 @@ def _adapter_weights(model_dir: Path, adapter_dir: Path, base_model: str, stagin
     folder base the UNet digest is recorded and checked at load time, so an adapter is never
     applied to another base.
     """
-    from pogdiff.model import BUILTIN_MODELS
+    from pogdiff.pipelines.pixel import BUILTIN_MODELS
     from storage.mlflow_model import ADAPTER_DIR, BASE_ARTIFACT, LORA_WEIGHTS, unet_digest
 
     if not (adapter_dir / LORA_WEIGHTS).is_file():

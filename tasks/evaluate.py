@@ -14,7 +14,7 @@ from prefect.exceptions import MissingContextError
 from pogdiff.config import EvaluateConfig
 from pogdiff.evaluation import EvalResult, RealSet, comparison_grid, evaluate
 from pogdiff.metrics import BUCKETS
-from pogdiff.model import load_pipeline
+from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.plots import grecall_scatter, metric_bars, save_png
 from storage import tracking
 from storage.settings import Settings

@@ -22,17 +22,18 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from pogdiff.config import IndexConfig, TrainConfig
 from pogdiff.index import image_extractor
-from pogdiff.model import TextToImagePipeline, load_pipeline, to_tensor
 from pogdiff.neighbours import NeighbourGraph
+from pogdiff.pipelines.base import TextToImagePipeline, to_tensor
+from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.process import child_env
-from pogdiff.train_cli import write_train_data
 from pogdiff.trainer import TrainData, train
 from storage import tracking
 from storage.metric_sink import MetricSink, MetricsNotWritten
 from storage.settings import Settings
 from storage.training_set import DataVersion, load_training_set
+from tasks.train_cli import write_train_data
 
-# Exit statuses of pogdiff.train_cli, as errors a reviewer can act on.
+# Exit statuses of tasks.train_cli, as errors a reviewer can act on.
 _CHILD_ERRORS = {2: "bad training input", 3: "the loss diverged", 4: "the training time limit ran out"}
 
 
@@ -73,7 +74,7 @@ def training_data(settings: Settings, index_cfg: IndexConfig, base_model: str, p
 
 
 def launch_ddp(data: TrainData, cfg: TrainConfig, out: Path, on_step) -> dict:
-    """Run ``pogdiff.train_cli`` under ``accelerate launch`` with ``cfg.num_processes`` processes.
+    """Run ``tasks.train_cli`` under ``accelerate launch`` with ``cfg.num_processes`` processes.
 
     Follows ``out/metrics.jsonl`` for ``on_step`` while the job runs; returns ``out/result.json``.
     Without a visible GPU the ranks join over gloo on the CPU.
@@ -84,7 +85,7 @@ def launch_ddp(data: TrainData, cfg: TrainConfig, out: Path, on_step) -> dict:
     cmd = [
         sys.executable, "-m", "pogdiff.launch", "--multi_gpu", "--num_processes", str(cfg.num_processes),
         "--num_machines", "1", "--mixed_precision", cfg.mixed_precision, "--dynamo_backend", "no",
-        "-m", "pogdiff.train_cli", "--config", str(out / "train.yaml"), "--data", str(out / "train.npz"), "--out", str(out),
+        "-m", "tasks.train_cli", "--config", str(out / "train.yaml"), "--data", str(out / "train.npz"), "--out", str(out),
     ]
     metrics_file = out / "metrics.jsonl"
     seen = metrics_file.stat().st_size if metrics_file.exists() else 0  # lines of an earlier attempt were logged then

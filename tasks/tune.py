@@ -29,9 +29,9 @@ from prefect.exceptions import MissingContextError
 from pogdiff.atomic import write_text_atomic
 from pogdiff.config import RetrainConfig
 from pogdiff.evaluation import evaluate
-from pogdiff.model import load_pipeline
-from pogdiff.trainer import train
+from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.plots import save_png, tune_trials
+from pogdiff.trainer import train
 from pogdiff.tune import TrialResult, feasible, sampler_value, trial_train, trials_table, tuned_config
 from storage import tracking
 from storage.settings import Settings

@@ -10,7 +10,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import pytest  # noqa: E402
 
-from pogdiff.model import UNetSpec  # noqa: E402
+from pogdiff.pipelines.pixel import UNetSpec  # noqa: E402
 
 TINY = UNetSpec(image_size=16, block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=4)
 

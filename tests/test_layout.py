@@ -1,4 +1,4 @@
-"""Architecture rules: the method library stays pure; configs reject unknown keys by name."""
+"""Architecture rules: the method library stays pure, no import cycles, short modules; configs reject unknown keys by name."""
 
 import ast
 import subprocess
@@ -12,6 +12,8 @@ from pogdiff.config import ConfigError, RetrainConfig, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 FORBIDDEN = {"prefect", "mlflow", "lancedb"}
+PACKAGES = ("pogdiff", "storage", "tasks", "flows")
+MAX_LIBRARY_LINES = 400
 
 
 def _imports(path: Path) -> set[str]:
@@ -37,6 +39,89 @@ def test_pogdiff_imports_without_loading_forbidden_modules():
             "print(sorted(m for m in ('prefect', 'mlflow', 'lancedb') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def _project_modules() -> dict[str, Path]:
+    """Dotted name -> file of every module of the project's packages (a package is its ``__init__``)."""
+    modules = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+
+
+def _imported(tree: ast.AST, modules: dict[str, Path]) -> set[str]:
+    """The project modules ``tree`` imports anywhere (top level or inside functions); ``if TYPE_CHECKING:``
+    blocks never run, so they are skipped. ``from a import b`` imports ``a.b`` when that is a module."""
+    found: set[str] = set()
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if _is_type_checking(node):
+            stack.extend(node.orelse)
+            continue
+        stack.extend(ast.iter_child_nodes(node))
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        for name in names:
+            while name and name not in modules:  # a name inside a module: the module itself
+                name = name.rpartition(".")[0]
+            if name:
+                found.add(name)
+    return found
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` as ``[a, b, ..., a]``, or None when it is acyclic (depth-first search)."""
+    done: set[str] = set()
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        path.append(node)
+        for dep in sorted(graph[node]):
+            if dep in path:
+                return path[path.index(dep):] + [dep]
+            if dep not in done and (found := visit(dep)):
+                return found
+        path.pop()
+        done.add(node)
+        return None
+
+    for start in sorted(graph):
+        if start not in done and (found := visit(start)):
+            return found
+    return None
+
+
+def test_project_modules_import_no_cycle():
+    modules = _project_modules()
+    graph = {name: _imported(ast.parse(path.read_text(encoding="utf-8")), modules) - {name} for name, path in modules.items()}
+    assert "pogdiff.trainer" in graph["tasks.train"]  # the graph sees the project's own imports
+    assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph))}"
+
+
+def test_cycle_detector_counts_function_level_imports():
+    modules = {"a": ROOT, "b": ROOT}
+    a = ast.parse("import b\n")
+    b = ast.parse("def f():\n    from a import g\n")
+    guarded = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from a import g\n")
+    assert _cycle({"a": _imported(a, modules), "b": _imported(b, modules)}) == ["a", "b", "a"]
+    assert _cycle({"a": _imported(a, modules), "b": _imported(guarded, modules)}) is None
+
+
+def test_library_modules_are_short():
+    long = {str(f.relative_to(ROOT)): n for f in sorted((ROOT / "pogdiff").rglob("*.py"))
+            if (n := len(f.read_text(encoding="utf-8").splitlines())) > MAX_LIBRARY_LINES}
+    assert not long, f"pogdiff/ modules over {MAX_LIBRARY_LINES} lines: {long}"
 
 
 def test_unknown_key_is_named():

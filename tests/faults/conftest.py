@@ -14,7 +14,7 @@ from faultkit import EXPERIMENT, MODEL_NAME, base_env
 from localserver import free_port, healthy, wait_for
 
 from pogdiff import demo
-from pogdiff.model import PixelDiffusionPipeline
+from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 
 
 @pytest.fixture(scope="session")

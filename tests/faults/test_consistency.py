@@ -11,10 +11,10 @@ import pytest
 import torch
 from faultkit import record
 
-from pogdiff import demo
+from pogdiff import demo, demo_train
 from pogdiff.config import IndexConfig, IngestConfig, PoGConfig, TrainConfig
 from pogdiff.index import image_extractor
-from pogdiff.model import PixelDiffusionPipeline
+from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from pogdiff.trainer import train
 from storage import parquet
 from storage.settings import load_settings
@@ -108,7 +108,7 @@ def _weights(pipe) -> torch.Tensor:
 
 
 def test_resume_falls_back_past_a_truncated_checkpoint_and_clears_crash_leftovers(tiny_spec, tmp_path):
-    data = demo.train_data([12, 6, 3, 2, 2, 1], size=16, k=3)
+    data = demo_train.train_data([12, 6, 3, 2, 2, 1], size=16, k=3)
     once = PixelDiffusionPipeline.new(tiny_spec, seed=0)
     train(once, data, _cfg(6), tmp_path / "once")
     run = tmp_path / "run"

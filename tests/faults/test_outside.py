@@ -77,7 +77,7 @@ def test_lancedb_folder_not_writable_names_the_path(tmp_path):
 # Runs the real CLI with one library call replaced by a fault, as a disk or a model would fail.
 _INJECT = {
     "enospc": """
-        import errno, pogdiff.trainer as t
+        import errno, pogdiff.checkpoints as t
         real, calls = t.save_file, []
         def save_file(tensors, path, *a, **k):
             calls.append(path)
@@ -87,7 +87,7 @@ _INJECT = {
         t.save_file = save_file
     """,
     "nan": """
-        import pogdiff.trainer as t
+        import pogdiff.methods as t
         real, calls = t.pogdiff_loss, []
         def pogdiff_loss(*a, **k):
             terms = real(*a, **k)

@@ -13,7 +13,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from pogdiff import demo
 from pogdiff.config import parse_config
-from pogdiff.model import PixelDiffusionPipeline
+from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from storage import parquet, tracking
 
 K = 3

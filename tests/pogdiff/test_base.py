@@ -6,9 +6,9 @@ from dataclasses import asdict, replace
 import numpy as np
 import torch
 
-from pogdiff import demo
+from pogdiff import demo, detector
 from pogdiff.base import BaseRecipe, build_base
-from pogdiff.model import BUILTIN_MODELS, PixelDiffusionPipeline
+from pogdiff.pipelines.pixel import BUILTIN_MODELS, PixelDiffusionPipeline
 
 
 def _weights(pipe: PixelDiffusionPipeline) -> torch.Tensor:
@@ -45,10 +45,10 @@ def test_the_shipped_base_draws_its_domain_from_words():
     pipe = PixelDiffusionPipeline.from_pretrained("builtin:logos16")
     _, captions = demo.balanced_draw(48, seed=123, size=pipe.image_size)
     wanted = [next(i for i in demo.all_individuals() if i.description in c) for c in captions]
-    found = demo.detect(pipe.generate(captions, 1, seed=0, guidance_scale=1.0, num_inference_steps=10))
+    found = detector.detect(pipe.generate(captions, 1, seed=0, guidance_scale=1.0, num_inference_steps=10))
     accuracy = np.mean([f == w for f, w in zip(found, wanted)])
     assert accuracy >= 0.9, f"the base draws the captioned shape and colour on {accuracy:.2f} of domain captions"
     # it has never seen a product name: a catalogue caption is not drawn as its product
     products = [i.caption for i in demo.all_individuals()]
-    named = demo.detect(pipe.generate(products, 1, seed=0, guidance_scale=1.0, num_inference_steps=10))
+    named = detector.detect(pipe.generate(products, 1, seed=0, guidance_scale=1.0, num_inference_steps=10))
     assert np.mean([f == i for f, i in zip(named, demo.all_individuals())]) <= 0.25

@@ -23,13 +23,13 @@ from pogdiff.demo import (
     all_individuals,
     balanced_draw,
     describe,
-    detect,
     generate_longtail,
     individual_named,
     longtail_counts,
     render,
     sample_instance,
 )
+from pogdiff.detector import detect
 
 
 def _random_renders(n: int, size: int, seed: int) -> tuple[np.ndarray, list[Individual]]:

@@ -12,11 +12,13 @@ import torch
 import yaml
 from localserver import free_port
 
-from pogdiff import demo
+from pogdiff import demo_train
 from pogdiff.config import TrainConfig
-from pogdiff.model import PixelDiffusionPipeline, load_pipeline
-from pogdiff.train_cli import main, read_train_data, write_train_data
-from pogdiff.trainer import Distributed, train
+from pogdiff.pipelines.loader import load_pipeline
+from pogdiff.pipelines.pixel import PixelDiffusionPipeline
+from pogdiff.distributed import Distributed
+from pogdiff.trainer import train
+from tasks.train_cli import main, read_train_data, write_train_data
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = {"steps": 3, "batch_size": 4, "learning_rate": 1e-3, "checkpoint_every": 2,
@@ -27,7 +29,7 @@ CONFIG = {"steps": 3, "batch_size": 4, "learning_rate": 1e-3, "checkpoint_every"
 def job(tmp_path_factory, tiny_spec) -> Path:
     """A saved tiny pixel base model, a training set file and a config, as a calling task would write them."""
     root = tmp_path_factory.mktemp("job")
-    write_train_data(root / "train.npz", demo.train_data([6, 3, 2, 1], size=tiny_spec.image_size, k=2))
+    write_train_data(root / "train.npz", demo_train.train_data([6, 3, 2, 1], size=tiny_spec.image_size, k=2))
     PixelDiffusionPipeline.new(tiny_spec, seed=0).save_pretrained(root / "base")
     return root
 
@@ -44,7 +46,7 @@ def _launch(job: Path, config: Path, out: Path) -> subprocess.CompletedProcess:
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()),
-           "-m", "pogdiff.train_cli", "--config", str(config), "--data", str(job / "train.npz"), "--out", str(out)]
+           "-m", "tasks.train_cli", "--config", str(config), "--data", str(job / "train.npz"), "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
 

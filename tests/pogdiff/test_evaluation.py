@@ -19,7 +19,7 @@ from pogdiff.evaluation import (
     images_per_individual,
 )
 from pogdiff.metrics import FID_MIN_SAMPLES
-from pogdiff.model import PixelDiffusionPipeline
+from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from pogdiff.plots import grecall_scatter, metric_bars, save_png
 
 SIZE = 16

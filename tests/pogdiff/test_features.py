@@ -94,7 +94,7 @@ def test_unet_feature_sees_identity_is_deterministic_and_keyed_by_the_weights():
     pixels cannot; the same image always gives the same feature; other weights give another name."""
     from pogdiff import demo
     from pogdiff.features import UNetFeatures
-    from pogdiff.model import load_pipeline
+    from pogdiff.pipelines.loader import load_pipeline
 
     rng = np.random.default_rng(0)
     vexo, same_colour, same_shape = (demo.Individual(s, c) for s, c in (("circle", "red"), ("square", "red"), ("circle", "blue")))

@@ -9,11 +9,13 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from pogdiff import demo
+from pogdiff import demo_train
 from pogdiff.config import PoGConfig, TrainConfig
-from pogdiff.model import PixelDiffusionPipeline, latent_features, load_pipeline, to_uint8
 from pogdiff.neighbours import NeighbourGraph
-from pogdiff.sd import StableDiffusionPipeline
+from pogdiff.pipelines.base import latent_features, to_uint8
+from pogdiff.pipelines.loader import load_pipeline
+from pogdiff.pipelines.pixel import PixelDiffusionPipeline
+from pogdiff.pipelines.sd import StableDiffusionPipeline
 from pogdiff.trainer import TrainData, train
 
 SIZE = 16  # pixels; the tiny VAE downsamples by 2, so latents are 4 x 8 x 8
@@ -63,7 +65,7 @@ def sd_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data() -> TrainData:
-    base = demo.train_data([6, 3, 2, 1], size=SIZE, k=2)
+    base = demo_train.train_data([6, 3, 2, 1], size=SIZE, k=2)
     # all-zero index features: s_img = 0, so psi > 0 can only come from the latent features
     g = base.graph
     graph = NeighbourGraph.build(g.caption_of, g.nb_ids, g.nb_sims, g.density, torch.zeros(base.images.shape[0], 4))

@@ -18,7 +18,7 @@ from localserver import free_port, healthy, start_mlflow_server, stop_server, wa
 from mlflow import MlflowClient
 
 from pogdiff.config import GateConfig
-from pogdiff.model import PixelDiffusionPipeline
+from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from storage import tracking
 
 STARTUP_LIMIT_S = 240  # a fresh SQLite store runs MLflow's migrations first; slow on a busy machine

@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 from prefect.logging import disable_run_logger
 
 from pogdiff.config import ConfigError, GateConfig, RegisterConfig, parse_config
-from pogdiff.model import PixelDiffusionPipeline
+from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from storage import tracking
 from storage.settings import Settings, load_settings
 from tasks.register import register_model

@@ -28,7 +28,8 @@ from pydantic import BaseModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from pogdiff.config import GateConfig, RetrainConfig, parse_config
-from pogdiff.model import PixelDiffusionPipeline, UNetSpec, load_pipeline
+from pogdiff.pipelines.loader import load_pipeline
+from pogdiff.pipelines.pixel import PixelDiffusionPipeline, UNetSpec
 from pogdiff.trainer import LORA_TARGETS
 from storage import tracking
 from storage.mlflow_model import unet_digest

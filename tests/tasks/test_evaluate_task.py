@@ -10,7 +10,7 @@ from PIL import Image
 
 from pogdiff import demo
 from pogdiff.config import EvaluateConfig, IngestConfig, parse_config
-from pogdiff.model import PixelDiffusionPipeline
+from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from storage import parquet, tracking
 from storage.settings import load_settings
 from storage.training_set import load_real_set

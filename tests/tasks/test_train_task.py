@@ -2,15 +2,16 @@
 
 import json
 
-from pogdiff import demo
+from pogdiff import demo_train
 from pogdiff.config import PoGConfig, TrainConfig
-from pogdiff.model import PixelDiffusionPipeline, load_pipeline
+from pogdiff.pipelines.loader import load_pipeline
+from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from tasks.train import launch_ddp
 
 
 def test_launch_ddp_follows_every_step_and_returns_the_model(tiny_spec, tmp_path):
     PixelDiffusionPipeline.new(tiny_spec, seed=0).save_pretrained(tmp_path / "base")
-    data = demo.train_data([6, 3, 2, 1], size=tiny_spec.image_size, k=2)
+    data = demo_train.train_data([6, 3, 2, 1], size=tiny_spec.image_size, k=2)
     cfg = TrainConfig(base_model=str(tmp_path / "base"), steps=3, batch_size=4, checkpoint_every=2,
                       num_processes=2, pog=PoGConfig(method="pogdiff"))
     seen = []
@@ -27,7 +28,7 @@ def test_launch_ddp_follows_every_step_and_returns_the_model(tiny_spec, tmp_path
 
 def test_launch_ddp_reports_the_childs_error(tiny_spec, tmp_path):
     PixelDiffusionPipeline.new(tiny_spec, seed=0).save_pretrained(tmp_path / "base")
-    data = demo.train_data([3, 2], size=tiny_spec.image_size, k=1)
+    data = demo_train.train_data([3, 2], size=tiny_spec.image_size, k=1)
     cfg = TrainConfig(base_model=str(tmp_path / "base"), steps=2, batch_size=3, num_processes=2)
     try:
         launch_ddp(data, cfg, tmp_path / "run", lambda step, m: None)

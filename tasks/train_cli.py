@@ -1,8 +1,8 @@
 """The trainer as a process entry point, for ``accelerate launch`` / ``torchrun`` (DDP) or a plain run.
 
-    accelerate launch --multi_gpu --num_processes 4 -m pogdiff.train_cli --config train.yaml --data train.npz --out RUN
-    torchrun --nproc_per_node 4 -m pogdiff.train_cli ...      # the same job through torch's launcher
-    python -m pogdiff.train_cli ...                           # one process
+    accelerate launch --multi_gpu --num_processes 4 -m tasks.train_cli --config train.yaml --data train.npz --out RUN
+    torchrun --nproc_per_node 4 -m tasks.train_cli ...        # the same job through torch's launcher
+    python -m tasks.train_cli ...                             # one process
 
 ``--config`` is a ``TrainConfig`` as YAML (or JSON); ``--data`` a training set written by
 ``write_train_data``. Every rank trains (``pogdiff.trainer.train``, resuming from RUN/checkpoints);
@@ -25,8 +25,8 @@ import torch
 
 from pogdiff.atomic import write_atomic, write_text_atomic
 from pogdiff.config import ConfigError, TrainConfig, load_config
-from pogdiff.model import load_pipeline
 from pogdiff.neighbours import NeighbourGraph
+from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.process import die_with_parent
 from pogdiff.trainer import TrainData, TrainingDiverged, TrainingTimeLimit, train
 
@@ -79,9 +79,9 @@ def read_train_data(path: Path) -> TrainData:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pogdiff.train_cli", description="Fine-tune a text-to-image model (DDP-ready).")
+    p = argparse.ArgumentParser(prog="python -m tasks.train_cli", description="Fine-tune a text-to-image model (DDP-ready).")
     p.add_argument("--config", required=True, help="TrainConfig as YAML or JSON")
-    p.add_argument("--data", required=True, help="training set written by pogdiff.train_cli.write_train_data")
+    p.add_argument("--data", required=True, help="training set written by tasks.train_cli.write_train_data")
     p.add_argument("--out", required=True, help="run folder: checkpoints/, model/, result.json, metrics.jsonl")
     p.add_argument("--no-resume", action="store_true", help="start from the base model even if checkpoints exist")
     return p

@@ -23,7 +23,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from pogdiff.atomic import write_folder_atomic
-from pogdiff.model import FORMAT_VERSION, Sampler, guided_sample, latent_features, to_tensor
+from pogdiff.pipelines.base import FORMAT_VERSION, Sampler, latent_features, to_tensor
+from pogdiff.pipelines.sampling import guided_sample
 
 
 def is_sd_folder(path: Path) -> bool:

@@ -1,0 +1,49 @@
+"""The demo catalogue as an in-memory ``TrainData``, for tests and benchmarks of the trainer.
+
+What the index stage would compute from the catalogue, without any store: MiniLM caption vectors,
+the top-k caption neighbours, the effective density, and mean-centred L2-normalised pixels as the
+image feature.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pogdiff import demo
+from pogdiff.neighbours import NeighbourGraph, effective_density, knn_graph
+from pogdiff.pipelines.base import to_tensor
+from pogdiff.text import load_text_encoder
+from pogdiff.trainer import TrainData
+
+
+def train_data(
+    counts: list[int],
+    size: int,
+    k: int,
+    seed: int = 0,
+    variation: demo.Variation = "full",
+    bandwidth: float = 0.05,
+    captions: demo.CaptionMode = "individual",
+) -> TrainData:
+    """The first ``len(counts)`` individuals, ``counts[c]`` images each (size x size), with a ``k``-neighbour
+    caption graph: images ``[N, 3, size, size]`` in [-1, 1], image features ``[N, 3 * size * size]``."""
+    individuals = demo.all_individuals()[: len(counts)]
+    rng = np.random.default_rng(seed)
+    images, image_captions = [], []
+    for individual, n in zip(individuals, counts):
+        for _ in range(n):
+            instance = demo.sample_instance(rng, variation)
+            images.append(demo.render(individual, instance, size))
+            image_captions.append(demo.image_caption(individual, instance, captions, rng))
+    names = list(dict.fromkeys(image_captions))  # first appearance: in `individual` mode caption c is individual c
+    row = {c: i for i, c in enumerate(names)}
+    caption_of = torch.tensor([row[c] for c in image_captions])
+    per_caption = torch.bincount(caption_of, minlength=len(names)).float()
+    vectors = load_text_encoder().embed(names)
+    nb_ids, nb_sims = knn_graph(vectors, k)
+    density = effective_density(vectors, per_caption, bandwidth)
+    x = to_tensor(np.stack(images))
+    flat = x.flatten(1) - x.flatten(1).mean(1, keepdim=True)
+    graph = NeighbourGraph.build(caption_of, nb_ids, nb_sims, density, torch.nn.functional.normalize(flat, dim=1))
+    return TrainData(x, names, graph)

@@ -1,0 +1,169 @@
+"""The training methods, one class each: what a method draws per batch beyond the shared data, and its loss.
+
+Every method trains on the same batches from the data stream (image rows, caption dropout, noise,
+timesteps: ``Batch``), so comparisons are fair. Whatever a method draws on top (a neighbour caption,
+a per-sample weight) comes from the separate neighbour stream and is drawn for the whole global
+batch, so DDP ranks stay in step and the data stream never shifts. The loss equations live in
+``pogdiff.objectives``; a method decides which predictions feed them.
+
+A new method is one ``Method`` subclass and one ``METHODS`` entry (its name must also be one of the
+``train.pog.method`` choices in ``pogdiff.config``; a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from pogdiff.config import PoGConfig
+from pogdiff.neighbours import NeighbourGraph, draw_borrowing, similarity_threshold
+from pogdiff.objectives import cbdm_loss, pogdiff_loss, vanilla_loss
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The draws every method shares for one global batch of B samples, on the CPU.
+
+    idx ``[B]`` training image rows; caption ``[B]`` their caption ids y; dropped ``[B]`` bool, y
+    replaced by the empty caption (classifier-free guidance); t ``[B]`` timesteps.
+    """
+
+    idx: torch.Tensor
+    caption: torch.Tensor
+    dropped: torch.Tensor
+    t: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's b samples of the batch, on the device, after the forward for y.
+
+    xt ``[b, C, H, W]`` = z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps; t ``[b]``; pred ``[b, C, H, W]``
+    = f(z_t, y, t) with its gradient; target ``[b, C, H, W]`` = eps or v. ``predict(x, t, captions,
+    grad)`` runs the UNet on caption ids ``captions`` ``[b']``: with ``grad`` through the trained
+    (under DDP, gradient-synchronised) model, else through the bare UNet without a graph.
+    """
+
+    xt: torch.Tensor
+    t: torch.Tensor
+    pred: torch.Tensor
+    target: torch.Tensor
+    predict: Callable[..., torch.Tensor]
+
+
+def quartile_means(values: torch.Tensor, t: torch.Tensor, num_train_timesteps: int, name: str) -> dict[str, float]:
+    """Mean of ``values`` ``[B]`` per timestep quartile, keys ``{name}/q1..q4`` (only non-empty ones)."""
+    q = (t * 4 // num_train_timesteps).clamp(0, 3)
+    out = {}
+    for i in range(4):
+        sel = q == i
+        if sel.any():
+            out[f"{name}/q{i + 1}"] = values[sel].float().mean().item()
+    return out
+
+
+class Method:
+    """One training method: ``draw`` extra per-sample values for a global batch, ``loss`` on a rank's shard."""
+
+    def __init__(self, pog: PoGConfig, graph: NeighbourGraph, num_train_timesteps: int):
+        self.pog = pog
+        self.graph = graph
+        self.num_train_timesteps = num_train_timesteps
+
+    def draw(self, batch: Batch, generator: torch.Generator) -> Tensors:
+        """Per-sample values ``{name: [B]}`` for the whole global batch, from the neighbour stream
+        ``generator``; the trainer passes each rank its shard ``[b]`` of them. Nothing by default."""
+        return {}
+
+    def loss(self, shard: Shard, draws: Tensors) -> tuple[Tensors, Tensors]:
+        """(terms, report): the per-sample terms ``{"loss": [b], ...}`` of ``pogdiff.objectives``, and
+        per-sample values ``{name: [b]}`` that ``metrics`` summarises once gathered over the step."""
+        raise NotImplementedError
+
+    def metrics(self, report: Tensors, t: torch.Tensor) -> dict[str, float]:
+        """Step metrics from the step's ``report`` values ``{name: [N]}`` and their timesteps ``t`` ``[N]``."""
+        return {}
+
+
+class Vanilla(Method):
+    """Plain fine-tuning, L = |f(z_t, y, t) - target|^2; draws nothing."""
+
+    def loss(self, shard: Shard, draws: Tensors) -> tuple[Tensors, Tensors]:
+        return vanilla_loss(shard.pred, shard.target), {}
+
+
+class PoGDiff(Method):
+    """PoGDiff: borrow from a neighbouring caption y' in proportion to psi (DESIGN §4).
+
+    form B: L = |pred - target|^2 + psi |pred - nb|^2;  form A: L = |pred - (target + psi nb) / (1 + psi)|^2,
+    nb = sg[f(z_t, y', t)] at the same z_t, t, eps. y' and psi ``[B]`` come from ``draw_borrowing``,
+    with tau = the ``similarity_quantile`` of s_img over random pairs of training images.
+    """
+
+    def __init__(self, pog: PoGConfig, graph: NeighbourGraph, num_train_timesteps: int):
+        super().__init__(pog, graph, num_train_timesteps)
+        self.tau = similarity_threshold(graph.image_features, graph.caption_of, pog.similarity_quantile)
+
+    def draw(self, batch: Batch, generator: torch.Generator) -> Tensors:
+        borrow = draw_borrowing(
+            self.graph, batch.idx, batch.t, batch.dropped, self.pog, self.tau, self.num_train_timesteps, generator
+        )
+        return {"nb_caption": borrow.nb_caption, "psi": borrow.psi, "active": borrow.active}
+
+    def loss(self, shard: Shard, draws: Tensors) -> tuple[Tensors, Tensors]:
+        psi, active = draws["psi"], draws["active"]
+        device = shard.pred.device
+        # Sparse neighbour branch: the extra forward runs only where the target actually moves.
+        nb = shard.pred.detach().clone()
+        if active.any():
+            a_dev = active.to(device)
+            nb[a_dev] = shard.predict(shard.xt[a_dev], shard.t[a_dev], draws["nb_caption"][active], grad=False)
+        terms = pogdiff_loss(shard.pred, shard.target, nb, psi.to(device), self.pog.loss_form)
+        return terms, {"psi": psi, "active": active.float()}
+
+    def metrics(self, report: Tensors, t: torch.Tensor) -> dict[str, float]:
+        psi = report["psi"]
+        return {
+            "psi/mean": psi.mean().item(),
+            "psi/active_share": report["active"].mean().item(),
+            **quartile_means(psi, t, self.num_train_timesteps, "psi"),
+            "psi/tau": self.tau,
+        }
+
+
+class CBDM(Method):
+    """CBDM (Qin et al. 2023, official code), with nb = f(z_t, y', t) keeping its gradient:
+
+    L = |pred - target|^2 + w [ |pred - sg(nb)|^2 + 1/4 |sg(pred) - nb|^2 ],  w = cbdm_tau t / T
+    (0 where y was dropped), y' uniform over the other captions.
+    """
+
+    def draw(self, batch: Batch, generator: torch.Generator) -> Tensors:
+        n = self.graph.num_captions
+        # y' uniform over the other captions (the fine-tuning setting of the official code).
+        other = torch.randint(max(n - 1, 1), batch.t.shape, generator=generator)
+        y2 = torch.where(other >= batch.caption, other + 1, other) if n > 1 else batch.caption
+        weight = (self.pog.cbdm_tau * batch.t.float() / self.num_train_timesteps) * (~batch.dropped).float()
+        return {"other_caption": y2, "weight": weight}
+
+    def loss(self, shard: Shard, draws: Tensors) -> tuple[Tensors, Tensors]:
+        nb = shard.predict(shard.xt, shard.t, draws["other_caption"], grad=True)
+        return cbdm_loss(shard.pred, shard.target, nb, draws["weight"].to(shard.pred.device)), {}
+
+
+METHODS: dict[str, type[Method]] = {
+    "vanilla": Vanilla,
+    "pogdiff": PoGDiff,
+    "cbdm": CBDM,
+}
+
+
+def make_method(pog: PoGConfig, graph: NeighbourGraph, num_train_timesteps: int) -> Method:
+    """The ``METHODS`` entry named by ``pog.method``, built for ``graph``; a clear error for an unknown name."""
+    if pog.method not in METHODS:
+        raise ValueError(f"unknown method {pog.method!r}; known: {sorted(METHODS)}")
+    return METHODS[pog.method](pog, graph, num_train_timesteps)
