@@ -1,42 +1,14 @@
-"""Fixtures of the fault tests: one real `prefect server start` process for the whole folder, and a
-tiny base model, source and retrain config."""
+"""Fixtures of the fault tests: a tiny base model, source and retrain config (the Prefect server is
+the session's, tests/conftest.py)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-
 import pytest
 import yaml
-from faultkit import EXPERIMENT, MODEL_NAME, base_env
-from localserver import free_port, healthy, wait_for
+from faultkit import EXPERIMENT, MODEL_NAME
 
 from pogdiff import demo
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
-
-
-@pytest.fixture(scope="session")
-def prefect_api(tmp_path_factory):
-    """URL of a real Prefect server shared by every fault test (one database migration, not one per run)."""
-    root = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**base_env(), "PREFECT_HOME": str(root)}
-    log = open(root / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_for(lambda: healthy(api) or server.poll() is not None, 240, "the Prefect server", interval=1)
-        assert server.poll() is None, (root / "server.log").read_text()[-3000:]
-        yield api
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ from PIL import Image
 from prefect import get_client
 from prefect.artifacts import Artifact
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.testing.utilities import prefect_test_harness
 
 from pogdiff import demo
 from pogdiff.config import parse_config
@@ -17,12 +16,6 @@ from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from storage import parquet, tracking
 
 K = 3
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""`pogdiff serve` against a real `prefect server start` process: runs triggered through the API
+"""`pogdiff serve` against the session's real `prefect server start` process: runs triggered through the API
 complete, leave their report artifact, and never train at the same time (concurrency_limit 1)."""
 
 import os
@@ -12,7 +12,7 @@ from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from localserver import free_port, healthy, wait_for
+from localserver import wait_for
 
 from pogdiff import demo
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
@@ -22,7 +22,7 @@ FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_spec):
+def served(tmp_path_factory, tiny_spec, prefect_api):
     root = tmp_path_factory.mktemp("serve")
     source = root / "source"
     demo.generate_longtail(source, seed=5, size=16, max_count=6, alpha=1.0, min_count=1)
@@ -34,24 +34,18 @@ def served(tmp_path_factory, tiny_spec):
         "evaluate": {"min_images_per_individual": 1, "max_images_per_individual": 2, "num_inference_steps": 2, "buckets": {"many_above": 4, "few_below": 2}},
         "registry": {"experiment": "served", "model_name": "served-model"},
     }))
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(root / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("PREFECT_API_URL", None)
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     logs = root / "logs"
     logs.mkdir()
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT)
-    procs = [server]
+    procs = []
     try:
-        wait_for(lambda: healthy(api), 240, "the Prefect server", procs, interval=1, log=logs / "server.log")
-        serve_env = {**env, "POGDIFF_HOME": str(root / "home"), "POGDIFF_PREFECT_API_URL": api, "PREFECT_API_URL": api}
+        serve_env = {**env, "POGDIFF_HOME": str(root / "home"), "POGDIFF_PREFECT_API_URL": prefect_api, "PREFECT_API_URL": prefect_api}
         serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--deployment", "retrain-nightly",
                                   "--source", str(source), "--config", str(config)],
                                  cwd=ROOT, env=serve_env, stdout=open(logs / "serve.log", "w"), stderr=subprocess.STDOUT)
         procs.append(serve)
-        yield api, procs, logs
+        yield prefect_api, procs, logs
     finally:
         for p in reversed(procs):
             p.terminate()

@@ -2,11 +2,9 @@
 
 import lancedb
 import numpy as np
-import pytest
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.task_runners import ThreadPoolTaskRunner
-from prefect.testing.utilities import prefect_test_harness
 from prefect_dask import DaskTaskRunner
 
 from flows.runners import task_runner
@@ -14,12 +12,6 @@ from pogdiff import demo
 from pogdiff.config import IndexConfig, IngestConfig
 from pogdiff.text import load_text_encoder
 from storage.settings import load_settings
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
 
 
 def test_runner_follows_settings(tmp_path):
