@@ -1,9 +1,17 @@
-"""Links a reviewer can click (an MLflow run in the MLflow UI), with credentials removed."""
+"""URIs as people see them: credentials removed from every URI that is shown, logged or stored, and
+whether a location is a URI at all (``s3://bucket/x``) or a local path."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
+
+
+def has_scheme(location: str | Path) -> bool:
+    """Whether ``location`` is a URI (``scheme://...``) rather than a local path."""
+    # "C:\\x" is a Windows path, not a URI with scheme "c"
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", str(location)) is not None
 
 
 # query parameters that carry a secret: bearer and API tokens, passwords, S3 / GCS / Azure signed URLs

@@ -55,7 +55,7 @@ from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from pogdiff.config import GateConfig
-from storage.links import redact_text, redact_uri
+from storage.links import has_scheme, redact_text, redact_uri
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -103,7 +103,7 @@ def configure(tracking_uri: str, artifact_root: str | None = None) -> None:
     tracking_uri = _move_credentials(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    if artifact_root is not None and _is_server(tracking_uri) and not _has_scheme(artifact_root):
+    if artifact_root is not None and _is_server(tracking_uri) and not has_scheme(artifact_root):
         artifact_root = None
     if artifact_root is not None and redact_uri(artifact_root) != artifact_root:
         # MLflow stores the root in every experiment's location, which every reader of the server sees
@@ -168,16 +168,11 @@ def system_metrics_enabled() -> bool:
     return True if setting is None else setting.strip().lower() in ("true", "1")
 
 
-def _has_scheme(uri: str) -> bool:
-    # "C:\\x" is a Windows path, not a URI with scheme "c"
-    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", uri) is not None
-
-
 def _artifact_location(experiment: str) -> str | None:
     if _artifact_root is None:
         return None
     folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
-    if _has_scheme(_artifact_root):
+    if has_scheme(_artifact_root):
         return f"{_artifact_root.rstrip('/')}/{folder}"
     return (Path(_artifact_root).expanduser().resolve() / folder).as_uri()
 
