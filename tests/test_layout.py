@@ -1,4 +1,5 @@
-"""Architecture rules: the method library stays pure; configs reject unknown keys by name."""
+"""Architecture rules: the method library stays pure, the promotion rule needs no store; configs
+reject unknown keys by name."""
 
 import ast
 import subprocess
@@ -37,6 +38,13 @@ def test_pogdiff_imports_without_loading_forbidden_modules():
             "print(sorted(m for m in ('prefect', 'mlflow', 'lancedb') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def test_promotion_rule_needs_no_mlflow():
+    assert "mlflow" not in _imports(ROOT / "storage" / "gate.py")
+    code = "import sys, storage.gate; print('mlflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False"
 
 
 def test_unknown_key_is_named():
