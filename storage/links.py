@@ -44,16 +44,3 @@ def redact_text(text: str) -> str:
     parameter's value (``?token=…``, ``&X-Amz-Signature=…``) → ``***``."""
     return _SECRET_PARAM.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
 
-
-def mlflow_run_link(ui_url: str | None, run_id: str) -> str | None:
-    """``<ui>/#/experiments/<experiment id>/runs/<run id>``, or ``None`` when no UI address is known.
-
-    Needs the tracking URI configured (``storage.tracking.configure``). Credentials in ``ui_url``
-    never reach the link: it ends up in Prefect artifacts that every user of the server can read.
-    """
-    if not ui_url:
-        return None
-    from mlflow.tracking import MlflowClient  # here: the CLI imports this module for redaction alone
-
-    experiment_id = MlflowClient().get_run(run_id).info.experiment_id
-    return f"{redact_uri(ui_url).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"

@@ -1,5 +1,5 @@
-"""Architecture rules: the method library stays pure, the promotion rule needs no store; configs
-reject unknown keys by name."""
+"""Architecture rules: the method library stays pure, only storage/mlflow/ talks to MLflow, the
+promotion rule needs no store; configs reject unknown keys by name."""
 
 import ast
 import subprocess
@@ -38,6 +38,14 @@ def test_pogdiff_imports_without_loading_forbidden_modules():
             "print(sorted(m for m in ('prefect', 'mlflow', 'lancedb') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def test_only_the_mlflow_package_imports_mlflow():
+    files = [f for folder in ("storage", "tasks", "flows") for f in sorted((ROOT / folder).rglob("*.py"))]
+    assert files
+    inside = ROOT / "storage" / "mlflow"
+    bad = [str(f.relative_to(ROOT)) for f in files if "mlflow" in _imports(f) and inside not in f.parents]
+    assert not bad, f"only storage/mlflow/ may import mlflow: {bad}"
 
 
 def test_promotion_rule_needs_no_mlflow():

@@ -14,7 +14,8 @@ from prefect.testing.utilities import prefect_test_harness
 from pogdiff import demo
 from pogdiff.config import parse_config
 from pogdiff.model import PixelDiffusionPipeline
-from storage import parquet, tracking
+from storage import parquet
+from storage.mlflow import connection
 
 K = 3
 
@@ -82,7 +83,7 @@ def test_retrain_flow_end_to_end(prefect_server, setup, monkeypatch):
     assert _task_names(state).count("embed-shard") == -(-len(distinct) // 10)  # mapped over the flow's task runner
 
     # MLflow: a finished run with per-bucket metrics and per-step losses; a version with an alias
-    tracking.configure(f"sqlite:///{home / 'mlflow.db'}")
+    connection.configure(f"sqlite:///{home / 'mlflow.db'}")
     client = MlflowClient()
     run = client.get_run(first["run_id"])
     assert run.info.status == "FINISHED"

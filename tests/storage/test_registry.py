@@ -1,6 +1,6 @@
 """The model lifecycle: the promotion gate, champion/challenger aliases, `pogdiff models` and `pogdiff promote`.
 
-The gate is tested as the pure function ``tracking.decide`` case by case, then end to end on a real
+The gate is tested as the pure function ``decide`` case by case, then end to end on a real
 SQLite MLflow store through the register task's own function (``register_model.fn``) and the
 command line in a subprocess.
 """
@@ -26,8 +26,8 @@ from prefect.logging import disable_run_logger
 
 from pogdiff.config import ConfigError, GateConfig, RegisterConfig, parse_config
 from pogdiff.model import PixelDiffusionPipeline
-from storage import tracking
 from storage.gate import decide
+from storage.mlflow import connection, registry, runs
 from storage.settings import Settings, load_settings
 from tasks.register import register_model
 
@@ -163,7 +163,7 @@ def test_gate_config_is_typed():
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
-    """See tests/storage/test_tracking.py: one thread is as fast for tiny models on a busy machine."""
+    """See tests/storage/test_mlflow.py: one thread is as fast for tiny models on a busy machine."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -182,13 +182,13 @@ def home(tmp_path_factory, tiny_spec) -> Settings:
 
 def retrain(settings: Settings, cfg: RegisterConfig, metrics: dict[str, float]) -> dict:
     """What the retrain flow does after evaluation: a run with its metrics, then the register task."""
-    tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
-    run_id = tracking.start(cfg.experiment)
-    with tracking.resume(run_id):
-        tracking.log_metrics(metrics)
+    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    run_id = runs.start(cfg.experiment)
+    with runs.resume(run_id):
+        runs.log_metrics(metrics)
     with disable_run_logger():
         decision = register_model.fn(settings, cfg, str(settings.home / "model"), run_id, metrics)
-    tracking.end(run_id)
+    runs.end(run_id)
     return decision
 
 
@@ -247,15 +247,15 @@ def test_lifecycle_two_retrains_then_models_json(home):
 
 def test_register_retry_reuses_the_version(home):
     cfg = RegisterConfig(experiment="retry", model_name=f"retry-{uuid.uuid4().hex[:6]}")
-    tracking.configure(home.mlflow_tracking_uri, home.mlflow_artifact_root)
-    run_id = tracking.start(cfg.experiment)
+    connection.configure(home.mlflow_tracking_uri, home.mlflow_artifact_root)
+    run_id = runs.start(cfg.experiment)
     with disable_run_logger():
         first = register_model.fn(home, cfg, str(home.home / "model"), run_id, m(0.5, 20.0))
         again = register_model.fn(home, cfg, str(home.home / "model"), run_id, m(0.5, 20.0))
-    tracking.end(run_id)
+    runs.end(run_id)
     assert first["version"] == again["version"] == "1"
     assert again["promoted"] and again["reason"] == "already champion"
-    assert [v["version"] for v in tracking.list_versions(cfg.model_name)] == ["1"]
+    assert [v["version"] for v in registry.list_versions(cfg.model_name)] == ["1"]
 
 
 def test_promote_by_hand_is_recorded(home):
@@ -292,4 +292,4 @@ def test_promote_by_hand_is_recorded(home):
     ):
         bad = pogdiff(home, *args)
         assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [message]
-    assert math.isclose(tracking.champion(name)[1][FEW], 0.4)
+    assert math.isclose(registry.champion(name)[1][FEW], 0.4)
