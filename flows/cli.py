@@ -139,7 +139,7 @@ def cmd_tune(args, settings: Settings) -> int:
 def cmd_evaluate(args, settings: Settings) -> int:
     from flows.evaluate import evaluate_registered
 
-    from storage.compare import resolve_run
+    from storage.mlflow.references import resolve_run
 
     started = time.time()
     config = load_config(args.config or DEMO_CONFIG)

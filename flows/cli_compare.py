@@ -1,7 +1,7 @@
 """``pogdiff compare A B``: two evaluated models side by side, bucket x metric, with deltas.
 
 A and B are MLflow run ids or model references (``champion``, ``challenger``, ``name@alias``,
-``name/version``), resolved in the store of the settings' tracking URI (storage/compare.py).
+``name/version``), resolved in the store of the settings' tracking URI (storage/mlflow/references.py).
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def _label(r) -> str:
 
 
 def cmd_compare(args, settings: Settings) -> int:
-    from storage.compare import RunNotFound, resolve_run
+    from storage.errors import RunNotFound
+    from storage.mlflow.references import resolve_run
 
     try:
         a = resolve_run(settings.mlflow_tracking_uri, args.a, args.model)

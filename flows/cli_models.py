@@ -18,9 +18,9 @@ def _registry(args) -> tuple[str, RegisterConfig]:
 
 
 def _configure(settings: Settings) -> None:
-    from storage import tracking
+    from storage.mlflow import connection
 
-    tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
 
 
 def _fail(err: Exception) -> int:
@@ -33,12 +33,12 @@ def _cell(value: float | None) -> str:
 
 
 def cmd_models(args, settings: Settings) -> int:
-    from storage import tracking
+    from storage.mlflow import registry
 
     name, cfg = _registry(args)
     _configure(settings)
     try:
-        versions = tracking.list_versions(name)
+        versions = registry.list_versions(name)
     except (LookupError, ValueError) as err:
         return _fail(err)
     if args.json:
@@ -67,12 +67,12 @@ def _user() -> str | None:
 
 
 def cmd_promote(args, settings: Settings) -> int:
-    from storage import tracking
+    from storage.mlflow import registry
 
     name, _ = _registry(args)
     _configure(settings)
     try:
-        decision = tracking.promote_manually(name, args.version, _user(), args.reason)
+        decision = registry.promote_manually(name, args.version, _user(), args.reason)
     except (LookupError, ValueError) as err:
         return _fail(err)
     if decision.champion_before == decision.version:
@@ -80,7 +80,7 @@ def cmd_promote(args, settings: Settings) -> int:
     else:
         from tasks.register import keep_champion_lineage
 
-        run_id = tracking.version_run_id(name, decision.version)
+        run_id = registry.version_run_id(name, decision.version)
         if run_id is not None and (problem := keep_champion_lineage(settings, name, run_id)):
             print(f"warning: the champion's data versions are not tagged ({problem})", file=sys.stderr)
         before = f"v{decision.champion_before}" if decision.champion_before else "none"

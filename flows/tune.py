@@ -15,7 +15,7 @@ from flows.prepare import prepare
 from flows.runners import task_runner
 from pogdiff.config import RetrainConfig
 from pogdiff.tune import REFERENCE, choose, suggest
-from storage import tracking
+from storage.mlflow import connection, runs
 from storage.settings import load_settings
 from tasks.tune import (
     finished_trials,
@@ -62,10 +62,10 @@ def tune(source: str, config: RetrainConfig = RetrainConfig()) -> dict:
         chosen = choose(reference, trials, tc.head_max_drop)
         tuned_path, table = publish_result(settings, config, parent, reference, trials, chosen, str(folder))
     except BaseException:
-        tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
-        tracking.end(parent, "FAILED")  # the next tune of the same study resumes this run
+        connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+        runs.end(parent, "FAILED")  # the next tune of the same study resumes this run
         raise
-    tracking.end(parent, "FINISHED")
+    runs.end(parent, "FINISHED")
     print(table)
     return {"key": key, "parent_run_id": parent, "chosen": {"trial": chosen.number, "knobs": chosen.knobs, "score": chosen.score},
             "reference_score": reference.score, "trials": len(trials), "out_of_time": out_of_time, "tuned_config": str(tuned_path),

@@ -11,11 +11,9 @@ import os
 import uuid
 from pathlib import Path
 
+from storage.links import has_scheme
+
 GENERATION_FILE = ".pogdiff-generation"
-
-
-def _has_scheme(location: str | Path) -> bool:
-    return "://" in str(location)
 
 
 def source_fingerprint(source: str | Path) -> str:
@@ -26,7 +24,7 @@ def source_fingerprint(source: str | Path) -> str:
     of its own ("missing:<path>") so the ingest that follows fails with its clear error, uncached.
     Remote sources (``s3://…``) are keyed by their URI alone.
     """
-    if _has_scheme(source):
+    if has_scheme(source):
         return "uri:" + str(source)
     root = Path(source)
     if not os.path.lexists(root):
@@ -53,7 +51,7 @@ def store_generation(location: str | Path) -> str:
     are never reused for the new one. Stores behind a URI scheme (``s3://…``) are identified by
     their URI.
     """
-    if _has_scheme(location):
+    if has_scheme(location):
         return "uri:" + str(location)
     folder = Path(location)
     folder.mkdir(parents=True, exist_ok=True)

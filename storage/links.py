@@ -1,9 +1,17 @@
-"""Links a reviewer can click (an MLflow run in the MLflow UI), with credentials removed."""
+"""URIs as people see them: credentials removed from every URI that is shown, logged or stored, and
+whether a location is a URI at all (``s3://bucket/x``) or a local path."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
+
+
+def has_scheme(location: str | Path) -> bool:
+    """Whether ``location`` is a URI (``scheme://...``) rather than a local path."""
+    # "C:\\x" is a Windows path, not a URI with scheme "c"
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", str(location)) is not None
 
 
 # query parameters that carry a secret: bearer and API tokens, passwords, S3 / GCS / Azure signed URLs
@@ -36,16 +44,3 @@ def redact_text(text: str) -> str:
     parameter's value (``?token=…``, ``&X-Amz-Signature=…``) → ``***``."""
     return _SECRET_PARAM.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
 
-
-def mlflow_run_link(ui_url: str | None, run_id: str) -> str | None:
-    """``<ui>/#/experiments/<experiment id>/runs/<run id>``, or ``None`` when no UI address is known.
-
-    Needs the tracking URI configured (``storage.tracking.configure``). Credentials in ``ui_url``
-    never reach the link: it ends up in Prefect artifacts that every user of the server can read.
-    """
-    if not ui_url:
-        return None
-    from mlflow.tracking import MlflowClient  # here: the CLI imports this module for redaction alone
-
-    experiment_id = MlflowClient().get_run(run_id).info.experiment_id
-    return f"{redact_uri(ui_url).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"

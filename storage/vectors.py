@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from lancedb.index import HnswSq, IvfPq
 
 from pogdiff.config import IndexConfig
+from storage.links import has_scheme
 
 CAPTIONS = "captions"
 IMAGE_FEATURES = "image_features"
@@ -88,7 +89,7 @@ def open_table(db, name: str, version: int | None = None):
 def check_writable(uri: str) -> None:
     """Raise ``PermissionError`` naming the path when a local LanceDB directory cannot be created or
     written (lance's own error names neither the table nor the folder). URIs (``s3://…``) pass."""
-    if "://" in uri:
+    if has_scheme(uri):
         return
     path = Path(uri)
     try:

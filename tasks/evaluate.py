@@ -16,7 +16,7 @@ from pogdiff.evaluation import EvalResult, RealSet, comparison_grid, evaluate
 from pogdiff.metrics import BUCKETS
 from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.plots import grecall_scatter, metric_bars, save_png
-from storage import tracking
+from storage.mlflow import connection, runs
 from storage.settings import Settings
 from storage.training_set import load_real_set
 
@@ -79,11 +79,11 @@ def evaluate_model(settings: Settings, cfg: EvaluateConfig, model_dir: str, run_
 
     result = evaluate(pipe, real, cfg)
 
-    tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
-    with tracking.resume(run_id), tempfile.TemporaryDirectory() as tmp:
-        tracking.log_metrics(result.metrics)
+    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    with runs.resume(run_id), tempfile.TemporaryDirectory() as tmp:
+        runs.log_metrics(result.metrics)
         write_report(result, real, cfg, Path(tmp))
-        tracking.log_artifacts(Path(tmp), ARTIFACT_DIR)
+        runs.log_artifacts(Path(tmp), ARTIFACT_DIR)
     log.info("evaluate: %s (gate=%s, %d images generated)", {k: round(v, 3) for k, v in result.metrics.items()},
              result.info["gate"], result.info["generated_images"])
     return result.metrics

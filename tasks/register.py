@@ -9,8 +9,9 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from pogdiff.config import RegisterConfig
-from storage import tracking, vectors
+from storage import vectors
 from storage.links import redact_uri
+from storage.mlflow import connection, packaging, registry, runs
 from storage.settings import Settings
 from tasks.retry import IO_RETRIES
 
@@ -24,16 +25,16 @@ def register_version(settings: Settings, cfg: RegisterConfig, model_dir: str, ru
     A LoRA run (``<run_dir>/lora`` beside ``<run_dir>/model``) logs only its adapter, with the
     base model the run's logged config names (param ``train.base_model``).
     """
-    tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
-    existing = tracking.version_of_run(cfg.model_name, run_id)
+    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    existing = registry.version_of_run(cfg.model_name, run_id)
     if existing is not None:
         return existing
     caps = vectors.read_caption_table(settings.lancedb_uri).sort_by([("count", "descending")])
     example_prompts = caps.column("caption").to_pylist()[:2]
     adapter = Path(model_dir).parent / ADAPTER_DIR
-    base_model = tracking.run_params(run_id)["train.base_model"] if adapter.is_dir() else None
-    with tracking.resume(run_id):
-        return tracking.log_model(
+    base_model = runs.run_params(run_id)["train.base_model"] if adapter.is_dir() else None
+    with runs.resume(run_id):
+        return packaging.log_model(
             Path(model_dir),
             cfg.model_name,
             example_prompts,
@@ -54,7 +55,7 @@ def keep_champion_lineage(settings: Settings, model_name: str, run_id: str) -> s
     Returns None, or why the tags could not move (the promotion stands either way: the lineage then
     resolves for ``index.version_retention_days``).
     """
-    tags = tracking.run_tags(run_id)
+    tags = runs.run_tags(run_id)
     versions = {table: int(tags[tag]) for table, tag in ((vectors.CAPTIONS, "lancedb_captions_version"),
                                                          (vectors.IMAGE_FEATURES, "lancedb_image_features_version")) if tag in tags}
     if not versions:
@@ -68,13 +69,13 @@ def keep_champion_lineage(settings: Settings, model_name: str, run_id: str) -> s
 
 @task(name="register", **IO_RETRIES)
 def register_model(settings: Settings, cfg: RegisterConfig, model_dir: str, run_id: str, metrics: dict[str, float]) -> dict:
-    """Returns the promotion decision (``tracking.PromotionDecision`` as a dict: ``promoted``,
+    """Returns the promotion decision (``registry.PromotionDecision`` as a dict: ``promoted``,
     ``version``, ``champion_before``, ``decided_by``, ``reason``, ``checks``) plus ``model_name``,
     ``run_id`` and the previous champion's metrics ``champion_metrics`` (empty when none)."""
-    tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
-    before = tracking.champion(cfg.model_name)
+    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    before = registry.champion(cfg.model_name)
     version = register_version(settings, cfg, model_dir, run_id)
-    decision = tracking.promote(cfg.model_name, version, metrics, cfg.gate)
+    decision = registry.promote(cfg.model_name, version, metrics, cfg.gate)
     get_run_logger().info("register: %s version %s — %s", cfg.model_name, version, decision.reason)
     if decision.promoted and (problem := keep_champion_lineage(settings, cfg.model_name, run_id)):
         get_run_logger().warning("register: the champion's data versions are not tagged (%s)", problem)

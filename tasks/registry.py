@@ -8,8 +8,8 @@ from prefect import task
 from prefect.runtime import flow_run
 
 from pogdiff.config import RetrainConfig
-from storage import tracking
-from storage.model_fetch import materialize
+from storage.mlflow import connection, lineage, runs
+from storage.mlflow.references import materialize
 from storage.settings import Settings
 from tasks.retry import IO_RETRIES
 
@@ -17,14 +17,14 @@ from tasks.retry import IO_RETRIES
 @task(name="fetch-model", **IO_RETRIES)
 def fetch_model(settings: Settings, model_name: str, ref: str) -> dict:
     """The version ``ref`` names (alias or version of ``model_name``) as a local model folder."""
-    tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
     return materialize(settings.mlflow_tracking_uri, ref, model_name, Path(settings.runs_dir) / "registered")
 
 
 @task(name="open-evaluation-run", **IO_RETRIES)
 def open_evaluation_run(settings: Settings, config: RetrainConfig, target: dict, snapshot: dict) -> str:
     """A new run in the experiment, tagged with the version it evaluates and the data it used."""
-    tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
     tags = {
         "kind": "evaluation",
         "evaluated_model": target["model"],
@@ -34,8 +34,8 @@ def open_evaluation_run(settings: Settings, config: RetrainConfig, target: dict,
         "prefect_flow_run_id": str(flow_run.get_id() or "none"),
     }
     name = f"evaluate-{target['model']}-v{target['version']}-{snapshot['snapshot_id']}"
-    run_id = tracking.start(config.registry.experiment, run_name=name, tags=tags)
-    with tracking.resume(run_id):
-        tracking.log_config(config.evaluate)
-        tracking.log_lineage(f"dataset@{snapshot['snapshot_id']}", str(settings.dataset_uri), snapshot["snapshot_id"], "evaluation", snapshot["rows"])
+    run_id = runs.start(config.registry.experiment, run_name=name, tags=tags)
+    with runs.resume(run_id):
+        runs.log_config(config.evaluate)
+        lineage.log_lineage(f"dataset@{snapshot['snapshot_id']}", str(settings.dataset_uri), snapshot["snapshot_id"], "evaluation", snapshot["rows"])
     return run_id

@@ -5,8 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from storage import tracking
-from storage.links import mlflow_run_link
+from storage.mlflow import connection, runs
 from storage.settings import Settings
 
 BUCKETS = ("many", "medium", "few", "overall")
@@ -63,8 +62,8 @@ def render_evaluation(metrics: dict[str, float], target: dict, at_training: dict
 @task(name="report")
 def publish_report(settings: Settings, metrics: dict[str, float], decision: dict, run_id: str, snapshot_id: str) -> str:
     """Creates the ``retrain-report`` markdown artifact; returns the artifact id."""
-    tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
-    link = mlflow_run_link(settings.mlflow_ui_url, run_id)
+    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    link = runs.run_link(settings.mlflow_ui_url, run_id)
     markdown = render_report(metrics, decision, run_id, link, snapshot_id)
     return str(create_markdown_artifact(markdown=markdown, key="retrain-report", description="bucket × metric table and promotion decision"))
 
@@ -72,7 +71,7 @@ def publish_report(settings: Settings, metrics: dict[str, float], decision: dict
 @task(name="evaluation-report")
 def publish_evaluation_report(settings: Settings, metrics: dict[str, float], target: dict, run_id: str, snapshot_id: str) -> str:
     """Creates the ``evaluation-report`` markdown artifact; returns the artifact id."""
-    tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
-    link = mlflow_run_link(settings.mlflow_ui_url, run_id)
+    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    link = runs.run_link(settings.mlflow_ui_url, run_id)
     markdown = render_evaluation(metrics, target, target["metrics"], run_id, link, snapshot_id)
     return str(create_markdown_artifact(markdown=markdown, key="evaluation-report", description="a registered version on today's data"))

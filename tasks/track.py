@@ -16,8 +16,9 @@ from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 
 from pogdiff.config import RetrainConfig
-from storage import tracking, vectors
+from storage import vectors
 from storage.links import redact_uri
+from storage.mlflow import connection, lineage, runs
 from storage.settings import REPO_ROOT, Settings
 from storage.training_set import DataVersion
 from tasks.retry import IO_RETRIES
@@ -116,7 +117,7 @@ def _crashed_run(experiment: str, key: str, log) -> str | None:
     time (``concurrency_limit: 1``), so a RUNNING retrain found when a retrain starts has no process left.
     """
     resumable = None
-    for run_id, tags in tracking.unfinished_runs(experiment):
+    for run_id, tags in runs.unfinished_runs(experiment):
         if tags.get(KIND_TAG, "retrain") != "retrain":
             continue
         if owner_alive(tags.get(OWNER_TAG)):
@@ -125,15 +126,15 @@ def _crashed_run(experiment: str, key: str, log) -> str | None:
         if resumable is None and tags.get(RETRAIN_KEY_TAG) == key:
             resumable = run_id
             continue
-        tracking.set_tags(run_id, {"failed_reason": "left RUNNING by a crashed retrain; not resumable"})
-        tracking.end(run_id, "FAILED")
+        runs.set_tags(run_id, {"failed_reason": "left RUNNING by a crashed retrain; not resumable"})
+        runs.end(run_id, "FAILED")
         log.warning("open-run: MLflow run %s was left RUNNING by a crashed retrain; marked FAILED", run_id)
     if resumable is None:  # a run stopped by the training time limit continues where it stopped
-        stopped = [r for r, tags in tracking.unfinished_runs(experiment, "KILLED")
+        stopped = [r for r, tags in runs.unfinished_runs(experiment, "KILLED")
                    if tags.get(RESUMABLE_TAG) == "true" and tags.get(RETRAIN_KEY_TAG) == key]
         if stopped:
             resumable = stopped[0]
-            tracking.set_tags(resumable, {RESUMABLE_TAG: "false"})
+            runs.set_tags(resumable, {RESUMABLE_TAG: "false"})
     return resumable
 
 
@@ -152,8 +153,8 @@ def open_run(settings: Settings, config: RetrainConfig, data: DataVersion) -> st
     train and evaluate tasks read.
     """
     log = _logger()
-    tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
-    tracking.check_server()
+    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    connection.check_server()
     snapshot_id, num_rows = data.snapshot_id, data.rows
     tables = _lance_tables(settings.lancedb_uri, {vectors.CAPTIONS: data.captions_version,
                                                   vectors.IMAGE_FEATURES: data.features_version})
@@ -176,22 +177,22 @@ def open_run(settings: Settings, config: RetrainConfig, data: DataVersion) -> st
     }
     run_id = _crashed_run(config.registry.experiment, key, log)
     if run_id is None:
-        run_id = tracking.start(config.registry.experiment, run_name=f"{config.train.pog.method}-{snapshot_id}", tags=tags)
+        run_id = runs.start(config.registry.experiment, run_name=f"{config.train.pog.method}-{snapshot_id}", tags=tags)
     else:
-        tracking.set_tags(run_id, {**tags, RESUMED_TAG: "true"})
+        runs.set_tags(run_id, {**tags, RESUMED_TAG: "true"})
         log.warning("open-run: resuming MLflow run %s, left RUNNING by a crashed retrain of the same config "
                     "and snapshot; training continues from its last checkpoint", run_id)
     dataset = str(settings.dataset_uri)
     resolved, operational = split_config(config)
-    tracking.set_tags(run_id, {f"attempt.{k}": v for k, v in operational.items()})
-    with tracking.resume(run_id):
-        tracking.log_config(resolved)
-        tracking.log_lineage(f"dataset@{snapshot_id}", dataset, snapshot_id, "training", num_rows)
+    runs.set_tags(run_id, {f"attempt.{k}": v for k, v in operational.items()})
+    with runs.resume(run_id):
+        runs.log_config(resolved)
+        lineage.log_lineage(f"dataset@{snapshot_id}", dataset, snapshot_id, "training", num_rows)
         for name, t in ((vectors.CAPTIONS, captions), (vectors.IMAGE_FEATURES, features)):
-            tracking.log_lineage(f"lancedb/{name}@v{t['version']}", redact_uri(t["uri"]), t["digest"], "training", t["rows"])
-        tracking.log_lineage(f"eval-captions@lancedb-v{captions['version']}", redact_uri(captions["uri"]), captions["digest"],
+            lineage.log_lineage(f"lancedb/{name}@v{t['version']}", redact_uri(t["uri"]), t["digest"], "training", t["rows"])
+        lineage.log_lineage(f"eval-captions@lancedb-v{captions['version']}", redact_uri(captions["uri"]), captions["digest"],
                              "evaluation", captions["rows"])
-        tracking.log_lineage(f"eval-references@{snapshot_id}", dataset, snapshot_id, "evaluation", num_rows)
+        lineage.log_lineage(f"eval-references@{snapshot_id}", dataset, snapshot_id, "evaluation", num_rows)
     return run_id
 
 
@@ -199,9 +200,9 @@ def open_run(settings: Settings, config: RetrainConfig, data: DataVersion) -> st
 def close_run(settings: Settings, run_id: str, failed: bool, resumable: bool = False) -> None:
     """FINISHED, FAILED, or KILLED with ``resumable=true`` (the next retrain of the same config and
     snapshot continues it from its checkpoint, e.g. after the training time limit)."""
-    tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
     if resumable:
-        tracking.set_tags(run_id, {RESUMABLE_TAG: "true"})
-        tracking.end(run_id, "KILLED")
+        runs.set_tags(run_id, {RESUMABLE_TAG: "true"})
+        runs.end(run_id, "KILLED")
     else:
-        tracking.end(run_id, "FAILED" if failed else "FINISHED")
+        runs.end(run_id, "FAILED" if failed else "FINISHED")

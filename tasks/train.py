@@ -27,8 +27,8 @@ from pogdiff.pipelines.base import TextToImagePipeline, to_tensor
 from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.process import child_env
 from pogdiff.trainer import TrainData, train
-from storage import tracking
-from storage.metric_sink import MetricSink, MetricsNotWritten
+from storage.mlflow import connection, runs
+from storage.mlflow.metric_sink import MetricSink, MetricsNotWritten
 from storage.settings import Settings
 from storage.training_set import DataVersion, load_training_set
 from tasks.train_cli import write_train_data
@@ -38,7 +38,7 @@ _CHILD_ERRORS = {2: "bad training input", 3: "the loss diverged", 4: "the traini
 
 
 def run_dir(settings: Settings, run_id: str) -> Path:
-    return tracking.run_dir(settings.runs_dir, run_id)  # run ids are hex: never a path outside runs_dir
+    return runs.run_dir(settings.runs_dir, run_id)  # run ids are hex: never a path outside runs_dir
 
 
 class _Progress:
@@ -136,10 +136,10 @@ def train_model(settings: Settings, cfg: TrainConfig, index_cfg: IndexConfig, ru
     data = training_data(settings, index_cfg, cfg.base_model, pipe, version)
     log.info("train: %d images of snapshot %s (captions table v%d, image features v%d)", len(data.images),
              version.snapshot_id, version.captions_version, version.features_version)
-    tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
     out = run_dir(settings, run_id)
     sink = MetricSink(run_id)
-    with tracking.resume(run_id):  # the active run: MLflow's system metrics sample while training runs
+    with runs.resume(run_id):  # the active run: MLflow's system metrics sample while training runs
         try:
             progress = _Progress(cfg.steps, log, sink)
             if cfg.num_processes == 1:

@@ -33,7 +33,7 @@ from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.plots import save_png, tune_trials
 from pogdiff.trainer import train
 from pogdiff.tune import TrialResult, feasible, sampler_value, trial_train, trials_table, tuned_config
-from storage import tracking
+from storage.mlflow import connection, runs
 from storage.settings import Settings
 from storage.training_set import DataVersion, load_real_set
 from tasks.train import training_data
@@ -112,21 +112,21 @@ def record_trial(study: optuna.Study, trial: optuna.Trial, done: dict[str, Any],
 
 def open_parent_run(settings: Settings, config: RetrainConfig, key: str, snapshot_id: str) -> str:
     """The tune's parent run: the one an earlier attempt of the same study left open, or a new one."""
-    tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
     experiment = experiment_of(config)
     for status in ("RUNNING", "FAILED", "KILLED"):
-        for run_id, tags in tracking.unfinished_runs(experiment, status):
+        for run_id, tags in runs.unfinished_runs(experiment, status):
             if tags.get(TUNE_KEY_TAG) == key and tags.get("mlflow.parentRunId") is None:
-                tracking.set_tags(run_id, {"resumed": "true"})
-                for child, child_tags in tracking.unfinished_runs(experiment):
+                runs.set_tags(run_id, {"resumed": "true"})
+                for child, child_tags in runs.unfinished_runs(experiment):
                     if child_tags.get("mlflow.parentRunId") == run_id:  # the trial the crash interrupted
-                        tracking.set_tags(child, {"failed_reason": "left RUNNING by a crashed tune; another trial replaces it"})
-                        tracking.end(child, "FAILED")
+                        runs.set_tags(child, {"failed_reason": "left RUNNING by a crashed tune; another trial replaces it"})
+                        runs.end(child, "FAILED")
                 return run_id
     tags = {TUNE_KEY_TAG: key, "dataset_snapshot_id": snapshot_id, "base_model": config.train.base_model}
-    run_id = tracking.start(experiment, run_name=f"tune-{snapshot_id}", tags=tags)
-    with tracking.resume(run_id):
-        tracking.log_config(config.model_dump(mode="json"))
+    run_id = runs.start(experiment, run_name=f"tune-{snapshot_id}", tags=tags)
+    with runs.resume(run_id):
+        runs.log_config(config.model_dump(mode="json"))
     return run_id
 
 
@@ -147,21 +147,21 @@ def run_trial(settings: Settings, config: RetrainConfig, data: DataVersion, knob
     real = load_real_set(settings.dataset_uri, pipe.image_size, config.evaluate.individual_column, data.snapshot_id)
     eval_cfg = config.evaluate.model_copy(update={"seed": config.tune.eval_seed})
     out = Path(folder) / ("reference" if number < 0 else f"trial-{number:03d}")
-    tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
     name = "reference (lam 0)" if number < 0 else f"trial {number}"
-    child = tracking.start(experiment_of(config), run_name=name,
+    child = runs.start(experiment_of(config), run_name=name,
                            tags={"mlflow.parentRunId": parent_run_id, "tune_trial": str(number)})
     try:
-        with tracking.resume(child):
-            tracking.log_config({"knobs": knobs, "method": cfg.pog.method, "steps": cfg.steps, "eval_seed": eval_cfg.seed})
-            train(pipe, train_set, cfg, out, on_step=lambda step, m: tracking.log_metrics({f"train/{k}": v for k, v in m.items()}, step=step),
+        with runs.resume(child):
+            runs.log_config({"knobs": knobs, "method": cfg.pog.method, "steps": cfg.steps, "eval_seed": eval_cfg.seed})
+            train(pipe, train_set, cfg, out, on_step=lambda step, m: runs.log_metrics({f"train/{k}": v for k, v in m.items()}, step=step),
                   resume=False)
             result = evaluate(pipe, real, eval_cfg)
-            tracking.log_metrics(result.metrics)
+            runs.log_metrics(result.metrics)
     except BaseException:
-        tracking.end(child, "FAILED")
+        runs.end(child, "FAILED")
         raise
-    tracking.end(child, "FINISHED")
+    runs.end(child, "FINISHED")
     shutil.rmtree(out, ignore_errors=True)
     seconds = time.perf_counter() - started
     log.info("tune: %s %s: few gRecall %.3f, few accuracy %.3f, many accuracy %.3f (%.0f s)", name, knobs,
@@ -183,17 +183,17 @@ def publish_result(settings: Settings, config: RetrainConfig, parent_run_id: str
     path = write_text_atomic(Path(folder) / "tuned.yaml", text)
     table = trials_table(reference, trials, chosen, head_max_drop)
     points = [(t.number, float(t.knobs["lam"]), t.score, feasible(t.metrics, reference.metrics, head_max_drop)) for t in trials]
-    tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
-    with tempfile.TemporaryDirectory() as tmp_dir, tracking.resume(parent_run_id):
+    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    with tempfile.TemporaryDirectory() as tmp_dir, runs.resume(parent_run_id):
         out = Path(tmp_dir)
         (out / "trials.md").write_text(table, encoding="utf-8")
         (out / "tuned.yaml").write_text(text, encoding="utf-8")
         save_png(tune_trials(reference.score, points, f"{len(trials)} trials; chosen: {'lam = 0' if chosen.number < 0 else what}"),
                  out / "trials.png")
-        tracking.log_artifacts(out, "tune")
-        tracking.log_metrics({"tune/reference_score": reference.score, "tune/chosen_score": chosen.score,
+        runs.log_artifacts(out, "tune")
+        runs.log_metrics({"tune/reference_score": reference.score, "tune/chosen_score": chosen.score,
                               "tune/chosen_lam": float(chosen.knobs["lam"]), "tune/trials": float(len(trials))})
-    tracking.set_tags(parent_run_id, {"tune.chosen": "reference" if chosen.number < 0 else str(chosen.number)})
+    runs.set_tags(parent_run_id, {"tune.chosen": "reference" if chosen.number < 0 else str(chosen.number)})
     try:
         create_markdown_artifact(key="tune-trials", markdown=f"# pogdiff tune: chosen {what}\n\n{table}",
                                  description="pogdiff tune: every trial on the validation draw")

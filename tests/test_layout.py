@@ -1,4 +1,5 @@
-"""Architecture rules: the method library stays pure, no import cycles, short modules; configs reject unknown keys by name."""
+"""Architecture rules: the method library stays pure, only storage/mlflow/ talks to MLflow, the
+promotion rule needs no store, no import cycles, short modules; configs reject unknown keys by name."""
 
 import ast
 import subprocess
@@ -122,6 +123,21 @@ def test_library_modules_are_short():
     long = {str(f.relative_to(ROOT)): n for f in sorted((ROOT / "pogdiff").rglob("*.py"))
             if (n := len(f.read_text(encoding="utf-8").splitlines())) > MAX_LIBRARY_LINES}
     assert not long, f"pogdiff/ modules over {MAX_LIBRARY_LINES} lines: {long}"
+
+
+def test_only_the_mlflow_package_imports_mlflow():
+    files = [f for folder in ("storage", "tasks", "flows") for f in sorted((ROOT / folder).rglob("*.py"))]
+    assert files
+    inside = ROOT / "storage" / "mlflow"
+    bad = [str(f.relative_to(ROOT)) for f in files if "mlflow" in _imports(f) and inside not in f.parents]
+    assert not bad, f"only storage/mlflow/ may import mlflow: {bad}"
+
+
+def test_promotion_rule_needs_no_mlflow():
+    assert "mlflow" not in _imports(ROOT / "storage" / "gate.py")
+    code = "import sys, storage.gate; print('mlflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False"
 
 
 def test_unknown_key_is_named():

@@ -21,7 +21,8 @@ from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from storage import parquet, tracking
+from storage import parquet
+from storage.mlflow import connection
 from faultkit import EXPERIMENT, MODEL_NAME, cli_env, record, start_cli
 from localserver import wait_for
 
@@ -117,7 +118,7 @@ def test_sigkill_inside_stage_then_rerun_completes(stage, prefect_api, tiny, tmp
     assert len(caption_ids) == len(set(caption_ids)) == 24
 
     # MLflow: one run, FINISHED, none RUNNING; exactly one registered version, of that run
-    tracking.configure(f"sqlite:///{home / 'mlflow.db'}")
+    connection.configure(f"sqlite:///{home / 'mlflow.db'}")
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
     assert [r.info.status for r in runs] == ["FINISHED"], [(r.info.run_id, r.info.status) for r in runs]

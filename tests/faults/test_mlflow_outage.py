@@ -12,8 +12,8 @@ from pogdiff import demo_train
 from pogdiff.config import PoGConfig, TrainConfig
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from pogdiff.trainer import train
-from storage import tracking
-from storage.metric_sink import MetricSink
+from storage.mlflow import connection, runs
+from storage.mlflow.metric_sink import MetricSink
 
 STEPS, DOWN_AT, UP_AT = 20, 3, 12
 
@@ -29,8 +29,8 @@ def test_training_goes_on_through_an_mlflow_outage_and_no_metric_is_lost(tiny_sp
     server = start_mlflow_server(root, port)
     try:
         wait_for(lambda: healthy(url), 240, "the mlflow server", [server], interval=0.5, log=root / "server.log")
-        tracking.configure(url)
-        run_id = tracking.start("outage", run_name="train through an outage")
+        connection.configure(url)
+        run_id = runs.start("outage", run_name="train through an outage")
         sink = MetricSink(run_id, max_backoff_s=2.0)  # retry often: the test waits for the server's return
         queued_while_down = []
 
@@ -53,7 +53,7 @@ def test_training_goes_on_through_an_mlflow_outage_and_no_metric_is_lost(tiny_sp
         assert sink.failures > 0 and sink.pending == 0
         history = MlflowClient().get_metric_history(run_id, "train/loss")
         assert sorted(m.step for m in history) == list(range(1, STEPS + 1))  # every step once, none lost
-        tracking.end(run_id, "FINISHED")
+        runs.end(run_id, "FINISHED")
         assert MlflowClient().get_run(run_id).info.status == "FINISHED"
     finally:
         stop_server(server)

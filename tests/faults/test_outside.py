@@ -19,11 +19,12 @@ from prefect import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from safetensors.torch import load_file
 
-from storage import tracking, vectors
+from storage import vectors
+from storage.mlflow import connection
 
 
 def _mlflow(home: Path) -> MlflowClient:
-    tracking.configure(f"sqlite:///{home / 'mlflow.db'}")
+    connection.configure(f"sqlite:///{home / 'mlflow.db'}")
     return MlflowClient()
 
 

@@ -13,7 +13,7 @@ import time
 from faultkit import ROOT, base_env, record
 from mlflow.tracking import MlflowClient
 
-from storage import tracking
+from storage.mlflow import connection
 
 MODEL = "race"
 
@@ -21,8 +21,8 @@ _GATE = """
     import sys, time
     from mlflow.tracking import MlflowClient
     from pogdiff.config import GateConfig
-    from storage import tracking
-    tracking.configure(sys.argv[1])
+    from storage.mlflow import connection, registry
+    connection.configure(sys.argv[1])
     real = MlflowClient.set_registered_model_alias
     def slow(self, name, alias, version):
         if alias == "champion" and not getattr(slow, "done", False):
@@ -33,14 +33,14 @@ _GATE = """
                 time.sleep(0.05)  # the gate's own alias write arrives after the reviewer's promotion
         return real(self, name, alias, version)
     MlflowClient.set_registered_model_alias = slow
-    print(tracking.promote("race", "2", {"few/grecall": 0.5}, GateConfig(metric="few/grecall")).promoted)
+    print(registry.promote("race", "2", {"few/grecall": 0.5}, GateConfig(metric="few/grecall")).promoted)
 """
 
 _MANUAL = """
     import sys
-    from storage import tracking
-    tracking.configure(sys.argv[1])
-    print(tracking.promote_manually("race", "3", "reviewer", "hotfix").promoted)
+    from storage.mlflow import connection, registry
+    connection.configure(sys.argv[1])
+    print(registry.promote_manually("race", "3", "reviewer", "hotfix").promoted)
 """
 
 
@@ -51,7 +51,7 @@ def _start(code: str, *args: str) -> subprocess.Popen:
 
 def test_racing_promotions_end_on_the_later_decision_with_both_recorded(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracking.configure(uri)
+    connection.configure(uri)
     client = MlflowClient()
     client.create_registered_model(MODEL)
     for _ in range(3):

@@ -20,7 +20,8 @@ from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from storage import tracking, vectors
+from storage import vectors
+from storage.mlflow import connection
 from storage.settings import load_settings
 from tasks.train import run_dir
 
@@ -268,7 +269,7 @@ def test_uri_password_never_reaches_logs_mlflow_or_prefect(mlflow_server, prefec
 
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.setenv(name, "")  # configure() sets them below; undone after the test
-    tracking.configure(tracking_uri)  # the client side of the same settings
+    connection.configure(tracking_uri)  # the client side of the same settings
     mlflow = MlflowClient()
     (run,) = mlflow.search_runs([mlflow.get_experiment_by_name(EXPERIMENT).experiment_id])
     assert run.info.status == "FINISHED"

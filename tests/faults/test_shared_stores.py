@@ -11,7 +11,7 @@ import sys
 from faultkit import record
 from mlflow.tracking import MlflowClient
 
-from storage import tracking
+from storage.mlflow import connection, runs
 from tasks.track import KIND_TAG, OWNER_TAG, RETRAIN_KEY_TAG, _crashed_run, owner, owner_alive
 
 
@@ -22,14 +22,14 @@ def _dead_owner() -> str:
 
 
 def test_retrain_reaps_only_its_own_kind_whose_process_is_gone(tmp_path):
-    tracking.configure(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    connection.configure(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = "shared"
-    evaluation = tracking.start(exp, run_name="evaluate-champion", tags={KIND_TAG: "evaluation", OWNER_TAG: _dead_owner()})
-    live = tracking.start(exp, run_name="live retrain", tags={KIND_TAG: "retrain", OWNER_TAG: owner(), RETRAIN_KEY_TAG: "other"})
+    evaluation = runs.start(exp, run_name="evaluate-champion", tags={KIND_TAG: "evaluation", OWNER_TAG: _dead_owner()})
+    live = runs.start(exp, run_name="live retrain", tags={KIND_TAG: "retrain", OWNER_TAG: owner(), RETRAIN_KEY_TAG: "other"})
     dead = _dead_owner()
     assert owner_alive(owner()) is True and owner_alive(dead) is False and owner_alive("elsewhere:1:2.00") is None
-    crashed = tracking.start(exp, run_name="crashed retrain", tags={KIND_TAG: "retrain", OWNER_TAG: dead, RETRAIN_KEY_TAG: "other"})
-    same = tracking.start(exp, run_name="crashed, same key", tags={KIND_TAG: "retrain", OWNER_TAG: dead, RETRAIN_KEY_TAG: "mine"})
+    crashed = runs.start(exp, run_name="crashed retrain", tags={KIND_TAG: "retrain", OWNER_TAG: dead, RETRAIN_KEY_TAG: "other"})
+    same = runs.start(exp, run_name="crashed, same key", tags={KIND_TAG: "retrain", OWNER_TAG: dead, RETRAIN_KEY_TAG: "mine"})
 
     assert _crashed_run(exp, "mine", logging.getLogger("test")) == same  # resumed
     status = {r: MlflowClient().get_run(r).info.status for r in (evaluation, live, crashed, same)}

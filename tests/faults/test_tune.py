@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 from faultkit import cli_env, record, start_cli
 from localserver import wait_for
 from pogdiff.config import load_config
-from storage import tracking
+from storage.mlflow import connection
 from tasks.tune import load_study
 
 
@@ -53,7 +53,7 @@ def test_tune_resumes_from_finished_trials_after_a_kill_and_writes_a_loadable_co
     # the trial finished before the kill was kept, not trained again
     assert {t.number: t.user_attrs["run_id"] for t in complete if t.number in done_before} == done_before
 
-    tracking.configure(f"sqlite:///{home / 'mlflow.db'}")
+    connection.configure(f"sqlite:///{home / 'mlflow.db'}")
     client = MlflowClient()
     experiment = client.get_experiment_by_name(f"{config['registry']['experiment']}-tune")
     runs = client.search_runs([experiment.experiment_id])

@@ -13,7 +13,8 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from pogdiff import demo
 from pogdiff.config import parse_config
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
-from storage import parquet, tracking
+from storage import parquet
+from storage.mlflow import connection
 
 K = 3
 
@@ -75,7 +76,7 @@ def test_retrain_flow_end_to_end(prefect_server, setup, monkeypatch):
     assert _task_names(state).count("embed-shard") == -(-len(distinct) // 10)  # mapped over the flow's task runner
 
     # MLflow: a finished run with per-bucket metrics and per-step losses; a version with an alias
-    tracking.configure(f"sqlite:///{home / 'mlflow.db'}")
+    connection.configure(f"sqlite:///{home / 'mlflow.db'}")
     client = MlflowClient()
     run = client.get_run(first["run_id"])
     assert run.info.status == "FINISHED"

@@ -11,7 +11,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.cli_compare import comparison_rows
-from storage.compare import RunNotFound, resolve_run
+from storage.errors import RunNotFound
+from storage.mlflow.references import resolve_run
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "cmp-model"

@@ -3,6 +3,7 @@
 import os
 
 from storage.fingerprint import GENERATION_FILE, source_fingerprint, store_generation
+from storage.links import has_scheme
 
 
 def test_fingerprint_changes_with_any_file_and_only_then(tmp_path):
@@ -45,3 +46,12 @@ def test_store_generation_is_stable_until_the_store_is_replaced(tmp_path):
     store.rmdir()
     assert store_generation(store) != gen
     assert store_generation("s3://bucket/lancedb") == "uri:s3://bucket/lancedb"
+
+
+def test_uri_or_path_is_decided_by_the_scheme_alone(tmp_path):
+    # one rule for every store and source location (fingerprints, LanceDB, MLflow artifact roots)
+    assert has_scheme("s3://bucket/data") and has_scheme("file:///tmp/x") and has_scheme("gs+x.y-z://b")
+    assert not has_scheme("C:\\data") and not has_scheme("c://data")
+    odd = f"{tmp_path}/a://b"  # a local path that holds "://" is still a local path
+    assert not has_scheme(odd)
+    assert source_fingerprint(odd).startswith("missing:")

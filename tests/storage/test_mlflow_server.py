@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 from pogdiff.config import GateConfig
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
-from storage import tracking
+from storage.mlflow import connection, lineage, packaging, registry, runs
 
 STARTUP_LIMIT_S = 240  # a fresh SQLite store runs MLflow's migrations first; slow on a busy machine
 
@@ -42,16 +42,16 @@ def test_register_promote_and_load_over_http(server, tmp_path, tiny_spec):
     torch.set_num_threads(1)  # MLflow's input-example check generates; one thread is fastest here
     try:
         # a local artifact root is ignored against a server: its own store keeps the artifacts
-        tracking.configure(server["url"], str(tmp_path / "local-artifacts"))
+        connection.configure(server["url"], str(tmp_path / "local-artifacts"))
         model_dir = tmp_path / "model"
         PixelDiffusionPipeline.new(tiny_spec, seed=0).save_pretrained(model_dir)
         name = f"served-{uuid.uuid4().hex[:6]}"
         experiment = f"http-{uuid.uuid4().hex[:6]}"
-        with tracking.run(experiment) as run_id:
-            tracking.log_metrics({"few/grecall": 0.5, "overall/fid": 12.0})
-            tracking.log_lineage("dataset@abc", str(tmp_path / "dataset"), "abc", "training", 3)
-            version = tracking.log_model(model_dir, name, ["a red circle"])
-        decision = tracking.promote(name, version, {"few/grecall": 0.5, "overall/fid": 12.0}, GateConfig())
+        with runs.run(experiment) as run_id:
+            runs.log_metrics({"few/grecall": 0.5, "overall/fid": 12.0})
+            lineage.log_lineage("dataset@abc", str(tmp_path / "dataset"), "abc", "training", 3)
+            version = packaging.log_model(model_dir, name, ["a red circle"])
+        decision = registry.promote(name, version, {"few/grecall": 0.5, "overall/fid": 12.0}, GateConfig())
     finally:
         torch.set_num_threads(before)
     assert decision.promoted and decision.reason == "no champion yet"
@@ -60,7 +60,7 @@ def test_register_promote_and_load_over_http(server, tmp_path, tiny_spec):
     assert client.get_experiment_by_name(experiment).artifact_location.startswith("mlflow-artifacts:")
     assert not (tmp_path / "local-artifacts").exists()
     assert [d.dataset.name for d in client.get_run(run_id).inputs.dataset_inputs] == ["dataset@abc"]
-    assert [(v["version"], v["aliases"]) for v in tracking.list_versions(name)] == [("1", ["challenger", "champion"])]
+    assert [(v["version"], v["aliases"]) for v in registry.list_versions(name)] == [("1", ["challenger", "champion"])]
     # the weights went through the server's proxy into its artifacts destination
     stored = list((server["root"] / "artifacts").rglob("diffusion_pytorch_model.safetensors"))
     assert len(stored) == 1

@@ -1,6 +1,6 @@
 """The model lifecycle: the promotion gate, champion/challenger aliases, `pogdiff models` and `pogdiff promote`.
 
-The gate is tested as the pure function ``tracking.decide`` case by case, then end to end on a real
+The gate is tested as the pure function ``decide`` case by case, then end to end on a real
 SQLite MLflow store through the register task's own function (``register_model.fn``) and the
 command line in a subprocess.
 """
@@ -26,7 +26,8 @@ from prefect.logging import disable_run_logger
 
 from pogdiff.config import ConfigError, GateConfig, RegisterConfig, parse_config
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
-from storage import tracking
+from storage.gate import decide
+from storage.mlflow import connection, registry, runs
 from storage.settings import Settings, load_settings
 from tasks.register import register_model
 
@@ -74,14 +75,14 @@ GATE = GateConfig(min_improvement=0.05, max_worsening=0.1, head_metric=None)
     ],
 )
 def test_gate_cases(new, champion, promoted, statuses, in_reason):
-    result = tracking.decide(GATE, new, champion, "3")
+    result = decide(GATE, new, champion, "3")
     assert result.promoted is promoted
     assert {k: c.status for k, c in result.checks.items()} == statuses
     assert in_reason in result.reason and result.reason.endswith("(champion v3)")
 
 
 def test_gate_records_the_numbers_it_used():
-    result = tracking.decide(GATE, m(0.6, 21.0), m(0.5, 20.0), "3")
+    result = decide(GATE, m(0.6, 21.0), m(0.5, 20.0), "3")
     few, fid = result.checks[FEW], result.checks[FID]
     assert (few.role, few.new, few.champion, few.limit) == ("metric", 0.6, 0.5, 0.05)
     assert few.change == pytest.approx(0.1)
@@ -89,45 +90,45 @@ def test_gate_records_the_numbers_it_used():
 
 
 def test_gate_without_champion_promotes_even_without_metrics():
-    result = tracking.decide(GATE, {}, None)
+    result = decide(GATE, {}, None)
     assert result.promoted and result.reason == "no champion yet"
     assert {k: (c.new, c.status) for k, c in result.checks.items()} == {FEW: (None, "missing"), FID: (None, "missing")}
 
 
 def test_gate_options():
     # a tie promotes when min_improvement is 0 ("improves by at least 0")
-    assert tracking.decide(GateConfig(min_improvement=0), m(0.5, 20), m(0.5, 20), "1").promoted
+    assert decide(GateConfig(min_improvement=0), m(0.5, 20), m(0.5, 20), "1").promoted
     # missing guard ignored on request, and the reason says so
-    skip = tracking.decide(GateConfig(missing_guard="skip"), m(0.9), m(0.5, 20), "1")
+    skip = decide(GateConfig(missing_guard="skip"), m(0.9), m(0.5, 20), "1")
     assert skip.promoted and skip.checks[FID].status == "skipped" and "not checked" in skip.reason
     # no guard at all
-    assert tracking.decide(GateConfig(guard_metric=None), m(0.9), m(0.5), "1").checks.keys() == {FEW, HEAD}
+    assert decide(GateConfig(guard_metric=None), m(0.9), m(0.5), "1").checks.keys() == {FEW, HEAD}
     # absolute worsening, and a lower-is-better gate metric with a higher-is-better guard
     absolute = GateConfig(min_improvement=0.05, max_worsening=1.0, worsening="absolute")
-    assert not tracking.decide(absolute, m(0.9, 21.5), m(0.5, 20), "1").promoted
-    assert tracking.decide(absolute, m(0.9, 21.0), m(0.5, 20), "1").promoted
+    assert not decide(absolute, m(0.9, 21.5), m(0.5, 20), "1").promoted
+    assert decide(absolute, m(0.9, 21.0), m(0.5, 20), "1").promoted
     lower = GateConfig(metric="few/fid", higher_is_better=False, min_improvement=1.0,
                        guard_metric="overall/accuracy", guard_lower_is_better=False, max_worsening=0.02, worsening="absolute",
                        head_metric=None)
-    assert tracking.decide(lower, {"few/fid": 8.0, "overall/accuracy": 0.89}, {"few/fid": 9.0, "overall/accuracy": 0.9}, "1").promoted
-    assert not tracking.decide(lower, {"few/fid": 8.5, "overall/accuracy": 0.9}, {"few/fid": 9.0, "overall/accuracy": 0.9}, "1").promoted
-    assert not tracking.decide(lower, {"few/fid": 5.0, "overall/accuracy": 0.85}, {"few/fid": 9.0, "overall/accuracy": 0.9}, "1").promoted
+    assert decide(lower, {"few/fid": 8.0, "overall/accuracy": 0.89}, {"few/fid": 9.0, "overall/accuracy": 0.9}, "1").promoted
+    assert not decide(lower, {"few/fid": 8.5, "overall/accuracy": 0.9}, {"few/fid": 9.0, "overall/accuracy": 0.9}, "1").promoted
+    assert not decide(lower, {"few/fid": 5.0, "overall/accuracy": 0.85}, {"few/fid": 9.0, "overall/accuracy": 0.9}, "1").promoted
 
 
 def test_gate_head_check_never_promotes_a_collapse():
     gate = GateConfig(min_improvement=0.05, max_worsening=0.1)  # the default head check: many/accuracy, drop <= 0.03
     champion = {**m(0.50, 20.0), HEAD: 0.95}
-    collapsed = tracking.decide(gate, {**m(0.90, 20.0), HEAD: 0.50}, champion, "2")
+    collapsed = decide(gate, {**m(0.90, 20.0), HEAD: 0.50}, champion, "2")
     assert not collapsed.promoted and collapsed.checks[HEAD].status == "failed"
     assert "head many/accuracy 0.5 vs 0.95: worsened by +0.45 > allowed 0.03" in collapsed.reason
     assert collapsed.checks[HEAD].role == "head" and collapsed.checks[FEW].status == "passed"
-    within = tracking.decide(gate, {**m(0.90, 20.0), HEAD: 0.925}, champion, "2")
+    within = decide(gate, {**m(0.90, 20.0), HEAD: 0.925}, champion, "2")
     assert within.promoted and within.checks[HEAD].status == "passed"
-    assert tracking.decide(gate, {**m(0.90, 20.0), HEAD: 0.99}, champion, "2").promoted  # better head: fine
+    assert decide(gate, {**m(0.90, 20.0), HEAD: 0.99}, champion, "2").promoted  # better head: fine
     headless = {k: v for k, v in m(0.90, 20.0).items() if k != HEAD}
-    missing = tracking.decide(gate, headless, champion, "2")
+    missing = decide(gate, headless, champion, "2")
     assert not missing.promoted and "head many/accuracy missing on the new version" in missing.reason
-    assert tracking.decide(gate.model_copy(update={"missing_guard": "skip"}), headless, champion, "2").promoted
+    assert decide(gate.model_copy(update={"missing_guard": "skip"}), headless, champion, "2").promoted
     with pytest.raises(ConfigError, match="head_metric must differ"):
         parse_config({"registry": {"gate": {"head_metric": FEW}}})
 
@@ -138,7 +139,7 @@ def test_gate_never_promotes_a_worse_model():
     rng = random.Random(0)
     for _ in range(2000):
         new, old = m(rng.random(), rng.uniform(5, 50)), m(rng.random(), rng.uniform(5, 50))
-        result = tracking.decide(GATE, new, old, "1")
+        result = decide(GATE, new, old, "1")
         gain_ok = new[FEW] - old[FEW] >= GATE.min_improvement - 1e-9
         fid_ok = new[FID] - old[FID] <= GATE.max_worsening * old[FID] + 1e-9
         assert result.promoted == (gain_ok and fid_ok)
@@ -162,7 +163,7 @@ def test_gate_config_is_typed():
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
-    """See tests/storage/test_tracking.py: one thread is as fast for tiny models on a busy machine."""
+    """See tests/storage/test_mlflow.py: one thread is as fast for tiny models on a busy machine."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -181,13 +182,13 @@ def home(tmp_path_factory, tiny_spec) -> Settings:
 
 def retrain(settings: Settings, cfg: RegisterConfig, metrics: dict[str, float]) -> dict:
     """What the retrain flow does after evaluation: a run with its metrics, then the register task."""
-    tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
-    run_id = tracking.start(cfg.experiment)
-    with tracking.resume(run_id):
-        tracking.log_metrics(metrics)
+    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    run_id = runs.start(cfg.experiment)
+    with runs.resume(run_id):
+        runs.log_metrics(metrics)
     with disable_run_logger():
         decision = register_model.fn(settings, cfg, str(settings.home / "model"), run_id, metrics)
-    tracking.end(run_id)
+    runs.end(run_id)
     return decision
 
 
@@ -246,15 +247,15 @@ def test_lifecycle_two_retrains_then_models_json(home):
 
 def test_register_retry_reuses_the_version(home):
     cfg = RegisterConfig(experiment="retry", model_name=f"retry-{uuid.uuid4().hex[:6]}")
-    tracking.configure(home.mlflow_tracking_uri, home.mlflow_artifact_root)
-    run_id = tracking.start(cfg.experiment)
+    connection.configure(home.mlflow_tracking_uri, home.mlflow_artifact_root)
+    run_id = runs.start(cfg.experiment)
     with disable_run_logger():
         first = register_model.fn(home, cfg, str(home.home / "model"), run_id, m(0.5, 20.0))
         again = register_model.fn(home, cfg, str(home.home / "model"), run_id, m(0.5, 20.0))
-    tracking.end(run_id)
+    runs.end(run_id)
     assert first["version"] == again["version"] == "1"
     assert again["promoted"] and again["reason"] == "already champion"
-    assert [v["version"] for v in tracking.list_versions(cfg.model_name)] == ["1"]
+    assert [v["version"] for v in registry.list_versions(cfg.model_name)] == ["1"]
 
 
 def test_promote_by_hand_is_recorded(home):
@@ -291,4 +292,4 @@ def test_promote_by_hand_is_recorded(home):
     ):
         bad = pogdiff(home, *args)
         assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [message]
-    assert math.isclose(tracking.champion(name)[1][FEW], 0.4)
+    assert math.isclose(registry.champion(name)[1][FEW], 0.4)

@@ -11,7 +11,8 @@ from PIL import Image
 from pogdiff import demo
 from pogdiff.config import EvaluateConfig, IngestConfig, parse_config
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
-from storage import parquet, tracking
+from storage import parquet
+from storage.mlflow import connection, runs
 from storage.settings import load_settings
 from storage.training_set import load_real_set
 from tasks.evaluate import ARTIFACT_DIR, evaluate_model
@@ -44,8 +45,8 @@ def test_evaluate_task_logs_metrics_grids_plots_and_json(stores, tmp_path):
     settings, model_dir, summary = stores
     cfg = parse_config({"min_images_per_individual": 1, "max_images_per_individual": 2, "num_inference_steps": 2,
                         "buckets": {"many_above": 5, "few_below": 3}}, EvaluateConfig)
-    tracking.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
-    run_id = tracking.start("evaluate-task")
+    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    run_id = runs.start("evaluate-task")
 
     metrics = evaluate_model.fn(settings, cfg, str(model_dir), run_id)
 

@@ -1,4 +1,4 @@
-"""storage.tracking against a real MLflow store: SQLite database and artifacts in a temp folder.
+"""storage.mlflow against a real MLflow store: SQLite database and artifacts in a temp folder.
 
 One store serves the whole module (a fresh SQLite store runs MLflow's migrations, several seconds);
 each test uses its own experiment and registered-model names.
@@ -31,11 +31,11 @@ from pogdiff.config import GateConfig, RetrainConfig, parse_config
 from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline, UNetSpec
 from pogdiff.trainer import LORA_TARGETS
-from storage import tracking
-from storage.mlflow_model import unet_digest
+from storage.mlflow import connection, lineage, packaging, registry, runs
+from storage.mlflow.pyfunc_model import unet_digest
 from storage.settings import Settings, load_settings
-from tasks.register import register_version
 from storage.training_set import DataVersion
+from tasks.register import register_version
 from tasks.track import open_run
 
 GATE = "few/grecall"
@@ -56,7 +56,7 @@ def one_torch_thread():
 def store(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    tracking.configure(uri, str(root / "artifacts"))
+    connection.configure(uri, str(root / "artifacts"))
     return {"uri": uri, "root": str(root)}
 
 
@@ -74,7 +74,7 @@ def unique(prefix: str) -> str:
 
 def test_run_finishes_and_fails(store):
     exp = unique("exp")
-    with tracking.run(exp, run_name="ok", tags={"flow_run": "abc"}) as run_id:
+    with runs.run(exp, run_name="ok", tags={"flow_run": "abc"}) as run_id:
         assert mlflow.active_run().info.run_id == run_id
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -84,7 +84,7 @@ def test_run_finishes_and_fails(store):
     assert artifact_location == (Path(store["root"]) / "artifacts" / exp).as_uri()
 
     with pytest.raises(RuntimeError, match="boom"):
-        with tracking.run(exp) as failed_id:
+        with runs.run(exp) as failed_id:
             raise RuntimeError("boom")
     assert MlflowClient().get_run(failed_id).info.status == "FAILED"
     assert mlflow.active_run() is None
@@ -103,18 +103,18 @@ class _Outer(BaseModel):
 
 
 def test_flatten_nested_config():
-    assert tracking.flatten(_Outer()) == {
+    assert runs.flatten(_Outer()) == {
         "steps": "3",
         "note": "None",
         "pog.lam": "1.0",
         "pog.formats": '["PNG", "JPEG"]',
         "path": "data",
     }
-    assert tracking.flatten({"train": {"pog": {"lam": 2.0}, "opts": {}}}, prefix="cfg") == {
+    assert runs.flatten({"train": {"pog": {"lam": 2.0}, "opts": {}}}, prefix="cfg") == {
         "cfg.train.pog.lam": "2.0",
         "cfg.train.opts": "{}",
     }
-    flat = tracking.flatten(RetrainConfig())
+    flat = runs.flatten(RetrainConfig())
     assert flat["train.pog.lam"] == "0.02"
     assert flat["evaluate.buckets.few_below"] == "20"
 
@@ -122,11 +122,11 @@ def test_flatten_nested_config():
 def test_log_config_params_in_batches_and_artifact(store, tmp_path):
     cfg = RetrainConfig()
     many = {f"k{i:03d}": i for i in range(250)}  # more params than MLflow takes in one batch
-    with tracking.run(unique("cfg")) as run_id:
-        tracking.log_config(cfg)
-        tracking.log_config({"extra": many})
+    with runs.run(unique("cfg")) as run_id:
+        runs.log_config(cfg)
+        runs.log_config({"extra": many})
     run = MlflowClient().get_run(run_id)
-    expected = {**tracking.flatten(cfg), **tracking.flatten({"extra": many})}
+    expected = {**runs.flatten(cfg), **runs.flatten({"extra": many})}
     assert run.data.params == expected
     local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.json", dst_path=str(tmp_path))
     # the second call overwrote the artifact; the first config is fully in params
@@ -134,15 +134,15 @@ def test_log_config_params_in_batches_and_artifact(store, tmp_path):
 
 
 def test_log_metrics_rejects_nan_and_logs_steps(store):
-    with tracking.run(unique("metrics")) as run_id:
-        tracking.log_metrics({"loss": 0.5}, step=1)
-        tracking.log_metrics({"loss": 0.25}, step=2)
+    with runs.run(unique("metrics")) as run_id:
+        runs.log_metrics({"loss": 0.5}, step=1)
+        runs.log_metrics({"loss": 0.25}, step=2)
         with pytest.raises(ValueError, match="'few/fid'"):
-            tracking.log_metrics({"loss": 0.1, "few/fid": float("nan")}, step=3)
+            runs.log_metrics({"loss": 0.1, "few/fid": float("nan")}, step=3)
         with pytest.raises(ValueError, match="'psi'"):
-            tracking.log_metrics({"psi": None})  # type: ignore[dict-item]
-    with pytest.raises(RuntimeError, match="inside tracking.run"):
-        tracking.log_metrics({"loss": 0.1})  # no active run: never a stray run in the Default experiment
+            runs.log_metrics({"psi": None})  # type: ignore[dict-item]
+    with pytest.raises(RuntimeError, match="inside runs.run"):
+        runs.log_metrics({"loss": 0.1})  # no active run: never a stray run in the Default experiment
     history = MlflowClient().get_metric_history(run_id, "loss")
     # nothing of the rejected batch was logged
     assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.25)]
@@ -151,9 +151,9 @@ def test_log_metrics_rejects_nan_and_logs_steps(store):
 def test_lineage_records_name_digest_source(store, tmp_path):
     long_digest = "f" * 64  # a full sha256; MLflow keeps 36 characters
     lance_uri = "lancedb:///data/lancedb?table=captions&version=7"
-    with tracking.run(unique("lineage")) as run_id:
-        tracking.log_lineage("captions@v3", str(tmp_path / "dataset"), "ab12cd34", "training", 120)
-        tracking.log_lineage("eval-captions", lance_uri, long_digest, "evaluation", 8)
+    with runs.run(unique("lineage")) as run_id:
+        lineage.log_lineage("captions@v3", str(tmp_path / "dataset"), "ab12cd34", "training", 120)
+        lineage.log_lineage("eval-captions", lance_uri, long_digest, "evaluation", 8)
     inputs = {d.dataset.name: d for d in MlflowClient().get_run(run_id).inputs.dataset_inputs}
     train, evaluation = inputs["captions@v3"], inputs["eval-captions"]
     assert train.dataset.digest == "ab12cd34"
@@ -167,9 +167,9 @@ def test_lineage_records_name_digest_source(store, tmp_path):
 
 
 def test_signature_matches_model_inputs():
-    from storage import mlflow_model
+    from storage.mlflow import pyfunc_model
 
-    sig = tracking.model_signature(16)
+    sig = packaging.model_signature(16)
     assert [(c.name, c.type.name, c.required) for c in sig.inputs.inputs] == [
         ("prompt", "string", True),
         ("seed", "long", False),
@@ -177,7 +177,7 @@ def test_signature_matches_model_inputs():
         ("guidance_scale", "double", False),
         ("num_inference_steps", "long", False),
     ]
-    assert list(mlflow_model.OPTIONAL_COLUMNS) == [c.name for c in sig.inputs.inputs][1:]
+    assert list(pyfunc_model.OPTIONAL_COLUMNS) == [c.name for c in sig.inputs.inputs][1:]
 
 
 @pytest.fixture(scope="module")
@@ -187,10 +187,10 @@ def registered(store, model_dir) -> tuple[str, list[tuple[str, dict[str, float],
     name = unique("model")
     out = []
     for value in (0.5, 0.7):
-        with tracking.run(unique("reg")) as run_id:
+        with runs.run(unique("reg")) as run_id:
             metrics = {GATE: value, "overall/fid": 10.0}
-            tracking.log_metrics(metrics)
-            out.append((tracking.log_model(model_dir, name, ["a red circle"]), metrics, run_id))
+            runs.log_metrics(metrics)
+            out.append((packaging.log_model(model_dir, name, ["a red circle"]), metrics, run_id))
     return name, out
 
 
@@ -207,10 +207,10 @@ def test_log_model_registers_increasing_versions(registered, model_dir):
     assert output.type == np.dtype(np.uint8) and tuple(output.shape) == (-1, 16, 16, 3)
     assert info.saved_input_example_info is not None
     assert info.flavors["python_function"]["config"] == {"weights": "full"}
-    with pytest.raises(RuntimeError, match="inside tracking.run"):
-        tracking.log_model(model_dir, name, ["a red circle"])
+    with pytest.raises(RuntimeError, match="inside runs.run"):
+        packaging.log_model(model_dir, name, ["a red circle"])
     with pytest.raises(FileNotFoundError, match="pogdiff.json"):
-        tracking.log_model(model_dir.parent, name, ["a red circle"])
+        packaging.log_model(model_dir.parent, name, ["a red circle"])
 
 
 # ------------------------------------------------------------------------------ LoRA runs
@@ -255,9 +255,9 @@ def settings(store, tmp_path_factory) -> Settings:
 def register_lora(settings: Settings, name: str, base: str, seed: int) -> tuple[str, str, Path]:
     """A LoRA run registered the way the register task does it; returns (version, run id, fused model)."""
     config = parse_config({"train": {"base_model": base, "lora_rank": 2}, "registry": {"model_name": name}})
-    run_id = tracking.start(unique("lora"))
-    with tracking.resume(run_id):
-        tracking.log_config(config)
+    run_id = runs.start(unique("lora"))
+    with runs.resume(run_id):
+        runs.log_config(config)
     model = lora_run(Path(settings.runs_dir) / run_id, base, seed)
     return register_version(settings, config.registry, str(model), run_id), run_id, model
 
@@ -300,7 +300,7 @@ def test_lora_run_logs_only_the_adapter_with_its_base(settings, tmp_path, tiny_s
     # a retry of the register task reuses the run's version instead of adding one
     config = parse_config({"registry": {"model_name": name}})
     assert register_version(settings, config.registry, str(model), run_id) == version
-    assert [v["version"] for v in tracking.list_versions(name)] == [version]
+    assert [v["version"] for v in registry.list_versions(name)] == [version]
 
     # the adapter refuses a base that changed under its reference
     PixelDiffusionPipeline.new(tiny_spec, seed=7).save_pretrained(base)
@@ -354,15 +354,15 @@ def test_stable_diffusion_models_full_and_lora(settings, tmp_path):
     np.testing.assert_array_equal(mlflow.pyfunc.load_model(f"models:/{name}/{version}").predict(PROMPTS), expected)
 
     full = unique("sd-full")
-    with tracking.run(unique("sd")):
-        full_version = tracking.log_model(fused, full, ["a red circle"])
+    with runs.run(unique("sd")):
+        full_version = packaging.log_model(fused, full, ["a red circle"])
     np.testing.assert_array_equal(mlflow.pyfunc.load_model(f"models:/{full}/{full_version}").predict(PROMPTS), expected)
 
 
 def test_log_model_needs_adapter_and_base_together(store, model_dir):
-    with tracking.run(unique("pair")):
+    with runs.run(unique("pair")):
         with pytest.raises(ValueError, match="adapter_dir and base_model together"):
-            tracking.log_model(model_dir, unique("m"), ["a red circle"], base_model="builtin:logos16")
+            packaging.log_model(model_dir, unique("m"), ["a red circle"], base_model="builtin:logos16")
 
 
 def test_champions_load_in_a_fresh_process(store, registered, settings, tmp_path):
@@ -371,10 +371,10 @@ def test_champions_load_in_a_fresh_process(store, registered, settings, tmp_path
     and a LoRA model on the builtin base, which travels with it as the artifact "base"."""
     gate = GateConfig()
     name, [(v1, m1, _), _] = registered
-    assert tracking.promote(name, v1, m1, gate).promoted
+    assert registry.promote(name, v1, m1, gate).promoted
     lora_name = unique("lora-builtin")
     version, _, lora_model = register_lora(settings, lora_name, "builtin:logos16", seed=2)
-    assert tracking.promote(lora_name, version, {GATE: 0.5}, gate).promoted  # no champion yet
+    assert registry.promote(lora_name, version, {GATE: 0.5}, gate).promoted  # no champion yet
     artifacts = mlflow.models.get_model_info(f"models:/{lora_name}/{version}").flavors["python_function"]["artifacts"]
     assert sorted(artifacts) == ["base", "model"]
     expected = tmp_path / "expected.npy"
@@ -404,7 +404,7 @@ def test_champions_load_in_a_fresh_process(store, registered, settings, tmp_path
 
 
 def test_predict_rows_are_independent_and_in_order(model_dir):
-    from storage.mlflow_model import TextToImageModel
+    from storage.mlflow.pyfunc_model import TextToImageModel
 
     model = TextToImageModel()
     model.load_context(mlflow.pyfunc.PythonModelContext(artifacts={"model": str(model_dir)}, model_config={}))
@@ -427,7 +427,7 @@ def test_predict_rows_are_independent_and_in_order(model_dir):
 def test_open_run_records_lineage_and_tags(settings):
     config = RetrainConfig()
     run_id = open_run.fn(settings, config, DataVersion(snapshot_id="snap1234", rows=7, captions_version=1, features_version=2))
-    tracking.end(run_id)
+    runs.end(run_id)
     run = MlflowClient().get_run(run_id)
     tags = run.data.tags
     assert tags["dataset_snapshot_id"] == "snap1234" and tags["prefect_flow_run_id"] == "none"
@@ -452,26 +452,26 @@ def test_open_run_records_lineage_and_tags(settings):
 def test_system_metrics_are_sampled_when_psutil_is_there(store, monkeypatch):
     monkeypatch.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", raising=False)
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
-    assert tracking.system_metrics_enabled()
-    run_id = tracking.start(unique("sys"))
-    with tracking.resume(run_id):
+    assert connection.system_metrics_enabled()
+    run_id = runs.start(unique("sys"))
+    with runs.resume(run_id):
         time.sleep(2)  # a block long enough for the monitor's samples (interval 0.1 s)
-    tracking.end(run_id)
+    runs.end(run_id)
     assert any(k.startswith("system/cpu_utilization") for k in MlflowClient().get_run(run_id).data.metrics)
 
     monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
-    assert not tracking.system_metrics_enabled()
+    assert not connection.system_metrics_enabled()
     monkeypatch.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING")
     monkeypatch.setitem(sys.modules, "psutil", None)  # as if psutil were not installed
-    assert not tracking.system_metrics_enabled()
-    with tracking.run(unique("nosys")) as run_id:
-        tracking.log_metrics({"loss": 1.0})
+    assert not connection.system_metrics_enabled()
+    with runs.run(unique("nosys")) as run_id:
+        runs.log_metrics({"loss": 1.0})
     assert MlflowClient().get_run(run_id).info.status == "FINISHED"
 
 
 def test_an_artifact_root_with_credentials_is_refused_without_echoing_them(tmp_path):
     for root in ("s3://AKIA:s3cr3t@bucket/mlflow", "https://bucket.example/mlflow?sig=s3cr3t"):
         with pytest.raises(ValueError, match="carries credentials") as err:
-            tracking.configure(f"sqlite:///{tmp_path / 'mlflow.db'}", root)
+            connection.configure(f"sqlite:///{tmp_path / 'mlflow.db'}", root)
         assert "s3cr3t" not in str(err.value)
-    tracking.configure(f"sqlite:///{tmp_path / 'mlflow.db'}", "s3://bucket/mlflow")  # no credentials: accepted
+    connection.configure(f"sqlite:///{tmp_path / 'mlflow.db'}", "s3://bucket/mlflow")  # no credentials: accepted

@@ -1,6 +1,6 @@
 """MLflow "models from code" definition of a logged PoGDiff text-to-image model.
 
-``storage.tracking.log_model`` passes this file's path as ``python_model``: MLflow copies the file
+``storage.mlflow.packaging.log_model`` passes this file's path as ``python_model``: MLflow copies the file
 into the logged model and executes it at load time, so no live object is ever cloudpickled. The
 artifact ``"model"`` is, by the model config's ``weights``:
 
@@ -46,7 +46,7 @@ from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.pipelines.pixel import BUILTIN_MODELS
 
 PROMPT = "prompt"
-# Column -> (type, default). ``storage.tracking.model_signature`` declares the same columns (a test
+# Column -> (type, default). ``storage.mlflow.packaging.model_signature`` declares the same columns (a test
 # checks that they agree).
 OPTIONAL_COLUMNS: dict[str, tuple[type, int | float]] = {
     "seed": (int, 0),

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from storage.tracking import finite_metrics
+from storage.mlflow.runs import finite_metrics
 
 log = logging.getLogger("pogdiff.tracking")
 

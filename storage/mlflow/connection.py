@@ -1,0 +1,143 @@
+"""Where MLflow is: the tracking and registry URI, its credentials, the server check, and where
+each experiment keeps its artifacts.
+
+``configure`` is called once per process (every task calls it with the settings) before any other
+module of this package is used; the other modules then work on the configured store.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import importlib.util
+import logging
+import os
+import re
+import urllib.request
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.tracking import MlflowClient
+
+from storage.links import has_scheme, redact_text, redact_uri
+
+_artifact_root: str | None = None
+
+
+def _is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def configure(tracking_uri: str, artifact_root: str | None = None) -> None:
+    """Point tracking and the model registry at ``tracking_uri`` (e.g. ``sqlite:///var/mlflow.db``).
+
+    ``artifact_root`` (a local folder or a URI such as ``s3://bucket/mlflow``) is where experiments
+    created by ``experiment_id`` keep their artifacts, one sub-folder per experiment; ``None`` leaves
+    MLflow's default (the server's artifact root, or ``./mlruns`` for a local database). With an HTTP
+    tracking server a local folder is ignored: artifacts on one client's disk would be unreachable
+    for everyone else, so the server's own store (``--artifacts-destination``) keeps them.
+    """
+    global _artifact_root
+    # every task's resume starts and stops a system-metrics monitor; its INFO lines are noise
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    tracking_uri = _move_credentials(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    if artifact_root is not None and _is_server(tracking_uri) and not has_scheme(artifact_root):
+        artifact_root = None
+    if artifact_root is not None and redact_uri(artifact_root) != artifact_root:
+        # MLflow stores the root in every experiment's location, which every reader of the server sees
+        raise ValueError(
+            f"artifact root {redact_uri(artifact_root)} carries credentials; MLflow would store them as the "
+            "experiment's location for every reader to see: give them to the store through its own environment "
+            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_CONNECTION_STRING, "
+            "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD) and drop them from the URI"
+        )
+    _artifact_root = artifact_root
+
+
+def _move_credentials(uri: str) -> str:
+    """``http(s)://user:secret@host`` -> ``http(s)://host``, the credentials moved to MLflow's own
+    ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (basic auth, the same request).
+
+    MLflow writes its tracking URI into error messages ("API request to ... failed") and run links
+    ("View run ... at"); without the credentials in it, none of them can leak the password.
+    """
+    parts = urlsplit(uri)
+    if not _is_server(uri) or parts.username is None:
+        return uri
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username)
+    if parts.password is not None:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
+    return redact_uri(uri, mask=False)
+
+
+class TrackingUnavailable(ConnectionError):
+    """The MLflow tracking server does not answer; the message names it (credentials removed)."""
+
+
+def check_server(timeout: float = 10.0) -> None:
+    """For an HTTP tracking URI, ``GET <uri>/health`` once; raise ``TrackingUnavailable`` when the
+    server does not answer. Call it before a run is opened, so a server that is down fails one
+    task, retried by Prefect, with one clear message instead of MLflow's nested retries."""
+    uri = mlflow.get_tracking_uri()
+    if not _is_server(uri):
+        return
+    request = urllib.request.Request(f"{uri.rstrip('/')}/health")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user is not None:
+        token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            response.read()
+    except (OSError, http.client.HTTPException) as err:
+        reason = getattr(err, "reason", None) or err
+        raise TrackingUnavailable(f"MLflow tracking server {redact_uri(uri)} is unreachable: {redact_text(str(reason))}") from None
+
+
+def system_metrics_enabled() -> bool:
+    """Whether runs sample CPU/GPU/memory/disk as ``system/*`` metrics.
+
+    On when psutil is importable (MLflow needs it; GPU metrics also need pynvml), unless
+    ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` says otherwise. Never an error when psutil is missing.
+    """
+    if importlib.util.find_spec("psutil") is None:
+        return False
+    setting = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING")
+    return True if setting is None else setting.strip().lower() in ("true", "1")
+
+
+def _artifact_location(experiment: str) -> str | None:
+    if _artifact_root is None:
+        return None
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    if has_scheme(_artifact_root):
+        return f"{_artifact_root.rstrip('/')}/{folder}"
+    return (Path(_artifact_root).expanduser().resolve() / folder).as_uri()
+
+
+def experiment_id(name: str) -> str:
+    """Id of experiment ``name``, created (with its artifact location) when missing."""
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=_artifact_location(name))
+        except MlflowException as err:
+            # another process created it between the lookup and the create
+            if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage != "active":
+        raise ValueError(
+            f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore) "
+            "or permanently delete it (mlflow gc) before logging to that name"
+        )
+    return exp.experiment_id
+
