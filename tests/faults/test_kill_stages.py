@@ -1,5 +1,5 @@
-"""SIGKILL inside each stage of the retrain flow, then a re-run: the final state is complete and
-consistent (no duplicate rows, LanceDB versions in use are the tables' current ones, training
+"""SIGKILL inside each stage of the retrain flow in turn, each re-run killed in the next stage, then
+a re-run that completes: the final state is complete and consistent (no duplicate rows, LanceDB versions in use are the tables' current ones, training
 resumed from its last checkpoint, one registered version, no MLflow run left RUNNING).
 
 "Inside stage X" is read from the Prefect server: the stage's task run is RUNNING (and, for train,
@@ -80,26 +80,38 @@ def _run_and_kill(client, args, env, home, stage: str, task_name: str, delay: fl
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", list(STAGES))
-def test_sigkill_inside_stage_then_rerun_completes(stage, prefect_api, tiny, tmp_path):
+def test_sigkill_inside_each_stage_then_rerun_completes(prefect_api, tiny, tmp_path):
+    """One home, one chain: the first retrain is killed inside ingest, its re-run inside index, the
+    next inside train, then evaluate, then register; the last re-run completes. Each re-run had to
+    recover from the previous kill to reach the next stage, and the end state is checked once."""
     source, base_config, n_images = tiny
-    task_name, jitter, overrides = STAGES[stage]
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({**yaml.safe_load(base_config.read_text()), **overrides}))
+    merged = yaml.safe_load(base_config.read_text())
+    for _, _, overrides in STAGES.values():
+        for section, values in overrides.items():
+            merged[section] = {**merged.get(section, {}), **values}
+    config.write_text(yaml.safe_dump(merged))
     home = tmp_path / "home"
     env = cli_env(home, prefect_api)
     args = ["retrain", str(source), "--config", str(config)]
     rng = random.Random()
     with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
-        # A kill that lands after the stage ended (ingest lasts well under a second here) tests
-        # nothing: that attempt is discarded and the experiment repeated on a fresh home with a
-        # shorter delay, down to killing as soon as the stage is seen running.
+        # A kill that lands after its stage ended (ingest lasts well under a second here) tests
+        # nothing, and a finished stage cannot be run again on the same home: the chain restarts
+        # on a fresh home with shorter delays, down to killing as soon as each stage is seen running.
         for attempt in range(ATTEMPTS):
             shutil.rmtree(home, ignore_errors=True)
-            landed, killed_at = _run_and_kill(client, args, env, home, stage, task_name,
-                                              rng.uniform(0, jitter / 2**attempt) if attempt < ATTEMPTS - 1 else 0.0,
-                                              tmp_path / f"killed-{attempt}.log")
-            if landed:
+            killed_at = None
+            for stage, (task_name, jitter, _) in STAGES.items():
+                delay = rng.uniform(0, jitter / 2**attempt) if attempt < ATTEMPTS - 1 else 0.0
+                log = tmp_path / f"killed-{attempt}-{stage}.log"
+                landed, at = _run_and_kill(client, args, env, home, stage, task_name, delay, log)
+                if not landed:
+                    break
+                if stage == "evaluate":  # the run killed in evaluate was the one that resumed the training
+                    assert f"resumed from checkpoint at step {killed_at}" in log.read_text()
+                killed_at = at if stage == "train" else killed_at
+            else:
                 break
         assert landed, f"in {ATTEMPTS} attempts no kill landed inside {stage}"
 
@@ -128,21 +140,16 @@ def test_sigkill_inside_stage_then_rerun_completes(stage, prefect_api, tiny, tmp
     versions = client.search_model_versions(f"name = '{MODEL_NAME}'")
     assert [(str(v.version), v.run_id) for v in versions] == [("1", run.info.run_id)]
     assert {k: str(v) for k, v in client.get_registered_model(MODEL_NAME).aliases.items()} == {"challenger": "1", "champion": "1"}
-
-    resumed = stage in ("train", "evaluate", "register")  # the MLflow run exists from open-run on
-    assert (run.data.tags.get("resumed_from_crash") == "true") == resumed
+    assert run.data.tags.get("resumed_from_crash") == "true"  # the MLflow run exists from open-run on
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    assert max(steps) == 40
-    if stage == "train":
-        # resumed from the last checkpoint, not from zero: step 1 was trained once, and the re-run
-        # started right after the checkpoint the killed run had written last
-        assert steps.count(1) == 1
-        assert f"resumed from checkpoint at step {killed_at}" in out
-    outcome = {
+    # resumed from the last checkpoint, not from zero: step 1 was trained once
+    assert max(steps) == 40 and steps.count(1) == 1
+    outcomes = {
         "ingest": "re-run re-ingests: every image once, no duplicate ids; one run, one version",
         "index": "re-run re-indexes: one row per caption; one run, one version",
         "train": f"same MLflow run resumed (`resumed_from_crash=true`), training continued from checkpoint step {killed_at}, not 0",
         "evaluate": "same MLflow run resumed, training skipped (final checkpoint), evaluated again; one version",
         "register": "same MLflow run resumed; the version it registered is reused or registered once",
-    }[stage]
-    record("SIGKILL of the whole retrain process group", stage, outcome)
+    }
+    for stage, outcome in outcomes.items():
+        record("SIGKILL of the whole retrain process group", stage, outcome)
