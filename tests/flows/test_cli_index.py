@@ -2,24 +2,22 @@
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from clirunner import run_cli
 from PIL import Image
 
 from pogdiff.config import IngestConfig
 from storage.parquet import ingest
 
-ROOT = Path(__file__).resolve().parents[2]
 CAPTIONS = {"a red circle": 6, "a small red circle": 1, "a red circle on grey": 1, "a green cross": 3, "a blue square": 2}
 
 
-def _pogdiff(*args, home):
-    env = {"PATH": "/usr/bin:/bin", "POGDIFF_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+@pytest.fixture
+def pogdiff(capfd):
+    return lambda *args, home: run_cli(list(args), capfd, POGDIFF_HOME=str(home))
 
 
 def _source(folder: Path) -> Path:
@@ -41,25 +39,25 @@ def _source(folder: Path) -> Path:
     return folder
 
 
-def test_index_then_neighbours_explain_the_weight(tmp_path):
+def test_index_then_neighbours_explain_the_weight(pogdiff, tmp_path):
     home = tmp_path / "home"
     src = tmp_path / "src"
     src.mkdir()
     ingest(_source(src), home / "dataset", IngestConfig())
 
-    out = _pogdiff("index", home=home)
+    out = pogdiff("index", home=home)
     assert out.returncode == 0, out.stderr
     assert "captions: 5 — embedded 5, skipped 0" in out.stdout
     assert "exact top-5" in out.stdout and "13 features computed" in out.stdout
-    again = _pogdiff("index", "--json", home=home)
+    again = pogdiff("index", "--json", home=home)
     report = json.loads(again.stdout)
     assert (report["captions"]["embedded"], report["captions"]["reused"], report["captions"]["written"]) == (0, 5, 0)
     assert report["images"]["computed"] == 0
 
-    shown = _pogdiff("neighbours", "a small red circle", "-k", "2", home=home)
+    shown = pogdiff("neighbours", "a small red circle", "-k", "2", home=home)
     assert shown.returncode == 0, shown.stderr
     assert "1 training image;" in shown.stdout and "mean of clip(cos, 0, 1)" in shown.stdout
-    data = json.loads(_pogdiff("neighbours", "a small red circle", "-k", "2", "--json", home=home).stdout)
+    data = json.loads(pogdiff("neighbours", "a small red circle", "-k", "2", "--json", home=home).stdout)
     assert data["in_dataset"] and data["count"] == 1 and len(data["neighbours"]) == 2
     nb = {r["caption"]: r for r in data["neighbours"]}
     assert "a red circle" in nb
@@ -69,21 +67,21 @@ def test_index_then_neighbours_explain_the_weight(tmp_path):
     # without a threshold, a = 1 and constant w(t): psi = lam * mean s_img * (rho / mean rho)^-b
     cfg = tmp_path / "open.yaml"
     cfg.write_text("train:\n  pog:\n    lam: 2.0\n    a: 1.0\n    b: 0.5\n    similarity_quantile: 0.0\n")
-    opened = json.loads(_pogdiff("neighbours", "a small red circle", "-k", "2", "--json", "--config", str(cfg), home=home).stdout)
+    opened = json.loads(pogdiff("neighbours", "a small red circle", "-k", "2", "--json", "--config", str(cfg), home=home).stdout)
     red_open = {r["caption"]: r for r in opened["neighbours"]}["a red circle"]
     assert opened["tau"] == 0.0
     assert red_open["psi"] == pytest.approx(2.0 * red_open["s_img"] * opened["density_ratio"] ** -0.5, rel=1e-5)
     # with the default threshold psi only counts pairs above tau, rescaled: never more than without it
     assert red["psi"] * 2.0 / data["lam"] <= red_open["psi"] + 1e-9
 
-    unseen = json.loads(_pogdiff("neighbours", "a large red circle", "--json", home=home).stdout)
+    unseen = json.loads(pogdiff("neighbours", "a large red circle", "--json", home=home).stdout)
     assert not unseen["in_dataset"] and unseen["count"] == 0
     assert unseen["neighbours"][0]["caption"] in {"a red circle", "a small red circle", "a red circle on grey"}
     assert all(r["psi"] is None for r in unseen["neighbours"])  # no images of its own: no s_img
 
 
-def test_index_on_an_empty_dataset_is_one_line(tmp_path):
-    out = _pogdiff("index", home=tmp_path / "home")
+def test_index_on_an_empty_dataset_is_one_line(pogdiff, tmp_path):
+    out = pogdiff("index", home=tmp_path / "home")
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: dataset") and str(tmp_path / "home" / "dataset") in lines[0]

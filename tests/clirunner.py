@@ -1,0 +1,54 @@
+"""The ``pogdiff`` command line run in the test process (``flows.cli.main(argv)``), as a subprocess
+would see it: its own environment, its exit status, and everything written to file descriptors 1
+and 2 (pytest's ``capfd``, so Prefect's and MLflow's own handlers are captured too).
+
+A command costs no interpreter start and no second import of torch, Prefect and MLflow; the
+subprocess tests that remain are the ones about processes (kills, launchers, a fresh interpreter).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+# what a test's environment must not leak into a command's (the command's env names its own)
+_OWN = ("POGDIFF_", "MLFLOW_TRACKING_", "PREFECT_API_URL", "PREFECT_UI_URL")
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def run_cli(args: list[str], capfd, **env: str) -> Result:
+    """Run ``pogdiff ARGS`` with ``env`` on top of the test's environment (minus its pipeline
+    settings); os.environ is restored afterwards, whatever the command set. Prefect reads its
+    settings once per process, so a ``POGDIFF_PREFECT_API_URL`` is applied as a temporary setting."""
+    from flows.cli import main
+
+    saved = dict(os.environ)
+    capfd.readouterr()  # what the test printed before is not the command's output
+    try:
+        for key in [k for k in os.environ if k.startswith(_OWN)]:
+            del os.environ[key]
+        os.environ.update(env)
+        api = env.get("POGDIFF_PREFECT_API_URL")
+        with temporary_settings({PREFECT_API_URL: api}) if api else nullcontext():
+            try:
+                code = main(args)
+            except SystemExit as exit_:  # argparse's usage errors
+                code = exit_.code if isinstance(exit_.code, int) else 2
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    out, err = capfd.readouterr()
+    return Result(code, out, err)
