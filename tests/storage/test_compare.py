@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from clirunner import run_cli
 from mlflow.tracking import MlflowClient
 
 from flows.cli_compare import comparison_rows
 from storage.errors import RunNotFound
 from storage.mlflow.references import resolve_run
 
-ROOT = Path(__file__).resolve().parents[2]
 MODEL = "cmp-model"
 OLD = {"many/grecall": 0.8, "few/grecall": 0.2, "overall/grecall": 0.5, "few/fid": 40.0, "overall/fid": 30.0, "train/loss": 0.3}
 NEW = {"many/grecall": 0.8, "few/grecall": 0.5, "overall/grecall": 0.6, "overall/fid": 25.0, "few/accuracy": 0.9}
@@ -87,22 +84,22 @@ def test_rows_have_deltas_and_know_that_lower_fid_is_better():
     assert ("train", "loss") not in rows
 
 
-def _pogdiff(*args: str, store: dict) -> subprocess.CompletedProcess:
-    env = {"PATH": "/usr/bin:/bin", "POGDIFF_HOME": str(store["root"] / "home"), "HF_HUB_OFFLINE": "1",
-           "POGDIFF_MLFLOW_TRACKING_URI": store["uri"], "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+@pytest.fixture
+def pogdiff(capfd):
+    return lambda *args, store: run_cli(list(args), capfd, POGDIFF_HOME=str(store["root"] / "home"),
+                                        POGDIFF_MLFLOW_TRACKING_URI=store["uri"])
 
 
-def test_compare_command_prints_table_and_json(store):
+def test_compare_command_prints_table_and_json(pogdiff, store):
     old, new = store["runs"]
-    out = _pogdiff("compare", "champion", f"{MODEL}/2", "--model", MODEL, "--json", store=store)
+    out = pogdiff("compare", "champion", f"{MODEL}/2", "--model", MODEL, "--json", store=store)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["a"] == {"ref": "champion", "run_id": old, "model": MODEL, "version": "1"}
     assert data["b"]["run_id"] == new
     assert data["rows"] == json.loads(json.dumps(comparison_rows(OLD, {**NEW, "many/grecall": 0.7})))
 
-    text = _pogdiff("compare", old, "challenger", "--model", MODEL, store=store)
+    text = pogdiff("compare", old, "challenger", "--model", MODEL, store=store)
     assert text.returncode == 0, text.stderr
     lines = text.stdout.splitlines()
     assert lines[0] == f"A: {old} = run {old}"
@@ -112,6 +109,6 @@ def test_compare_command_prints_table_and_json(store):
     overall_fid = next(line for line in lines if line.split()[:2] == ["overall", "fid"])
     assert overall_fid.split() == ["overall", "fid", "30.0000", "25.0000", "-5.0000", "B"]
 
-    bad = _pogdiff("compare", "champion", "retired", "--model", MODEL, store=store)
+    bad = pogdiff("compare", "champion", "retired", "--model", MODEL, store=store)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["error: cannot resolve 'retired': Registered model alias retired not found."]

@@ -2,17 +2,14 @@
 
 The gate is tested as the pure function ``decide`` case by case, then end to end on a real
 SQLite MLflow store through the register task's own function (``register_model.fn``) and the
-command line in a subprocess.
+command line (``flows.cli.main``, tests/clirunner.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import pyarrow as pa
 import pytest
 import torch
 import yaml
+from clirunner import run_cli
 from mlflow import MlflowClient
 from prefect.logging import disable_run_logger
 
@@ -192,14 +190,13 @@ def retrain(settings: Settings, cfg: RegisterConfig, metrics: dict[str, float]) 
     return decision
 
 
-def pogdiff(settings: Settings, *args: str, user: str = "reviewer") -> subprocess.CompletedProcess:
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HF_HUB_OFFLINE": "1", "USER": user,
-           "POGDIFF_HOME": str(settings.home), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+@pytest.fixture
+def pogdiff(capfd):
+    """``pogdiff ARGS`` on ``settings``' home, as ``user``."""
+    return lambda settings, *args, user="reviewer": run_cli(list(args), capfd, POGDIFF_HOME=str(settings.home), USER=user)
 
 
-def test_lifecycle_two_retrains_then_models_json(home):
+def test_lifecycle_two_retrains_then_models_json(pogdiff, home):
     cfg = RegisterConfig(experiment="lifecycle", model_name=f"life-{uuid.uuid4().hex[:6]}")
     name = cfg.model_name
     first = retrain(home, cfg, m(0.50, 20.0))
@@ -258,7 +255,7 @@ def test_register_retry_reuses_the_version(home):
     assert [v["version"] for v in registry.list_versions(cfg.model_name)] == ["1"]
 
 
-def test_promote_by_hand_is_recorded(home):
+def test_promote_by_hand_is_recorded(pogdiff, home):
     cfg = RegisterConfig(experiment="manual", model_name=f"manual-{uuid.uuid4().hex[:6]}")
     name = cfg.model_name
     retrain(home, cfg, m(0.5, 20.0))
