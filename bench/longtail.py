@@ -72,6 +72,7 @@ SEEDS = (0, 1, 2)
 METHODS = ("vanilla", "cbdm", "pogdiff", "pogdiff_tuned")
 NEEDS_VALIDATION = {"cbdm", "pogdiff_tuned"}
 CBDM_TAUS = (0.1, 0.3, 1.0)  # the official default is 1.0
+QUICK_CBDM_TAUS = (0.1, 1.0)  # a smoke run: two entries prove the sweep and the choice
 TUNE_TRIALS = 6  # searched trials per variant after the lam = 0 reference: sized to the 2.5-hour budget on 2 cores
 SPLITS = {"test": {"data_seed": 0, "eval_seed": 1234}, "validation": {"data_seed": 1}}
 LIMIT_S = 9000  # the whole benchmark on 2 CPU cores, all invocations together
@@ -182,10 +183,12 @@ class Store:
         return row
 
 
-def _clean_env(home: Path) -> dict[str, str]:
-    """The environment of a ``pogdiff`` subprocess on its own home: local stores, no inherited servers."""
+def _clean_env(home: Path, prefect_api: str | None) -> dict[str, str]:
+    """The environment of a ``pogdiff`` subprocess on its own home: local stores, no inherited servers
+    but the Prefect server named by ``--prefect-api-url`` (else Prefect starts an ephemeral one)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("POGDIFF_", "PREFECT_", "MLFLOW_"))}
-    return {**env, "POGDIFF_HOME": str(home), "HF_HUB_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {**env, "POGDIFF_HOME": str(home), "HF_HUB_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    return {**env, "POGDIFF_PREFECT_API_URL": prefect_api} if prefect_api else env
 
 
 def _read_study(journal: Path) -> tuple[TrialResult, list[TrialResult]]:
@@ -196,7 +199,7 @@ def _read_study(journal: Path) -> tuple[TrialResult, list[TrialResult]]:
     return reference_of(study), finished_trials(study)
 
 
-def _run_tune(args: list[str], home: Path, kept: Path, log_file: Path) -> int:
+def _run_tune(args: list[str], home: Path, kept: Path, log_file: Path, prefect_api: str | None) -> int:
     """``pogdiff tune`` on ``home``, its study journal copied to ``kept`` every few seconds (and seeded
     from it into a fresh home), so a benchmark stopped anywhere keeps the finished trials."""
     journals = home / "tune"
@@ -215,7 +218,7 @@ def _run_tune(args: list[str], home: Path, kept: Path, log_file: Path) -> int:
             tmp.replace(target)
 
     with open(log_file, "a", encoding="utf-8") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=_clean_env(home), stdout=out,
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=_clean_env(home, prefect_api), stdout=out,
                                 stderr=subprocess.STDOUT)
         while proc.poll() is None:
             time.sleep(5)
@@ -224,8 +227,10 @@ def _run_tune(args: list[str], home: Path, kept: Path, log_file: Path) -> int:
     return proc.returncode
 
 
-def validate(work: Path, state: Path, config: RetrainConfig, size: int, quick: bool, captions: str, store: Store, log) -> dict:
-    """Phase 1 on the validation split: ``pogdiff tune``, then CBDM's tau. Returns what was chosen and why.
+def validate(work: Path, state: Path, config: RetrainConfig, size: int, quick: bool, captions: str, store: Store, log,
+             taus: tuple[float, ...] = CBDM_TAUS, prefect_api: str | None = None) -> dict:
+    """Phase 1 on the validation split: ``pogdiff tune``, then CBDM's tau over ``taus``. Returns what
+    was chosen and why.
 
     ``work`` holds the scratch (data, stores); ``state`` what a later invocation resumes from
     (tune.json, tuned.yaml, the study journal).
@@ -242,7 +247,7 @@ def validate(work: Path, state: Path, config: RetrainConfig, size: int, quick: b
         cfg_path.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
         log(f"{captions}: pogdiff tune on the validation split ({config.tune.trials} trials after the lam = 0 reference)")
         started = time.perf_counter()
-        code = _run_tune(["tune", str(source), "--config", str(cfg_path), "--out", str(tuned_path)], home, journal, work / "tune.log")
+        code = _run_tune(["tune", str(source), "--config", str(cfg_path), "--out", str(tuned_path)], home, journal, work / "tune.log", prefect_api)
         progress["seconds"] += time.perf_counter() - started
         progress["done"] = code == 0
         state_file.write_text(json.dumps(progress))
@@ -256,7 +261,7 @@ def validate(work: Path, state: Path, config: RetrainConfig, size: int, quick: b
     eval_cfg = config.evaluate.model_copy(update={"seed": config.tune.eval_seed})
     prep = None
     cbdm = []
-    for tau in CBDM_TAUS:
+    for tau in taus:
         cfg = config.train.model_copy(update={"checkpoint_every": 10**9, "pog": PoGConfig(method="cbdm", cbdm_tau=tau)})
         key = Store.key(split="validation", captions=captions, train=cfg.model_dump(), evaluate=eval_cfg.model_dump())
         row = store.get(key)
@@ -415,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state", default=str(STATE), help="what a rerun resumes from: finished runs, the tune studies and their choices")
     p.add_argument("--work", default=str(WORK), help="scratch: the data sets, the stores and the tune homes")
     p.add_argument("--out", default=str(RESULTS), help="folder for the results files")
+    p.add_argument("--prefect-api-url", help="Prefect server for the `pogdiff tune` subprocess (default: an ephemeral one)")
     args = p.parse_args(argv)
     started = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - started:6.0f} s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
@@ -438,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         data["evaluate"].update({"min_images_per_individual": 2, "max_images_per_individual": 2, "num_inference_steps": 2,
                                  "buckets": {"many_above": 5, "few_below": 3}})
         args.seeds = args.seeds[:1]
+    taus = QUICK_CBDM_TAUS if args.quick else CBDM_TAUS
     config = parse_config(data)
     size = load_pipeline(config.train.base_model).image_size
     state_root = Path(args.state)
@@ -449,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     for captions in args.captions:
         work = work_root / captions
         work.mkdir(parents=True, exist_ok=True)
-        validation = validate(work, state_root / captions, config, size, args.quick, captions, store, log) \
+        validation = validate(work, state_root / captions, config, size, args.quick, captions, store, log, taus,
+                              args.prefect_api_url) \
             if NEEDS_VALIDATION & set(methods) else None
         prep = prepare_test(work, config.index, size, args.quick, captions, config.evaluate.individual_column)
         buckets = prep.caption_buckets(config.evaluate.buckets.many_above, config.evaluate.buckets.few_below)
@@ -481,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
            "wall_s_this_invocation": round(time.perf_counter() - started, 1), "quick": args.quick, "seeds": list(args.seeds),
            "budget": {"steps": config.train.steps, "batch_size": config.train.batch_size, "learning_rate": config.train.learning_rate,
                       "base_model": "tiny random UNet (quick)" if args.quick else config.train.base_model,
-                      "tune_trials": config.tune.trials, "cbdm_taus": list(CBDM_TAUS)},
+                      "tune_trials": config.tune.trials, "cbdm_taus": list(taus)},
            "evaluate": config.evaluate.model_dump() | {"seed": f"{SPLITS['test']['eval_seed']} + training seed"},
            "index": config.index.model_dump(), "splits": SPLITS,
            "machine": {"device": "cuda" if torch.cuda.is_available() else "cpu", "arch": platform.machine(),
