@@ -69,12 +69,15 @@ def run(n: int, batch: int, repeats: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="1000 captions (checks that the bench runs)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1000 captions, no goal verdict")
     p.add_argument("--captions", type=int, default=20_000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    print(json.dumps(run(1000 if args.quick else args.captions, args.batch, args.repeats)))
+    doc = run(1000 if args.quick else args.captions, args.batch, args.repeats)
+    if args.quick:  # a smoke run: 1000 captions say the bench runs, not whether the goal holds
+        doc = {k: v for k, v in doc.items() if not k.startswith("goal")}
+    print(json.dumps({**doc, "smoke": args.quick}))
 
 
 if __name__ == "__main__":

@@ -95,11 +95,12 @@ def _pipeline(source: Path, dataset: Path, cfg: IngestConfig, workers: int) -> f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="200 images instead of 1000")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 200 images instead of 1000, no goal verdict")
     parser.add_argument("--images", type=int, help="number of images (overrides --quick)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     n = args.images or (200 if args.quick else 1000)
+    smoke = n < 1000
     cfg = IngestConfig()
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         source = Path(tmp) / "source"
@@ -125,10 +126,11 @@ def main() -> None:
                 "processes_images_per_s": round(processes, 1),
                 "ratio": round(ratio, 3),
                 "processes_ratio": round(processes / raw, 3),
-                "goal_ratio": GOAL_RATIO,
-                "meets_goal": ratio >= GOAL_RATIO,
                 "machine": platform.processor() or platform.machine(),
                 "cpu_count": os.cpu_count(),
+                "smoke": smoke,
+                # a smoke run (200 images) says the bench runs; the verdict needs the full size
+                **({} if smoke else {"goal_ratio": GOAL_RATIO, "meets_goal": ratio >= GOAL_RATIO}),
             }
         )
     )

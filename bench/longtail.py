@@ -476,8 +476,9 @@ def main(argv: list[str] | None = None) -> int:
             "notes": notes,
             "results": agg,
             "per_seed": rows,
-            "goals": goals(agg, captions),
-            "competence": competence_check(agg) if "vanilla" in agg else None,
+            # a smoke run's figures are noise (tiny random base, 3 steps): no verdicts on them
+            "goals": {} if args.quick else goals(agg, captions),
+            "competence": competence_check(agg) if "vanilla" in agg and not args.quick else None,
             "diagnostics": diagnostics(prep, buckets, pogs),
         }
         plot(agg, Path(args.out) / f"longtail_{captions}{'' if set(methods) == set(METHODS) else '_' + '_'.join(methods)}.png",
@@ -486,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime = sum(r.get("train_seconds", 0) + r.get("eval_seconds", 0) for r in store.rows.values()) + sum(
         (v["validation"] or {}).get("tune", {}).get("seconds", 0) for v in variants.values())
     doc = {"bench": "longtail", "command": command.strip(), "runtime_s": round(runtime, 1), "limit_s": LIMIT_S,
-           "wall_s_this_invocation": round(time.perf_counter() - started, 1), "quick": args.quick, "seeds": list(args.seeds),
+           "wall_s_this_invocation": round(time.perf_counter() - started, 1), "smoke": args.quick, "seeds": list(args.seeds),
            "budget": {"steps": config.train.steps, "batch_size": config.train.batch_size, "learning_rate": config.train.learning_rate,
                       "base_model": "tiny random UNet (quick)" if args.quick else config.train.base_model,
                       "tune_trials": config.tune.trials, "cbdm_taus": list(taus)},

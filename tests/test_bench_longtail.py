@@ -138,7 +138,7 @@ def test_quick_run_tunes_validates_and_resumes(bench, tmp_path: Path) -> None:
     relations = {"same_individual", "same_colour", "same_shape", "unrelated"}
     assert set(v["diagnostics"]["s_img_by_relation"]) == relations
     assert v["data"]["grouped_by"] == "individual" and v["data"]["individuals"] == 24
-    assert "defaults_no_harm_on_many" in v["goals"] and "tuned_beats_baselines" in v["goals"]
+    assert doc["smoke"] and v["goals"] == {} and v["competence"] is None  # no verdicts on a smoke run's noise
     assert doc["runtime_s"] > 0 and doc["limit_s"] == 9000 and doc["command"].startswith("python -m bench.longtail --quick")
     table = (out / "longtail_vanilla_cbdm_pogdiff_pogdiff_tuned_per-image.md").read_text()
     assert "## per-image captions" in table and "CBDM on the validation split" in table

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 from mlflow.entities import RunStatus
@@ -230,4 +231,6 @@ def run_link(ui_url: str | None, run_id: str) -> str | None:
     if not ui_url:
         return None
     experiment = MlflowClient().get_run(run_id).info.experiment_id
-    return f"{redact_uri(ui_url).rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    # the UI routes by the fragment: it goes after any query string, not into it
+    parts = urlsplit(redact_uri(ui_url))
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/", fragment=f"/experiments/{experiment}/runs/{run_id}"))

@@ -167,8 +167,6 @@ def test_lineage_records_name_digest_source(store, tmp_path):
 
 
 def test_signature_matches_model_inputs():
-    from storage.mlflow import pyfunc_model
-
     sig = packaging.model_signature(16)
     assert [(c.name, c.type.name, c.required) for c in sig.inputs.inputs] == [
         ("prompt", "string", True),
@@ -177,7 +175,6 @@ def test_signature_matches_model_inputs():
         ("guidance_scale", "double", False),
         ("num_inference_steps", "long", False),
     ]
-    assert list(pyfunc_model.OPTIONAL_COLUMNS) == [c.name for c in sig.inputs.inputs][1:]
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
 """LanceDB tables: upserts of changed rows only, so unchanged re-runs create no new version."""
 
+import subprocess
+import sys
 import time
 
 import lancedb
@@ -155,10 +157,12 @@ def test_search_captions_is_exact_below_the_threshold(tmp_path):
 
 
 def test_touching_lancedb_makes_child_processes_spawn(tmp_path):
-    import multiprocessing
-
-    vectors.connect(str(tmp_path / "lancedb"))
-    assert multiprocessing.get_start_method() in ("spawn", "forkserver")
+    # a fresh interpreter: the start method is process-wide, and any earlier test may have set it
+    code = ("import multiprocessing, sys; from storage import vectors; before = multiprocessing.get_start_method(allow_none=True); "
+            "vectors.connect(sys.argv[1]); print(before, multiprocessing.get_start_method(allow_none=True))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "lancedb")], capture_output=True, text=True, check=True)
+    before, after = out.stdout.split()
+    assert before == "None" and after in ("spawn", "forkserver")
 
 
 def test_pruning_keeps_the_tagged_champion_versions_and_moves_on_when_the_tag_moves(tmp_path):

@@ -1,7 +1,15 @@
 """The retrain report (Prefect markdown artifact) and the MLflow link in it."""
 
+from uuid import UUID
+
+from mlflow import MlflowClient
+from prefect import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterId
+
 from storage.links import redact_text, redact_uri
-from tasks.report import render_report
+from storage.mlflow import connection, runs
+from storage.settings import load_settings
+from tasks.report import publish_report, render_report
 
 
 def test_report_has_the_bucket_table_with_deltas_and_the_decision():
@@ -24,6 +32,22 @@ def test_credentials_never_reach_a_link():
     assert redact_uri("http://mlflow:5000") == "http://mlflow:5000"
     assert redact_uri("sqlite:///var/mlflow.db") == "sqlite:///var/mlflow.db"
     assert redact_uri("http://bob@mlflow:5000", mask=False) == "http://mlflow:5000"
+
+
+def test_the_published_report_links_the_run_without_the_ui_urls_secrets(prefect_server, tmp_path):
+    """The report task on settings whose MLflow UI URL carries a password and a token: the artifact
+    stored on the Prefect server links the real run (its experiment id, from the store) and holds
+    neither secret."""
+    settings = load_settings(home=tmp_path, mlflow_ui_url="https://alice:s3cret-pw@mlflow.example.org/?token=t0k3n")
+    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    with runs.run("report-links") as run_id:
+        experiment = MlflowClient().get_run(run_id).info.experiment_id
+    decision = {"model_name": "m", "version": "1", "promoted": True, "reason": "no champion yet", "champion_metrics": {}}
+    artifact_id = publish_report.fn(settings, {"few/grecall": 0.5}, decision, run_id, "snap1")
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(id=ArtifactFilterId(any_=[UUID(artifact_id)])))
+    assert f"(https://***@mlflow.example.org/?token=***#/experiments/{experiment}/runs/{run_id})" in artifact.data
+    assert "s3cret-pw" not in artifact.data and "t0k3n" not in artifact.data
 
 
 def test_secret_query_parameters_are_redacted_in_uris_and_text():
