@@ -94,11 +94,14 @@ def test_images_per_individual_is_clamped_count():
 def test_same_seed_same_metrics_independent_of_batch_size_and_fid_left_out_below_minimum(pipe, real):
     cfg = _cfg()
     first = evaluate(pipe, real, cfg)
-    second = evaluate(pipe, real, _cfg(batch_size=5))  # one flat prompt list: batching changes nothing
-    assert first.metrics == second.metrics
+    second = evaluate(pipe, real, _cfg(batch_size=5))  # one flat prompt list: batching changes no draw
+    # each image's noise depends on its position only; BLAS kernels sum in a batch-shape (and thread
+    # count) dependent order, so pixels may differ by one uint8 step at a rounding edge and the
+    # metrics by float rounding, never more
     assert first.prompts == second.prompts
     for a, b in zip(first.samples, second.samples):
-        np.testing.assert_array_equal(a, b)
+        assert np.abs(a.astype(np.int16) - b).max() <= 1
+    assert first.metrics == pytest.approx(second.metrics, rel=1e-5, abs=1e-6)
     # N_i = max(3, min(|T_i|, 8))
     assert [s.shape for s in first.samples] == [(n, SIZE, SIZE, 3) for n in (8, 8, 5, 5, 3, 3)]
     other = evaluate(pipe, real, _cfg(seed=cfg.seed + 1))
