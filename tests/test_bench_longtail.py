@@ -108,6 +108,7 @@ def test_pair_similarity_is_the_clipped_cosine_and_leaves_out_self_pairs() -> No
         pair_similarity(f, caption_of, 0, 2)
 
 
+@pytest.mark.slow
 def test_quick_run_tunes_validates_and_resumes(bench, tmp_path: Path) -> None:
     """One variant end to end: `pogdiff tune` on the validation split, CBDM's tau, then the test runs;
     a run already in the work folder (marked with numbers no real run gives) is kept, not redone."""

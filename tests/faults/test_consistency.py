@@ -21,6 +21,8 @@ from storage.settings import load_settings
 from storage.training_set import DataVersion, load_real_set, load_training_set
 from tasks.index import build_caption_index, build_image_features
 
+pytestmark = pytest.mark.slow  # servers, processes or whole flows: see pyproject's marker
+
 CFG = IndexConfig(image_feature="pixels", k=3)
 
 

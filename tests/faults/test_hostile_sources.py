@@ -14,11 +14,14 @@ import tarfile
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from faultkit import ROOT, base_env, record
 from PIL import Image
 
 from pogdiff.config import IngestConfig
 from storage import parquet
+
+pytestmark = pytest.mark.slow  # servers, processes or whole flows: see pyproject's marker
 
 BOMB = 1 << 30  # one GiB of zeros, about 5 MB compressed
 

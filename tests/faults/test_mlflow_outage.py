@@ -4,6 +4,7 @@ metrics reach the run once the server is back, and the run ends FINISHED."""
 
 from __future__ import annotations
 
+import pytest
 from faultkit import record
 from localserver import free_port, healthy, start_mlflow_server, stop_server, wait_for
 from mlflow.tracking import MlflowClient
@@ -14,6 +15,8 @@ from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from pogdiff.trainer import train
 from storage.mlflow import connection, runs
 from storage.mlflow.metric_sink import MetricSink
+
+pytestmark = pytest.mark.slow  # servers, processes or whole flows: see pyproject's marker
 
 STEPS, DOWN_AT, UP_AT = 20, 3, 12
 

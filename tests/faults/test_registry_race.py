@@ -10,10 +10,13 @@ import sys
 import textwrap
 import time
 
+import pytest
 from faultkit import ROOT, base_env, record
 from mlflow.tracking import MlflowClient
 
 from storage.mlflow import connection
+
+pytestmark = pytest.mark.slow  # servers, processes or whole flows: see pyproject's marker
 
 MODEL = "race"
 

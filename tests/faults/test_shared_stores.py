@@ -8,11 +8,14 @@ import logging
 import subprocess
 import sys
 
+import pytest
 from faultkit import record
 from mlflow.tracking import MlflowClient
 
 from storage.mlflow import connection, runs
 from tasks.track import KIND_TAG, OWNER_TAG, RETRAIN_KEY_TAG, _crashed_run, owner, owner_alive
+
+pytestmark = pytest.mark.slow  # servers, processes or whole flows: see pyproject's marker
 
 
 def _dead_owner() -> str:

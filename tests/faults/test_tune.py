@@ -6,6 +6,7 @@ that loads. Every trial is scored on the validation draw (tune.eval_seed), never
 
 from __future__ import annotations
 
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
@@ -15,6 +16,8 @@ from localserver import wait_for
 from pogdiff.config import load_config
 from storage.mlflow import connection
 from tasks.tune import load_study
+
+pytestmark = pytest.mark.slow  # servers, processes or whole flows: see pyproject's marker
 
 
 def _study(home):

@@ -16,6 +16,8 @@ from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from storage import parquet
 from storage.mlflow import connection
 
+pytestmark = pytest.mark.slow  # servers, processes or whole flows: see pyproject's marker
+
 K = 3
 
 

@@ -17,6 +17,8 @@ from localserver import wait_for
 from pogdiff import demo
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 
+pytestmark = pytest.mark.slow  # servers, processes or whole flows: see pyproject's marker
+
 ROOT = Path(__file__).resolve().parents[2]
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 

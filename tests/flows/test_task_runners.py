@@ -2,6 +2,7 @@
 
 import lancedb
 import numpy as np
+import pytest
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -19,6 +20,7 @@ def test_runner_follows_settings(tmp_path):
     assert isinstance(task_runner(load_settings(home=tmp_path, task_runner="dask")), DaskTaskRunner)
 
 
+@pytest.mark.slow
 def test_embedding_shards_run_on_dask_workers(prefect_server, tmp_path, monkeypatch):
     source = tmp_path / "source"
     demo.generate_longtail(source, seed=2, size=16, max_count=4, alpha=1.0, min_count=1, captions="individual")  # 24 captions

@@ -4,6 +4,7 @@ import json
 from dataclasses import asdict, replace
 
 import numpy as np
+import pytest
 import torch
 
 from pogdiff import demo, detector
@@ -15,6 +16,7 @@ def _weights(pipe: PixelDiffusionPipeline) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in pipe.unet.parameters()])
 
 
+@pytest.mark.slow
 def test_a_short_run_of_the_real_recipe_builds_resumes_and_reloads(tmp_path):
     recipe = replace(BaseRecipe(), steps=6, images=48, lr_warmup_steps=2)
     result = build_base(tmp_path, recipe)
@@ -36,6 +38,7 @@ def test_a_short_run_of_the_real_recipe_builds_resumes_and_reloads(tmp_path):
     torch.testing.assert_close(_weights(PixelDiffusionPipeline.from_pretrained(str(again.model_dir))), _weights(loaded))
 
 
+@pytest.mark.slow
 def test_the_shipped_base_draws_its_domain_from_words():
     path = BUILTIN_MODELS["builtin:logos16"]
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

@@ -362,6 +362,7 @@ def test_log_model_needs_adapter_and_base_together(store, model_dir):
             packaging.log_model(model_dir, unique("m"), ["a red circle"], base_model="builtin:logos16")
 
 
+@pytest.mark.slow
 def test_champions_load_in_a_fresh_process(store, registered, settings, tmp_path):
     """Both kinds of registered model load by alias, one after the other, in an interpreter that
     knows only the tracking URI (no project on the path) and generate for two prompts: a full model,

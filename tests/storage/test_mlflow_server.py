@@ -21,6 +21,8 @@ from pogdiff.config import GateConfig
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from storage.mlflow import connection, lineage, packaging, registry, runs
 
+pytestmark = pytest.mark.slow  # servers, processes or whole flows: see pyproject's marker
+
 STARTUP_LIMIT_S = 240  # a fresh SQLite store runs MLflow's migrations first; slow on a busy machine
 
 

@@ -19,6 +19,8 @@ from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from pogdiff.trainer import train
 from tasks.train import launch_ddp
 
+pytestmark = pytest.mark.slow  # servers, processes or whole flows: see pyproject's marker
+
 CONFIG = {"steps": 3, "batch_size": 4, "learning_rate": 1e-3, "checkpoint_every": 2, "num_processes": 2,
           "pog": {"method": "pogdiff", "lam": 5.0, "psi_threshold": 0.0, "similarity_quantile": 0.0}}  # most samples borrow: the ranks run the neighbour branch
 
