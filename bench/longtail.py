@@ -51,7 +51,7 @@ import yaml
 
 from pogdiff import demo
 from pogdiff.atomic import write_bytes_atomic
-from pogdiff.config import EvaluateConfig, IndexConfig, PoGConfig, RetrainConfig, TrainConfig, load_config, parse_config
+from pogdiff.config import EvaluateConfig, IndexConfig, PoGConfig, TrainConfig
 from pogdiff.evaluation import RealSet, evaluate
 from pogdiff.longtail import aggregate, competence_check, demo_similarity_table, goal_check, markdown_table, no_harm_check, psi_by_bucket
 from pogdiff.metrics import BUCKETS, assign_buckets
@@ -61,6 +61,7 @@ from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.pipelines.pixel import UNetSpec
 from pogdiff.trainer import TrainData, train
 from pogdiff.tune import TrialResult, choose, score, trials_table
+from tasks.config import RetrainConfig, load_config, parse_config
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"  # index, train recipe and evaluate sections (judge, N, buckets)

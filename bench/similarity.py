@@ -34,8 +34,9 @@ from scipy.stats import mannwhitneyu
 
 from bench.longtail import load_prepared
 from pogdiff import demo
-from pogdiff.config import IndexConfig, PoGConfig, RetrainConfig
+from pogdiff.config import IndexConfig, PoGConfig
 from pogdiff.neighbours import similarity_threshold
+from tasks.config import RetrainConfig
 
 FEATURES = ("unet", "pixels")
 

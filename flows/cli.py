@@ -13,9 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-from pogdiff.config import ConfigError, RetrainConfig, load_config
+from pogdiff.config import ConfigError
 from storage.links import redact_text, redact_uri
 from storage.settings import REPO_ROOT, Settings, load_settings
+from tasks.config import RetrainConfig, load_config
 
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pogdiff.config import ConfigError, RetrainConfig, load_config, parse_config
+from pogdiff.config import ConfigError
+from tasks.config import RetrainConfig, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 FORBIDDEN = {"prefect", "mlflow", "lancedb"}

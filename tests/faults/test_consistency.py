@@ -12,11 +12,12 @@ import torch
 from faultkit import record
 
 from pogdiff import demo, demo_train
-from pogdiff.config import IndexConfig, IngestConfig, PoGConfig, TrainConfig
+from pogdiff.config import IndexConfig, PoGConfig, TrainConfig
 from pogdiff.index import image_extractor
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from pogdiff.trainer import train
 from storage import parquet
+from storage.config import IngestConfig
 from storage.settings import load_settings
 from storage.training_set import DataVersion, load_real_set, load_training_set
 from tasks.index import build_caption_index, build_image_features

@@ -12,8 +12,8 @@ from optuna.trial import TrialState
 
 from faultkit import cli_env, record, start_cli
 from localserver import wait_for
-from pogdiff.config import load_config
 from storage.mlflow import connection
+from tasks.config import load_config
 from tasks.tune import load_study
 
 

@@ -11,10 +11,10 @@ from prefect.artifacts import Artifact
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from pogdiff import demo
-from pogdiff.config import parse_config
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from storage import parquet
 from storage.mlflow import connection
+from tasks.config import parse_config
 
 K = 3
 

@@ -9,8 +9,9 @@ from prefect_dask import DaskTaskRunner
 
 from flows.runners import task_runner
 from pogdiff import demo
-from pogdiff.config import IndexConfig, IngestConfig
+from pogdiff.config import IndexConfig
 from pogdiff.text import load_text_encoder
+from storage.config import IngestConfig
 from storage.settings import load_settings
 
 

@@ -9,9 +9,10 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pogdiff import demo
-from pogdiff.config import EvaluateConfig, IngestConfig, parse_config
+from pogdiff.config import EvaluateConfig, parse_config
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from storage import parquet
+from storage.config import IngestConfig
 from storage.mlflow import connection, runs
 from storage.settings import load_settings
 from storage.training_set import load_real_set
