@@ -27,6 +27,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import MissingContextError
 
 from pogdiff.atomic import write_text_atomic
+from pogdiff.demo import detector
 from pogdiff.evaluation import evaluate
 from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.plots import save_png, tune_trials
@@ -156,7 +157,7 @@ def run_trial(settings: Settings, config: RetrainConfig, data: DataVersion, knob
             runs.log_config({"knobs": knobs, "method": cfg.pog.method, "steps": cfg.steps, "eval_seed": eval_cfg.seed})
             train(pipe, train_set, cfg, out, on_step=lambda step, m: runs.log_metrics({f"train/{k}": v for k, v in m.items()}, step=step),
                   resume=False)
-            result = evaluate(pipe, real, eval_cfg)
+            result = evaluate(pipe, real, eval_cfg, judge=detector.judge)  # as the evaluate task judges
             runs.log_metrics(result.metrics)
     except BaseException:
         runs.end(child, "FAILED")

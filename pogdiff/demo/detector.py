@@ -1,7 +1,8 @@
 """The demo domain's detector: reads the individual (shape and colour) back off an image.
 
-So the identity of generated demo images is scored exactly, not by a learned judge (the
-evaluation's ``demo`` judge). Calibrated on clean renders of ``pogdiff.demo``; numpy only.
+So the identity of generated demo images is scored exactly, not by a learned judge: ``judge`` is
+what callers evaluating demo data pass to ``pogdiff.evaluation.evaluate``. Calibrated on clean
+renders of ``pogdiff.demo.catalogue``; numpy only.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import functools
 
 import numpy as np
 
-from pogdiff.demo import COLOURS, SHAPES, Individual, render, sample_instance
+from pogdiff.demo.catalogue import COLOURS, SHAPES, Individual, individual_named, render, sample_instance
 
 _MIN_SIZE = 16  # the smallest size calibrated and tested; there a small triangle's side is 6 pixels
 _MASK_THRESHOLD = 64.0  # RGB distance from the background: > 5 sigma-12 noise, < 1/2 the least contrast
@@ -203,3 +204,14 @@ def detect(images: np.ndarray) -> list[Individual | None]:
             else:
                 results.append(Individual(SHAPES[int(nearest)], colour))
     return results
+
+
+def judge(images: np.ndarray, individuals: list[str]) -> list[str | None] | None:
+    """The demo's exact judge: the name of the individual detected on each image (None: none is).
+
+    images uint8 ``[G, H, W, 3]`` (H >= 16); individuals: the name each image was generated for.
+    Returns None when some name is not a demo individual (no exact judge exists for that data).
+    """
+    if any(individual_named(n) is None for n in individuals):
+        return None
+    return [None if f is None else f.name for f in detect(images)]
