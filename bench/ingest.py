@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pogdiff.config import IngestConfig
+from storage.config import IngestConfig
 
 GOAL_RATIO = 0.8
 

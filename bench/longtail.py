@@ -49,9 +49,9 @@ import numpy as np
 import torch
 import yaml
 
-from pogdiff import demo
 from pogdiff.atomic import write_bytes_atomic
-from pogdiff.config import EvaluateConfig, IndexConfig, PoGConfig, RetrainConfig, TrainConfig, load_config, parse_config
+from pogdiff.config import EvaluateConfig, IndexConfig, PoGConfig, TrainConfig
+from pogdiff.demo import catalogue, detector
 from pogdiff.evaluation import RealSet, evaluate
 from pogdiff.longtail import aggregate, competence_check, demo_similarity_table, goal_check, markdown_table, no_harm_check, psi_by_bucket
 from pogdiff.metrics import BUCKETS, assign_buckets
@@ -61,6 +61,7 @@ from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.pipelines.pixel import UNetSpec
 from pogdiff.trainer import TrainData, train
 from pogdiff.tune import TrialResult, choose, score, trials_table
+from tasks.config import RetrainConfig, load_config, parse_config
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"  # index, train recipe and evaluate sections (judge, N, buckets)
@@ -112,7 +113,7 @@ def load_prepared(home: Path, index_cfg: IndexConfig, size: int, label: str, ind
 def demo_source(work: Path, data_seed: int, size: int, quick: bool, captions: str) -> Path:
     """The demo data set of ``data_seed`` in ``work`` (rewritten identically when it exists)."""
     source = work / f"demo-{data_seed}"
-    demo.generate_longtail(source, seed=data_seed, size=size, captions=captions, **(QUICK_SHAPE if quick else {}))
+    catalogue.generate_longtail(source, seed=data_seed, size=size, captions=captions, **(QUICK_SHAPE if quick else {}))
     return source
 
 
@@ -143,7 +144,7 @@ def run_one(prep: Prepared, cfg: TrainConfig, eval_cfg: EvaluateConfig, work: Pa
     started = time.perf_counter()
     train(pipe, prep.data, cfg, work, on_step=on_step, resume=False)
     trained = time.perf_counter() - started
-    ev = evaluate(pipe, prep.real, eval_cfg)
+    ev = evaluate(pipe, prep.real, eval_cfg, judge=detector.judge)
     return {
         "seed": cfg.seed,
         "metrics": ev.metrics,
@@ -331,7 +332,7 @@ def diagnostics(prep: Prepared, buckets: list[str], pogs: dict[str, PoGConfig]) 
     caps = prep.data.captions
     owner = {prep.real.captions[r]: int(i) for r, i in enumerate(prep.real.group)}
     individual_of = [owner[c] for c in caps]  # caption -> individual (a caption names one individual)
-    looks = [demo.individual_named(n) for n in prep.real.names]
+    looks = [catalogue.individual_named(n) for n in prep.real.names]
     if all(x is not None for x in looks):
         def relation(a: int, b: int) -> str:
             pa, pb = looks[a], looks[b]
@@ -414,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke test: tiny random base and data, 3 steps, one tune trial, seed 0")
     p.add_argument("--config", default=str(DEMO_CONFIG), help="retrain config YAML: its index, train, evaluate and tune sections")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--captions", nargs="+", choices=demo.CAPTION_MODES, default=list(demo.CAPTION_MODES))
+    p.add_argument("--captions", nargs="+", choices=catalogue.CAPTION_MODES, default=list(catalogue.CAPTION_MODES))
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     p.add_argument("--trials", type=int, default=TUNE_TRIALS, help="pogdiff tune's searched trials per variant")
     p.add_argument("--state", default=str(STATE), help="what a rerun resumes from: finished runs, the tune studies and their choices")
@@ -496,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
            "machine": {"device": "cuda" if torch.cuda.is_available() else "cpu", "arch": platform.machine(),
                        "threads": torch.get_num_threads()},
            "variants": variants}
-    stem = "longtail" if set(methods) == set(METHODS) and set(args.captions) == set(demo.CAPTION_MODES) else \
+    stem = "longtail" if set(methods) == set(METHODS) and set(args.captions) == set(catalogue.CAPTION_MODES) else \
         f"longtail_{'_'.join(methods)}_{'_'.join(args.captions)}"
     out = Path(args.out)
     write_bytes_atomic(out / f"{stem}.json", json.dumps(doc, indent=2).encode())

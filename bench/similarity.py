@@ -33,15 +33,16 @@ import torch
 from scipy.stats import mannwhitneyu
 
 from bench.longtail import load_prepared
-from pogdiff import demo
-from pogdiff.config import IndexConfig, PoGConfig, RetrainConfig
+from pogdiff.config import IndexConfig, PoGConfig
+from pogdiff.demo import catalogue
 from pogdiff.neighbours import similarity_threshold
+from tasks.config import RetrainConfig
 
 FEATURES = ("unet", "pixels")
 
 
 def similarity_report(features: torch.Tensor, caption_of: torch.Tensor, individual_of_caption: list[int],
-                      nb_ids: torch.Tensor, looks: list[demo.Individual]) -> dict:
+                      nb_ids: torch.Tensor, looks: list[catalogue.Individual]) -> dict:
     """The figures above for one feature; features ``[N, F]``, caption_of ``[N]``, nb_ids ``[C, k]``."""
     image_individual = torch.tensor(individual_of_caption)[caption_of]
     f = features.float()
@@ -79,7 +80,7 @@ def similarity_report(features: torch.Tensor, caption_of: torch.Tensor, individu
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.similarity", description=__doc__.split("\n\n")[0])
     p.add_argument("--features", nargs="+", choices=FEATURES, default=list(FEATURES))
-    p.add_argument("--captions", nargs="+", choices=demo.CAPTION_MODES, default=list(demo.CAPTION_MODES))
+    p.add_argument("--captions", nargs="+", choices=catalogue.CAPTION_MODES, default=list(catalogue.CAPTION_MODES))
     args = p.parse_args(argv)
     from storage import parquet
     from storage.settings import Settings
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="similarity-") as tmp:
         for captions in args.captions:
             source = Path(tmp) / f"demo-{captions}"
-            demo.generate_longtail(source, seed=0, captions=captions)
+            catalogue.generate_longtail(source, seed=0, captions=captions)
             home = Path(tmp) / f"home-{captions}"
             settings = Settings(home=home)
             parquet.ingest(source, settings.dataset_uri, RetrainConfig().ingest, workers=1)
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 prep = load_prepared(home, index_cfg, 16, captions, "individual")
                 g = prep.data.graph
                 owner = {prep.real.captions[r]: int(i) for r, i in enumerate(prep.real.group)}
-                looks = [demo.individual_named(n) for n in prep.real.names]
+                looks = [catalogue.individual_named(n) for n in prep.real.names]
                 results.setdefault(captions, {})[feature] = similarity_report(
                     g.image_features, g.caption_of, [owner[c] for c in prep.data.captions], g.nb_ids, looks)
     print(json.dumps({"bench": "similarity", "data": "demo catalogue, data seed 0", "k": IndexConfig().k,

@@ -23,8 +23,8 @@ import time
 import numpy as np
 import torch
 
-from pogdiff import demo, demo_train
 from pogdiff.config import PoGConfig, TrainConfig
+from pogdiff.demo import catalogue, train_set
 from pogdiff.neighbours import draw_borrowing, similarity_threshold
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline, UNetSpec, default_scheduler
 from pogdiff.trainer import TrainData, train
@@ -33,7 +33,7 @@ GOALS = {"dense_ratio": 1.40, "sparse_ratio": 1.15, "borrow_share": 0.3}
 
 
 def _data(size: int) -> TrainData:
-    return demo_train.train_data(demo.longtail_counts(), size=size, k=5)
+    return train_set.train_data(catalogue.longtail_counts(), size=size, k=5)
 
 
 def _threshold_for_share(data: TrainData, pog: PoGConfig, share: float, draws: int = 20_000) -> float:

@@ -13,9 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-from pogdiff.config import ConfigError, RetrainConfig, load_config
+from pogdiff.config import ConfigError
 from storage.links import redact_text, redact_uri
 from storage.settings import REPO_ROOT, Settings, load_settings
+from tasks.config import RetrainConfig, load_config
 
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
@@ -88,7 +89,7 @@ def _report(result: dict, settings: Settings, started: float) -> None:
 
 
 def cmd_demo(args, settings: Settings) -> int:
-    from pogdiff import demo
+    from pogdiff.demo import catalogue as demo
 
     config = load_config(args.config)
     if args.data:  # the user's own copy: used as it is, never generated over
@@ -152,7 +153,7 @@ def cmd_evaluate(args, settings: Settings) -> int:
 
 
 def cmd_demo_data(args, settings: Settings) -> int:
-    from pogdiff import demo
+    from pogdiff.demo import catalogue as demo
 
     summary = demo.generate_longtail(Path(args.out), seed=args.seed, captions=args.captions)
     print(f"wrote {summary['images']} images of {summary['individuals']} individuals "
@@ -184,7 +185,7 @@ def cmd_base_build(args, settings: Settings) -> int:
 
 
 def demo_caption_modes() -> tuple[str, ...]:
-    from pogdiff.demo import CAPTION_MODES
+    from pogdiff.demo.catalogue import CAPTION_MODES
 
     return CAPTION_MODES
 

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from pogdiff.config import RegisterConfig
+from storage.config import RegisterConfig
 from storage.links import redact_text
 from storage.settings import Settings
 

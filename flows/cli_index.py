@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from pogdiff.config import load_config
+from tasks.config import load_config
 
 
 def _index_config(path: str | None):

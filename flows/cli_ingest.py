@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pogdiff.config import load_config
+from tasks.config import load_config
 
 
 def _positive(text: str) -> int:

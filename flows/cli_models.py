@@ -6,9 +6,10 @@ import getpass
 import json
 import sys
 
-from pogdiff.config import RegisterConfig, load_config
+from storage.config import RegisterConfig
 from storage.links import redact_text
 from storage.settings import Settings
+from tasks.config import load_config
 
 
 def _registry(args) -> tuple[str, RegisterConfig]:

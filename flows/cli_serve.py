@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import typing
 
-from pogdiff.config import EvaluateConfig, IndexConfig, IngestConfig, RegisterConfig, RetrainConfig, TrainConfig, load_config
+from pogdiff.config import EvaluateConfig, IndexConfig, TrainConfig
+from storage.config import IngestConfig, RegisterConfig
+from tasks.config import RetrainConfig, load_config
 
 # A flow parameter of one of these types receives that section of a --config file.
 _SECTIONS = {

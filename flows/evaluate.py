@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from pogdiff.config import RetrainConfig
 from storage.settings import load_settings
+from tasks.config import RetrainConfig
 from tasks.dataset import dataset_snapshot
 from tasks.evaluate import evaluate_model
 from tasks.registry import fetch_model, open_evaluation_run

@@ -10,7 +10,8 @@ from prefect import flow
 
 from flows.prepare import prepare
 from flows.runners import task_runner
-from pogdiff.config import IndexConfig, IngestConfig
+from pogdiff.config import IndexConfig
+from storage.config import IngestConfig
 from storage.settings import load_settings
 
 

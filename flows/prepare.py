@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from prefect import unmapped
 
-from pogdiff.config import IndexConfig, IngestConfig
+from pogdiff.config import IndexConfig
+from storage.config import IngestConfig
 from storage.settings import Settings
 from storage.training_set import DataVersion
 from tasks.caching import cached, index_key, ingest_key

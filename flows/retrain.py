@@ -6,9 +6,9 @@ from prefect import flow
 
 from flows.prepare import prepare
 from flows.runners import task_runner
-from pogdiff.config import RetrainConfig
 from pogdiff.trainer import TrainingTimeLimit
 from storage.settings import load_settings
+from tasks.config import RetrainConfig
 from tasks.evaluate import evaluate_model
 from tasks.register import register_model
 from tasks.report import publish_report

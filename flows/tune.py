@@ -13,10 +13,10 @@ from prefect import flow, unmapped
 
 from flows.prepare import prepare
 from flows.runners import task_runner
-from pogdiff.config import RetrainConfig
 from pogdiff.tune import REFERENCE, choose, suggest
 from storage.mlflow import connection, runs
 from storage.settings import load_settings
+from tasks.config import RetrainConfig
 from tasks.tune import (
     finished_trials,
     open_parent_run,

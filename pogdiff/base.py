@@ -1,6 +1,6 @@
 """Pretraining the embedded base model: the analogue of Stable Diffusion's pretraining.
 
-The base sees a broad, balanced draw of the whole demo domain (``demo.balanced_draw``): every
+The base sees a broad, balanced draw of the whole demo domain (``catalogue.balanced_draw``): every
 shape in every colour, at every size, position, rotation and background, each image with a caption
 in the domain's words ("a small red circle in the upper left on dark navy"). So it can draw anything
 of the domain from a description, as Stable Diffusion can draw a mug. It has never seen the
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from pogdiff import demo
 from pogdiff.config import PoGConfig, TrainConfig
+from pogdiff.demo import catalogue
 from pogdiff.neighbours import NeighbourGraph
 from pogdiff.pipelines.base import to_tensor
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline, UNetSpec
@@ -59,7 +59,7 @@ def isolated_graph(caption_of: torch.Tensor, num_captions: int) -> NeighbourGrap
 
 def build_base(out_dir: Path, recipe: BaseRecipe = BaseRecipe(), on_step: StepCallback | None = None) -> TrainResult:
     """Pretrain a fresh UNet on ``recipe``; the model lands in ``out_dir/model``."""
-    images, captions = demo.balanced_draw(recipe.images, seed=recipe.seed, size=recipe.spec.image_size, variation=recipe.variation)
+    images, captions = catalogue.balanced_draw(recipe.images, seed=recipe.seed, size=recipe.spec.image_size, variation=recipe.variation)
     names = sorted(set(captions))
     row = {c: i for i, c in enumerate(names)}
     caption_of = torch.tensor([row[c] for c in captions])

@@ -1,14 +1,18 @@
-"""Typed configuration, one model per pipeline stage.
+"""Typed configuration of the method library, and the strict base every stage config builds on.
 
-Every default is defined here and only here. Every model forbids unknown keys, so a typo in a
-config file (``lamda: 2``) stops the run before any work starts with an error that names the key.
-Options with a closed set of values are ``Literal`` types, validated at load time.
+Here: the index (caption embedding, neighbour graph, image feature), the objective (``PoGConfig``),
+training, evaluation and its buckets, and the tune search. The pipeline's own stages live with the
+layer that uses them: ingest, the gate and the registry in ``storage/config.py``, the whole retrain
+config in ``tasks/config.py``. Each default is defined once, next to its key. Every model forbids
+unknown keys, so a typo in a config file (``lamda: 2``) stops the run before any work starts with an
+error that names the key. Options with a closed set of values are ``Literal`` types, validated at
+load time.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -18,39 +22,13 @@ class ConfigError(ValueError):
     """A configuration file or mapping is invalid; the message names the offending key."""
 
 
-class _Stage(BaseModel):
+class StageConfig(BaseModel):
+    """A stage's config: frozen, and every unknown key is an error."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class IngestConfig(_Stage):
-    """How a caption–image source is read and validated."""
-
-    # folder = images + captions file; parquet = *.parquet with image bytes; webdataset = *.tar shards
-    source_kind: Literal["auto", "folder", "parquet", "webdataset"] = "auto"
-    captions_file: str = "captions.csv"  # csv or jsonl, relative to the source folder
-    image_column: str = "image"  # captions-file path column; Parquet bytes/struct/path column
-    caption_column: str = "caption"  # also the caption key of a WebDataset sample's .json member
-    allowed_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
-    min_side: int = Field(8, ge=1)  # pixels; smaller images are rejected
-    max_pixels: int = Field(64_000_000, ge=1)  # decompression-bomb guard, checked before decoding
-    # Byte caps, checked before anything is read into memory: an encoded image (file, Parquet cell or
-    # tar member) and any other tar member (caption, JSON). A chunk of inputs in flight holds at most
-    # about workers x max_image_bytes of image data, whatever the source.
-    max_image_bytes: int = Field(50_000_000, ge=1)
-    max_member_bytes: int = Field(1_000_000, ge=1)
-    max_caption_chars: int = Field(1000, ge=1)
-    caption_overflow: Literal["reject", "truncate"] = "reject"
-    same_image_other_caption: Literal["keep", "reject"] = "keep"
-    resolution: int = Field(512, ge=8)  # side of the stored square RGB image
-    aspect: Literal["center_crop", "pad"] = "center_crop"  # how a non-square image becomes square
-    upscale: bool = False  # False: smaller images are squared at their own size, never enlarged
-    image_encoding: Literal["png", "webp"] = "png"  # png lossless; webp lossy (quality 90), smaller
-    # Decode/validate pool. Threads measured equal to spawned processes at steady state (PIL releases
-    # the GIL while decoding, resizing and encoding) and start 0.8 s faster; see bench/ingest.py.
-    parallelism: Literal["threads", "processes"] = "threads"
-
-
-class IndexConfig(_Stage):
+class IndexConfig(StageConfig):
     """Caption embedding, the caption neighbour graph and the effective density."""
 
     # minilm: the packaged all-MiniLM-L6-v2; clip: a Stable Diffusion folder's own CLIP text encoder
@@ -102,7 +80,7 @@ class IndexConfig(_Stage):
         return self.image_feature_model
 
 
-class PoGConfig(_Stage):
+class PoGConfig(StageConfig):
     """The objective and its neighbour weight (DESIGN §4, docs/method.md "The knobs").
 
     psi_i = lam * clip((s_img(i, i') - tau) / (1 - tau), 0, 1)^a * (rho_eff(y_i) / mean rho_eff)^(-b) * w(t)
@@ -134,7 +112,7 @@ class PoGConfig(_Stage):
     cbdm_tau: float = Field(1.0, ge=0)
 
 
-class TrainConfig(_Stage):
+class TrainConfig(StageConfig):
     """Fine-tuning budget and optimisation."""
 
     base_model: str = "builtin:logos16"  # builtin name, pogdiff pixel folder, or Stable Diffusion folder / hub id
@@ -164,7 +142,7 @@ class TrainConfig(_Stage):
     pog: PoGConfig = PoGConfig()
 
 
-class BucketConfig(_Stage):
+class BucketConfig(StageConfig):
     """Frequency buckets by training images per individual: many > many_above, few < few_below."""
 
     many_above: int = Field(100, ge=0)
@@ -177,7 +155,7 @@ class BucketConfig(_Stage):
         return self
 
 
-class EvaluateConfig(_Stage):
+class EvaluateConfig(StageConfig):
     """Generation for evaluation and the metrics computed on it (per individual, DESIGN §6).
 
     Individual i with |T_i| training images gets N_i = max(min_images_per_individual,
@@ -224,49 +202,7 @@ class EvaluateConfig(_Stage):
         return self
 
 
-class GateConfig(_Stage):
-    """Promotion gate, against the current champion's run metrics (README "Model lifecycle").
-
-    Promote when  gain(metric) >= min_improvement  and  worsening(guard_metric) <= allowed  and
-    champion head_metric - new head_metric <= head_max_drop, where gain/worsening are signed by each
-    metric's direction and allowed is max_worsening (absolute) or max_worsening * |champion's guard
-    value| (relative). No champion: promote.
-    """
-
-    metric: str = "few/grecall"
-    higher_is_better: bool = True
-    min_improvement: float = Field(0.01, ge=0)  # 0 also promotes a tie
-    guard_metric: str | None = "overall/fid"  # None: no guard
-    guard_lower_is_better: bool = True
-    # relative, so one default fits every feature extractor's FID scale
-    max_worsening: float = Field(0.05, ge=0)
-    worsening: Literal["relative", "absolute"] = "relative"
-    # The head check (higher is better, absolute): a candidate whose well-covered individuals got worse
-    # than this is never promoted, whatever its gain on rare ones: that is how a collapse of the caption
-    # conditioning shows (measured: PoGDiff at lam 1 took many-bucket accuracy from 0.75 to 0.41). None: off.
-    head_metric: str | None = "many/accuracy"
-    head_max_drop: float = Field(0.03, ge=0)
-    # guard or head value missing on either side: reject (safe) or decide without it (recorded as skipped)
-    missing_guard: Literal["reject", "skip"] = "reject"
-
-    @model_validator(mode="after")
-    def _distinct(self) -> "GateConfig":
-        if self.guard_metric == self.metric:
-            raise ValueError("guard_metric must differ from metric")
-        if self.head_metric == self.metric:
-            raise ValueError("head_metric must differ from metric")
-        return self
-
-
-class RegisterConfig(_Stage):
-    """MLflow experiment, registered model and the promotion gate."""
-
-    experiment: str = "pogdiff"
-    model_name: str = "pogdiff-demo"
-    gate: GateConfig = GateConfig()
-
-
-class TuneSpace(_Stage):
+class TuneSpace(StageConfig):
     """Where ``pogdiff tune`` searches psi's knobs: [low, high] ranges (low == high: fixed) and choices."""
 
     lam: tuple[float, float] = (0.005, 0.5)  # log-uniform; lam = 0 (plain fine-tuning) is always the reference trial
@@ -293,7 +229,7 @@ class TuneSpace(_Stage):
         return self
 
 
-class TuneConfig(_Stage):
+class TuneConfig(StageConfig):
     """``pogdiff tune``: short fine-tunes over psi's knobs, scored on a validation draw (pogdiff/tune.py)."""
 
     trials: int = Field(8, ge=1)  # searched trials, after the lam = 0 reference trial
@@ -311,38 +247,6 @@ class TuneConfig(_Stage):
     space: TuneSpace = TuneSpace()
 
 
-class RetrainConfig(_Stage):
-    """The whole retrain flow: one section per stage."""
-
-    ingest: IngestConfig = IngestConfig()
-    index: IndexConfig = IndexConfig()
-    train: TrainConfig = TrainConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    registry: RegisterConfig = RegisterConfig()  # the register stage ("register" would shadow BaseModel.register)
-    tune: TuneConfig = TuneConfig()  # only `pogdiff tune` reads it
-
-    @model_validator(mode="after")
-    def _validation_draw(self) -> "RetrainConfig":
-        if self.tune.eval_seed == self.evaluate.seed:
-            raise ValueError(f"tune.eval_seed ({self.tune.eval_seed}) must differ from evaluate.seed: trials are scored "
-                             "on a validation draw, not on the one reported scores come from")
-        return self
-
-    @model_validator(mode="before")
-    @classmethod
-    def _unet_feature_of_the_base(cls, data: Any) -> Any:
-        """``index.image_feature: unet`` without a model uses the UNet being fine-tuned (``train.base_model``)."""
-        if not isinstance(data, dict):
-            return data
-        index, train = data.get("index") or {}, data.get("train") or {}
-        if not isinstance(index, dict) or not isinstance(train, dict):
-            return data  # the field validation names the bad section
-        feature = index.get("image_feature", IndexConfig.model_fields["image_feature"].default)
-        if feature == "unet" and index.get("image_feature_model") is None and train.get("base_model"):
-            return {**data, "index": {**index, "image_feature_model": train["base_model"]}}
-        return data
-
-
 def _explain(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
@@ -354,7 +258,10 @@ def _explain(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def parse_config(data: dict[str, Any] | None, model: type[_Stage] = RetrainConfig) -> Any:
+M = TypeVar("M", bound=StageConfig)
+
+
+def parse_config(data: dict[str, Any] | None, model: type[M]) -> M:
     """Validate a mapping into ``model``; raise ``ConfigError`` naming each bad key."""
     try:
         return model.model_validate(data or {})
@@ -362,7 +269,7 @@ def parse_config(data: dict[str, Any] | None, model: type[_Stage] = RetrainConfi
         raise ConfigError(_explain(err)) from None
 
 
-def load_config(path: str | Path | None, model: type[_Stage] = RetrainConfig) -> Any:
+def load_config(path: str | Path | None, model: type[M]) -> M:
     """Read a YAML file into ``model``; ``None`` gives the defaults."""
     if path is None:
         return model()

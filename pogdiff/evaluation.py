@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from pogdiff import demo, detector
 from pogdiff.config import EvaluateConfig
 from pogdiff.features import make_extractor
 from pogdiff.metrics import (
@@ -53,6 +52,17 @@ class ImageGenerator(Protocol):
     ) -> np.ndarray:
         """uint8 ``[len(prompts) * num_images_per_prompt, H, W, 3]``, prompt-major; image n's noise
         depends only on (seed, n), so the result does not depend on ``batch_size``."""
+
+
+class Judge(Protocol):
+    """An exact judge of generated images (e.g. ``pogdiff.demo.detector.judge`` on demo data).
+
+    Given uint8 ``[G, H, W, 3]`` images and the name of the individual each was generated for,
+    returns the name of the individual each image shows (None: it shows none the judge can tell),
+    or None as a whole when the judge cannot judge this data (then the gate is the nearest-individual test).
+    """
+
+    def __call__(self, images: np.ndarray, individuals: list[str]) -> list[str | None] | None: ...
 
 
 @dataclass(frozen=True)
@@ -139,17 +149,6 @@ def _individual(metadata: str, column: str, row: int) -> str | None:
     return str(value)
 
 
-def attribute_judge(images: np.ndarray, individuals: list[str]) -> list[str | None] | None:
-    """The demo's exact judge: the name of the individual detected on each image (None: none is).
-
-    images uint8 ``[G, H, W, 3]`` (H >= 16); individuals: the name each image was generated for.
-    Returns None when some name is not a demo individual (no exact judge exists for that data).
-    """
-    if any(demo.individual_named(n) is None for n in individuals):
-        return None
-    return [None if f is None else f.name for f in detector.detect(images)]
-
-
 def images_per_individual(counts: np.ndarray, cfg: EvaluateConfig) -> np.ndarray:
     """N_i = max(N_min, min(|T_i|, N_max)) generated images per individual, int ``[C]`` from counts ``[C]``."""
     return np.maximum(cfg.min_images_per_individual, np.minimum(counts, cfg.max_images_per_individual))
@@ -234,7 +233,7 @@ def _gate_metric_note(counts: np.ndarray, n: np.ndarray, buckets: list[str]) -> 
     return f"{head}; every few individual has N_i >= |T_i|, so there raw == normalised"
 
 
-def evaluate(pipe: ImageGenerator, real: RealSet, cfg: EvaluateConfig) -> EvalResult:
+def evaluate(pipe: ImageGenerator, real: RealSet, cfg: EvaluateConfig, judge: Judge | None = None) -> EvalResult:
     """Generate N_i images per individual and compute the metrics of DESIGN §6 per individual and bucket.
 
     N_i = max(N_min, min(|T_i|, N_max)) (``images_per_individual``), prompted with captions of the
@@ -242,9 +241,10 @@ def evaluate(pipe: ImageGenerator, real: RealSet, cfg: EvaluateConfig) -> EvalRe
     attributes as real ones. One ``generate`` call over the flat prompt list, individual-major.
     Buckets by |T_i|. Per bucket and overall (macro mean over individuals, except FID which pools
     the bucket's images): ``grecall``, ``grecall_norm`` (``metrics.grecall_normalised``),
-    ``accuracy`` (share passing the gate: the judge's verdict when it is used, else the
-    nearest-individual test), ``nearest_accuracy`` (always the nearest-individual test),
-    ``similarity`` and ``fid``. Same inputs and seed give the same numbers and images.
+    ``accuracy`` (share passing the gate: ``judge``'s verdict when ``cfg.gate`` is ``judge`` and a
+    judge is given that can judge this data, else the nearest-individual test), ``nearest_accuracy``
+    (always the nearest-individual test), ``similarity`` and ``fid``. Same inputs and seed give the
+    same numbers and images.
     """
     counts = real.counts
     n = images_per_individual(counts, cfg)
@@ -268,7 +268,7 @@ def evaluate(pipe: ImageGenerator, real: RealSet, cfg: EvaluateConfig) -> EvalRe
     real_t = torch.as_tensor(real.group, dtype=torch.long)
 
     wanted = [real.names[i] for i in gen_ids.tolist()]
-    judged = attribute_judge(samples, wanted) if cfg.gate == "judge" else None
+    judged = judge(samples, wanted) if cfg.gate == "judge" and judge is not None else None
     gate = "judge" if judged is not None else "nearest"
     nearest = nearest_group(real_f, real_t, gen_f)
     nearest_ok = nearest == gen_ids

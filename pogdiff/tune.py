@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import optuna
 
-from pogdiff.config import PoGConfig, RetrainConfig, TrainConfig, TuneConfig, TuneSpace
+from pogdiff.config import PoGConfig, TrainConfig, TuneConfig, TuneSpace
 
 SCORE_METRICS = ("few/grecall", "few/accuracy")
 HEAD_METRIC = "many/accuracy"
@@ -102,11 +102,6 @@ def choose(reference: TrialResult, trials: list[TrialResult], head_max_drop: flo
         if feasible(t.metrics, reference.metrics, head_max_drop) and not math.isnan(s) and (math.isnan(best.score) or s > best.score):
             best = t
     return best
-
-
-def tuned_config(config: RetrainConfig, knobs: Mapping[str, Any]) -> RetrainConfig:
-    """``config`` with the chosen objective in ``train.pog`` (its own step budget, not the trials')."""
-    return config.model_copy(update={"train": config.train.model_copy(update={"pog": trial_pog(config.train.pog, knobs)})})
 
 
 def _cell(v: Any) -> str:

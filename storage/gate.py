@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pogdiff.config import GateConfig
+from storage.config import GateConfig
 
 # Comparisons allow for float rounding: 0.06 - 0.05 is 0.009999999999999995, which must pass a
 # required gain of 0.01.

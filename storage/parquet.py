@@ -53,7 +53,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
 from pogdiff.atomic import TMP_SUFFIX, write_atomic
-from pogdiff.config import IngestConfig
+from storage.config import IngestConfig
 from storage.sources import Item, Reason, SourceError, check_source, open_source
 from storage.validate import Checked, check_many, init_worker, own_pixel_limit
 

@@ -34,7 +34,7 @@ from enum import StrEnum
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
-from pogdiff.config import IngestConfig
+from storage.config import IngestConfig
 
 if TYPE_CHECKING:
     import pyarrow as pa

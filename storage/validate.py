@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pogdiff.config import IngestConfig
+from storage.config import IngestConfig
 from storage.sources import Item, Reason, one_line, printable
 
 __all__ = ["Checked", "check", "check_many", "init_worker", "normalise", "own_pixel_limit"]

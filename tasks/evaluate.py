@@ -12,6 +12,7 @@ from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
 
 from pogdiff.config import EvaluateConfig
+from pogdiff.demo import detector
 from pogdiff.evaluation import EvalResult, RealSet, comparison_grid, evaluate
 from pogdiff.metrics import BUCKETS
 from pogdiff.pipelines.loader import load_pipeline
@@ -77,7 +78,8 @@ def evaluate_model(settings: Settings, cfg: EvaluateConfig, model_dir: str, run_
                     cfg.individual_column)
     log.info("evaluate: %d real images of %d individuals (grouped by %s)", len(real.images), len(real.names), real.grouped_by)
 
-    result = evaluate(pipe, real, cfg)
+    # the demo's exact judge: on data of other individuals it abstains, and the gate is the nearest-individual test
+    result = evaluate(pipe, real, cfg, judge=detector.judge)
 
     connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
     with runs.resume(run_id), tempfile.TemporaryDirectory() as tmp:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from pogdiff.config import IngestConfig
 from storage import parquet
+from storage.config import IngestConfig
 from storage.settings import Settings
 from tasks.retry import IO_RETRIES
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from pogdiff.config import RegisterConfig
 from storage import vectors
+from storage.config import RegisterConfig
 from storage.links import redact_uri
 from storage.mlflow import connection, packaging, registry, runs
 from storage.settings import Settings

@@ -7,10 +7,10 @@ from pathlib import Path
 from prefect import task
 from prefect.runtime import flow_run
 
-from pogdiff.config import RetrainConfig
 from storage.mlflow import connection, lineage, runs
 from storage.mlflow.references import materialize
 from storage.settings import Settings
+from tasks.config import RetrainConfig
 from tasks.retry import IO_RETRIES
 
 

@@ -15,12 +15,12 @@ from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 
-from pogdiff.config import RetrainConfig
 from storage import vectors
 from storage.links import redact_uri
 from storage.mlflow import connection, lineage, runs
 from storage.settings import REPO_ROOT, Settings
 from storage.training_set import DataVersion
+from tasks.config import RetrainConfig
 from tasks.retry import IO_RETRIES
 
 

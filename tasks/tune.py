@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import optuna
 import yaml
@@ -27,15 +27,16 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import MissingContextError
 
 from pogdiff.atomic import write_text_atomic
-from pogdiff.config import RetrainConfig
+from pogdiff.demo import detector
 from pogdiff.evaluation import evaluate
 from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.plots import save_png, tune_trials
 from pogdiff.trainer import train
-from pogdiff.tune import TrialResult, feasible, sampler_value, trial_train, trials_table, tuned_config
+from pogdiff.tune import TrialResult, feasible, sampler_value, trial_pog, trial_train, trials_table
 from storage.mlflow import connection, runs
 from storage.settings import Settings
 from storage.training_set import DataVersion, load_real_set
+from tasks.config import RetrainConfig
 from tasks.train import training_data
 
 TUNE_KEY_TAG = "tune_key"
@@ -156,7 +157,7 @@ def run_trial(settings: Settings, config: RetrainConfig, data: DataVersion, knob
             runs.log_config({"knobs": knobs, "method": cfg.pog.method, "steps": cfg.steps, "eval_seed": eval_cfg.seed})
             train(pipe, train_set, cfg, out, on_step=lambda step, m: runs.log_metrics({f"train/{k}": v for k, v in m.items()}, step=step),
                   resume=False)
-            result = evaluate(pipe, real, eval_cfg)
+            result = evaluate(pipe, real, eval_cfg, judge=detector.judge)  # as the evaluate task judges
             runs.log_metrics(result.metrics)
     except BaseException:
         runs.end(child, "FAILED")
@@ -168,6 +169,11 @@ def run_trial(settings: Settings, config: RetrainConfig, data: DataVersion, knob
              result.metrics.get("few/grecall", float("nan")), result.metrics.get("few/accuracy", float("nan")),
              result.metrics.get("many/accuracy", float("nan")), seconds)
     return {"number": number, "knobs": knobs, "metrics": result.metrics, "run_id": child, "seconds": seconds}
+
+
+def tuned_config(config: RetrainConfig, knobs: Mapping[str, Any]) -> RetrainConfig:
+    """``config`` with the chosen objective in ``train.pog`` (its own step budget, not the trials')."""
+    return config.model_copy(update={"train": config.train.model_copy(update={"pog": trial_pog(config.train.pog, knobs)})})
 
 
 @task(name="publish-tune")

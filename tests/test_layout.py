@@ -1,5 +1,6 @@
-"""Architecture rules: the method library stays pure, only storage/mlflow/ talks to MLflow, the
-promotion rule needs no store, no import cycles, short modules; configs reject unknown keys by name."""
+"""Architecture rules: each layer imports only the layers below it (``LAYERS``), the method library
+stays pure, only storage/mlflow/ talks to MLflow, the promotion rule needs no store, no import cycles,
+short modules; configs reject unknown keys by name."""
 
 import ast
 import subprocess
@@ -9,16 +10,29 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pogdiff.config import ConfigError, RetrainConfig, load_config, parse_config
+from pogdiff.config import ConfigError
+from tasks.config import RetrainConfig, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
+# The layer matrix: which of the project's top-level packages each one may import (its own always).
+LAYERS: dict[str, set[str]] = {
+    "pogdiff": set(),  # the method library: nothing of ours (and never FORBIDDEN, below)
+    "storage": {"pogdiff"},
+    "tasks": {"pogdiff", "storage"},
+    "flows": {"pogdiff", "storage", "tasks"},
+    "bench": {"pogdiff", "storage", "tasks", "flows"},
+}
 FORBIDDEN = {"prefect", "mlflow", "lancedb"}
 PACKAGES = ("pogdiff", "storage", "tasks", "flows")
 MAX_LIBRARY_LINES = 400
 
 
 def _imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+    """Top-level names of everything ``path`` imports, at module level or inside functions."""
+    return _top_level_imports(ast.parse(path.read_text(encoding="utf-8")))
+
+
+def _top_level_imports(tree: ast.AST) -> set[str]:
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -26,6 +40,29 @@ def _imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module.split(".")[0])
     return found
+
+
+def _layer_violations() -> dict[str, list[str]]:
+    """Module (path) -> the packages of ours it imports that ``LAYERS`` does not allow it."""
+    bad = {}
+    for package, allowed in LAYERS.items():
+        files = sorted((ROOT / package).rglob("*.py"))
+        assert files, f"no modules under {package}/"
+        for f in files:
+            if extra := (_imports(f) & LAYERS.keys()) - allowed - {package}:
+                bad[str(f.relative_to(ROOT))] = sorted(extra)
+    return bad
+
+
+def test_every_module_imports_only_the_layers_below_it():
+    bad = _layer_violations()
+    assert not bad, f"imports across the layer matrix {LAYERS}: {bad}"
+
+
+def test_layer_check_sees_function_level_imports():
+    late = ast.parse("import numpy\n\ndef f():\n    from tasks.config import RetrainConfig\n    import storage.parquet\n")
+    assert _top_level_imports(late) & LAYERS.keys() == {"tasks", "storage"}
+    assert "tasks.config" in _imported(late, {"tasks.config": ROOT})  # the cycle check sees it too
 
 
 def test_pogdiff_library_imports_no_orchestration_or_store():

@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
-from pogdiff.config import GateConfig
+from storage.config import GateConfig
 from storage.gate import GateCheck, decide, gate_tags
 
 CHAMPION = "champion"

@@ -11,12 +11,13 @@ import pytest
 import torch
 from faultkit import record
 
-from pogdiff import demo, demo_train
-from pogdiff.config import IndexConfig, IngestConfig, PoGConfig, TrainConfig
+from pogdiff.config import IndexConfig, PoGConfig, TrainConfig
+from pogdiff.demo import catalogue, train_set
 from pogdiff.index import image_extractor
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from pogdiff.trainer import train
 from storage import parquet
+from storage.config import IngestConfig
 from storage.settings import load_settings
 from storage.training_set import DataVersion, load_real_set, load_training_set
 from tasks.index import build_caption_index, build_image_features
@@ -37,8 +38,8 @@ def _load(settings, version=None):
 @pytest.fixture
 def two_sources(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
-    demo.generate_longtail(first, seed=3, size=16, max_count=6, alpha=1.0, min_count=1)
-    demo.generate_longtail(second, seed=4, size=16, max_count=6, alpha=1.0, min_count=1)
+    catalogue.generate_longtail(first, seed=3, size=16, max_count=6, alpha=1.0, min_count=1)
+    catalogue.generate_longtail(second, seed=4, size=16, max_count=6, alpha=1.0, min_count=1)
     return first, second
 
 
@@ -110,7 +111,7 @@ def _weights(pipe) -> torch.Tensor:
 
 
 def test_resume_falls_back_past_a_truncated_checkpoint_and_clears_crash_leftovers(tiny_spec, tmp_path):
-    data = demo_train.train_data([12, 6, 3, 2, 2, 1], size=16, k=3)
+    data = train_set.train_data([12, 6, 3, 2, 2, 1], size=16, k=3)
     once = PixelDiffusionPipeline.new(tiny_spec, seed=0)
     train(once, data, _cfg(6), tmp_path / "once")
     run = tmp_path / "run"

@@ -18,8 +18,8 @@ import pytest
 from faultkit import ROOT, base_env, record
 from PIL import Image
 
-from pogdiff.config import IngestConfig
 from storage import parquet
+from storage.config import IngestConfig
 
 pytestmark = pytest.mark.slow  # servers, processes or whole flows: see pyproject's marker
 
@@ -109,7 +109,7 @@ def test_a_gzip_bomb_shard_is_skipped_in_bounded_memory(tmp_path):
     # VmHWM: this process image's peak resident memory (ru_maxrss would carry the forking parent's over exec)
     code = (
         "import json, re, sys\n"
-        "from pogdiff.config import IngestConfig\n"
+        "from storage.config import IngestConfig\n"
         "from storage import parquet\n"
         "r = parquet.ingest(sys.argv[1], sys.argv[2], IngestConfig(), workers=1)\n"
         "peak = int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))\n"

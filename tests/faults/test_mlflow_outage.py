@@ -9,8 +9,8 @@ from faultkit import record
 from localserver import free_port, healthy, start_mlflow_server, stop_server, wait_for
 from mlflow.tracking import MlflowClient
 
-from pogdiff import demo_train
 from pogdiff.config import PoGConfig, TrainConfig
+from pogdiff.demo import train_set
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from pogdiff.trainer import train
 from storage.mlflow import connection, runs
@@ -47,7 +47,7 @@ def test_training_goes_on_through_an_mlflow_outage_and_no_metric_is_lost(tiny_sp
             elif step == UP_AT:
                 server = start_mlflow_server(root, port)  # not waited for: training goes on meanwhile
 
-        data = demo_train.train_data([6, 3, 2, 1], size=tiny_spec.image_size, k=2)
+        data = train_set.train_data([6, 3, 2, 1], size=tiny_spec.image_size, k=2)
         cfg = TrainConfig(steps=STEPS, batch_size=4, checkpoint_every=100, pog=PoGConfig(method="pogdiff"))
         result = train(PixelDiffusionPipeline.new(tiny_spec, seed=0), data, cfg, tmp_path / "run", on_step=on_step)
         assert result.steps == STEPS

@@ -16,8 +16,8 @@ import pytest
 from faultkit import ROOT, base_env, record
 from localserver import wait_for
 
-from pogdiff import demo_train
 from pogdiff.config import PoGConfig, TrainConfig
+from pogdiff.demo import train_set
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from pogdiff.process import RunFolderBusy, WriterLock
 from pogdiff.trainer import train
@@ -40,10 +40,10 @@ def test_sigkill_of_the_flow_process_kills_the_ddp_launcher_and_its_ranks(tiny_s
     base, run = tmp_path / "base", tmp_path / "run"
     PixelDiffusionPipeline.new(tiny_spec, seed=0).save_pretrained(base)
     parent = textwrap.dedent(f"""
-        from pogdiff import demo_train
         from pogdiff.config import PoGConfig, TrainConfig
+        from pogdiff.demo import train_set
         from tasks.train import launch_ddp
-        data = demo_train.train_data([6, 3, 2, 1], size={tiny_spec.image_size}, k=2)
+        data = train_set.train_data([6, 3, 2, 1], size={tiny_spec.image_size}, k=2)
         cfg = TrainConfig(base_model={str(base)!r}, steps=100000, batch_size=4, checkpoint_every=1000,
                           num_processes=2, pog=PoGConfig(method="vanilla"))
         launch_ddp(data, cfg, __import__("pathlib").Path({str(run)!r}), lambda step, m: None)
@@ -68,7 +68,7 @@ def test_sigkill_of_the_flow_process_kills_the_ddp_launcher_and_its_ranks(tiny_s
 
 
 def test_a_second_writer_into_a_busy_run_folder_fails_naming_the_first(tiny_spec, tmp_path):
-    data = demo_train.train_data([6, 3, 2, 1], size=tiny_spec.image_size, k=2)
+    data = train_set.train_data([6, 3, 2, 1], size=tiny_spec.image_size, k=2)
     cfg = TrainConfig(steps=2, batch_size=4, checkpoint_every=1, pog=PoGConfig(method="vanilla"))
     # a real second process holds the folder, as an orphaned trainer would
     holder = subprocess.Popen(

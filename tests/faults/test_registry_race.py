@@ -23,7 +23,7 @@ MODEL = "race"
 _GATE = """
     import sys, time
     from mlflow.tracking import MlflowClient
-    from pogdiff.config import GateConfig
+    from storage.config import GateConfig
     from storage.mlflow import connection, registry
     connection.configure(sys.argv[1])
     real = MlflowClient.set_registered_model_alias

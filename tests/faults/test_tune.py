@@ -13,8 +13,8 @@ from optuna.trial import TrialState
 
 from faultkit import cli_env, record, start_cli
 from localserver import wait_for
-from pogdiff.config import load_config
 from storage.mlflow import connection
+from tasks.config import load_config
 from tasks.tune import load_study
 
 pytestmark = pytest.mark.slow  # servers, processes or whole flows: see pyproject's marker

@@ -9,7 +9,7 @@ import pytest
 from clirunner import run_cli
 from PIL import Image
 
-from pogdiff.config import IngestConfig
+from storage.config import IngestConfig
 from storage.parquet import ingest
 
 CAPTIONS = {"a red circle": 6, "a small red circle": 1, "a red circle on grey": 1, "a green cross": 3, "a blue square": 2}

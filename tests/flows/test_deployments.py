@@ -4,7 +4,7 @@ from prefect.flows import Flow
 
 from flows.cli_serve import overrides
 from flows.deployments import load_specs, to_runner_deployment
-from pogdiff.config import parse_config
+from tasks.config import parse_config
 
 
 def test_deployments_entrypoints_and_parameters():

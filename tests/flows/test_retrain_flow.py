@@ -10,11 +10,11 @@ from prefect import get_client
 from prefect.artifacts import Artifact
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from pogdiff import demo
-from pogdiff.config import parse_config
+from pogdiff.demo import catalogue
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from storage import parquet
 from storage.mlflow import connection
+from tasks.config import parse_config
 
 pytestmark = pytest.mark.slow  # servers, processes or whole flows: see pyproject's marker
 
@@ -25,7 +25,7 @@ K = 3
 def setup(tmp_path_factory, tiny_spec):
     root = tmp_path_factory.mktemp("e2e")
     source = root / "source"
-    summary = demo.generate_longtail(source, seed=3, size=16, max_count=8, alpha=1.0, min_count=1)
+    summary = catalogue.generate_longtail(source, seed=3, size=16, max_count=8, alpha=1.0, min_count=1)
     base = root / "base"
     PixelDiffusionPipeline.new(tiny_spec, seed=0).save_pretrained(base)
     config = parse_config({

@@ -14,7 +14,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from localserver import wait_for
 
-from pogdiff import demo
+from pogdiff.demo import catalogue
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 
 pytestmark = pytest.mark.slow  # servers, processes or whole flows: see pyproject's marker
@@ -27,7 +27,7 @@ FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 def served(tmp_path_factory, tiny_spec, prefect_api):
     root = tmp_path_factory.mktemp("serve")
     source = root / "source"
-    demo.generate_longtail(source, seed=5, size=16, max_count=6, alpha=1.0, min_count=1)
+    catalogue.generate_longtail(source, seed=5, size=16, max_count=6, alpha=1.0, min_count=1)
     PixelDiffusionPipeline.new(tiny_spec, seed=0).save_pretrained(root / "base")
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump({

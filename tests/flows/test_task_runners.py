@@ -9,9 +9,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
 from flows.runners import task_runner
-from pogdiff import demo
-from pogdiff.config import IndexConfig, IngestConfig
+from pogdiff.config import IndexConfig
+from pogdiff.demo import catalogue
 from pogdiff.text import load_text_encoder
+from storage.config import IngestConfig
 from storage.settings import load_settings
 
 
@@ -23,7 +24,7 @@ def test_runner_follows_settings(tmp_path):
 @pytest.mark.slow
 def test_embedding_shards_run_on_dask_workers(prefect_server, tmp_path, monkeypatch):
     source = tmp_path / "source"
-    demo.generate_longtail(source, seed=2, size=16, max_count=4, alpha=1.0, min_count=1, captions="individual")  # 24 captions
+    catalogue.generate_longtail(source, seed=2, size=16, max_count=4, alpha=1.0, min_count=1, captions="individual")  # 24 captions
     monkeypatch.setenv("POGDIFF_HOME", str(tmp_path / "home"))
     from flows.ingest import ingest_source
 

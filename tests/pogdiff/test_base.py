@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pogdiff import demo, detector
 from pogdiff.base import BaseRecipe, build_base
+from pogdiff.demo import catalogue, detector
 from pogdiff.pipelines.pixel import BUILTIN_MODELS, PixelDiffusionPipeline
 
 
@@ -46,12 +46,12 @@ def test_the_shipped_base_draws_its_domain_from_words():
     meta = json.loads((path / "pogdiff.json").read_text())
     assert meta["recipe"] == json.loads(json.dumps(asdict(BaseRecipe())))  # built by the committed recipe
     pipe = PixelDiffusionPipeline.from_pretrained("builtin:logos16")
-    _, captions = demo.balanced_draw(48, seed=123, size=pipe.image_size)
-    wanted = [next(i for i in demo.all_individuals() if i.description in c) for c in captions]
+    _, captions = catalogue.balanced_draw(48, seed=123, size=pipe.image_size)
+    wanted = [next(i for i in catalogue.all_individuals() if i.description in c) for c in captions]
     found = detector.detect(pipe.generate(captions, 1, seed=0, guidance_scale=1.0, num_inference_steps=10))
     accuracy = np.mean([f == w for f, w in zip(found, wanted)])
     assert accuracy >= 0.9, f"the base draws the captioned shape and colour on {accuracy:.2f} of domain captions"
     # it has never seen a product name: a catalogue caption is not drawn as its product
-    products = [i.caption for i in demo.all_individuals()]
+    products = [i.caption for i in catalogue.all_individuals()]
     named = detector.detect(pipe.generate(products, 1, seed=0, guidance_scale=1.0, num_inference_steps=10))
-    assert np.mean([f == i for f, i in zip(named, demo.all_individuals())]) <= 0.25
+    assert np.mean([f == i for f, i in zip(named, catalogue.all_individuals())]) <= 0.25

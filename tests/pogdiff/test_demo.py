@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pogdiff.demo import (
+from pogdiff.demo.catalogue import (
     BACKGROUNDS,
     CENTRE_RANGE,
     COLOURS,
@@ -29,7 +29,7 @@ from pogdiff.demo import (
     render,
     sample_instance,
 )
-from pogdiff.detector import detect
+from pogdiff.demo.detector import detect
 
 
 def _random_renders(n: int, size: int, seed: int) -> tuple[np.ndarray, list[Individual]]:

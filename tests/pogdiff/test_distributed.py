@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
-from pogdiff import demo_train
-from pogdiff.pipelines.pixel import PixelDiffusionPipeline
+from pogdiff.demo import train_set
 from pogdiff.distributed import Distributed
+from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from tasks.train_cli import main, read_train_data, write_train_data
 
 CONFIG = {"steps": 3, "batch_size": 4, "learning_rate": 1e-3, "checkpoint_every": 2,
@@ -21,7 +21,7 @@ CONFIG = {"steps": 3, "batch_size": 4, "learning_rate": 1e-3, "checkpoint_every"
 def job(tmp_path_factory, tiny_spec) -> Path:
     """A saved tiny pixel base model, a training set file and a config, as a calling task would write them."""
     root = tmp_path_factory.mktemp("job")
-    write_train_data(root / "train.npz", demo_train.train_data([6, 3, 2, 1], size=tiny_spec.image_size, k=2))
+    write_train_data(root / "train.npz", train_set.train_data([6, 3, 2, 1], size=tiny_spec.image_size, k=2))
     PixelDiffusionPipeline.new(tiny_spec, seed=0).save_pretrained(root / "base")
     return root
 

@@ -10,6 +10,7 @@ from pogdiff.config import ConfigError, IndexConfig, parse_config
 from pogdiff.embedders import ClipEmbedder, SentenceTransformerEmbedder, embed_captions, make_embedder
 from pogdiff.index import caption_id
 from pogdiff.text import load_text_encoder
+from tasks.config import RetrainConfig
 
 CAPTIONS = ["a red circle", "a big red circle on a blue ground", "a green cross", "a tiny blue square"]
 
@@ -156,7 +157,7 @@ def test_embedder_config_errors_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match="only used by the clip and sentence-transformers"):
         parse_config({"embedder_path": str(tmp_path)}, IndexConfig)
     with pytest.raises(ConfigError, match="index.embedder"):
-        parse_config({"index": {"embedder": "word2vec"}})
+        parse_config({"index": {"embedder": "word2vec"}}, RetrainConfig)
     with pytest.raises(FileNotFoundError, match="no 'text_encoder' folder"):
         make_embedder(IndexConfig(embedder="clip", embedder_path=str(tmp_path)))
     with pytest.raises(FileNotFoundError, match="no modules.json"):

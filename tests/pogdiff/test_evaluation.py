@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pogdiff import demo
 from pogdiff.config import ConfigError, EvaluateConfig, parse_config
+from pogdiff.demo import catalogue, detector
 from pogdiff.evaluation import (
     RealSet,
-    attribute_judge,
     comparison_grid,
     evaluate,
     group_by_metadata,
@@ -25,7 +24,7 @@ from pogdiff.plots import grecall_scatter, metric_bars, save_png
 SIZE = 16
 # six demo individuals with 12, 12, 5, 5, 2, 2 training images, each image with its own catalogue caption
 COUNTS = np.array([12, 12, 5, 5, 2, 2])
-INDIVIDUALS = demo.all_individuals()[: len(COUNTS)]
+INDIVIDUALS = catalogue.all_individuals()[: len(COUNTS)]
 NAMES = [ind.name for ind in INDIVIDUALS]
 
 
@@ -35,9 +34,9 @@ def real() -> RealSet:
     group = np.repeat(np.arange(len(COUNTS)), COUNTS)
     images, captions = [], []
     for k, i in enumerate(group):
-        instance = demo.sample_instance(rng, "full")
-        images.append(demo.render(INDIVIDUALS[i], instance, SIZE))
-        captions.append(demo.describe(instance, INDIVIDUALS[i].subject, k % 3))
+        instance = catalogue.sample_instance(rng, "full")
+        images.append(catalogue.render(INDIVIDUALS[i], instance, SIZE))
+        captions.append(catalogue.describe(instance, INDIVIDUALS[i].subject, k % 3))
     return RealSet(np.stack(images), captions, group, NAMES)
 
 
@@ -158,7 +157,8 @@ def test_prompts_are_drawn_from_each_individuals_own_captions(real):
 
 def test_a_perfect_memoriser_scores_full_marks_with_the_judge(real):
     # N_i = |T_i| for every individual: each training image is asked for once and reproduced once
-    result = evaluate(ReplayGenerator(real), real, _cfg(min_images_per_individual=2, max_images_per_individual=12, gate="judge"))
+    cfg = _cfg(min_images_per_individual=2, max_images_per_individual=12, gate="judge")
+    result = evaluate(ReplayGenerator(real), real, cfg, judge=detector.judge)
     m = result.metrics
     for b in ("many", "medium", "few", "overall"):
         assert m[f"{b}/grecall"] == 1.0
@@ -171,6 +171,8 @@ def test_a_perfect_memoriser_scores_full_marks_with_the_judge(real):
     assert m["many/fid"] == pytest.approx(0.0, abs=1e-9)
     assert m["overall/fid"] == pytest.approx(0.0, abs=1e-9)
     assert m["overall/separability"] == pytest.approx(1.0)  # every individual told apart
+    # the judge is the caller's: without one the gate is the nearest-individual test, whatever cfg.gate says
+    assert evaluate(ReplayGenerator(real), real, cfg).info["gate"] == "nearest"
 
 
 class CollapsedGenerator(ReplayGenerator):
@@ -182,22 +184,22 @@ class CollapsedGenerator(ReplayGenerator):
 
 @pytest.mark.parametrize("gate", ["judge", "nearest"])
 def test_separability_shows_a_collapse_of_the_conditioning(real, gate):
-    collapsed = evaluate(CollapsedGenerator(real), real, _cfg(gate=gate)).metrics
+    collapsed = evaluate(CollapsedGenerator(real), real, _cfg(gate=gate), judge=detector.judge).metrics
     assert collapsed["overall/separability"] == pytest.approx(0.0, abs=1e-9)
     # the individual the collapsed image shows is still "right" for its own prompts: accuracy alone hides the collapse
     assert collapsed["many/accuracy"] > 0
 
 
-def test_attribute_judge_reads_demo_names_and_abstains_for_others(real):
+def test_demo_judge_reads_demo_names_and_abstains_for_others(real):
     images = real.images[[0, 12]]  # one image of individual 0, one of individual 1
-    assert attribute_judge(images, [NAMES[0], NAMES[1]]) == [NAMES[0], NAMES[1]]
-    assert attribute_judge(images, [NAMES[0], NAMES[0]]) == [NAMES[0], NAMES[1]]  # what it sees, whatever was asked
-    assert attribute_judge(images, [NAMES[0], "Acme"]) is None
+    assert detector.judge(images, [NAMES[0], NAMES[1]]) == [NAMES[0], NAMES[1]]
+    assert detector.judge(images, [NAMES[0], NAMES[0]]) == [NAMES[0], NAMES[1]]  # what it sees, whatever was asked
+    assert detector.judge(images, [NAMES[0], "Acme"]) is None
 
 
 def test_judge_gate_falls_back_to_nearest_for_names_that_are_not_demo_individuals(real):
     renamed = RealSet(real.images, real.captions, real.group, [f"product {i}" for i in range(len(COUNTS))])
-    result = evaluate(ReplayGenerator(renamed), renamed, _cfg(gate="judge"))
+    result = evaluate(ReplayGenerator(renamed), renamed, _cfg(gate="judge"), judge=detector.judge)
     assert result.info["gate"] == "nearest"
     for b in ("many", "medium", "few", "overall"):
         assert result.metrics[f"{b}/accuracy"] == result.metrics[f"{b}/nearest_accuracy"]
@@ -212,7 +214,7 @@ SPLIT_OWNERS = ["Vexo"] * 12 + ["Talbrin"] * 3
 @pytest.fixture(scope="module")
 def split_images() -> np.ndarray:
     rng = np.random.default_rng(1)
-    return np.stack([demo.render(demo.individual_named(n), demo.sample_instance(rng, "full"), SIZE) for n in SPLIT_OWNERS])
+    return np.stack([catalogue.render(catalogue.individual_named(n), catalogue.sample_instance(rng, "full"), SIZE) for n in SPLIT_OWNERS])
 
 
 def test_buckets_and_grecall_group_by_individual_not_by_caption(split_images):

@@ -92,14 +92,14 @@ def test_evaluate_config_requires_a_model_for_vision_extractors(dinov2_dir):
 def test_unet_feature_sees_identity_is_deterministic_and_keyed_by_the_weights():
     """The embedded base's own UNet tells a product from another of the same colour or shape, which
     pixels cannot; the same image always gives the same feature; other weights give another name."""
-    from pogdiff import demo
+    from pogdiff.demo import catalogue
     from pogdiff.features import UNetFeatures
     from pogdiff.pipelines.loader import load_pipeline
 
     rng = np.random.default_rng(0)
-    vexo, same_colour, same_shape = (demo.Individual(s, c) for s, c in (("circle", "red"), ("square", "red"), ("circle", "blue")))
+    vexo, same_colour, same_shape = (catalogue.Individual(s, c) for s, c in (("circle", "red"), ("square", "red"), ("circle", "blue")))
     looks = [vexo, same_colour, same_shape]
-    images = np.stack([demo.render(ind, demo.sample_instance(rng, "full"), 16) for ind in looks for _ in range(8)])
+    images = np.stack([catalogue.render(ind, catalogue.sample_instance(rng, "full"), 16) for ind in looks for _ in range(8)])
     who = np.repeat(np.arange(3), 8)
     pipe = load_pipeline("builtin:logos16")
     extractor = make_extractor("unet", model="builtin:logos16")

@@ -5,14 +5,14 @@ import typing
 import pytest
 import torch
 
-from pogdiff import demo_train
 from pogdiff.config import PoGConfig
+from pogdiff.demo import train_set
 from pogdiff.methods import CBDM, METHODS, Batch, PoGDiff, Vanilla, make_method
 
 
 @pytest.fixture(scope="module")
 def graph():
-    return demo_train.train_data([6, 3, 2, 1], size=16, k=2).graph
+    return train_set.train_data([6, 3, 2, 1], size=16, k=2).graph
 
 
 def _batch(graph, B=16, seed=0) -> Batch:

@@ -9,8 +9,8 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from pogdiff import demo_train
 from pogdiff.config import PoGConfig, TrainConfig
+from pogdiff.demo import train_set
 from pogdiff.neighbours import NeighbourGraph
 from pogdiff.pipelines.base import latent_features, to_uint8
 from pogdiff.pipelines.loader import load_pipeline
@@ -65,7 +65,7 @@ def sd_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data() -> TrainData:
-    base = demo_train.train_data([6, 3, 2, 1], size=SIZE, k=2)
+    base = train_set.train_data([6, 3, 2, 1], size=SIZE, k=2)
     # all-zero index features: s_img = 0, so psi > 0 can only come from the latent features
     g = base.graph
     graph = NeighbourGraph.build(g.caption_of, g.nb_ids, g.nb_sims, g.density, torch.zeros(base.images.shape[0], 4))

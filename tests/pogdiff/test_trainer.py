@@ -4,16 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from pogdiff import demo_train
 from pogdiff.config import PoGConfig, TrainConfig
-from pogdiff.pipelines.pixel import PixelDiffusionPipeline
+from pogdiff.demo import train_set
 from pogdiff.optim import EMA, lr_factor
+from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from pogdiff.trainer import TrainData, TrainingDiverged, TrainingTimeLimit, train
 
 
 @pytest.fixture(scope="module")
 def data() -> TrainData:
-    return demo_train.train_data([12, 6, 3, 2, 2, 1], size=16, k=3)
+    return train_set.train_data([12, 6, 3, 2, 2, 1], size=16, k=3)
 
 
 def _cfg(steps=3, **pog):

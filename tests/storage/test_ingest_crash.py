@@ -23,14 +23,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pogdiff.config import IngestConfig
+from storage.config import IngestConfig
 from storage.parquet import DATASET_SCHEMA, QUARANTINE_SCHEMA, ingest, read_images, read_quarantine
 
 ROOT = Path(__file__).resolve().parents[2]
 CFG = IngestConfig(resolution=96)
 N_IMAGES, EVERY_BAD = 400, 40  # every 40th input is a zero-byte file: 10 quarantined
 CHILD = (
-    "import sys; from pathlib import Path; from pogdiff.config import IngestConfig; "
+    "import sys; from pathlib import Path; from storage.config import IngestConfig; "
     "from storage.parquet import ingest; "
     "cfg = IngestConfig(resolution=96, parallelism=sys.argv[3]); "
     "r = ingest(Path(sys.argv[1]), Path(sys.argv[2]), cfg, workers=2, chunk_rows=8); "

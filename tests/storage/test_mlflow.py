@@ -27,14 +27,15 @@ from peft import LoraConfig
 from pydantic import BaseModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from pogdiff.config import GateConfig, RetrainConfig, parse_config
 from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline, UNetSpec
 from pogdiff.trainer import LORA_TARGETS
+from storage.config import GateConfig
 from storage.mlflow import connection, lineage, packaging, registry, runs
 from storage.mlflow.pyfunc_model import unet_digest
 from storage.settings import Settings, load_settings
 from storage.training_set import DataVersion
+from tasks.config import RetrainConfig, parse_config
 from tasks.register import register_version
 from tasks.track import open_run
 

@@ -17,8 +17,8 @@ import torch
 from localserver import free_port, healthy, start_mlflow_server, stop_server, wait_for
 from mlflow import MlflowClient
 
-from pogdiff.config import GateConfig
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
+from storage.config import GateConfig
 from storage.mlflow import connection, lineage, packaging, registry, runs
 
 pytestmark = pytest.mark.slow  # servers, processes or whole flows: see pyproject's marker

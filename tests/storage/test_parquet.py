@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pogdiff.config import IngestConfig
 from storage import parquet
+from storage.config import IngestConfig
 from storage.parquet import (
     DATASET_SCHEMA,
     QUARANTINE_SCHEMA,

@@ -22,11 +22,13 @@ from clirunner import run_cli
 from mlflow import MlflowClient
 from prefect.logging import disable_run_logger
 
-from pogdiff.config import ConfigError, GateConfig, RegisterConfig, parse_config
+from pogdiff.config import ConfigError
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
+from storage.config import GateConfig, RegisterConfig
 from storage.gate import decide
 from storage.mlflow import connection, registry, runs
 from storage.settings import Settings, load_settings
+from tasks.config import parse_config
 from tasks.register import register_model
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pogdiff.config import IngestConfig
+from storage.config import IngestConfig
 from storage.parquet import SourceError, check_source, ingest, read_images, read_manifest, read_quarantine
 from storage.sources import detect_kind
 from storage.validate import normalise

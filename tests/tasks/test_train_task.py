@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from pogdiff import demo_train
 from pogdiff.config import TrainConfig
+from pogdiff.demo import train_set
 from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from pogdiff.trainer import train
@@ -33,7 +33,7 @@ def base(tmp_path_factory, tiny_spec):
 
 
 def test_two_processes_train_like_one_follow_every_step_and_resume(base, tmp_path):
-    data = demo_train.train_data([6, 3, 2, 1], size=16, k=2)
+    data = train_set.train_data([6, 3, 2, 1], size=16, k=2)
     cfg = TrainConfig.model_validate({**CONFIG, "base_model": str(base)})
     out, seen = tmp_path / "ddp", []
     summary = launch_ddp(data, cfg, out, lambda step, m: seen.append((step, m["loss"])))
@@ -67,7 +67,7 @@ def test_two_processes_train_like_one_follow_every_step_and_resume(base, tmp_pat
 
 def test_a_ranks_error_reaches_the_task_in_one_line(base, tmp_path):
     # a global batch of 3 cannot be split over 2 ranks: both ranks refuse before any step
-    data = demo_train.train_data([3, 2], size=16, k=1)
+    data = train_set.train_data([3, 2], size=16, k=1)
     cfg = TrainConfig(base_model=str(base), steps=2, batch_size=3, num_processes=2)
     with pytest.raises(RuntimeError) as err:
         launch_ddp(data, cfg, tmp_path / "run", lambda step, m: None)

@@ -13,7 +13,7 @@ and background. Two kinds of caption name what an image shows:
   like, from 150 images for the best seller and from a handful for a rare one, as a catalogue
   teaches Stable Diffusion a new product.
 
-``pogdiff.detector.detect`` reads the shape and colour back from an image, so the identity of
+``pogdiff.demo.detector.detect`` reads the shape and colour back from an image, so the identity of
 generated images is scored exactly, not by a learned judge.
 
 Pure library code: numpy, PIL and the standard library only.

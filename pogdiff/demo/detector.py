@@ -1,7 +1,8 @@
 """The demo domain's detector: reads the individual (shape and colour) back off an image.
 
-So the identity of generated demo images is scored exactly, not by a learned judge (the
-evaluation's ``demo`` judge). Calibrated on clean renders of ``pogdiff.demo``; numpy only.
+So the identity of generated demo images is scored exactly, not by a learned judge: ``judge`` is
+what callers evaluating demo data pass to ``pogdiff.evaluation.evaluate``. Calibrated on clean
+renders of ``pogdiff.demo.catalogue``; numpy and scipy only.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+from scipy import ndimage
 
-from pogdiff.demo import COLOURS, SHAPES, Individual, render, sample_instance
+from pogdiff.demo.catalogue import COLOURS, SHAPES, Individual, individual_named, render, sample_instance
 
 _MIN_SIZE = 16  # the smallest size calibrated and tested; there a small triangle's side is 6 pixels
 _MASK_THRESHOLD = 64.0  # RGB distance from the background: > 5 sigma-12 noise, < 1/2 the least contrast
@@ -18,36 +20,28 @@ _MIN_AREA, _MAX_AREA = 0.02, 0.60  # bounds on the shape's pixel count, fraction
 _MAX_COLOUR_RESIDUAL = 48.0  # clean renders: < 1; sigma-20 noise: < 35; the next colour: > 75
 _MIN_CORE_BLEND = 0.7  # the shape's inner pixels must reach the colour, not a dim version of it
 _MAX_AMBIGUITY = 0.8  # reject a shape whose nearest centroid is not clearly nearer than the next
-_CHUNK = 256  # images labelled at once; bounds the labelling's memory at int64 [256, H, W]
+_CHUNK = 256  # images analysed at once; bounds the float copies at [256, H, W, 3]
 
 
 def _largest_components(mask: np.ndarray) -> np.ndarray:
-    """Largest 4-connected component of each mask: bool [N, H, W] -> bool [N, H, W].
+    """Largest 4-connected component of each mask: bool [N, H, W] -> bool [N, H, W] (all False if empty).
 
-    Label propagation over the whole batch at once: every foreground pixel repeatedly takes the
-    smallest label among itself and its 4 neighbours, then its label's label (pointer jumping,
-    valid because a label is the index of a pixel of the same component), which converges in far
-    fewer rounds than the component's diameter. Ties go to the component with the smaller label.
+    The whole batch is labelled at once, connected within an image only; labels number components
+    in the order of their first pixel, so among equally large components the one whose first pixel
+    comes first (row-major) wins.
     """
     n, h, w = mask.shape
-    flat = mask.reshape(-1)
-    background = flat.size  # larger than every pixel index
-    labels = np.where(flat, np.arange(flat.size), background)
-    while True:
-        grid = labels.reshape(n, h, w)
-        m = grid.copy()
-        np.minimum(m[:, 1:], grid[:, :-1], out=m[:, 1:])
-        np.minimum(m[:, :-1], grid[:, 1:], out=m[:, :-1])
-        np.minimum(m[:, :, 1:], grid[:, :, :-1], out=m[:, :, 1:])
-        np.minimum(m[:, :, :-1], grid[:, :, 1:], out=m[:, :, :-1])
-        new = np.where(flat, m.reshape(-1), background)
-        new = np.where(flat, new[np.minimum(new, background - 1)], background)
-        if np.array_equal(new, labels):
-            break
-        labels = new
-    sizes = np.bincount(labels[flat], minlength=flat.size).reshape(n, h * w)
-    largest = np.argmax(sizes, axis=1) + np.arange(n) * h * w
-    keep = (labels.reshape(n, h * w) == largest[:, None]) & (sizes.max(axis=1) > 0)[:, None]
+    within_image = np.zeros((3, 3, 3), bool)
+    within_image[1] = ndimage.generate_binary_structure(2, 1)  # 4-neighbours, never the next image
+    labels, count = ndimage.label(mask, structure=within_image)
+    sizes = np.bincount(labels.reshape(-1), minlength=count + 1)
+    sizes[0] = 0  # the background
+    flat = labels.reshape(n, h * w)
+    size_of = sizes[flat]  # each pixel's component size, [N, H * W]
+    biggest = size_of.max(axis=1, keepdims=True)
+    # among the image's largest components, the one with the smallest label: the first in row-major order
+    winner = np.where(size_of == biggest, flat, count + 1).min(axis=1, keepdims=True)
+    keep = (flat == winner) & (biggest > 0)
     return keep.reshape(n, h, w)
 
 
@@ -203,3 +197,14 @@ def detect(images: np.ndarray) -> list[Individual | None]:
             else:
                 results.append(Individual(SHAPES[int(nearest)], colour))
     return results
+
+
+def judge(images: np.ndarray, individuals: list[str]) -> list[str | None] | None:
+    """The demo's exact judge: the name of the individual detected on each image (None: none is).
+
+    images uint8 ``[G, H, W, 3]`` (H >= 16); individuals: the name each image was generated for.
+    Returns None when some name is not a demo individual (no exact judge exists for that data).
+    """
+    if any(individual_named(n) is None for n in individuals):
+        return None
+    return [None if f is None else f.name for f in detect(images)]

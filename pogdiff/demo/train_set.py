@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pogdiff import demo
+from pogdiff.demo import catalogue
 from pogdiff.neighbours import NeighbourGraph, effective_density, knn_graph
 from pogdiff.pipelines.base import to_tensor
 from pogdiff.text import load_text_encoder
@@ -22,20 +22,20 @@ def train_data(
     size: int,
     k: int,
     seed: int = 0,
-    variation: demo.Variation = "full",
+    variation: catalogue.Variation = "full",
     bandwidth: float = 0.05,
-    captions: demo.CaptionMode = "individual",
+    captions: catalogue.CaptionMode = "individual",
 ) -> TrainData:
     """The first ``len(counts)`` individuals, ``counts[c]`` images each (size x size), with a ``k``-neighbour
     caption graph: images ``[N, 3, size, size]`` in [-1, 1], image features ``[N, 3 * size * size]``."""
-    individuals = demo.all_individuals()[: len(counts)]
+    individuals = catalogue.all_individuals()[: len(counts)]
     rng = np.random.default_rng(seed)
     images, image_captions = [], []
     for individual, n in zip(individuals, counts):
         for _ in range(n):
-            instance = demo.sample_instance(rng, variation)
-            images.append(demo.render(individual, instance, size))
-            image_captions.append(demo.image_caption(individual, instance, captions, rng))
+            instance = catalogue.sample_instance(rng, variation)
+            images.append(catalogue.render(individual, instance, size))
+            image_captions.append(catalogue.image_caption(individual, instance, captions, rng))
     names = list(dict.fromkeys(image_captions))  # first appearance: in `individual` mode caption c is individual c
     row = {c: i for i, c in enumerate(names)}
     caption_of = torch.tensor([row[c] for c in image_captions])

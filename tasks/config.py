@@ -1,0 +1,59 @@
+"""The retrain config: one section per stage, read from one YAML file (``configs/demo.yaml``).
+
+The sections are the stages' own configs: ``storage.config`` (ingest, registry and its gate) and
+``pogdiff.config`` (index, train, evaluate, tune). ``load_config`` / ``parse_config`` read a file or
+mapping into a ``RetrainConfig``; ``pogdiff.config``'s of the same name read any one stage's config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import model_validator
+
+from pogdiff import config as stage_config
+from pogdiff.config import EvaluateConfig, IndexConfig, StageConfig, TrainConfig, TuneConfig
+from storage.config import IngestConfig, RegisterConfig
+
+
+class RetrainConfig(StageConfig):
+    """The whole retrain flow: one section per stage."""
+
+    ingest: IngestConfig = IngestConfig()
+    index: IndexConfig = IndexConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegisterConfig = RegisterConfig()  # the register stage ("register" would shadow BaseModel.register)
+    tune: TuneConfig = TuneConfig()  # only `pogdiff tune` reads it
+
+    @model_validator(mode="after")
+    def _validation_draw(self) -> "RetrainConfig":
+        if self.tune.eval_seed == self.evaluate.seed:
+            raise ValueError(f"tune.eval_seed ({self.tune.eval_seed}) must differ from evaluate.seed: trials are scored "
+                             "on a validation draw, not on the one reported scores come from")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unet_feature_of_the_base(cls, data: Any) -> Any:
+        """``index.image_feature: unet`` without a model uses the UNet being fine-tuned (``train.base_model``)."""
+        if not isinstance(data, dict):
+            return data
+        index, train = data.get("index") or {}, data.get("train") or {}
+        if not isinstance(index, dict) or not isinstance(train, dict):
+            return data  # the field validation names the bad section
+        feature = index.get("image_feature", IndexConfig.model_fields["image_feature"].default)
+        if feature == "unet" and index.get("image_feature_model") is None and train.get("base_model"):
+            return {**data, "index": {**index, "image_feature_model": train["base_model"]}}
+        return data
+
+
+def parse_config(data: dict[str, Any] | None) -> RetrainConfig:
+    """Validate a mapping into a ``RetrainConfig``; raise ``ConfigError`` naming each bad key."""
+    return stage_config.parse_config(data, RetrainConfig)
+
+
+def load_config(path: str | Path | None) -> RetrainConfig:
+    """Read a YAML file into a ``RetrainConfig``; ``None`` gives the defaults."""
+    return stage_config.load_config(path, RetrainConfig)
