@@ -54,7 +54,7 @@ def print_comparison(metrics: dict[str, float], previous: dict[str, float], labe
 
 
 def _run_retrain(source: Path, config: RetrainConfig, settings: Settings) -> dict:
-    from storage.parquet import check_source
+    from storage.sources import check_source
 
     check_source(source, config.ingest)  # one clear line for a bad source, before any flow starts
     from flows.retrain import retrain
@@ -115,7 +115,7 @@ def cmd_retrain(args, settings: Settings) -> int:
 def cmd_tune(args, settings: Settings) -> int:
     import shutil
 
-    from storage.parquet import check_source
+    from storage.sources import check_source
 
     config = load_config(args.config)
     check_source(Path(args.source), config.ingest)
@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from storage.errors import RunNotFound
-    from storage.parquet import SourceError
+    from storage.items import SourceError
 
     try:
         settings = load_settings()

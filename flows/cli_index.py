@@ -18,12 +18,12 @@ def _index_config(path: str | None):
 
 
 def cmd_index(args, settings) -> int:
-    from storage import parquet
-    from storage.parquet import SourceError
+    from storage import dataset
+    from storage.items import SourceError
     from tasks.index import build_caption_index, build_image_features
 
     cfg = _index_config(args.config)
-    if not parquet.caption_counts(settings.dataset_uri):
+    if not dataset.caption_counts(settings.dataset_uri):
         raise SourceError(f"dataset {settings.dataset_uri} has no images; run `pogdiff ingest SOURCE` first")
     caps = build_caption_index(settings, cfg, progress=not args.json)
     imgs = build_image_features(settings, cfg)
@@ -60,8 +60,8 @@ def _explain(args, settings) -> dict:
     from pogdiff.embedders import make_embedder
     from pogdiff.index import caption_id, image_extractor
     from pogdiff.neighbours import DUPLICATE_COS, KERNEL_CUTOFF, psi_weight, similarity_threshold, thresholded
-    from storage import parquet, vectors
-    from storage.parquet import SourceError
+    from storage import dataset, vectors
+    from storage.items import SourceError
 
     config = load_config(args.config)
     cfg, pog = config.index, config.train.pog
@@ -95,7 +95,7 @@ def _explain(args, settings) -> dict:
         reach = [h for h in hits if 1 - h["similarity"] < KERNEL_CUTOFF * cfg.density_bandwidth]
         rho = sum(h["count"] * float(np.exp(-(1 - h["similarity"]) ** 2 / (2 * cfg.density_bandwidth**2))) for h in reach)
         own = {"in_dataset": False, "count": 0, "density": rho, "source": f"nearest {len(hits)} stored captions"}
-    images = parquet.read_images(settings.dataset_uri, columns=["id", "caption"])
+    images = dataset.read_images(settings.dataset_uri, columns=["id", "caption"])
     images_of: dict[str, list[str]] = {}
     image_ids, image_caps = images.column("id").to_pylist(), images.column("caption").to_pylist()
     for image_id, caption in zip(image_ids, image_caps):

@@ -13,7 +13,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from pogdiff import demo
 from pogdiff.config import parse_config
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
-from storage import parquet
+from storage import dataset
 from storage.mlflow import connection
 
 K = 3
@@ -59,8 +59,8 @@ def test_retrain_flow_end_to_end(prefect_server, setup, monkeypatch):
     with open(source / "captions.csv", newline="") as f:
         n_rows = sum(1 for _ in csv.DictReader(f))
     assert first["ingest"]["accepted"] == n_rows == summary["images"]
-    assert parquet.read_images(home / "dataset", columns=["id"]).num_rows == n_rows
-    assert parquet.read_quarantine(home / "dataset").num_rows == 0
+    assert dataset.read_images(home / "dataset", columns=["id"]).num_rows == n_rows
+    assert dataset.read_quarantine(home / "dataset").num_rows == 0
 
     # index: every distinct caption (one per image, mostly) has a vector, k neighbours and a density
     with open(source / "captions.csv", newline="") as f:
