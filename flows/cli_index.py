@@ -126,11 +126,9 @@ def _explain(args, settings) -> dict:
             "similarity_quantile": pog.similarity_quantile, "tau": tau, "image_feature": extractor, "neighbours": rows}
 
 
-def _num(v: float | None, fmt: str = ".3f") -> str:
-    return "—" if v is None else format(v, fmt)
-
-
 def cmd_neighbours(args, settings) -> int:
+    from pogdiff.tables import fmt
+
     out = _explain(args, settings)
     if args.json:
         print(json.dumps(out))
@@ -151,8 +149,8 @@ def cmd_neighbours(args, settings) -> int:
         return 0
     print(f"\n{'#':>2}  {'cosine':>7}  {'count':>6}  {'rho_eff':>9}  {'s_img':>6}  {'psi':>7}  caption")
     for n, r in enumerate(out["neighbours"], 1):
-        print(f"{n:>2}  {r['similarity']:>7.4f}  {r['count']:>6}  {r['density']:>9.3f}  {_num(r['s_img']):>6}  "
-              f"{_num(r['psi']):>7}  {r['caption']}")
+        print(f"{n:>2}  {r['similarity']:>7.4f}  {r['count']:>6}  {r['density']:>9.3f}  {fmt(r['s_img']):>6}  "
+              f"{fmt(r['psi']):>7}  {r['caption']}")
     if not out["in_dataset"]:
         print("(no psi: a caption without training images has no image pair to compare)")
     return 0

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 import optuna
 
 from pogdiff.config import PoGConfig, RetrainConfig, TrainConfig, TuneConfig, TuneSpace
+from pogdiff.tables import MISSING, fmt, markdown
 
 SCORE_METRICS = ("few/grecall", "few/accuracy")
 HEAD_METRIC = "many/accuracy"
@@ -111,7 +112,7 @@ def tuned_config(config: RetrainConfig, knobs: Mapping[str, Any]) -> RetrainConf
 
 def _cell(v: Any) -> str:
     if isinstance(v, float):
-        return "—" if math.isnan(v) else f"{v:.3g}"
+        return fmt(None if math.isnan(v) else v, ".3g")  # NaN: a metric or score the trial lacks
     return str(v)
 
 
@@ -119,13 +120,11 @@ def trials_table(reference: TrialResult, trials: list[TrialResult], chosen: Tria
     """Markdown: one row per trial (the reference first), its knobs, validation metrics, score and status."""
     knobs = ["lam", "a", "b", "k", "similarity_quantile", "timestep_weight"]
     metrics = ["few/grecall", "few/accuracy", "many/accuracy", "overall/separability"]
-    head = ["trial", *knobs, *metrics, "score", "status"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for t in [reference, *sorted(trials, key=lambda t: t.number)]:
         status = "reference" if t.number < 0 else "feasible" if feasible(t.metrics, reference.metrics, head_max_drop) else "infeasible"
         if t is chosen or (t.number == chosen.number):
             status += ", chosen"
-        row = ["ref" if t.number < 0 else str(t.number), *(_cell(t.knobs.get(k, "—")) for k in knobs),
-               *(_cell(float(t.metrics.get(m, math.nan))) for m in metrics), _cell(t.score), status]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(["ref" if t.number < 0 else str(t.number), *(_cell(t.knobs.get(k, MISSING)) for k in knobs),
+                     *(_cell(float(t.metrics.get(m, math.nan))) for m in metrics), _cell(t.score), status])
+    return "\n".join(markdown(["trial", *knobs, *metrics, "score", "status"], rows)) + "\n"
