@@ -31,10 +31,10 @@ from pogdiff.checkpoints import clean_checkpoints, resume_latest, save_checkpoin
 from pogdiff.config import TrainConfig
 from pogdiff.distributed import Distributed, join_process_group
 from pogdiff.methods import Batch, Method, Shard, Tensors, make_method, quartile_means
-from pogdiff.neighbours import NeighbourGraph
+from pogdiff.neighbours import NeighbourGraph, normalised_feature
 from pogdiff.objectives import min_snr_weight
 from pogdiff.optim import EMA, lr_factor
-from pogdiff.pipelines.base import TextToImagePipeline, latent_features
+from pogdiff.pipelines.base import TextToImagePipeline
 from pogdiff.process import WriterLock
 
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -201,7 +201,7 @@ def _setup(pipe: TextToImagePipeline, data: TrainData, cfg: TrainConfig, ckpt_ro
     z_mean, z_std = pipe.encode_images(data.images)
     graph = data.graph
     if cfg.pog.similarity_features == "latent":
-        graph = replace(graph, image_features=latent_features(z_mean))
+        graph = replace(graph, image_features=normalised_feature(z_mean))
     return _Run(
         cfg=cfg, ddp=ddp, shard=shard, device=device, unet=unet, model=model, trainable=trainable,
         optimizer=optimizer, lr_sched=lr_sched,

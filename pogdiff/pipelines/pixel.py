@@ -21,7 +21,8 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from pogdiff.atomic import write_folder_atomic
-from pogdiff.pipelines.base import FORMAT_VERSION, Sampler, latent_features, to_tensor
+from pogdiff.neighbours import normalised_feature
+from pogdiff.pipelines.base import FORMAT_VERSION, Sampler, to_tensor
 from pogdiff.pipelines.sampling import guided_sample
 from pogdiff.text import BUILTIN_MINILM, TextEncoder, load_text_encoder
 
@@ -154,7 +155,7 @@ class PixelDiffusionPipeline:
         return images, None
 
     def image_features(self, images: np.ndarray) -> torch.Tensor:
-        return latent_features(to_tensor(images))
+        return normalised_feature(to_tensor(images))
 
     def generate(
         self,
