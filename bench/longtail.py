@@ -56,7 +56,7 @@ from pogdiff.evaluation import RealSet, evaluate
 from pogdiff.longtail import aggregate, competence_check, demo_similarity_table, goal_check, markdown_table, no_harm_check, psi_by_bucket
 from pogdiff.metrics import BUCKETS, assign_buckets
 from pogdiff.neighbours import NeighbourGraph
-from pogdiff.pipelines.base import to_tensor
+from pogdiff.pipelines.base import META_FILE, to_tensor
 from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.pipelines.pixel import UNetSpec
 from pogdiff.trainer import TrainData, train
@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 
         base = work_root / "tiny-base"
-        if not (base / "pogdiff.json").exists():
+        if not (base / META_FILE).exists():
             PixelDiffusionPipeline.new(QUICK_SPEC, seed=0).save_pretrained(base, extra={"method": "random"})
         data["train"].update({"base_model": str(base), "steps": 3, "batch_size": 8})
         data["index"]["image_feature_model"] = str(base)

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-FORMAT_VERSION = 1  # "format" in a saved model's pogdiff.json
+META_FILE = "pogdiff.json"  # a saved model folder's own metadata (format, kind, training extras)
+FORMAT_VERSION = 1  # "format" in a saved model's META_FILE
+ADAPTER_DIR = "lora"  # a LoRA adapter: beside the fused model in a run folder, inside an adapter-only model artifact
 Sampler = Literal["ddim", "dpm"]  # DDIM, or DPM-Solver++ (2nd order multistep): fewer steps for the same quality
 
 

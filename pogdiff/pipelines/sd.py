@@ -24,7 +24,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from pogdiff.atomic import write_folder_atomic
 from pogdiff.neighbours import normalised_feature
-from pogdiff.pipelines.base import FORMAT_VERSION, Sampler, to_tensor
+from pogdiff.pipelines.base import FORMAT_VERSION, META_FILE, Sampler, to_tensor
 from pogdiff.pipelines.sampling import guided_sample
 
 
@@ -115,7 +115,7 @@ class StableDiffusionPipeline:
             }
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
             meta = {"format": FORMAT_VERSION, "space": "latent", "image_size": self.image_size, **(extra or {})}
-            (tmp / "pogdiff.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
         write_folder_atomic(path, write)
 
