@@ -28,6 +28,9 @@ SCORE_METRICS = ("few/grecall", "few/accuracy")
 HEAD_METRIC = "many/accuracy"
 INFEASIBLE_PENALTY = 1.0  # scores lie in [0, 1]: any feasible trial ranks above every infeasible one
 REFERENCE: dict[str, Any] = {"lam": 0.0}
+STUDIES_DIR = "tune"  # under the settings' home: one folder per study (the first 16 hex digits of its key)
+JOURNAL_FILE = "study.journal"  # in a study folder: the optuna journal, the resumable study
+TUNED_FILE = "tuned.yaml"  # in a study folder: the retrain config with the chosen knobs
 
 
 def suggest(trial: optuna.Trial, space: TuneSpace) -> dict[str, Any]:
