@@ -56,11 +56,11 @@ from pogdiff.evaluation import RealSet, evaluate
 from pogdiff.longtail import aggregate, competence_check, demo_similarity_table, goal_check, markdown_table, no_harm_check, psi_by_bucket
 from pogdiff.metrics import BUCKETS, assign_buckets
 from pogdiff.neighbours import NeighbourGraph
-from pogdiff.pipelines.base import to_tensor
+from pogdiff.pipelines.base import META_FILE, to_tensor
 from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.pipelines.pixel import UNetSpec
 from pogdiff.trainer import TrainData, train
-from pogdiff.tune import TrialResult, choose, score, trials_table
+from pogdiff.tune import JOURNAL_FILE, STUDIES_DIR, TUNED_FILE, TrialResult, choose, score, trials_table
 from tasks.config import RetrainConfig, load_config, parse_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -203,18 +203,18 @@ def _read_study(journal: Path) -> tuple[TrialResult, list[TrialResult]]:
 def _run_tune(args: list[str], home: Path, kept: Path, log_file: Path, prefect_api: str | None) -> int:
     """``pogdiff tune`` on ``home``, its study journal copied to ``kept`` every few seconds (and seeded
     from it into a fresh home), so a benchmark stopped anywhere keeps the finished trials."""
-    journals = home / "tune"
-    if kept.exists() and not any(journals.glob("*/study.journal")):
+    journals = home / STUDIES_DIR
+    if kept.exists() and not any(journals.glob(f"*/{JOURNAL_FILE}")):
         (journals / kept.parent.name).mkdir(parents=True, exist_ok=True)
-        (journals / kept.parent.name / "study.journal").write_bytes(kept.read_bytes())
+        (journals / kept.parent.name / JOURNAL_FILE).write_bytes(kept.read_bytes())
 
     def keep() -> None:
-        found = list(journals.glob("*/study.journal"))
+        found = list(journals.glob(f"*/{JOURNAL_FILE}"))
         if found:
             kept.parent.parent.mkdir(parents=True, exist_ok=True)
-            target = kept.parent.parent / found[0].parent.name / "study.journal"
+            target = kept.parent.parent / found[0].parent.name / JOURNAL_FILE
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(".study.journal.tmp")
+            tmp = target.with_name(f".{JOURNAL_FILE}.tmp")
             tmp.write_bytes(found[0].read_bytes())
             tmp.replace(target)
 
@@ -240,8 +240,8 @@ def validate(work: Path, state: Path, config: RetrainConfig, size: int, quick: b
     state.mkdir(parents=True, exist_ok=True)
     state_file = state / "tune.json"
     progress = json.loads(state_file.read_text()) if state_file.exists() else {"seconds": 0.0, "done": False}
-    tuned_path = state / "tuned.yaml"
-    journal = next(iter(sorted((state / "tune").glob("*/study.journal"))), state / "tune" / "pending" / "study.journal")
+    tuned_path = state / TUNED_FILE
+    journal = next(iter(sorted((state / STUDIES_DIR).glob(f"*/{JOURNAL_FILE}"))), state / STUDIES_DIR / "pending" / JOURNAL_FILE)
     if not progress["done"]:
         source = demo_source(work, SPLITS["validation"]["data_seed"], size, quick, captions)
         cfg_path = work / "tune-config.yaml"
@@ -254,7 +254,7 @@ def validate(work: Path, state: Path, config: RetrainConfig, size: int, quick: b
         state_file.write_text(json.dumps(progress))
         if code != 0:
             raise SystemExit(f"error: pogdiff tune failed (exit {code}); see {work / 'tune.log'}; a rerun resumes it")
-        journal = next(iter(sorted((state / "tune").glob("*/study.journal"))))
+        journal = next(iter(sorted((state / STUDIES_DIR).glob(f"*/{JOURNAL_FILE}"))))
     reference, trials = _read_study(journal)
     tuned = load_config(tuned_path)
     chosen = choose(reference, trials, config.tune.head_max_drop)
@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 
         base = work_root / "tiny-base"
-        if not (base / "pogdiff.json").exists():
+        if not (base / META_FILE).exists():
             PixelDiffusionPipeline.new(QUICK_SPEC, seed=0).save_pretrained(base, extra={"method": "random"})
         data["train"].update({"base_model": str(base), "steps": 3, "batch_size": 8})
         data["index"]["image_feature_model"] = str(base)

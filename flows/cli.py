@@ -38,24 +38,18 @@ def _prepare_env(settings: Settings) -> None:
     Path(settings.prefect_home).mkdir(parents=True, exist_ok=True)
 
 
-def _fmt(v: float | None) -> str:
-    return "—" if v is None else f"{v:.3f}"
-
-
 def print_comparison(metrics: dict[str, float], previous: dict[str, float], label: str = "champion") -> None:
     """Bucket x metric table: the new model beside the previous champion (or another reference)."""
+    from pogdiff.tables import bucket_pairs, columns, fmt
+
     names = sorted({k.split("/", 1)[1] for k in metrics if "/" in k})
-    width = max([len(m) for m in names] + [6]) + 2
-    print(f"\n{'bucket':<9}{'metric':<{width}}{'new':>8}{label:>13}")
-    for bucket in ("many", "medium", "few", "overall"):
-        for m in names:
-            key = f"{bucket}/{m}"
-            if key in metrics:
-                print(f"{bucket:<9}{m:<{width}}{_fmt(metrics[key]):>8}{_fmt(previous.get(key)):>13}")
+    widths = [9, max([len(m) for m in names] + [6]) + 2, -8, -13]
+    rows = [(bucket, name, fmt(value), fmt(old)) for bucket, name, value, old in bucket_pairs(metrics, previous)]
+    print("\n" + "\n".join(columns([("bucket", "metric", "new", label), *rows], widths)))
 
 
 def _run_retrain(source: Path, config: RetrainConfig, settings: Settings) -> dict:
-    from storage.parquet import check_source
+    from storage.sources import check_source
 
     check_source(source, config.ingest)  # one clear line for a bad source, before any flow starts
     from flows.retrain import retrain
@@ -116,7 +110,7 @@ def cmd_retrain(args, settings: Settings) -> int:
 def cmd_tune(args, settings: Settings) -> int:
     import shutil
 
-    from storage.parquet import check_source
+    from storage.sources import check_source
 
     config = load_config(args.config)
     check_source(Path(args.source), config.ingest)
@@ -241,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from storage.errors import RunNotFound
-    from storage.parquet import SourceError
+    from storage.items import SourceError
 
     try:
         settings = load_settings()

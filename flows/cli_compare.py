@@ -40,12 +40,6 @@ def comparison_rows(a: dict[str, float], b: dict[str, float]) -> list[dict]:
     return rows
 
 
-def _fmt(v: float | None, signed: bool = False) -> str:
-    if v is None:
-        return "—"
-    return f"{v:+.4f}" if signed else f"{v:.4f}"
-
-
 def _side(r) -> dict:
     return {"ref": r.ref, "run_id": r.run_id, "model": r.model, "version": r.version}
 
@@ -55,6 +49,7 @@ def _label(r) -> str:
 
 
 def cmd_compare(args, settings: Settings) -> int:
+    from pogdiff.tables import MISSING, columns, fmt
     from storage.errors import RunNotFound
     from storage.mlflow.references import resolve_run
 
@@ -73,10 +68,10 @@ def cmd_compare(args, settings: Settings) -> int:
     if not rows:
         print("neither run has evaluation metrics ('<bucket>/<metric>')")
         return 0
-    print(f"\n{'bucket':<9}{'metric':<18}{'A':>10}{'B':>10}{'B - A':>10}  better")
-    for r in rows:
-        print(f"{r['bucket']:<9}{r['metric']:<18}{_fmt(r['a']):>10}{_fmt(r['b']):>10}"
-              f"{_fmt(r['delta'], signed=True):>10}  {r['better'] or '—'}")
+    head = ("bucket", "metric", "A", "B", "B - A", "  better")
+    cells = [(r["bucket"], r["metric"], fmt(r["a"], ".4f"), fmt(r["b"], ".4f"), fmt(r["delta"], "+.4f"), f"  {r['better'] or MISSING}")
+             for r in rows]
+    print("\n" + "\n".join(columns([head, *cells], [9, 18, -10, -10, -10, 0])))
     print("\n(fid: lower is better; every other metric: higher is better)")
     return 0
 

@@ -18,12 +18,12 @@ def _index_config(path: str | None):
 
 
 def cmd_index(args, settings) -> int:
-    from storage import parquet
-    from storage.parquet import SourceError
+    from storage import dataset
+    from storage.items import SourceError
     from tasks.index import build_caption_index, build_image_features
 
     cfg = _index_config(args.config)
-    if not parquet.caption_counts(settings.dataset_uri):
+    if not dataset.caption_counts(settings.dataset_uri):
         raise SourceError(f"dataset {settings.dataset_uri} has no images; run `pogdiff ingest SOURCE` first")
     caps = build_caption_index(settings, cfg, progress=not args.json)
     imgs = build_image_features(settings, cfg)
@@ -60,8 +60,8 @@ def _explain(args, settings) -> dict:
     from pogdiff.embedders import make_embedder
     from pogdiff.index import caption_id, image_extractor
     from pogdiff.neighbours import DUPLICATE_COS, KERNEL_CUTOFF, psi_weight, similarity_threshold, thresholded
-    from storage import parquet, vectors
-    from storage.parquet import SourceError
+    from storage import dataset, vectors
+    from storage.items import SourceError
 
     config = load_config(args.config)
     cfg, pog = config.index, config.train.pog
@@ -95,7 +95,7 @@ def _explain(args, settings) -> dict:
         reach = [h for h in hits if 1 - h["similarity"] < KERNEL_CUTOFF * cfg.density_bandwidth]
         rho = sum(h["count"] * float(np.exp(-(1 - h["similarity"]) ** 2 / (2 * cfg.density_bandwidth**2))) for h in reach)
         own = {"in_dataset": False, "count": 0, "density": rho, "source": f"nearest {len(hits)} stored captions"}
-    images = parquet.read_images(settings.dataset_uri, columns=["id", "caption"])
+    images = dataset.read_images(settings.dataset_uri, columns=["id", "caption"])
     images_of: dict[str, list[str]] = {}
     image_ids, image_caps = images.column("id").to_pylist(), images.column("caption").to_pylist()
     for image_id, caption in zip(image_ids, image_caps):
@@ -126,11 +126,9 @@ def _explain(args, settings) -> dict:
             "similarity_quantile": pog.similarity_quantile, "tau": tau, "image_feature": extractor, "neighbours": rows}
 
 
-def _num(v: float | None, fmt: str = ".3f") -> str:
-    return "—" if v is None else format(v, fmt)
-
-
 def cmd_neighbours(args, settings) -> int:
+    from pogdiff.tables import fmt
+
     out = _explain(args, settings)
     if args.json:
         print(json.dumps(out))
@@ -151,8 +149,8 @@ def cmd_neighbours(args, settings) -> int:
         return 0
     print(f"\n{'#':>2}  {'cosine':>7}  {'count':>6}  {'rho_eff':>9}  {'s_img':>6}  {'psi':>7}  caption")
     for n, r in enumerate(out["neighbours"], 1):
-        print(f"{n:>2}  {r['similarity']:>7.4f}  {r['count']:>6}  {r['density']:>9.3f}  {_num(r['s_img']):>6}  "
-              f"{_num(r['psi']):>7}  {r['caption']}")
+        print(f"{n:>2}  {r['similarity']:>7.4f}  {r['count']:>6}  {r['density']:>9.3f}  {fmt(r['s_img']):>6}  "
+              f"{fmt(r['psi']):>7}  {r['caption']}")
     if not out["in_dataset"]:
         print("(no psi: a caption without training images has no image pair to compare)")
     return 0

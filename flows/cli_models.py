@@ -29,11 +29,8 @@ def _fail(err: Exception) -> int:
     return 2
 
 
-def _cell(value: float | None) -> str:
-    return "—" if value is None else f"{value:.4g}"
-
-
 def cmd_models(args, settings: Settings) -> int:
+    from pogdiff.tables import MISSING, columns, fmt
     from storage.mlflow import registry
 
     name, cfg = _registry(args)
@@ -46,13 +43,13 @@ def cmd_models(args, settings: Settings) -> int:
         print(json.dumps({"model": name, "versions": versions}, indent=2))
         return 0
     keys = [k for k in (cfg.gate.metric, cfg.gate.guard_metric) if k]
-    header = f"{'version':<8}{'aliases':<22}{'gate':<10}{'promoted':<10}" + "".join(f"{k:>14}" for k in keys) + "  created"
-    print(f"{name}\n{header}")
+    widths = [8, 22, 10, 10, *[-14] * len(keys), 0]
+    print(f"{name}\n" + columns([("version", "aliases", "gate", "promoted", *keys, "  created")], widths)[0])
     for v in versions:
-        gate = v["gate"]["decision"] if v["gate"] else "—"
-        row = f"{v['version']:<8}{','.join(v['aliases']) or '—':<22}{gate:<10}{v['promoted_by'] or '—':<10}"
-        row += "".join(f"{_cell(v['metrics'].get(k)):>14}" for k in keys)
-        print(f"{row}  {v['created']}")
+        gate = v["gate"]["decision"] if v["gate"] else MISSING
+        cells = [v["version"], ",".join(v["aliases"]) or MISSING, gate, v["promoted_by"] or MISSING,
+                 *(fmt(v["metrics"].get(k), ".4g") for k in keys), f"  {v['created']}"]
+        print(columns([cells], widths)[0])
         if v["gate"]:
             print(f"{'':<8}gate: {v['gate']['reason']}")
         if v["promoted_by"] == "manual":

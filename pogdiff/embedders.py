@@ -15,7 +15,6 @@ same key, which is what makes a re-run over unchanged captions embed nothing.
 from __future__ import annotations
 
 import hashlib
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pogdiff.config import IndexConfig
 from pogdiff.text import BUILTIN_MINILM, load_text_encoder
@@ -182,10 +182,11 @@ def embed_captions(
     if missing:
         texts = [captions[i] for i in missing]
         new = np.empty((len(missing), embedder.dim), np.float32)
-        bar = tqdm(total=len(missing), desc="embedding captions", unit="caption", file=sys.stderr, disable=not progress)
-        for idx, batch in batches(texts, batch_size):
-            new[idx] = embedder.forward(embedder.tokenize(batch)).numpy()
-            bar.update(len(batch))
-        bar.close()
+        columns = (TextColumn("embedding captions"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
+            task = bar.add_task("embedding captions", total=len(missing))
+            for idx, batch in batches(texts, batch_size):
+                new[idx] = embedder.forward(embedder.tokenize(batch)).numpy()
+                bar.advance(task, len(batch))
         out.update(zip(missing, new))
     return EmbedResult(vectors=out, embedded=len(missing), reused=len(captions) - len(missing))

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pogdiff.neighbours import normalised_feature
+
 if TYPE_CHECKING:
     from pogdiff.pipelines.base import TextToImagePipeline
 
@@ -45,9 +47,7 @@ class PixelFeatures:
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 images [N, H, W, 3], got shape {images.shape}")
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-        x = F.adaptive_avg_pool2d(x, self.size).flatten(1)
-        x = x - x.mean(1, keepdim=True)
-        return F.normalize(x, dim=1)
+        return normalised_feature(F.adaptive_avg_pool2d(x, self.size))
 
 
 class UNetFeatures:

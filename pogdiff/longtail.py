@@ -16,6 +16,7 @@ import torch
 from pogdiff.config import PoGConfig
 from pogdiff.metrics import GROUPS, LOWER_IS_BETTER, METRIC_ORDER
 from pogdiff.neighbours import NeighbourGraph, draw_borrowing, similarity_threshold
+from pogdiff.tables import markdown
 
 Aggregate = dict[str, dict[str, dict[str, dict[str, float | list[float]]]]]  # method -> bucket -> metric -> stats
 
@@ -124,13 +125,9 @@ def markdown_table(agg: Aggregate, metrics: tuple[str, ...] = METRIC_ORDER, grou
     """One row per (method, metric), one column per bucket: ``mean ± std`` over seeds (``–`` where absent)."""
     present = [g for g in groups if any(g in agg[m] for m in agg)]
     names = [n for n in metrics if any(n in agg[m].get(g, {}) for m in agg for g in present)]
-    lines = ["| method | metric | " + " | ".join(present) + " |", "|---|---|" + "---|" * len(present)]
-    for method in agg:
-        for name in names:
-            arrow = "↓" if name in LOWER_IS_BETTER else "↑"
-            cells = [_cell(_stat(agg, method, g, name)) for g in present]
-            lines.append(f"| {method} | {name} {arrow} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [[method, f"{name} {'↓' if name in LOWER_IS_BETTER else '↑'}", *(_cell(_stat(agg, method, g, name)) for g in present)]
+            for method in agg for name in names]
+    return "\n".join(markdown(["method", "metric", *present], rows)) + "\n"
 
 
 def psi_by_bucket(

@@ -21,6 +21,13 @@ import torch
 
 from pogdiff.config import PoGConfig
 
+
+def normalised_feature(x: torch.Tensor) -> torch.Tensor:
+    """An image feature from images, pooled pixels or latents ``[N, ...]``: f = normalise(flatten(x) - mean),
+    ``[N, F]`` (each row centred on its own mean, then L2-normalised), so s_img = clip(f_i . f_j, 0, 1)."""
+    flat = x.float().flatten(1)
+    return torch.nn.functional.normalize(flat - flat.mean(1, keepdim=True), dim=1)
+
 # Cosine at or above this is an exact duplicate of the caption and never its own neighbour.
 DUPLICATE_COS = 1.0 - 1e-5
 # The density kernel is cut at this many bandwidths of cosine distance: beyond it one caption adds

@@ -31,13 +31,15 @@ from pogdiff.checkpoints import clean_checkpoints, resume_latest, save_checkpoin
 from pogdiff.config import TrainConfig
 from pogdiff.distributed import Distributed, join_process_group
 from pogdiff.methods import Batch, Method, Shard, Tensors, make_method, quartile_means
-from pogdiff.neighbours import NeighbourGraph
+from pogdiff.neighbours import NeighbourGraph, normalised_feature
 from pogdiff.objectives import min_snr_weight
 from pogdiff.optim import EMA, lr_factor
-from pogdiff.pipelines.base import TextToImagePipeline, latent_features
+from pogdiff.pipelines.base import ADAPTER_DIR, TextToImagePipeline
 from pogdiff.process import WriterLock
 
 StepCallback = Callable[[int, dict[str, float]], None]
+CHECKPOINTS_DIR = "checkpoints"  # in a run folder: one step-NNNNNNNN folder per checkpoint
+MODEL_DIR = "model"  # in a run folder: the trained model (a LoRA adapter fused in)
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the attention projections, as in the diffusers LoRA example
 
 
@@ -98,7 +100,7 @@ def train(
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    ckpt_root = out_dir / "checkpoints"
+    ckpt_root = out_dir / CHECKPOINTS_DIR
     ddp, created_group = join_process_group()
     try:
         # rank 0 writes the folder: it alone holds the writer lock, for the whole training
@@ -201,7 +203,7 @@ def _setup(pipe: TextToImagePipeline, data: TrainData, cfg: TrainConfig, ckpt_ro
     z_mean, z_std = pipe.encode_images(data.images)
     graph = data.graph
     if cfg.pog.similarity_features == "latent":
-        graph = replace(graph, image_features=latent_features(z_mean))
+        graph = replace(graph, image_features=normalised_feature(z_mean))
     return _Run(
         cfg=cfg, ddp=ddp, shard=shard, device=device, unet=unet, model=model, trainable=trainable,
         optimizer=optimizer, lr_sched=lr_sched,
@@ -345,11 +347,11 @@ def _save_model(run: _Run, pipe: TextToImagePipeline, out_dir: Path) -> Path:
         run.ema.copy_to(run.unet)  # as the diffusers examples do: the saved model carries the EMA weights
     if run.cfg.lora_rank is not None:
         if run.ddp.main:
-            run.unet.save_lora_adapter(out_dir / "lora")  # the adapter alone, a few hundred KB
+            run.unet.save_lora_adapter(out_dir / ADAPTER_DIR)  # the adapter alone, a few hundred KB
         run.unet.fuse_lora()  # the model folder holds plain UNet weights, loadable without peft
         run.unet.unload_lora()
     run.unet.eval()
-    model_dir = out_dir / "model"
+    model_dir = out_dir / MODEL_DIR
     if run.ddp.main:
         pipe.save_pretrained(model_dir, extra={"method": run.cfg.pog.method, "steps": run.cfg.steps})
     if run.ddp.world > 1:

@@ -22,11 +22,15 @@ from typing import Any, Mapping
 import optuna
 
 from pogdiff.config import PoGConfig, TrainConfig, TuneConfig, TuneSpace
+from pogdiff.tables import MISSING, fmt, markdown
 
 SCORE_METRICS = ("few/grecall", "few/accuracy")
 HEAD_METRIC = "many/accuracy"
 INFEASIBLE_PENALTY = 1.0  # scores lie in [0, 1]: any feasible trial ranks above every infeasible one
 REFERENCE: dict[str, Any] = {"lam": 0.0}
+STUDIES_DIR = "tune"  # under the settings' home: one folder per study (the first 16 hex digits of its key)
+JOURNAL_FILE = "study.journal"  # in a study folder: the optuna journal, the resumable study
+TUNED_FILE = "tuned.yaml"  # in a study folder: the retrain config with the chosen knobs
 
 
 def suggest(trial: optuna.Trial, space: TuneSpace) -> dict[str, Any]:
@@ -106,7 +110,7 @@ def choose(reference: TrialResult, trials: list[TrialResult], head_max_drop: flo
 
 def _cell(v: Any) -> str:
     if isinstance(v, float):
-        return "—" if math.isnan(v) else f"{v:.3g}"
+        return fmt(None if math.isnan(v) else v, ".3g")  # NaN: a metric or score the trial lacks
     return str(v)
 
 
@@ -114,13 +118,11 @@ def trials_table(reference: TrialResult, trials: list[TrialResult], chosen: Tria
     """Markdown: one row per trial (the reference first), its knobs, validation metrics, score and status."""
     knobs = ["lam", "a", "b", "k", "similarity_quantile", "timestep_weight"]
     metrics = ["few/grecall", "few/accuracy", "many/accuracy", "overall/separability"]
-    head = ["trial", *knobs, *metrics, "score", "status"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for t in [reference, *sorted(trials, key=lambda t: t.number)]:
         status = "reference" if t.number < 0 else "feasible" if feasible(t.metrics, reference.metrics, head_max_drop) else "infeasible"
         if t is chosen or (t.number == chosen.number):
             status += ", chosen"
-        row = ["ref" if t.number < 0 else str(t.number), *(_cell(t.knobs.get(k, "—")) for k in knobs),
-               *(_cell(float(t.metrics.get(m, math.nan))) for m in metrics), _cell(t.score), status]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(["ref" if t.number < 0 else str(t.number), *(_cell(t.knobs.get(k, MISSING)) for k in knobs),
+                     *(_cell(float(t.metrics.get(m, math.nan))) for m in metrics), _cell(t.score), status])
+    return "\n".join(markdown(["trial", *knobs, *metrics, "score", "status"], rows)) + "\n"

@@ -1,10 +1,5 @@
-"""The Parquet image dataset: ingest a caption–image source, read it back.
-
-Layout of a dataset (a directory)::
-
-    dataset/images/part-<batch>-<n>.parquet       accepted rows, DATASET_SCHEMA (partitioned by batch)
-    dataset/quarantine/part-<batch>-<n>.parquet   rejected inputs, QUARANTINE_SCHEMA
-    dataset/snapshots/<snapshot_id>.json          manifest of a snapshot: part files, row count
+"""Ingest a caption–image source into the Parquet image dataset (:mod:`storage.dataset` holds its
+layout and reads it back).
 
 Sources (:mod:`storage.sources`): an image folder with a captions file, Parquet files with image
 bytes, or WebDataset ``.tar`` shards. Images are checked and normalised (:mod:`storage.validate`)
@@ -13,7 +8,7 @@ in a pool of threads or of worker processes (spawned, never forked).
 Guarantees:
 
 * **Nothing is silently dropped.** Every input is accepted, found unchanged (already in the
-  dataset), or written to the quarantine with a reason code from :class:`Reason` and a message.
+  dataset), or written to the quarantine with a reason code from :class:`~storage.items.Reason` and a message.
 * **Idempotent.** A row's id is a content hash of the original image bytes and the caption, so
   ingesting the same source twice writes no new image rows; quarantine rows are keyed by
   ``(source, key, reason)`` and are written once.
@@ -31,9 +26,7 @@ interleaved: the second sees every id the first wrote, and no id is written twic
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import multiprocessing
 import os
 import re
@@ -47,68 +40,30 @@ from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
 from pogdiff.atomic import TMP_SUFFIX, write_atomic
 from storage.config import IngestConfig
-from storage.sources import Item, Reason, SourceError, check_source, open_source
+from storage.dataset import (
+    DATASET_SCHEMA,
+    IMAGES_DIR,
+    QUARANTINE_DIR,
+    QUARANTINE_SCHEMA,
+    SNAPSHOTS_DIR,
+    iter_batches,
+    locked,
+    part_files,
+    read_parts,
+    snapshot_of,
+    write_manifest,
+)
+from storage.items import Item, Reason
+from storage.sources import open_source
 from storage.validate import Checked, check_many, init_worker, own_pixel_limit
 
-try:  # POSIX only; elsewhere ingests into one dataset must not run concurrently
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+__all__ = ["IngestReport", "ingest"]
 
-__all__ = [
-    "DATASET_SCHEMA",
-    "QUARANTINE_SCHEMA",
-    "IngestReport",
-    "Reason",
-    "SourceError",
-    "caption_counts",
-    "check_source",
-    "ingest",
-    "read_images",
-    "read_manifest",
-    "read_quarantine",
-    "snapshot_id",
-]
-
-DATASET_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string(), nullable=False),  # sha256(original bytes + b"\0" + caption)[:32]
-        pa.field("caption", pa.string(), nullable=False),
-        pa.field("image", pa.binary(), nullable=False),  # normalised square RGB image, PNG or WebP
-        pa.field("image_sha256", pa.string(), nullable=False),  # of the original bytes alone
-        pa.field("format", pa.string(), nullable=False),  # the original's PIL format: PNG, JPEG, ...
-        pa.field("width", pa.int32(), nullable=False),  # the original's size
-        pa.field("height", pa.int32(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),  # the source as given
-        pa.field("key", pa.string(), nullable=False),  # where in the source: path, file:row, shard:key
-        pa.field("metadata", pa.string(), nullable=False),  # JSON object of the extra columns
-        pa.field("ingested_at", pa.timestamp("us", tz="UTC"), nullable=False),
-        pa.field("batch_id", pa.string(), nullable=False),
-    ]
-)
-
-QUARANTINE_SCHEMA = pa.schema(
-    [
-        pa.field("source", pa.string(), nullable=False),
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("reason", pa.string(), nullable=False),  # a Reason value
-        pa.field("message", pa.string(), nullable=False),
-        pa.field("batch_id", pa.string(), nullable=False),
-        pa.field("recorded_at", pa.timestamp("us", tz="UTC"), nullable=False),
-    ]
-)
-
-IMAGES_DIR = "images"
-QUARANTINE_DIR = "quarantine"
-SNAPSHOTS_DIR = "snapshots"
-_PART_GLOB = "part-*.parquet"
 _BATCH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _TASK_ITEMS = 8  # items per pool task: amortises inter-process traffic, still balances the load
 
@@ -134,7 +89,6 @@ class IngestReport(BaseModel):
 # --------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------
-
 
 
 def _chunk(items: Iterator[Item], rows: int, max_bytes: int) -> list[Item]:
@@ -165,156 +119,6 @@ def _next_part(directory: Path, batch_id: str) -> int:
         if tail.isdigit():
             used.append(int(tail))
     return max(used) + 1
-
-
-@contextmanager
-def _locked(dataset: Path) -> Iterator[None]:
-    with open(dataset / ".lock", "a+b") as handle:
-        if fcntl is not None:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def _parts(dataset: Path, sub: str) -> list[Path]:
-    dataset = Path(dataset)
-    if not dataset.is_dir():
-        raise FileNotFoundError(f"dataset not found: {dataset}")
-    directory = dataset / sub
-    return sorted(directory.glob(_PART_GLOB)) if directory.is_dir() else []
-
-
-def _read(files: list[Path], schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
-    if columns is not None:
-        unknown = [c for c in columns if c not in schema.names]
-        if unknown:
-            raise ValueError(f"unknown column(s) {unknown}; the schema has {schema.names}")
-    if not files:
-        table = schema.empty_table()
-        return table.select(columns) if columns is not None else table
-    data = pads.dataset([str(f) for f in files], schema=schema, format="parquet")
-    return data.to_table(columns=columns)
-
-
-def _batches(files: list[Path], schema: pa.Schema, columns: list[str]) -> Iterator[pa.RecordBatch]:
-    if files:
-        data = pads.dataset([str(f) for f in files], schema=schema, format="parquet")
-        yield from data.to_batches(columns=columns, batch_size=256)
-
-
-# --------------------------------------------------------------------------------------------
-# Public API
-# --------------------------------------------------------------------------------------------
-
-
-def _snapshot_files(dataset: Path, snapshot: str | None) -> list[Path]:
-    """The image part files of ``snapshot`` (its manifest), or of the dataset as it is now (None)."""
-    if snapshot is None:
-        return _parts(dataset, IMAGES_DIR)
-    if snapshot == "empty":
-        return []
-    files = [Path(dataset) / f["path"] for f in read_manifest(dataset, snapshot)["files"]]
-    gone = [f for f in files if not f.is_file()]
-    if gone:
-        raise FileNotFoundError(f"snapshot {snapshot} of {dataset} lists {len(gone)} part file(s) that no longer exist (e.g. {gone[0]})")
-    return files
-
-
-def read_images(dataset: Path, columns: list[str] | None = None, snapshot: str | None = None) -> pa.Table:
-    """All accepted image rows (DATASET_SCHEMA, or ``columns`` of it), sorted by id: of ``snapshot``
-    (a pinned snapshot id, read from its manifest) or, by default, of the dataset as it is now."""
-    files = _snapshot_files(dataset, snapshot)
-    wanted = list(DATASET_SCHEMA.names) if columns is None else list(columns)
-    read = wanted if "id" in wanted else [*wanted, "id"]
-    table = _read(files, DATASET_SCHEMA, read).sort_by("id")
-    return table.select(wanted)
-
-
-def read_quarantine(dataset: Path) -> pa.Table:
-    """All quarantine rows (QUARANTINE_SCHEMA), sorted by source, key and reason."""
-    table = _read(_parts(dataset, QUARANTINE_DIR), QUARANTINE_SCHEMA)
-    return table.sort_by([("source", "ascending"), ("key", "ascending"), ("reason", "ascending")])
-
-
-def snapshot_id(dataset: Path) -> str:
-    """Content id of the accepted rows: sha256 over the sorted row ids (each followed by a newline),
-    first 16 hex digits; ``"empty"`` when there are no rows. Independent of part files and batches."""
-    return snapshot_summary(dataset)[0]
-
-
-def snapshot_summary(dataset: Path) -> tuple[str, int]:
-    """``(snapshot_id, rows)`` from one read of the id column."""
-    ids = _read(_parts(dataset, IMAGES_DIR), DATASET_SCHEMA, ["id"]).column("id").to_pylist()
-    return _snapshot_of(ids), len(ids)
-
-
-def _snapshot_of(ids: list[str]) -> str:
-    if not ids:
-        return "empty"
-    digest = hashlib.sha256()
-    for row_id in sorted(ids):
-        digest.update(row_id.encode("ascii") + b"\n")
-    return digest.hexdigest()[:16]
-
-
-def pin_snapshot(dataset: Path) -> tuple[str, int]:
-    """``(snapshot_id, rows)`` of the dataset now, with its manifest written, so later reads of that
-    snapshot see exactly these rows whatever is ingested meanwhile. Waits for an ingest in progress
-    (the dataset lock), so a snapshot never holds half an ingest."""
-    dataset = Path(dataset)
-    _parts(dataset, IMAGES_DIR)  # a missing dataset is one clear error
-    with _locked(dataset):
-        snapshot, rows = snapshot_summary(dataset)
-        _write_manifest(dataset, snapshot, rows, "pinned")
-    return snapshot, rows
-
-
-def caption_counts(dataset: Path, snapshot: str | None = None) -> dict[str, int]:
-    """Training images per caption (of ``snapshot``, default the dataset now), keys in sorted order."""
-    captions = _read(_snapshot_files(dataset, snapshot), DATASET_SCHEMA, ["caption"]).column("caption")
-    if len(captions) == 0:
-        return {}
-    counts = pc.value_counts(captions).to_pylist()
-    return {c["values"]: c["counts"] for c in sorted(counts, key=lambda c: c["values"])}
-
-
-def _manifest_path(dataset: Path, snapshot: str) -> Path:
-    return dataset / SNAPSHOTS_DIR / f"{snapshot}.json"
-
-
-def _write_manifest(dataset: Path, snapshot: str, rows: int, batch_id: str) -> str:
-    """Record which part files make up ``snapshot`` (written once; a re-run finds it in place)."""
-    if snapshot == "empty":
-        return ""
-    path = _manifest_path(dataset, snapshot)
-    if not path.exists():
-        files = [
-            {"path": p.relative_to(dataset).as_posix(), "rows": pq.ParquetFile(p).metadata.num_rows, "bytes": p.stat().st_size}
-            for p in _parts(dataset, IMAGES_DIR)
-        ]
-        manifest = {
-            "snapshot_id": snapshot,
-            "rows": rows,
-            "content_hash": "sha256 over the sorted row ids, first 16 hex digits (= snapshot_id)",
-            "files": files,
-            "batch_id": batch_id,
-            "created_at": datetime.now(timezone.utc).isoformat(),
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = json.dumps(manifest, indent=1).encode()
-        write_atomic(path, lambda handle: handle.write(data))
-    return path.relative_to(dataset).as_posix()
-
-
-def read_manifest(dataset: Path, snapshot: str) -> dict:
-    """The manifest of ``snapshot``: ``{snapshot_id, rows, files: [{path, rows, bytes}], batch_id, created_at}``."""
-    path = _manifest_path(Path(dataset), snapshot)
-    if not path.exists():
-        raise FileNotFoundError(f"no manifest for snapshot {snapshot} in {dataset}")
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 @contextmanager
@@ -413,17 +217,17 @@ def ingest(
     with open_source(source, cfg, batch_rows=chunk_rows) as stream:  # fails before the dataset is touched
         for directory in (images_dir, quarantine_dir):
             directory.mkdir(parents=True, exist_ok=True)
-        with _locked(dataset), _pool(cfg, workers) as check:
+        with locked(dataset), _pool(cfg, workers) as check:
             for directory in (images_dir, quarantine_dir, dataset / SNAPSHOTS_DIR):  # left by a crash; never visible
                 for stale in directory.glob(f".*{TMP_SUFFIX}"):
                     stale.unlink(missing_ok=True)
-            image_files = _parts(dataset, IMAGES_DIR)
-            existing = set(_read(image_files, DATASET_SCHEMA, ["id"]).column("id").to_pylist())
-            quarantine = _read(_parts(dataset, QUARANTINE_DIR), QUARANTINE_SCHEMA, ["source", "key", "reason"])
+            image_files = part_files(dataset, IMAGES_DIR)
+            existing = set(read_parts(image_files, DATASET_SCHEMA, ["id"]).column("id").to_pylist())
+            quarantine = read_parts(part_files(dataset, QUARANTINE_DIR), QUARANTINE_SCHEMA, ["source", "key", "reason"])
             recorded = set(zip(*(quarantine.column(c).to_pylist() for c in ("source", "key", "reason"))))
             owner: dict[str, str] = {}  # image sha256 -> id of the accepted row; only for the reject policy
             if cfg.same_image_other_caption == "reject":
-                for batch in _batches(image_files, DATASET_SCHEMA, ["id", "image_sha256"]):
+                for batch in iter_batches(image_files, DATASET_SCHEMA, ["id", "image_sha256"]):
                     for row_id, digest in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
                         owner.setdefault(digest, row_id)
             next_image, next_quarantine = _next_part(images_dir, batch_id), _next_part(quarantine_dir, batch_id)
@@ -487,8 +291,8 @@ def ingest(
                     commit(*in_flight.popleft())
             while in_flight:
                 commit(*in_flight.popleft())
-            snapshot = _snapshot_of(list(existing))
-            manifest = _write_manifest(dataset, snapshot, len(existing), batch_id)
+            snapshot = snapshot_of(list(existing))
+            manifest = write_manifest(dataset, snapshot, len(existing), batch_id)
 
     return IngestReport(
         accepted=accepted,

@@ -3,7 +3,8 @@
 Defaults put every store under ``./var`` of the checkout, so a fresh clone needs no setup. A team
 points the same fields at shared stores, e.g. ``POGDIFF_LANCEDB_URI=s3://bucket/lancedb``,
 ``POGDIFF_MLFLOW_TRACKING_URI=http://mlflow:5000``, ``POGDIFF_PREFECT_API_URL=http://prefect:4200/api``.
-The optional file is named by ``POGDIFF_SETTINGS_FILE``; environment variables win over it.
+The optional file is named by ``POGDIFF_SETTINGS_FILE``; environment variables win over it, and
+keyword arguments of :func:`load_settings` over both.
 """
 
 from __future__ import annotations
@@ -13,28 +14,36 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
 
 from pogdiff.config import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+SETTINGS_FILE_VAR = "POGDIFF_SETTINGS_FILE"
 
 
-class _YamlFile(PydanticBaseSettingsSource):
-    def get_field_value(self, field, field_name):  # pragma: no cover - required by the ABC, unused
-        return None, field_name, False
+class _SettingsFile(YamlConfigSettingsSource):
+    """pydantic-settings' YAML source on the file ``POGDIFF_SETTINGS_FILE`` names (none if unset). A
+    named file that is missing, unreadable, not YAML or not a mapping is one ConfigError line."""
 
-    def __call__(self) -> dict[str, Any]:
-        path = os.environ.get("POGDIFF_SETTINGS_FILE")
-        if not path:
-            return {}
+    def __init__(self, settings_cls: type[BaseSettings]):
+        super().__init__(settings_cls, yaml_file=os.environ.get(SETTINGS_FILE_VAR) or None, yaml_file_encoding="utf-8")
+        # The file's keys as written: a key is a field name exactly (``HOME:`` is an unknown key, not
+        # ``home``), where the base class would match them case-insensitively like env var names.
+        self.init_kwargs = dict(self.yaml_data)
+
+    @staticmethod
+    def _existing_files(files: Any) -> list[Path]:
+        return [Path(files)] if files else []  # a file that was named must exist: _read_file says why not
+
+    def _read_file(self, file_path: Path) -> dict[str, Any]:
         try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            data = yaml.safe_load(file_path.read_text(encoding=self.yaml_file_encoding)) or {}
         except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"cannot read settings file {path}: {err}") from None
+            raise ConfigError(f"cannot read settings file {file_path}: {err}") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"settings file {path} must hold a mapping")
+            raise ConfigError(f"settings file {file_path} must hold a mapping")
         return data
 
 
@@ -43,9 +52,11 @@ def _http_or_none(uri: str | None) -> str | None:
 
 
 class Settings(BaseSettings):
-    """Every location the pipeline reads or writes."""
+    """Every location the pipeline reads or writes. A location left unset (or empty) defaults under
+    ``home``; fields are validated in order, so each default sees ``home`` (and the tracking URI)
+    already validated, and a default value is validated like a given one (``validate_default``)."""
 
-    model_config = SettingsConfigDict(env_prefix="POGDIFF_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="POGDIFF_", extra="forbid", frozen=True, validate_default=True)
 
     home: Path = REPO_ROOT / "var"
     data_root: Path | None = None  # generated / downloaded sources; default <home>/data
@@ -64,29 +75,34 @@ class Settings(BaseSettings):
     task_runner_workers: int | None = Field(None, ge=1)
     task_runner_address: str | None = None
 
-    @model_validator(mode="after")
-    def _fill(self) -> "Settings":
-        home = self.home.resolve()
-        fill = {
-            "home": home,
-            "data_root": self.data_root or home / "data",
-            "dataset_uri": self.dataset_uri or home / "dataset",
-            "lancedb_uri": self.lancedb_uri or str(home / "lancedb"),
-            "runs_dir": self.runs_dir or home / "runs",
-            "mlflow_tracking_uri": self.mlflow_tracking_uri or f"sqlite:///{home / 'mlflow.db'}",
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, home: Path) -> Path:
+        return home.resolve()
+
+    @field_validator("data_root", "dataset_uri", "lancedb_uri", "runs_dir", "mlflow_tracking_uri", "mlflow_artifact_root",
+                     "mlflow_ui_url", "prefect_home")
+    @classmethod
+    def _default_under_home(cls, value: Any, info: ValidationInfo) -> Any:
+        if value or "home" not in info.data:  # given, or home itself is invalid (that error is reported)
+            return value
+        home: Path = info.data["home"]
+        tracking = info.data.get("mlflow_tracking_uri")
+        return {
+            "data_root": lambda: home / "data",
+            "dataset_uri": lambda: home / "dataset",
+            "lancedb_uri": lambda: str(home / "lancedb"),
+            "runs_dir": lambda: home / "runs",
+            "mlflow_tracking_uri": lambda: f"sqlite:///{home / 'mlflow.db'}",
             # A tracking server stores artifacts where it was told to (--artifacts-destination).
-            "mlflow_artifact_root": self.mlflow_artifact_root
-            or (None if _http_or_none(self.mlflow_tracking_uri) else str(home / "mlartifacts")),
-            "mlflow_ui_url": self.mlflow_ui_url or _http_or_none(self.mlflow_tracking_uri),
-            "prefect_home": self.prefect_home or home / "prefect",
-        }
-        for k, v in fill.items():
-            object.__setattr__(self, k, v)
-        return self
+            "mlflow_artifact_root": lambda: None if _http_or_none(tracking) else str(home / "mlartifacts"),
+            "mlflow_ui_url": lambda: _http_or_none(tracking),
+            "prefect_home": lambda: home / "prefect",
+        }[info.field_name]()
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
-        return init_settings, env_settings, _YamlFile(settings_cls)
+        return init_settings, env_settings, _SettingsFile(settings_cls)  # earlier sources win
 
 
 def load_settings(**overrides: Any) -> Settings:

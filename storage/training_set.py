@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict
 
 from pogdiff.evaluation import RealSet, group_by_metadata
 from pogdiff.index import caption_id
-from storage import parquet, vectors
+from storage import vectors
+from storage.dataset import read_images
 from storage.images import decode_images
 
 
@@ -50,7 +51,7 @@ def load_training_set(dataset: Path, lancedb_uri: str, extractor: str, size: int
     """Read every accepted image with its caption's neighbours and its image feature: at ``version``
     (the snapshot's rows, the tables as the index wrote them for it) or, without one, as they are now."""
     snapshot = version.snapshot_id if version is not None else None
-    table = parquet.read_images(dataset, columns=["id", "caption", "image"], snapshot=snapshot)
+    table = read_images(dataset, columns=["id", "caption", "image"], snapshot=snapshot)
     if table.num_rows == 0:
         raise ValueError(f"dataset {dataset} has no images; run ingest first")
     caps = vectors.read_caption_table(lancedb_uri, version.captions_version if version is not None else None)
@@ -87,7 +88,7 @@ def load_real_set(dataset: Path, size: int, individual_column: str | None, snaps
     ``load_training_set``) decoded to uint8 ``[R, size, size, 3]``,
     with its caption and its individual: ``metadata[individual_column]``, or its caption where the
     dataset's metadata has no such key (``group_by_metadata``)."""
-    table = parquet.read_images(dataset, columns=["caption", "image", "metadata"], snapshot=snapshot)
+    table = read_images(dataset, columns=["caption", "image", "metadata"], snapshot=snapshot)
     if table.num_rows == 0:
         raise ValueError(f"dataset {dataset} has no images; run ingest first")
     images = decode_images(table.column("image").to_pylist(), size)

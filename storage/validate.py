@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from storage.config import IngestConfig
-from storage.sources import Item, Reason, one_line, printable
+from storage.items import Item, Reason, one_line, printable
 
 __all__ = ["Checked", "check", "check_many", "init_worker", "normalise", "own_pixel_limit"]
 

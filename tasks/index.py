@@ -16,7 +16,7 @@ from prefect import get_run_logger, task
 from pogdiff.config import IndexConfig
 from pogdiff.embedders import embed_captions, make_embedder
 from pogdiff.index import caption_id, embed_caption_counts, image_extractor, image_features, needs_ann, with_graph
-from storage import parquet, vectors
+from storage import dataset, vectors
 from storage.images import decode_images
 from storage.settings import Settings
 from tasks.retry import IO_RETRIES
@@ -27,7 +27,7 @@ def plan_shards(settings: Settings, cfg: IndexConfig, snapshot: str | None = Non
     yet, as shards (id -> caption) of at most ``cfg.embed_shard_size``; empty when every caption is
     embedded already."""
     known = vectors.known_vectors(settings.lancedb_uri, make_embedder(cfg).key)
-    missing = {i: c for c in parquet.caption_counts(settings.dataset_uri, snapshot) if (i := caption_id(c)) not in known}
+    missing = {i: c for c in dataset.caption_counts(settings.dataset_uri, snapshot) if (i := caption_id(c)) not in known}
     ids = sorted(missing)
     return [{i: missing[i] for i in ids[s : s + cfg.embed_shard_size]} for s in range(0, len(ids), cfg.embed_shard_size)]
 
@@ -47,7 +47,7 @@ def build_caption_index(settings: Settings, cfg: IndexConfig, progress: bool = F
     embedder = make_embedder(cfg)
     precomputed = precomputed or {}
     known = {**vectors.known_vectors(uri, embedder.key), **precomputed}
-    graph = embed_caption_counts(parquet.caption_counts(settings.dataset_uri, snapshot), known, cfg, embedder, progress)
+    graph = embed_caption_counts(dataset.caption_counts(settings.dataset_uri, snapshot), known, cfg, embedder, progress)
     if precomputed:
         fresh = len(precomputed.keys() & set(graph.ids))
         graph = replace(graph, embedded=graph.embedded + fresh, reused=graph.reused - fresh)
@@ -68,7 +68,7 @@ def build_image_features(settings: Settings, cfg: IndexConfig, snapshot: str | N
     extractor = image_extractor(cfg)
     name = extractor.name
     done = vectors.known_feature_ids(settings.lancedb_uri, name)
-    table = parquet.read_images(settings.dataset_uri, columns=["id", "image"], snapshot=snapshot)
+    table = dataset.read_images(settings.dataset_uri, columns=["id", "image"], snapshot=snapshot)
     ids = table.column("id").to_pylist()
     new = [i for i, image_id in enumerate(ids) if image_id not in done]
     blobs = table.column("image").take(pa.array(new, pa.int64())).to_pylist()

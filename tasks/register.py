@@ -8,6 +8,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
+from pogdiff.pipelines.base import ADAPTER_DIR  # the trainer saves a LoRA run's adapter there, beside the fused model
 from storage import vectors
 from storage.config import RegisterConfig
 from storage.links import redact_uri
@@ -15,7 +16,6 @@ from storage.mlflow import connection, packaging, registry, runs
 from storage.settings import Settings
 from tasks.retry import IO_RETRIES
 
-ADAPTER_DIR = "lora"  # the trainer saves a LoRA run's adapter here, next to the fused model folder
 
 
 def register_version(settings: Settings, cfg: RegisterConfig, model_dir: str, run_id: str) -> str:

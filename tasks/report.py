@@ -5,28 +5,15 @@ from __future__ import annotations
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
+from pogdiff.tables import bucket_pairs, fmt, markdown
 from storage.mlflow import connection, runs
 from storage.settings import Settings
 
-BUCKETS = ("many", "medium", "few", "overall")
-
-
-def _fmt(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}"
-
 
 def _table(metrics: dict[str, float], before: dict[str, float], new_label: str, before_label: str) -> list[str]:
-    names = sorted({k.split("/", 1)[1] for k in metrics if "/" in k})
-    lines = [f"| bucket | metric | {new_label} | {before_label} | delta |", "|---|---|---:|---:|---:|"]
-    for bucket in BUCKETS:
-        for name in names:
-            key = f"{bucket}/{name}"
-            if key in metrics:
-                old = before.get(key)
-                delta = None if old is None else metrics[key] - old
-                sign = "" if delta is None or delta < 0 else "+"
-                lines.append(f"| {bucket} | {name} | {_fmt(metrics[key])} | {_fmt(old)} | {sign}{_fmt(delta)} |")
-    return lines
+    rows = [(bucket, name, fmt(value), fmt(old), fmt(None if old is None else value - old, "+.3f"))
+            for bucket, name, value, old in bucket_pairs(metrics, before)]
+    return markdown(["bucket", "metric", new_label, before_label, "delta"], rows, [False, False, True, True, True])
 
 
 def _footer(snapshot_id: str, run_id: str, link: str | None) -> str:

@@ -31,7 +31,7 @@ from storage.mlflow import connection, runs
 from storage.mlflow.metric_sink import MetricSink, MetricsNotWritten
 from storage.settings import Settings
 from storage.training_set import DataVersion, load_training_set
-from tasks.train_cli import write_train_data
+from tasks.train_cli import METRICS_FILE, RESULT_FILE, write_train_data
 
 # Exit statuses of tasks.train_cli, as errors a reviewer can act on.
 _CHILD_ERRORS = {2: "bad training input", 3: "the loss diverged", 4: "the training time limit ran out"}
@@ -87,7 +87,7 @@ def launch_ddp(data: TrainData, cfg: TrainConfig, out: Path, on_step) -> dict:
         "--num_machines", "1", "--mixed_precision", cfg.mixed_precision, "--dynamo_backend", "no",
         "-m", "tasks.train_cli", "--config", str(out / "train.yaml"), "--data", str(out / "train.npz"), "--out", str(out),
     ]
-    metrics_file = out / "metrics.jsonl"
+    metrics_file = out / METRICS_FILE
     seen = metrics_file.stat().st_size if metrics_file.exists() else 0  # lines of an earlier attempt were logged then
 
     def follow() -> None:
@@ -113,7 +113,7 @@ def launch_ddp(data: TrainData, cfg: TrainConfig, out: Path, on_step) -> dict:
     follow()
     if child.returncode != 0:
         raise RuntimeError(_launch_failure(out / "launch.log", cfg.num_processes, child.returncode))
-    return json.loads((out / "result.json").read_text(encoding="utf-8"))
+    return json.loads((out / RESULT_FILE).read_text(encoding="utf-8"))
 
 
 def _launch_failure(log: Path, processes: int, status: int) -> str:

@@ -31,6 +31,8 @@ from pogdiff.process import die_with_parent
 from pogdiff.trainer import TrainData, TrainingDiverged, TrainingTimeLimit, train
 
 DATA_FORMAT = 1
+METRICS_FILE = "metrics.jsonl"  # in the run folder: one JSON line per step (rank 0)
+RESULT_FILE = "result.json"  # in the run folder: the training summary, written at the end
 _ARRAYS = ("images", "captions", "caption_of", "nb_ids", "nb_sims", "density", "image_features")
 
 
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "metrics.jsonl", "a", encoding="utf-8") if main_rank else None
+    log = open(out / METRICS_FILE, "a", encoding="utf-8") if main_rank else None
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         log.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             "model_dir": str(result.model_dir), "steps": result.steps, "resumed_from": result.resumed_from,
             "seconds": result.seconds, "final": result.final, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         }
-        write_text_atomic(out / "result.json", json.dumps(summary, indent=2, sort_keys=True))
+        write_text_atomic(out / RESULT_FILE, json.dumps(summary, indent=2, sort_keys=True))
     return 0
 
 

@@ -32,7 +32,17 @@ from pogdiff.evaluation import evaluate
 from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.plots import save_png, tune_trials
 from pogdiff.trainer import train
-from pogdiff.tune import TrialResult, feasible, sampler_value, trial_pog, trial_train, trials_table
+from pogdiff.tune import (
+    JOURNAL_FILE,
+    STUDIES_DIR,
+    TUNED_FILE,
+    TrialResult,
+    feasible,
+    sampler_value,
+    trial_pog,
+    trial_train,
+    trials_table,
+)
 from storage.mlflow import connection, runs
 from storage.settings import Settings
 from storage.training_set import DataVersion, load_real_set
@@ -64,7 +74,7 @@ def tune_key(config: RetrainConfig, snapshot_id: str) -> str:
 
 
 def study_dir(settings: Settings, key: str) -> Path:
-    return Path(settings.home) / "tune" / key[:16]
+    return Path(settings.home) / STUDIES_DIR / key[:16]
 
 
 def open_study(settings: Settings, config: RetrainConfig, key: str) -> optuna.Study:
@@ -72,7 +82,7 @@ def open_study(settings: Settings, config: RetrainConfig, key: str) -> optuna.St
     folder = study_dir(settings, key)
     folder.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = JournalStorage(JournalFileBackend(str(folder / "study.journal")))
+    storage = JournalStorage(JournalFileBackend(str(folder / JOURNAL_FILE)))
     sampler = optuna.samplers.TPESampler(seed=config.tune.seed, n_startup_trials=min(4, config.tune.trials))
     study = optuna.create_study(storage=storage, sampler=sampler, study_name=key[:16], direction="maximize", load_if_exists=True)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -186,14 +196,14 @@ def publish_result(settings: Settings, config: RetrainConfig, parent_run_id: str
     text = (f"# Written by `pogdiff tune`: the retrain config with the chosen psi knobs ({what}; validation score "
             f"{chosen.score:.3f}).\n" + yaml.safe_dump(tuned_config(config, chosen.knobs).model_dump(mode="json", exclude={"tune"}),
                                                         sort_keys=False))
-    path = write_text_atomic(Path(folder) / "tuned.yaml", text)
+    path = write_text_atomic(Path(folder) / TUNED_FILE, text)
     table = trials_table(reference, trials, chosen, head_max_drop)
     points = [(t.number, float(t.knobs["lam"]), t.score, feasible(t.metrics, reference.metrics, head_max_drop)) for t in trials]
     connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
     with tempfile.TemporaryDirectory() as tmp_dir, runs.resume(parent_run_id):
         out = Path(tmp_dir)
         (out / "trials.md").write_text(table, encoding="utf-8")
-        (out / "tuned.yaml").write_text(text, encoding="utf-8")
+        (out / TUNED_FILE).write_text(text, encoding="utf-8")
         save_png(tune_trials(reference.score, points, f"{len(trials)} trials; chosen: {'lam = 0' if chosen.number < 0 else what}"),
                  out / "trials.png")
         runs.log_artifacts(out, "tune")

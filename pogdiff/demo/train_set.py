@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from pogdiff.demo import catalogue
-from pogdiff.neighbours import NeighbourGraph, effective_density, knn_graph
+from pogdiff.neighbours import NeighbourGraph, effective_density, knn_graph, normalised_feature
 from pogdiff.pipelines.base import to_tensor
 from pogdiff.text import load_text_encoder
 from pogdiff.trainer import TrainData
@@ -44,6 +44,5 @@ def train_data(
     nb_ids, nb_sims = knn_graph(vectors, k)
     density = effective_density(vectors, per_caption, bandwidth)
     x = to_tensor(np.stack(images))
-    flat = x.flatten(1) - x.flatten(1).mean(1, keepdim=True)
-    graph = NeighbourGraph.build(caption_of, nb_ids, nb_sims, density, torch.nn.functional.normalize(flat, dim=1))
+    graph = NeighbourGraph.build(caption_of, nb_ids, nb_sims, density, normalised_feature(x))
     return TrainData(x, names, graph)

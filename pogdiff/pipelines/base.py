@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-FORMAT_VERSION = 1  # "format" in a saved model's pogdiff.json
+META_FILE = "pogdiff.json"  # a saved model folder's own metadata (format, kind, training extras)
+FORMAT_VERSION = 1  # "format" in a saved model's META_FILE
+ADAPTER_DIR = "lora"  # a LoRA adapter: beside the fused model in a run folder, inside an adapter-only model artifact
 Sampler = Literal["ddim", "dpm"]  # DDIM, or DPM-Solver++ (2nd order multistep): fewer steps for the same quality
 
 
@@ -38,7 +40,7 @@ class TextToImagePipeline(Protocol):
         """images ``[N, 3, H, W]`` in [-1, 1] -> z0 mean ``[N, C, h, w]`` and its std (None: deterministic), CPU."""
 
     def image_features(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 ``[N, H, W, 3]`` -> L2-normalised z0 features ``[N, F]`` (``latent_features`` of the mean)."""
+        """uint8 ``[N, H, W, 3]`` -> L2-normalised z0 features ``[N, F]`` (``normalised_feature`` of the mean)."""
 
     def generate(
         self,
@@ -53,15 +55,6 @@ class TextToImagePipeline(Protocol):
         """uint8 ``[len(prompts) * num_images_per_prompt, H, W, 3]``, prompt-major order."""
 
     def save_pretrained(self, path: Path, extra: dict | None = None) -> None: ...
-
-
-def latent_features(z0: torch.Tensor) -> torch.Tensor:
-    """psi's image feature from z0 ``[N, C, h, w]``: f = normalise(flatten(z0) - mean), ``[N, C*h*w]``.
-
-    For Stable Diffusion z0 is the scaled VAE latent mean (DESIGN §4); for a pixel model, the pixels.
-    """
-    flat = z0.float().flatten(1)
-    return torch.nn.functional.normalize(flat - flat.mean(1, keepdim=True), dim=1)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

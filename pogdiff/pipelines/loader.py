@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pogdiff.pipelines.base import TextToImagePipeline
+from pogdiff.pipelines.base import META_FILE, TextToImagePipeline
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from pogdiff.pipelines.sd import StableDiffusionPipeline, is_sd_folder
 
@@ -21,7 +21,7 @@ def load_pipeline(ref: str) -> TextToImagePipeline:
             raise FileNotFoundError(f"model reference is a file, not a model folder: {path}")
         if is_sd_folder(path):
             return StableDiffusionPipeline.from_pretrained(ref)
-        if (path / "pogdiff.json").is_file():
+        if (path / META_FILE).is_file():
             return PixelDiffusionPipeline.from_pretrained(ref)
-        raise FileNotFoundError(f"{path} is neither a Stable Diffusion folder (model_index.json with a vae) nor a pogdiff pixel model (pogdiff.json)")
+        raise FileNotFoundError(f"{path} is neither a Stable Diffusion folder (model_index.json with a vae) nor a pogdiff pixel model ({META_FILE})")
     return StableDiffusionPipeline.from_pretrained(ref)

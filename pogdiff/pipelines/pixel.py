@@ -21,7 +21,8 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from pogdiff.atomic import write_folder_atomic
-from pogdiff.pipelines.base import FORMAT_VERSION, Sampler, latent_features, to_tensor
+from pogdiff.neighbours import normalised_feature
+from pogdiff.pipelines.base import FORMAT_VERSION, META_FILE, Sampler, to_tensor
 from pogdiff.pipelines.sampling import guided_sample
 from pogdiff.text import BUILTIN_MINILM, TextEncoder, load_text_encoder
 
@@ -79,8 +80,8 @@ def resolve_model_path(name: str) -> Path:
         raise FileNotFoundError(f"unknown builtin model {name!r}; known: {sorted(BUILTIN_MODELS)}")
     else:
         path = Path(name)
-    if not (path / "pogdiff.json").is_file():
-        raise FileNotFoundError(f"model folder not found or incomplete (no pogdiff.json): {path}")
+    if not (path / META_FILE).is_file():
+        raise FileNotFoundError(f"model folder not found or incomplete (no {META_FILE}): {path}")
     return path
 
 
@@ -112,7 +113,7 @@ class PixelDiffusionPipeline:
     @classmethod
     def from_pretrained(cls, name: str) -> "PixelDiffusionPipeline":
         path = resolve_model_path(name)
-        meta = json.loads((path / "pogdiff.json").read_text())
+        meta = json.loads((path / META_FILE).read_text())
         if meta.get("format") != FORMAT_VERSION:
             raise ValueError(f"{path}: unsupported model format {meta.get('format')!r}")
         if meta.get("space", "pixel") != "pixel":
@@ -136,7 +137,7 @@ class PixelDiffusionPipeline:
                 "image_size": self.image_size,
                 **(extra or {}),
             }
-            (tmp / "pogdiff.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
         write_folder_atomic(path, write)
 
@@ -154,7 +155,7 @@ class PixelDiffusionPipeline:
         return images, None
 
     def image_features(self, images: np.ndarray) -> torch.Tensor:
-        return latent_features(to_tensor(images))
+        return normalised_feature(to_tensor(images))
 
     def generate(
         self,

@@ -23,7 +23,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from pogdiff.atomic import write_folder_atomic
-from pogdiff.pipelines.base import FORMAT_VERSION, Sampler, latent_features, to_tensor
+from pogdiff.neighbours import normalised_feature
+from pogdiff.pipelines.base import FORMAT_VERSION, META_FILE, Sampler, to_tensor
 from pogdiff.pipelines.sampling import guided_sample
 
 
@@ -114,7 +115,7 @@ class StableDiffusionPipeline:
             }
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
             meta = {"format": FORMAT_VERSION, "space": "latent", "image_size": self.image_size, **(extra or {})}
-            (tmp / "pogdiff.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
         write_folder_atomic(path, write)
 
@@ -145,7 +146,7 @@ class StableDiffusionPipeline:
     def encode_images(self, images: torch.Tensor, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
         """images ``[N, 3, H, W]`` in [-1, 1] -> scaled VAE posterior mean and std, each ``[N, C, H/f, W/f]`` (CPU).
 
-        Run once before training, in no-grad batches; psi's image feature is ``latent_features(mean)``.
+        Run once before training, in no-grad batches; psi's image feature is ``normalised_feature(mean)``.
         """
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             raise ValueError(f"images are {tuple(images.shape[-2:])}, this model works on {self.image_size}x{self.image_size}")
@@ -159,8 +160,8 @@ class StableDiffusionPipeline:
         return torch.cat(means), torch.cat(stds)
 
     def image_features(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 ``[N, H, W, 3]`` -> ``latent_features`` of the scaled VAE latent mean ``[N, C*h*w]``."""
-        return latent_features(self.encode_images(to_tensor(images))[0])
+        """uint8 ``[N, H, W, 3]`` -> ``normalised_feature`` of the scaled VAE latent mean ``[N, C*h*w]``."""
+        return normalised_feature(self.encode_images(to_tensor(images))[0])
 
     def _decode(self, z0: torch.Tensor) -> torch.Tensor:
         shift, scale = self._shift_scale()

@@ -104,7 +104,8 @@ def _adapter_weights(model_dir: Path, adapter_dir: Path, base_model: str, stagin
     applied to another base.
     """
     from pogdiff.pipelines.pixel import BUILTIN_MODELS
-    from storage.mlflow.pyfunc_model import ADAPTER_DIR, BASE_ARTIFACT, LORA_WEIGHTS, unet_digest
+    from pogdiff.pipelines.base import ADAPTER_DIR, META_FILE
+    from storage.mlflow.pyfunc_model import BASE_ARTIFACT, LORA_WEIGHTS, unet_digest
 
     if not (adapter_dir / LORA_WEIGHTS).is_file():
         raise FileNotFoundError(f"LoRA adapter not found: no {LORA_WEIGHTS} in {adapter_dir}")
@@ -119,7 +120,7 @@ def _adapter_weights(model_dir: Path, adapter_dir: Path, base_model: str, stagin
         base_path = None  # a hub id: read from the local Hugging Face cache where the model loads
     folder = staging / MODEL_ARTIFACT
     folder.mkdir()
-    shutil.copy2(model_dir / "pogdiff.json", folder / "pogdiff.json")
+    shutil.copy2(model_dir / META_FILE, folder / META_FILE)
     shutil.copytree(model_dir / "scheduler", folder / "scheduler")
     shutil.copytree(adapter_dir, folder / ADAPTER_DIR)
     config = {"weights": "lora", "base_model": base_model if builtin or base_path is None else str(base_path)}
@@ -150,10 +151,12 @@ def log_model(
     (``weights``: ``full`` | ``lora``, ``base_model``, ``base_model_digest``). Load it with
     ``mlflow.pyfunc.load_model("models:/<name>@champion")``.
     """
+    from pogdiff.pipelines.base import META_FILE
+
     model_dir = Path(model_dir)
-    meta_file = model_dir / "pogdiff.json"
+    meta_file = model_dir / META_FILE
     if not meta_file.is_file():
-        raise FileNotFoundError(f"not a saved PoGDiff model folder (no pogdiff.json): {model_dir}")
+        raise FileNotFoundError(f"not a saved PoGDiff model folder (no {META_FILE}): {model_dir}")
     if not example_prompts:
         raise ValueError("log_model needs at least one example prompt for the input example")
     if (adapter_dir is None) != (base_model is None):

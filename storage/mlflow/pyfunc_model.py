@@ -41,7 +41,7 @@ import torch
 from diffusers import DDPMScheduler
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
-from pogdiff.pipelines.base import TextToImagePipeline
+from pogdiff.pipelines.base import ADAPTER_DIR, META_FILE, TextToImagePipeline
 from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.pipelines.pixel import BUILTIN_MODELS
 
@@ -55,7 +55,6 @@ OPTIONAL_COLUMNS: dict[str, tuple[type, int | float]] = {
     "num_inference_steps": (int, 25),
 }
 DEVICE_ENV = "POGDIFF_DEVICE"  # e.g. "cpu" to keep a GPU free; default: cuda when available
-ADAPTER_DIR = "lora"
 BASE_ARTIFACT = "base"  # a builtin base model travels with the LoRA model under this artifact name
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' save_lora_adapter file name
 
@@ -92,7 +91,7 @@ def load_adapter_model(
             f"(UNet digest {found[:12]}..., recorded {base_digest[:12]}...)"
         )
     pipe = load_pipeline(ref)
-    meta = json.loads((folder / "pogdiff.json").read_text())
+    meta = json.loads((folder / META_FILE).read_text())
     for key, found in (("space", pipe.space), ("image_size", pipe.image_size)):
         if meta.get(key) != found:
             raise ValueError(f"adapter and base model {base_model!r} disagree on {key}: {meta.get(key)!r} != {found!r}")

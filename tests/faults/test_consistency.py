@@ -16,7 +16,7 @@ from pogdiff.demo import catalogue, train_set
 from pogdiff.index import image_extractor
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from pogdiff.trainer import train
-from storage import parquet
+from storage import dataset, parquet
 from storage.config import IngestConfig
 from storage.settings import load_settings
 from storage.training_set import DataVersion, load_real_set, load_training_set
@@ -47,7 +47,7 @@ def _pinned(source, home) -> tuple:
     """Ingest ``source`` into a fresh home, pin its snapshot and index it: (settings, the DataVersion)."""
     settings = load_settings(home=home)
     parquet.ingest(source, settings.dataset_uri, IngestConfig(), workers=1)
-    snapshot, rows = parquet.pin_snapshot(settings.dataset_uri)
+    snapshot, rows = dataset.pin_snapshot(settings.dataset_uri)
     captions, features = _index(settings, snapshot)
     return settings, DataVersion(snapshot_id=snapshot, rows=rows, captions_version=captions["version"],
                                  features_version=features["version"])
@@ -78,7 +78,7 @@ def test_training_reads_the_pinned_snapshot_while_new_data_lands(two_sources, tm
     assert set(before.image_ids) < set(now.image_ids)
 
     # the next retrain pins a new snapshot and picks the new rows up
-    later, later_rows = parquet.pin_snapshot(settings.dataset_uri)
+    later, later_rows = dataset.pin_snapshot(settings.dataset_uri)
     assert later != snapshot and later_rows == rows + added.accepted
     captions, features = _index(settings, later)
     nxt = _load(settings, DataVersion(snapshot_id=later, rows=later_rows, captions_version=captions["version"],

@@ -18,7 +18,7 @@ import pytest
 from faultkit import ROOT, base_env, record
 from PIL import Image
 
-from storage import parquet
+from storage import dataset, parquet
 from storage.config import IngestConfig
 
 pytestmark = pytest.mark.slow  # servers, processes or whole flows: see pyproject's marker
@@ -55,8 +55,8 @@ class _Zeros(io.RawIOBase):
         return k
 
 
-def _reasons(dataset) -> dict[str, str]:
-    q = parquet.read_quarantine(dataset)
+def _reasons(ds) -> dict[str, str]:
+    q = dataset.read_quarantine(ds)
     return dict(zip(q.column("key").to_pylist(), q.column("reason").to_pylist()))
 
 
@@ -89,7 +89,7 @@ def test_oversized_images_and_members_are_quarantined_unread(tmp_path):
     report = parquet.ingest(shards, tmp_path / "ds-tar", cfg, workers=1)
     reasons = _reasons(tmp_path / "ds-tar")
     assert report.accepted == 1 and reasons == {"shard-0000.tar:b": "too_large", "shard-0000.tar:c": "too_large"}
-    q = parquet.read_quarantine(tmp_path / "ds-tar").to_pylist()
+    q = dataset.read_quarantine(tmp_path / "ds-tar").to_pylist()
     assert any("member 'b.png' has" in r["message"] and "more than 20000" in r["message"] for r in q)
     record("image file, Parquet cell or tar member above its byte cap (max_image_bytes / max_member_bytes)", "ingest",
            "quarantined `too_large` with the size and the cap, checked before the bytes are read; the rest ingested")
@@ -136,7 +136,7 @@ def test_shards_that_are_symlinks_out_of_the_source_are_not_followed(tmp_path):
     (source / "linked.parquet").symlink_to(outside / "secret.parquet")
     report = parquet.ingest(source, tmp_path / "ds", IngestConfig(), workers=1)
     assert report.accepted == 1
-    assert parquet.read_images(tmp_path / "ds", columns=["caption"]).column("caption").to_pylist() == ["mine"]
+    assert dataset.read_images(tmp_path / "ds", columns=["caption"]).column("caption").to_pylist() == ["mine"]
     assert _reasons(tmp_path / "ds") == {"linked.parquet": "path_outside_source"}
     record("a *.parquet / *.tar shard that is a symlink out of the source", "ingest",
            "not followed: quarantined `path_outside_source`; the shards inside are ingested")

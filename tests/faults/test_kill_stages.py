@@ -21,7 +21,7 @@ from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from storage import parquet
+from storage import dataset
 from storage.mlflow import connection
 from faultkit import EXPERIMENT, MODEL_NAME, cli_env, record, start_cli
 from localserver import wait_for
@@ -119,9 +119,9 @@ def test_sigkill_inside_each_stage_then_rerun_completes(prefect_api, tiny, tmp_p
     assert rc == 0, out[-4000:]
 
     # ingest: every image exactly once, nothing quarantined
-    ids = parquet.read_images(home / "dataset", columns=["id"]).column("id").to_pylist()
+    ids = dataset.read_images(home / "dataset", columns=["id"]).column("id").to_pylist()
     assert len(ids) == len(set(ids)) == n_images
-    assert parquet.read_quarantine(home / "dataset").num_rows == 0
+    assert dataset.read_quarantine(home / "dataset").num_rows == 0
 
     # index: one row per caption, and the versions the run recorded are the tables' current ones
     db = lancedb.connect(str(home / "lancedb"))

@@ -12,7 +12,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from pogdiff.demo import catalogue
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
-from storage import parquet
+from storage import dataset
 from storage.mlflow import connection
 from tasks.config import parse_config
 
@@ -61,8 +61,8 @@ def test_retrain_flow_end_to_end(prefect_server, setup, monkeypatch):
     with open(source / "captions.csv", newline="") as f:
         n_rows = sum(1 for _ in csv.DictReader(f))
     assert first["ingest"]["accepted"] == n_rows == summary["images"]
-    assert parquet.read_images(home / "dataset", columns=["id"]).num_rows == n_rows
-    assert parquet.read_quarantine(home / "dataset").num_rows == 0
+    assert dataset.read_images(home / "dataset", columns=["id"]).num_rows == n_rows
+    assert dataset.read_quarantine(home / "dataset").num_rows == 0
 
     # index: every distinct caption (one per image, mostly) has a vector, k neighbours and a density
     with open(source / "captions.csv", newline="") as f:

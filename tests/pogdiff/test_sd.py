@@ -12,7 +12,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from pogdiff.config import PoGConfig, TrainConfig
 from pogdiff.demo import train_set
 from pogdiff.neighbours import NeighbourGraph
-from pogdiff.pipelines.base import latent_features, to_uint8
+from pogdiff.neighbours import normalised_feature
+from pogdiff.pipelines.base import to_uint8
 from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from pogdiff.pipelines.sd import StableDiffusionPipeline
@@ -107,7 +108,7 @@ def test_encode_images_is_the_scaled_vae_posterior(sd_dir, data):
     torch.testing.assert_close(mean, dist.mean * s)
     torch.testing.assert_close(std, dist.std * s)
     feats = pipe.image_features(to_uint8(data.images))
-    torch.testing.assert_close(feats, latent_features(mean), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(feats, normalised_feature(mean), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(feats.norm(dim=1), torch.ones(len(feats)))
     hidden, mask = pipe.encode_captions(data.captions + [""])
     assert hidden.shape == (len(data.captions) + 1, 16, 32) and mask is None

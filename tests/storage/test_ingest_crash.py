@@ -24,7 +24,8 @@ import pytest
 from PIL import Image
 
 from storage.config import IngestConfig
-from storage.parquet import DATASET_SCHEMA, QUARANTINE_SCHEMA, ingest, read_images, read_quarantine
+from storage.dataset import DATASET_SCHEMA, QUARANTINE_SCHEMA, read_images, read_quarantine
+from storage.parquet import ingest
 
 ROOT = Path(__file__).resolve().parents[2]
 CFG = IngestConfig(resolution=96)

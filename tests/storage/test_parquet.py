@@ -18,17 +18,17 @@ from PIL import Image
 
 from storage import parquet
 from storage.config import IngestConfig
-from storage.parquet import (
+from storage.dataset import (
     DATASET_SCHEMA,
     QUARANTINE_SCHEMA,
-    Reason,
-    SourceError,
     caption_counts,
-    ingest,
     read_images,
     read_quarantine,
     snapshot_id,
+    snapshot_summary,
 )
+from storage.items import Reason, SourceError
+from storage.parquet import ingest
 
 CFG = IngestConfig()
 
@@ -105,7 +105,7 @@ def test_happy_path_rows_columns_and_image_round_trip(tmp_path: Path) -> None:
             assert np.array_equal(np.asarray(im), np.asarray(orig.convert("RGB").crop((2, 0, 14, 12))))
     assert part_files(ds) == ["images/part-b1-00000.parquet"]
     assert report.snapshot_id == snapshot_id(ds) != "empty"
-    assert parquet.snapshot_summary(ds) == (report.snapshot_id, report.total_rows)
+    assert snapshot_summary(ds) == (report.snapshot_id, report.total_rows)
     assert read_quarantine(ds).num_rows == 0
     assert read_quarantine(ds).schema == QUARANTINE_SCHEMA
 
@@ -440,7 +440,7 @@ def test_caption_counts_and_snapshot_of_an_empty_dataset(tmp_path: Path) -> None
     write_csv(empty_src, [{"image": "gone.png", "caption": "nothing here"}])
     report = ingest(empty_src, empty_ds, CFG)
     assert (report.accepted, report.snapshot_id, report.total_rows) == (0, "empty", 0)
-    assert snapshot_id(empty_ds) == "empty" and parquet.snapshot_summary(empty_ds) == ("empty", 0)
+    assert snapshot_id(empty_ds) == "empty" and snapshot_summary(empty_ds) == ("empty", 0)
     assert caption_counts(empty_ds) == {}
     assert read_images(empty_ds).schema == DATASET_SCHEMA
 

@@ -40,3 +40,30 @@ def test_unknown_key_in_settings_file_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("POGDIFF_SETTINGS_FILE", str(f))
     with pytest.raises(ConfigError, match="lancedb_url"):
         load_settings()
+
+
+def test_keywords_win_over_env_and_file_and_defaults_follow_the_winner(tmp_path, monkeypatch):
+    f = tmp_path / "settings.yaml"
+    f.write_text("lancedb_uri: /from-file\nmlflow_tracking_uri: http://file:5000/\n")
+    monkeypatch.setenv("POGDIFF_SETTINGS_FILE", str(f))
+    monkeypatch.setenv("POGDIFF_HOME", str(tmp_path / "env-home"))
+    monkeypatch.setenv("POGDIFF_LANCEDB_URI", "/from-env")
+    s = load_settings(home=tmp_path / "kw-home", lancedb_uri="/from-kw")
+    assert s.lancedb_uri == "/from-kw" and s.home == tmp_path / "kw-home"
+    assert s.runs_dir == tmp_path / "kw-home" / "runs"  # derived from the home that won
+    assert s.mlflow_tracking_uri == "http://file:5000/" and s.mlflow_ui_url == "http://file:5000"
+    assert s.mlflow_artifact_root is None  # a tracking server keeps its own artifacts
+
+
+def test_unreadable_settings_file_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("POGDIFF_SETTINGS_FILE", str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="cannot read settings file .*nope.yaml"):
+        load_settings()
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    monkeypatch.setenv("POGDIFF_SETTINGS_FILE", str(tmp_path / "list.yaml"))
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_settings()
+    (tmp_path / "upper.yaml").write_text("HOME: /x\n")
+    monkeypatch.setenv("POGDIFF_SETTINGS_FILE", str(tmp_path / "upper.yaml"))
+    with pytest.raises(ConfigError, match=r"invalid settings: HOME \(Extra inputs"):
+        load_settings()

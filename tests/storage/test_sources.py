@@ -21,8 +21,10 @@ import pytest
 from PIL import Image
 
 from storage.config import IngestConfig
-from storage.parquet import SourceError, check_source, ingest, read_images, read_manifest, read_quarantine
-from storage.sources import detect_kind
+from storage.dataset import read_images, read_manifest, read_quarantine
+from storage.items import SourceError
+from storage.parquet import ingest
+from storage.sources import check_source, detect_kind
 from storage.validate import normalise
 
 CFG = IngestConfig(allowed_formats=("PNG", "JPEG", "WEBP"), min_side=8, max_caption_chars=40)

@@ -1,0 +1,229 @@
+"""The Parquet image dataset as stored: its layout, schemas and lock, and reading it back (the
+accepted rows, the quarantine, snapshots and their manifests). Writing is :mod:`storage.parquet`.
+
+Layout of a dataset (a directory)::
+
+    dataset/images/part-<batch>-<n>.parquet       accepted rows, DATASET_SCHEMA (partitioned by batch)
+    dataset/quarantine/part-<batch>-<n>.parquet   rejected inputs, QUARANTINE_SCHEMA
+    dataset/snapshots/<snapshot_id>.json          manifest of a snapshot: part files, row count
+    dataset/.lock                                 held by an ingest or a snapshot pin (POSIX ``flock``)
+
+Readers only look at ``part-*.parquet``, so a part being written (a temporary name) is never seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from pogdiff.atomic import write_atomic
+
+try:  # POSIX only; elsewhere ingests into one dataset must not run concurrently
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "DATASET_SCHEMA",
+    "QUARANTINE_SCHEMA",
+    "caption_counts",
+    "pin_snapshot",
+    "read_images",
+    "read_manifest",
+    "read_quarantine",
+    "snapshot_id",
+    "snapshot_summary",
+]
+
+DATASET_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),  # sha256(original bytes + b"\0" + caption)[:32]
+        pa.field("caption", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),  # normalised square RGB image, PNG or WebP
+        pa.field("image_sha256", pa.string(), nullable=False),  # of the original bytes alone
+        pa.field("format", pa.string(), nullable=False),  # the original's PIL format: PNG, JPEG, ...
+        pa.field("width", pa.int32(), nullable=False),  # the original's size
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # the source as given
+        pa.field("key", pa.string(), nullable=False),  # where in the source: path, file:row, shard:key
+        pa.field("metadata", pa.string(), nullable=False),  # JSON object of the extra columns
+        pa.field("ingested_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("batch_id", pa.string(), nullable=False),
+    ]
+)
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),  # a Reason value
+        pa.field("message", pa.string(), nullable=False),
+        pa.field("batch_id", pa.string(), nullable=False),
+        pa.field("recorded_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+
+IMAGES_DIR = "images"
+QUARANTINE_DIR = "quarantine"
+SNAPSHOTS_DIR = "snapshots"
+PART_GLOB = "part-*.parquet"
+
+
+@contextmanager
+def locked(dataset: Path) -> Iterator[None]:
+    """Hold the dataset's exclusive lock (one ingest or snapshot pin at a time)."""
+    with open(dataset / ".lock", "a+b") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def part_files(dataset: Path, sub: str) -> list[Path]:
+    """The complete part files under ``dataset/sub``, sorted; FileNotFoundError if there is no dataset."""
+    dataset = Path(dataset)
+    if not dataset.is_dir():
+        raise FileNotFoundError(f"dataset not found: {dataset}")
+    directory = dataset / sub
+    return sorted(directory.glob(PART_GLOB)) if directory.is_dir() else []
+
+
+def read_parts(files: list[Path], schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+    """``files`` as one table of ``schema`` (``columns`` of it); an empty table when there are none."""
+    if columns is not None:
+        unknown = [c for c in columns if c not in schema.names]
+        if unknown:
+            raise ValueError(f"unknown column(s) {unknown}; the schema has {schema.names}")
+    if not files:
+        table = schema.empty_table()
+        return table.select(columns) if columns is not None else table
+    data = pads.dataset([str(f) for f in files], schema=schema, format="parquet")
+    return data.to_table(columns=columns)
+
+
+def iter_batches(files: list[Path], schema: pa.Schema, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """``columns`` of ``files`` in batches of 256 rows (bounded memory)."""
+    if files:
+        data = pads.dataset([str(f) for f in files], schema=schema, format="parquet")
+        yield from data.to_batches(columns=columns, batch_size=256)
+
+
+def snapshot_files(dataset: Path, snapshot: str | None) -> list[Path]:
+    """The image part files of ``snapshot`` (its manifest), or of the dataset as it is now (None)."""
+    if snapshot is None:
+        return part_files(dataset, IMAGES_DIR)
+    if snapshot == "empty":
+        return []
+    files = [Path(dataset) / f["path"] for f in read_manifest(dataset, snapshot)["files"]]
+    gone = [f for f in files if not f.is_file()]
+    if gone:
+        raise FileNotFoundError(f"snapshot {snapshot} of {dataset} lists {len(gone)} part file(s) that no longer exist (e.g. {gone[0]})")
+    return files
+
+
+def read_images(dataset: Path, columns: list[str] | None = None, snapshot: str | None = None) -> pa.Table:
+    """All accepted image rows (DATASET_SCHEMA, or ``columns`` of it), sorted by id: of ``snapshot``
+    (a pinned snapshot id, read from its manifest) or, by default, of the dataset as it is now."""
+    files = snapshot_files(dataset, snapshot)
+    wanted = list(DATASET_SCHEMA.names) if columns is None else list(columns)
+    read = wanted if "id" in wanted else [*wanted, "id"]
+    table = read_parts(files, DATASET_SCHEMA, read).sort_by("id")
+    return table.select(wanted)
+
+
+def read_quarantine(dataset: Path) -> pa.Table:
+    """All quarantine rows (QUARANTINE_SCHEMA), sorted by source, key and reason."""
+    table = read_parts(part_files(dataset, QUARANTINE_DIR), QUARANTINE_SCHEMA)
+    return table.sort_by([("source", "ascending"), ("key", "ascending"), ("reason", "ascending")])
+
+
+def snapshot_id(dataset: Path) -> str:
+    """Content id of the accepted rows: sha256 over the sorted row ids (each followed by a newline),
+    first 16 hex digits; ``"empty"`` when there are no rows. Independent of part files and batches."""
+    return snapshot_summary(dataset)[0]
+
+
+def snapshot_summary(dataset: Path) -> tuple[str, int]:
+    """``(snapshot_id, rows)`` from one read of the id column."""
+    ids = read_parts(part_files(dataset, IMAGES_DIR), DATASET_SCHEMA, ["id"]).column("id").to_pylist()
+    return snapshot_of(ids), len(ids)
+
+
+def snapshot_of(ids: list[str]) -> str:
+    """The snapshot id of the rows ``ids`` (see :func:`snapshot_id`)."""
+    if not ids:
+        return "empty"
+    digest = hashlib.sha256()
+    for row_id in sorted(ids):
+        digest.update(row_id.encode("ascii") + b"\n")
+    return digest.hexdigest()[:16]
+
+
+def pin_snapshot(dataset: Path) -> tuple[str, int]:
+    """``(snapshot_id, rows)`` of the dataset now, with its manifest written, so later reads of that
+    snapshot see exactly these rows whatever is ingested meanwhile. Waits for an ingest in progress
+    (the dataset lock), so a snapshot never holds half an ingest."""
+    dataset = Path(dataset)
+    part_files(dataset, IMAGES_DIR)  # a missing dataset is one clear error
+    with locked(dataset):
+        snapshot, rows = snapshot_summary(dataset)
+        write_manifest(dataset, snapshot, rows, "pinned")
+    return snapshot, rows
+
+
+def caption_counts(dataset: Path, snapshot: str | None = None) -> dict[str, int]:
+    """Training images per caption (of ``snapshot``, default the dataset now), keys in sorted order."""
+    captions = read_parts(snapshot_files(dataset, snapshot), DATASET_SCHEMA, ["caption"]).column("caption")
+    if len(captions) == 0:
+        return {}
+    counts = pc.value_counts(captions).to_pylist()
+    return {c["values"]: c["counts"] for c in sorted(counts, key=lambda c: c["values"])}
+
+
+def _manifest_path(dataset: Path, snapshot: str) -> Path:
+    return dataset / SNAPSHOTS_DIR / f"{snapshot}.json"
+
+
+def write_manifest(dataset: Path, snapshot: str, rows: int, batch_id: str) -> str:
+    """Record which part files make up ``snapshot`` (written once; a re-run finds it in place)."""
+    if snapshot == "empty":
+        return ""
+    path = _manifest_path(dataset, snapshot)
+    if not path.exists():
+        files = [
+            {"path": p.relative_to(dataset).as_posix(), "rows": pq.ParquetFile(p).metadata.num_rows, "bytes": p.stat().st_size}
+            for p in part_files(dataset, IMAGES_DIR)
+        ]
+        manifest = {
+            "snapshot_id": snapshot,
+            "rows": rows,
+            "content_hash": "sha256 over the sorted row ids, first 16 hex digits (= snapshot_id)",
+            "files": files,
+            "batch_id": batch_id,
+            "created_at": datetime.now(timezone.utc).isoformat(),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = json.dumps(manifest, indent=1).encode()
+        write_atomic(path, lambda handle: handle.write(data))
+    return path.relative_to(dataset).as_posix()
+
+
+def read_manifest(dataset: Path, snapshot: str) -> dict:
+    """The manifest of ``snapshot``: ``{snapshot_id, rows, files: [{path, rows, bytes}], batch_id, created_at}``."""
+    path = _manifest_path(Path(dataset), snapshot)
+    if not path.exists():
+        raise FileNotFoundError(f"no manifest for snapshot {snapshot} in {dataset}")
+    return json.loads(path.read_text(encoding="utf-8"))
+
