@@ -1,44 +1,42 @@
-"""The command line: bad input on the demo path is one clear line naming the file, not a traceback."""
+"""The command line, in process: bad input on the demo path is one clear line naming the file, not a traceback."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _pogdiff(*args, home):
-    env = {"PATH": "/usr/bin:/bin", "POGDIFF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+from clirunner import run_cli
 
 
-def test_missing_source_folder_is_one_line(tmp_path):
+
+@pytest.fixture
+def pogdiff(capfd):
+    return lambda *args, home: run_cli(list(args), capfd, POGDIFF_HOME=str(home))
+
+
+def test_missing_source_folder_is_one_line(pogdiff, tmp_path):
     missing = tmp_path / "no-such-folder"
-    out = _pogdiff("demo", "--data", str(missing), home=tmp_path / "home")
+    out = pogdiff("demo", "--data", str(missing), home=tmp_path / "home")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [f"error: source folder not found: {missing}"]
     assert "Traceback" not in out.stdout + out.stderr
 
 
 @pytest.mark.parametrize("content", [b"path,text\nimages/a.png,a red circle\n", b"\xff\xfe\x00garbage\x00\n"])
-def test_unreadable_captions_file_is_one_line(tmp_path, content):
+def test_unreadable_captions_file_is_one_line(pogdiff, tmp_path, content):
     src = tmp_path / "src"
     src.mkdir()
     (src / "captions.csv").write_bytes(content)
-    out = _pogdiff("demo", "--data", str(src), home=tmp_path / "home")
+    out = pogdiff("demo", "--data", str(src), home=tmp_path / "home")
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(src / "captions.csv") in lines[0]
     assert "Traceback" not in out.stdout + out.stderr
 
 
-def test_unknown_config_key_is_named_before_any_work(tmp_path):
+def test_unknown_config_key_is_named_before_any_work(pogdiff, tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("train:\n  stepz: 3\n")
-    out = _pogdiff("demo", "--config", str(cfg), home=tmp_path / "home")
+    out = pogdiff("demo", "--config", str(cfg), home=tmp_path / "home")
     assert out.returncode == 2
     assert out.stderr.strip() == "error: unknown config key 'train.stepz'"
     assert not (tmp_path / "home" / "data").exists()  # nothing generated, nothing ingested
@@ -62,23 +60,23 @@ def _tiny_source(folder: Path) -> Path:
     return folder
 
 
-def test_ingest_json_report_and_rerun_is_a_no_op(tmp_path):
+def test_ingest_json_report_and_rerun_is_a_no_op(pogdiff, tmp_path):
     src = _tiny_source(tmp_path / "src")
-    first = _pogdiff("ingest", str(src), "--json", home=tmp_path / "home")
+    first = pogdiff("ingest", str(src), "--json", home=tmp_path / "home")
     assert first.returncode == 0, first.stderr
     report = json.loads(first.stdout)
     assert (report["accepted"], report["rejected"], report["source_kind"]) == (3, {"not_an_image": 1}, "folder")
     assert len(report["snapshot_id"]) == 16
-    again = json.loads(_pogdiff("ingest", str(src), "--json", home=tmp_path / "home").stdout)
+    again = json.loads(pogdiff("ingest", str(src), "--json", home=tmp_path / "home").stdout)
     assert (again["accepted"], again["unchanged"], again["snapshot_id"]) == (0, 3, report["snapshot_id"])
 
 
-def test_ingest_prints_a_report_table_and_bad_sources_are_one_line(tmp_path):
+def test_ingest_prints_a_report_table_and_bad_sources_are_one_line(pogdiff, tmp_path):
     src = _tiny_source(tmp_path / "src")
-    out = _pogdiff("ingest", str(src), "--workers", "1", home=tmp_path / "home")
+    out = pogdiff("ingest", str(src), "--workers", "1", home=tmp_path / "home")
     assert out.returncode == 0, out.stderr
     rows = {" ".join(line.strip("│┃ ").split()) for line in out.stdout.splitlines()}
     assert {"accepted │ 3", "unchanged │ 0", "rejected: not_an_image │ 1"} <= rows
-    missing = _pogdiff("ingest", str(tmp_path / "nowhere"), home=tmp_path / "home")
+    missing = pogdiff("ingest", str(tmp_path / "nowhere"), home=tmp_path / "home")
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [f"error: source folder not found: {tmp_path / 'nowhere'}"]
