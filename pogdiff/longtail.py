@@ -16,7 +16,7 @@ import torch
 from pogdiff.config import PoGConfig
 from pogdiff.metrics import GROUPS, LOWER_IS_BETTER, METRIC_ORDER
 from pogdiff.neighbours import NeighbourGraph, draw_borrowing, similarity_threshold
-from pogdiff.tables import markdown
+from pogdiff.tables import MISSING, markdown
 
 Aggregate = dict[str, dict[str, dict[str, dict[str, float | list[float]]]]]  # method -> bucket -> metric -> stats
 
@@ -116,13 +116,11 @@ def competence_check(agg: Aggregate, method: str = "vanilla") -> dict:
 
 
 def _cell(stat: dict | None) -> str:
-    if stat is None:
-        return "–"
-    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+    return MISSING if stat is None else f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
 
 def markdown_table(agg: Aggregate, metrics: tuple[str, ...] = METRIC_ORDER, groups: tuple[str, ...] = GROUPS) -> str:
-    """One row per (method, metric), one column per bucket: ``mean ± std`` over seeds (``–`` where absent)."""
+    """One row per (method, metric), one column per bucket: ``mean ± std`` over seeds (``MISSING`` where absent)."""
     present = [g for g in groups if any(g in agg[m] for m in agg)]
     names = [n for n in metrics if any(n in agg[m].get(g, {}) for m in agg for g in present)]
     rows = [[method, f"{name} {'↓' if name in LOWER_IS_BETTER else '↑'}", *(_cell(_stat(agg, method, g, name)) for g in present)]

@@ -7,18 +7,24 @@ figure state), so this works in worker threads and on machines without a display
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from pogdiff.atomic import write_atomic
 from pogdiff.metrics import BUCKETS, GROUPS, LOWER_IS_BETTER, metric_names
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 COLOURS = {"many": "#4c72b0", "medium": "#dd8452", "few": "#c44e52", "overall": "#8c8c8c"}
 
 
 def _figure(width: float, height: float) -> Figure:
+    # here, not at import: every process that imports the evaluation would pay ~0.5 s for matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig

@@ -37,7 +37,8 @@ def served(tmp_path_factory, tiny_spec, prefect_api):
         "registry": {"experiment": "served", "model_name": "served-model"},
     }))
     env = {**os.environ, "PREFECT_HOME": str(root / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1"}  # the runner looks for due runs every second, not every 10
     logs = root / "logs"
     logs.mkdir()
     procs = []
