@@ -53,7 +53,7 @@ def _make_source(folder: Path, n: int, seed: int = 0) -> list[Path]:
         im.save(folder / name, "JPEG" if i % 2 else "PNG", **({"quality": 90} if i % 2 else {}))
         paths.append(folder / name)
         lines.append(f"{name},bench image {i}")
-    (folder / "captions.csv").write_text("\n".join(lines) + "\n")
+    (folder / IngestConfig().captions_file).write_text("\n".join(lines) + "\n")
     return paths
 
 

@@ -91,7 +91,7 @@ def cmd_demo(args, settings: Settings) -> int:
     else:
         # one folder per caption mode, so switching modes never reuses the other mode's captions
         source = Path(settings.data_root) / ("demo-catalogue" if args.captions == "per-image" else f"demo-catalogue-{args.captions}")
-        if not (source / "captions.csv").exists():
+        if not (source / demo.CAPTIONS_FILE).exists():
             summary = demo.generate_longtail(source, seed=args.seed, captions=args.captions)
             print(f"generated the demo data set: {summary['images']} images of {summary['individuals']} individuals "
                   f"({summary['captions']} distinct captions) in {source}")

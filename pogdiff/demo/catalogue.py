@@ -149,6 +149,7 @@ class Instance:
 # The domain's ranges, as fractions of the image side. A logo is printed upright, give or take a
 # little: at 16 pixels a freely rotated triangle or cross is too hard for a 2-core-sized model to
 # learn (measured: detector accuracy 0.52 of the base on freely rotated shapes after 1500 steps).
+CAPTIONS_FILE = "captions.csv"  # the name the ingest looks for by default (ingest.captions_file)
 CENTRE_RANGE = (0.37, 0.63)
 SCALE_RANGE = (0.25, 0.37)  # circumradius; the shape always stays inside the image
 ROTATION_RANGE = (-15.0, 15.0)  # degrees
@@ -335,7 +336,7 @@ def generate_longtail(
                 + [instance.background]
             )
     write_bytes_atomic(
-        Path(out_dir) / "captions.csv",
+        Path(out_dir) / CAPTIONS_FILE,
         _csv_bytes(["image", "caption", "individual", "shape", "colour"], caption_rows),
     )
     write_bytes_atomic(
