@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     task_runner: Literal["threads", "dask"] = "threads"
     task_runner_workers: int | None = Field(None, ge=1)
     task_runner_address: str | None = None
+    # First retry delay of the IO tasks (ingest, snapshot, MLflow run and registry calls), doubling per
+    # retry (3 retries, +-50% jitter): the default rides out a store restarting within about 15 s.
+    io_retry_delay_s: float = Field(2.0, gt=0)
 
     @field_validator("home")
     @classmethod

@@ -8,5 +8,10 @@ from __future__ import annotations
 
 from prefect.tasks import exponential_backoff
 
-# 3 retries after about 2, 4 and 8 s (each +-50%): rides out a store restarting, gives up within a minute
-IO_RETRIES = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=2), "retry_jitter_factor": 0.5}
+from storage.settings import load_settings
+
+# 3 retries after d, 2d and 4d s (each +-50%; d = settings' io_retry_delay_s, 2 s by default): rides
+# out a store restarting, gives up within a minute. Read when the tasks are defined: Prefect fixes a
+# task's retry delays in its decorator.
+IO_RETRIES = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=load_settings().io_retry_delay_s),
+              "retry_jitter_factor": 0.5}

@@ -39,7 +39,7 @@ def test_mlflow_server_down_is_retried_then_one_clear_error(prefect_api, tiny, t
     source, config, _ = tiny
     home = tmp_path / "home"
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    env = cli_env(home, prefect_api, POGDIFF_MLFLOW_TRACKING_URI=url)
+    env = cli_env(home, prefect_api, POGDIFF_MLFLOW_TRACKING_URI=url, POGDIFF_IO_RETRY_DELAY_S="0.25")  # retries after ~0.25, 0.5, 1 s
     with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
         known = {r.id for r in client.read_flow_runs()}
         rc, out = start_cli(["retrain", str(source), "--config", str(config)], env, tmp_path / "out.log").wait()
@@ -53,7 +53,7 @@ def test_mlflow_server_down_is_retried_then_one_clear_error(prefect_api, tiny, t
     # nothing was trained or registered anywhere: no run folder, no local tracking store
     assert not (home / "runs").exists() and not (home / "mlflow.db").exists()
     record("MLflow tracking server down (closed loopback port)", "open-run",
-           "retried by the task (4 attempts, backoff 2-4-8 s), then `error: MLflow tracking server ... is unreachable`, exit 2; nothing trained or registered")
+           "retried by the task (4 attempts, backoff 2-4-8 s by default), then `error: MLflow tracking server ... is unreachable`, exit 2; nothing trained or registered")
 
 
 def test_lancedb_folder_not_writable_names_the_path(tmp_path):

@@ -1,5 +1,9 @@
 """Settings: defaults under one home, env vars with the POGDIFF_ prefix, an optional YAML file."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from pogdiff.config import ConfigError
@@ -67,3 +71,14 @@ def test_unreadable_settings_file_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("POGDIFF_SETTINGS_FILE", str(tmp_path / "upper.yaml"))
     with pytest.raises(ConfigError, match=r"invalid settings: HOME \(Extra inputs"):
         load_settings()
+
+
+@pytest.mark.slow
+def test_io_retry_delay_sets_the_io_tasks_backoff(tmp_path):
+    # in a fresh interpreter: the IO tasks read it once, when they are defined
+    code = "from tasks.ingest import ingest; from tasks.track import open_run; print(ingest.retry_delay_seconds, open_run.retries)"
+    env = {**os.environ, "POGDIFF_HOME": str(tmp_path), "POGDIFF_IO_RETRY_DELAY_S": "0.5"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["[0.5,", "1.0,", "2.0]", "3"]
+    with pytest.raises(ConfigError, match=r"io_retry_delay_s \(Input should be greater than 0\)"):
+        load_settings(home=tmp_path, io_retry_delay_s=0)
