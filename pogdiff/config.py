@@ -38,10 +38,14 @@ class IndexConfig(StageConfig):
     max_tokens: int = Field(128, ge=1)  # caption tokens embedded (also capped by the model's own limit)
     k: int = Field(5, ge=1)  # neighbours stored per caption
     density_bandwidth: float = Field(0.05, gt=0)  # kernel width in cosine distance (1 - cos)
-    # Above this many captions the graph comes from a LanceDB ANN index (created then); exact search below.
-    ann_threshold: int = Field(100_000, ge=1)
-    ann_index: Literal["IVF_HNSW_SQ", "IVF_PQ"] = "IVF_HNSW_SQ"
+    # Up to this many captions the graph is exact (C^2 matmuls); above it an all-pairs ANN search
+    # (pogdiff/knn.py) proposes candidates, and the captions table gets a LanceDB ANN index for queries.
+    ann_threshold: int = Field(20_000, ge=1)
+    knn_engine: Literal["ivf_flat", "hnsw"] = "ivf_flat"  # faiss index of the all-pairs search
+    ivf_lists: int = Field(0, ge=0)  # ivf_flat's inverted lists; 0: 4 sqrt(captions)
+    ivf_nprobe: int = Field(16, ge=1)  # ivf_flat's lists searched per query: recall against time
     ann_candidates: int = Field(50, ge=2)  # ANN hits per caption: its top-k and its density come from these
+    ann_index: Literal["IVF_HNSW_SQ", "IVF_PQ"] = "IVF_HNSW_SQ"  # LanceDB's index for `pogdiff index --query`
     # LanceDB versions older than this are pruned after each write, except the champion's (tagged) and
     # everything after it: a run's lineage tags resolve for at least this long, the champion's always.
     version_retention_days: float = Field(30.0, gt=0)

@@ -2,8 +2,8 @@
 
 Embedding is incremental: vectors already known (keyed by caption id = content hash of the caption,
 under the same embedder key) are reused, so a re-run over unchanged data embeds nothing. The graph is
-exact (blockwise torch) up to ``IndexConfig.ann_threshold`` captions; above it the caller passes the
-hits of an ANN index (the store builds it) and the graph is refined from those.
+exact (blockwise torch) up to ``IndexConfig.ann_threshold`` captions; above it an all-pairs ANN search
+(``pogdiff.knn``) proposes candidates and the graph is refined from those.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from pogdiff.config import IndexConfig
 from pogdiff.embedders import Embedder, embed_captions, make_embedder
 from pogdiff.features import FeatureExtractor, make_extractor
+from pogdiff.knn import ann_candidates
 from pogdiff.neighbours import exact_graph, graph_from_candidates
 
 if TYPE_CHECKING:
@@ -83,27 +84,39 @@ def needs_ann(num_captions: int, cfg: IndexConfig) -> bool:
     return num_captions > cfg.ann_threshold
 
 
-def with_graph(graph: CaptionGraph, cfg: IndexConfig, candidates: np.ndarray | None = None) -> CaptionGraph:
+def with_graph(graph: CaptionGraph, cfg: IndexConfig, candidates: np.ndarray | None = None,
+               candidate_sims: np.ndarray | None = None) -> CaptionGraph:
     """Fill top-k neighbours and rho_eff: exact if ``candidates`` is None, else refined from them.
 
-    candidates ``[C, L]`` row indices into ``graph.ids`` (-1 = none), e.g. ANN hits per caption.
+    candidates ``[C, L]`` row indices into ``graph.ids`` (-1 = none), e.g. ANN hits per caption;
+    candidate_sims ``[C, L]`` their exact cosines when the search returned them (else recomputed).
     """
     v = torch.from_numpy(graph.vectors)
     n = torch.from_numpy(graph.counts).float()
     if candidates is None:
-        nb, sims, rho = exact_graph(v, n, cfg.k, cfg.density_bandwidth)
+        nb, sims, rho = exact_graph(v, n, cfg.k, cfg.density_bandwidth, device="cuda" if torch.cuda.is_available() else "cpu")
         mode = "exact"
     else:
-        nb, sims, rho = graph_from_candidates(v, n, torch.from_numpy(candidates).long(), cfg.k, cfg.density_bandwidth)
+        given = None if candidate_sims is None else torch.from_numpy(candidate_sims)
+        nb, sims, rho = graph_from_candidates(v, n, torch.from_numpy(candidates).long(), cfg.k, cfg.density_bandwidth,
+                                              candidate_sims=given)
         mode = "ann"
     return replace(graph, nb_index=nb.numpy(), nb_sims=sims.numpy(), density=rho.numpy().astype(np.float64), mode=mode)
+
+
+def neighbours_of(graph: CaptionGraph, cfg: IndexConfig) -> CaptionGraph:
+    """``with_graph`` as the index stage runs it: exact up to ``cfg.ann_threshold`` captions, from the
+    all-pairs ANN search's candidates above it."""
+    if needs_ann(len(graph.ids), cfg):
+        return with_graph(graph, cfg, *ann_candidates(graph.vectors, cfg))
+    return with_graph(graph, cfg)
 
 
 def build_caption_graph(
     counts: dict[str, int], known: dict[str, np.ndarray], cfg: IndexConfig, embedder: Embedder | None = None, progress: bool = False
 ) -> CaptionGraph:
-    """Embed the captions not in ``known`` (caption id -> vector), then the exact top-k and rho_eff."""
-    return with_graph(embed_caption_counts(counts, known, cfg, embedder, progress), cfg)
+    """Embed the captions not in ``known`` (caption id -> vector), then the top-k and rho_eff (``neighbours_of``)."""
+    return neighbours_of(embed_caption_counts(counts, known, cfg, embedder, progress), cfg)
 
 
 def image_extractor(cfg: IndexConfig, loaded: Mapping[str, TextToImagePipeline] | None = None) -> FeatureExtractor:

@@ -41,54 +41,58 @@ def _kernel(dist: torch.Tensor, bandwidth: float) -> torch.Tensor:
 
 
 def _block_pass(
-    s: torch.Tensor, start: int, k: int, counts: torch.Tensor | None, bandwidth: float
+    s: torch.Tensor, rows: torch.Tensor, k: int, counts: torch.Tensor | None, bandwidth: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One block ``[b, C]`` of cosines (rows ``start..``): top-k without itself and duplicates, and
-    sum_j n_j K(1 - s_ij) over the pairs inside the kernel cutoff (if ``counts``). Modifies ``s``.
+    """One block ``[b, C]`` of cosines (of the rows ``rows`` ``[b]``): top-k without itself and
+    duplicates, and sum_j n_j K(1 - s_ij) over the pairs inside the kernel cutoff (if ``counts``). Modifies ``s``.
 
     One threshold scan finds both the kernel's pairs and the duplicates (a subset of them), so the
     duplicates are masked by index rather than by another pass over the block.
     """
     near = DUPLICATE_COS if counts is None else min(DUPLICATE_COS, 1.0 - KERNEL_CUTOFF * bandwidth)
-    rows, cols = (s >= near).nonzero(as_tuple=True)
-    vals = s[rows, cols]
+    r, cols = (s >= near).nonzero(as_tuple=True)
+    vals = s[r, cols]
     density = None
     if counts is not None:
-        density = torch.zeros(s.shape[0]).index_add_(0, rows, _kernel(1.0 - vals.clamp(-1, 1), bandwidth) * counts[cols])
+        density = torch.zeros(s.shape[0], device=s.device).index_add_(0, r, _kernel(1.0 - vals.clamp(-1, 1), bandwidth) * counts[cols])
     dup = vals >= DUPLICATE_COS
-    s[rows[dup], cols[dup]] = float("-inf")
-    own = torch.arange(s.shape[0])
-    s[own, own + start] = float("-inf")
+    s[r[dup], cols[dup]] = float("-inf")
+    s[torch.arange(s.shape[0], device=s.device), rows] = float("-inf")
     if k == 0:
-        return torch.zeros(s.shape[0], 0, dtype=torch.long), torch.zeros(s.shape[0], 0), density
+        return torch.zeros(s.shape[0], 0, dtype=torch.long, device=s.device), torch.zeros(s.shape[0], 0, device=s.device), density
     top_s, top_i = s.topk(k, dim=1)
     top_i[top_s == float("-inf")] = -1
     return top_i, top_s, density
 
 
 def exact_graph(
-    vectors: torch.Tensor, counts: torch.Tensor | None, k: int, bandwidth: float, block: int = 2048
+    vectors: torch.Tensor, counts: torch.Tensor | None, k: int, bandwidth: float, block: int = 2048,
+    device: str | torch.device = "cpu", rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Exact top-k cosine neighbours and (if ``counts`` is given) rho_eff, from one pass of block matmuls.
 
-    vectors ``[C, D]`` (L2-normalised), counts ``[C]``. Returns ids ``[C, k]`` (long, -1 where fewer
-    than k exist), similarities ``[C, k]`` (-inf where missing), sorted by decreasing similarity, itself
-    and exact duplicates (cos >= DUPLICATE_COS) excluded; and density ``[C]`` (see ``effective_density``).
-    Memory is ``block * C`` floats; time is dominated by the ``C^2 D`` matmul (~1e5 captions in a minute or two).
+    vectors ``[C, D]`` (L2-normalised), counts ``[C]``. Returns ids ``[R, k]`` (long, -1 where fewer
+    than k exist), similarities ``[R, k]`` (-inf where missing), sorted by decreasing similarity, itself
+    and exact duplicates (cos >= DUPLICATE_COS) excluded; and density ``[R]`` (see ``effective_density``),
+    for the query ``rows`` ``[R]`` (long indices into ``vectors``; default all C, in order) against all C.
+    Memory is ``block * C`` floats; time is dominated by the ``R C D`` matmul (~1e5 x 1e5 in a minute
+    on 2 cores). On ``device`` (e.g. ``cuda``) the blocks are computed there; the results come back on the CPU.
     """
     c = vectors.shape[0]
+    rows = torch.arange(c) if rows is None else rows.long()
     kk = min(k, max(c - 1, 0))
-    ids = torch.full((c, k), -1, dtype=torch.long)
-    sims = torch.full((c, k), float("-inf"))
-    density = None if counts is None else torch.empty(c)
-    v = vectors.float()
-    n = None if counts is None else counts.float()
-    for start in range(0, c, block):
-        top_i, top_s, rho = _block_pass(v[start : start + block] @ v.T, start, kk, n, bandwidth)
-        ids[start : start + block, :kk] = top_i
-        sims[start : start + block, :kk] = top_s
+    ids = torch.full((len(rows), k), -1, dtype=torch.long)
+    sims = torch.full((len(rows), k), float("-inf"))
+    density = None if counts is None else torch.empty(len(rows))
+    v = vectors.float().to(device)
+    n = None if counts is None else counts.float().to(device)
+    for start in range(0, len(rows), block):
+        q = rows[start : start + block].to(device)
+        top_i, top_s, rho = _block_pass(v[q] @ v.T, q, kk, n, bandwidth)
+        ids[start : start + block, :kk] = top_i.cpu()
+        sims[start : start + block, :kk] = top_s.cpu()
         if rho is not None:
-            density[start : start + block] = rho
+            density[start : start + block] = rho.cpu()
     return ids, sims, density
 
 
@@ -112,13 +116,16 @@ def effective_density(vectors: torch.Tensor, counts: torch.Tensor, bandwidth: fl
 
 
 def graph_from_candidates(
-    vectors: torch.Tensor, counts: torch.Tensor, candidates: torch.Tensor, k: int, bandwidth: float, block: int = 1024
+    vectors: torch.Tensor, counts: torch.Tensor, candidates: torch.Tensor, k: int, bandwidth: float, block: int = 1024,
+    candidate_sims: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k and rho_eff from approximate candidate lists (e.g. an ANN index's hits).
 
     vectors ``[C, D]`` (L2-normalised), counts ``[C]``, candidates ``[C, L]`` row indices (-1 = none;
-    may hold the row itself and repeats). Similarities are recomputed exactly from the vectors, so only
-    the candidate *set* is approximate. Returns ids ``[C, k]``, sims ``[C, k]`` as ``exact_graph`` and
+    may hold the row itself and repeats). Similarities are recomputed exactly from the vectors, unless
+    ``candidate_sims`` ``[C, L]`` gives them (an index that stores the vectors uncompressed, such as
+    faiss' flat IVF and HNSW, returns exact inner products: no ``[b, L, D]`` gather is needed); either
+    way only the candidate *set* is approximate. Returns ids ``[C, k]``, sims ``[C, k]`` as ``exact_graph`` and
     rho_eff(i) = n_i + sum over distinct candidates j != i of n_j K(1 - cos_ij): exact when every caption
     within the kernel's reach is among the L candidates, an underestimate in clusters larger than that.
     """
@@ -139,7 +146,10 @@ def graph_from_candidates(
         dup = torch.zeros_like(dup_sorted).scatter_(1, order, dup_sorted)
         bad = (cand < 0) | (cand == rows) | dup
         cand[bad] = 0
-        s = (v[start : start + cand.shape[0], None, :] * v[cand]).sum(-1).clamp(-1, 1)  # [b, L]
+        if candidate_sims is None:
+            s = (v[start : start + cand.shape[0], None, :] * v[cand]).sum(-1).clamp(-1, 1)  # [b, L]
+        else:
+            s = candidate_sims[start : start + cand.shape[0]].float().clamp(-1, 1)
         kern = torch.where(bad | (s <= 1.0 - KERNEL_CUTOFF * bandwidth), 0.0, _kernel(1.0 - s, bandwidth))
         density[start : start + cand.shape[0]] = n[start : start + cand.shape[0]] + (kern * n[cand]).sum(1)
         s = s.masked_fill(bad | (s >= DUPLICATE_COS), float("-inf"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -25,13 +25,14 @@ import pyarrow.compute as pc
 from lancedb.index import HnswSq, IvfPq
 
 from pogdiff.config import IndexConfig
+from pogdiff.index import CaptionGraph
 from storage.links import has_scheme
 
 CAPTIONS = "captions"
+GRAPH_KEY = "pogdiff:graph"  # density field metadata: how the stored graph was made (``_graph_key``)
+DELETE_BATCH = 1000  # removed caption ids per delete filter
 IMAGE_FEATURES = "image_features"
 VECTOR = "vector"
-# Queries per LanceDB search call: one call with many vectors shares the setup of each search.
-QUERY_BATCH = 1000
 
 
 def captions_schema(dim: int, k: int) -> pa.Schema:
@@ -185,6 +186,7 @@ class WriteReport:
     written: int
     version: int
     ann_index: bool = False  # whether the vector column now has an ANN index
+    deleted: int = 0  # rows removed: captions the written graph no longer has
 
 
 def _caption_rows(graph, k: int, nb_ids: list[list[str]], nb_sims: np.ndarray, density: np.ndarray) -> pa.Table:
@@ -239,40 +241,53 @@ def _write(uri: str, new: pa.Table, old: pa.Table | None, columns: list[str], cf
     return WriteReport(rows=new.num_rows, written=changed.num_rows, version=table.version, ann_index=_vector_index(table))
 
 
-def write_caption_vectors(uri: str, graph, cfg: IndexConfig) -> WriteReport:
-    """Upsert the vectors and counts of a ``pogdiff.index.CaptionGraph`` before its neighbours are known.
-
-    The ANN path needs every vector in the table before it can search; rows keep their stored
-    neighbours (new rows get none: ids "", sims -inf, density = count) until ``write_caption_graph``.
-    """
-    old = read_caption_table(uri)
-    k = cfg.k
-    nb_ids = [[""] * k for _ in graph.ids]
-    sims = np.full((len(graph.ids), k), -np.inf, np.float32)
-    density = graph.counts.astype(np.float64)
-    new = _caption_rows(graph, k, nb_ids, sims, density)
-    _check_schema(uri, old, new.schema)
-    if old is not None:
-        pos = pc.index_in(new.column("caption_id"), value_set=old.column("caption_id")).to_numpy(zero_copy_only=False)
-        keep = ~np.isnan(pos.astype(np.float64))
-        rows = pos[keep].astype(np.int64)
-        old_ids = old.column("neighbour_ids").to_pylist()
-        for i, r in zip(np.flatnonzero(keep), rows):
-            nb_ids[i] = old_ids[r]
-        sims[keep] = _matrix(old.column("neighbour_sims"), old.num_rows)[rows]
-        density[keep] = old.column("density").to_numpy()[rows]
-        new = _caption_rows(graph, k, nb_ids, sims, density)
-    return _write(uri, new, old, ["caption", "embedder", VECTOR, "count"], cfg)
+def _graph_key(mode: str, cfg: IndexConfig) -> str:
+    """How a stored graph was made; only an exact graph of the same k and bandwidth seeds an update."""
+    return f"{mode} k={cfg.k} bandwidth={cfg.density_bandwidth!r}"
 
 
-def write_caption_graph(uri: str, graph, cfg: IndexConfig) -> WriteReport:
-    """Upsert the rows of a ``pogdiff.index.CaptionGraph`` whose content changed; ANN index above the threshold."""
+def _stored_key(table) -> str | None:
+    value = (table.schema.field("density").metadata or {}).get(GRAPH_KEY.encode())
+    return None if value is None else value.decode()
+
+
+def read_caption_graph(uri: str, embedder: str, cfg: IndexConfig) -> CaptionGraph | None:
+    """The stored graph as a ``CaptionGraph`` (rows in table order, nb_index into them), when it can
+    seed ``pogdiff.graph_update.update_graph``: every row embedded by ``embedder`` and the graph exact
+    with ``cfg``'s k and bandwidth (recorded on the density column by ``write_caption_graph``); else None."""
+    table = open_table(connect(uri), CAPTIONS)
+    if table is None or _stored_key(table) != _graph_key("exact", cfg):
+        return None
+    t = table.to_arrow()
+    if t.num_rows == 0 or pc.any(pc.not_equal(t.column("embedder"), embedder)).as_py():
+        return None
+    ids = t.column("caption_id").to_pylist()
+    position = {caption: i for i, caption in enumerate(ids)}
+    nb = np.array([[position.get(j, -1) for j in row] for row in t.column("neighbour_ids").to_pylist()], np.int64).reshape(t.num_rows, cfg.k)
+    return CaptionGraph(ids=ids, captions=t.column("caption").to_pylist(), vectors=_matrix(t.column(VECTOR), t.num_rows),
+                        counts=t.column("count").to_numpy(), nb_index=nb, nb_sims=_matrix(t.column("neighbour_sims"), t.num_rows),
+                        density=t.column("density").to_numpy(), embedded=0, reused=t.num_rows, embedder=embedder, mode="exact")
+
+
+def write_caption_graph(uri: str, graph: CaptionGraph, cfg: IndexConfig) -> WriteReport:
+    """Make the captions table hold exactly ``graph``: upsert its rows whose content changed, delete the
+    captions it no longer has, record how it was made (``_graph_key``); ANN index above the threshold.
+    A re-run with the same graph writes nothing and makes no table version."""
     k = graph.nb_index.shape[1]
     nb_ids = [[graph.ids[j] if j >= 0 else "" for j in row] for row in graph.nb_index]
     new = _caption_rows(graph, k, nb_ids, graph.nb_sims, graph.density)
     old = read_caption_table(uri)
     _check_schema(uri, old, new.schema)
-    return _write(uri, new, old, new.schema.names[1:], cfg)
+    report = _write(uri, new, old, new.schema.names[1:], cfg)
+    table = open_table(connect(uri), CAPTIONS)
+    gone = [] if old is None else sorted(set(old.column("caption_id").to_pylist()) - set(graph.ids))
+    for start in range(0, len(gone), DELETE_BATCH):
+        quoted = ", ".join(quote_sql(i) for i in gone[start : start + DELETE_BATCH])
+        table.delete(f"caption_id IN ({quoted})")
+    key = _graph_key(graph.mode, cfg)
+    if _stored_key(table) != key:
+        table.update_field_metadata({"path": "density", "metadata": {GRAPH_KEY: key}})
+    return replace(report, deleted=len(gone), version=table.version)
 
 
 def _search(table, queries: np.ndarray, limit: int, cfg: IndexConfig) -> pa.Table:
@@ -284,31 +299,6 @@ def _search(table, queries: np.ndarray, limit: int, cfg: IndexConfig) -> pa.Tabl
     out = q.to_arrow()
     if "query_index" not in out.column_names:  # a single query vector comes back without it
         out = out.append_column("query_index", pa.array(np.zeros(out.num_rows, np.int32)))
-    return out
-
-
-def ann_candidates(uri: str, ids: list[str], vectors: np.ndarray, cfg: IndexConfig) -> np.ndarray:
-    """The ``cfg.ann_candidates`` nearest rows of the captions table for each vector ``[C, D]``.
-
-    Returns ``[C, L]`` positions into ``ids`` (-1 where fewer hits came back or the hit is not in ``ids``),
-    nearest first. Searches the ANN index when the table has one, exactly otherwise.
-    """
-    table = open_table(connect(uri), CAPTIONS)
-    if table is None:
-        raise ValueError(f"LanceDB at {uri} has no '{CAPTIONS}' table; write the caption vectors first")
-    limit = cfg.ann_candidates
-    # one dict for every batch: pc.index_in rebuilds its hash of all ids per call (0.6 s per batch at 1e6)
-    position = {caption_id: i for i, caption_id in enumerate(ids)}
-    out = np.full((len(vectors), limit), -1, np.int64)
-    for start in range(0, len(vectors), QUERY_BATCH):
-        hits = _search(table, vectors[start : start + QUERY_BATCH], limit, cfg)
-        hits = hits.sort_by([("query_index", "ascending"), ("_distance", "ascending")])
-        qi = hits.column("query_index").to_numpy().astype(np.int64)
-        rank = np.arange(len(qi)) - np.searchsorted(qi, qi, side="left")
-        found = hits.column("caption_id").to_pylist()
-        pos = np.fromiter((position.get(c, -1) for c in found), np.int64, count=len(found))
-        ok = rank < limit
-        out[start + qi[ok], rank[ok]] = pos[ok]
     return out
 
 

@@ -15,7 +15,8 @@ from prefect import get_run_logger, task
 
 from pogdiff.config import IndexConfig
 from pogdiff.embedders import embed_captions, make_embedder
-from pogdiff.index import caption_id, embed_caption_counts, image_extractor, image_features, needs_ann, with_graph
+from pogdiff.graph_update import update_graph
+from pogdiff.index import caption_id, embed_caption_counts, image_extractor, image_features, needs_ann, neighbours_of
 from storage import dataset, vectors
 from storage.images import decode_images
 from storage.settings import Settings
@@ -35,12 +36,14 @@ def plan_shards(settings: Settings, cfg: IndexConfig, snapshot: str | None = Non
 def build_caption_index(settings: Settings, cfg: IndexConfig, progress: bool = False,
                         precomputed: dict[str, np.ndarray] | None = None, snapshot: str | None = None) -> dict:
     """Embed only captions not yet in LanceDB under this embedder, then refresh neighbours and density
-    over the captions of ``snapshot`` (default: the dataset now). ``version`` in the result is the
+    over the captions of ``snapshot`` (default: the dataset now): incrementally from the stored exact
+    graph when there is one (only rows that can change are recomputed), and captions no longer in the
+    dataset are deleted from the table. ``version`` in the result is the
     table version whose rows for those captions are exactly this graph.
 
     ``precomputed`` (caption id -> vector, e.g. from ``embed_shard`` tasks) counts as embedded by this
-    run. Up to ``cfg.ann_threshold`` captions the graph is exact; above it the vectors are written
-    first, the table's ANN index supplies candidates, and the graph is refined from them.
+    run. Up to ``cfg.ann_threshold`` captions the graph is exact; above it an all-pairs ANN search
+    supplies candidates and the graph is refined from them (``pogdiff.index.neighbours_of``).
     """
     started = time.perf_counter()
     uri = settings.lancedb_uri
@@ -51,14 +54,15 @@ def build_caption_index(settings: Settings, cfg: IndexConfig, progress: bool = F
     if precomputed:
         fresh = len(precomputed.keys() & set(graph.ids))
         graph = replace(graph, embedded=graph.embedded + fresh, reused=graph.reused - fresh)
-    if needs_ann(len(graph.ids), cfg):
-        vectors.write_caption_vectors(uri, graph, cfg)
-        graph = with_graph(graph, cfg, vectors.ann_candidates(uri, graph.ids, graph.vectors, cfg))
+    previous = None if needs_ann(len(graph.ids), cfg) else vectors.read_caption_graph(uri, embedder.key, cfg)
+    if previous is None:
+        graph, recomputed = neighbours_of(graph, cfg), len(graph.ids)
     else:
-        graph = with_graph(graph, cfg)
+        graph, recomputed = update_graph(graph, previous, cfg)
     report = vectors.write_caption_graph(uri, graph, cfg)
     return {"captions": len(graph.ids), "embedded": graph.embedded, "reused": graph.reused, "embedder": graph.embedder,
-            "mode": graph.mode, "k": cfg.k, "edges": int((graph.nb_index >= 0).sum()), "written": report.written,
+            "mode": graph.mode, "k": cfg.k, "edges": int((graph.nb_index >= 0).sum()), "recomputed": recomputed,
+            "written": report.written, "deleted": report.deleted,
             "version": report.version, "ann_index": report.ann_index, "seconds": round(time.perf_counter() - started, 3)}
 
 
@@ -96,8 +100,9 @@ def index_captions(settings: Settings, cfg: IndexConfig, snapshot_id: str, shard
     out = build_caption_index(settings, cfg, precomputed={k: v for shard in shards or [] for k, v in shard.items()},
                               snapshot=snapshot_id)
     get_run_logger().info(
-        "index: %d captions, %d embedded, %d reused; %s top-%d graph, %d edges; %d rows written, table version %d",
-        out["captions"], out["embedded"], out["reused"], out["mode"], cfg.k, out["edges"], out["written"], out["version"],
+        "index: %d captions, %d embedded, %d reused; %s top-%d graph, %d edges, %d rows recomputed; %d rows written, "
+        "%d deleted, table version %d", out["captions"], out["embedded"], out["reused"], out["mode"], cfg.k, out["edges"],
+        out["recomputed"], out["written"], out["deleted"], out["version"],
     )
     return {"snapshot_id": snapshot_id, **out}
 

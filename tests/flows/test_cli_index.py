@@ -48,10 +48,12 @@ def test_index_then_neighbours_explain_the_weight(pogdiff, tmp_path):
     out = pogdiff("index", home=home)
     assert out.returncode == 0, out.stderr
     assert "captions: 5 — embedded 5, skipped 0" in out.stdout
-    assert "exact top-5" in out.stdout and "13 features computed" in out.stdout
+    assert "exact top-5" in out.stdout and "5 rows recomputed" in out.stdout and "13 features computed" in out.stdout
     again = pogdiff("index", "--json", home=home)
     report = json.loads(again.stdout)
+    # unchanged data: the stored exact graph seeds the update, and no row can change
     assert (report["captions"]["embedded"], report["captions"]["reused"], report["captions"]["written"]) == (0, 5, 0)
+    assert (report["captions"]["recomputed"], report["captions"]["deleted"]) == (0, 0)
     assert report["images"]["computed"] == 0
 
     shown = pogdiff("neighbours", "a small red circle", "-k", "2", home=home)

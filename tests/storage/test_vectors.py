@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import lancedb
 import numpy as np
@@ -10,7 +11,8 @@ import pytest
 
 from pogdiff.config import IndexConfig
 from pogdiff.embedders import make_embedder
-from pogdiff.index import CaptionGraph, build_caption_graph, caption_id, needs_ann, with_graph
+from pogdiff.graph_update import update_graph
+from pogdiff.index import CaptionGraph, build_caption_graph, caption_id, needs_ann, neighbours_of, with_graph
 from storage import vectors
 
 KEY = make_embedder(IndexConfig()).key
@@ -94,14 +96,13 @@ def _clustered_graph(n, d=384, seed=0):
                         density=np.ones(n), embedded=n, embedder="test-embedder", mode="none")
 
 
-def test_ann_graph_recall_against_exact_and_idempotent_rerun(tmp_path):
+@pytest.mark.parametrize("engine", ["ivf_flat", "hnsw"])
+def test_ann_graph_recall_against_exact_and_idempotent_rerun(tmp_path, engine):
     uri = str(tmp_path / "lancedb")
-    cfg = IndexConfig(k=10, ann_threshold=1000)
+    cfg = IndexConfig(k=10, ann_threshold=1000, knn_engine=engine)
     base = _clustered_graph(3000)
     assert needs_ann(3000, cfg) and not needs_ann(1000, cfg)
-    first = vectors.write_caption_vectors(uri, base, cfg)
-    assert first.ann_index and first.written == 3000
-    ann = with_graph(base, cfg, vectors.ann_candidates(uri, base.ids, base.vectors, cfg))
+    ann = neighbours_of(base, cfg)
     exact = with_graph(base, cfg)
     assert ann.mode == "ann" and exact.mode == "exact"
     recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(ann.nb_index, exact.nb_index)])
@@ -110,11 +111,10 @@ def test_ann_graph_recall_against_exact_and_idempotent_rerun(tmp_path):
     np.testing.assert_allclose(np.median(ann.density / exact.density), 1.0, rtol=1e-4)
     assert np.all(ann.density <= exact.density * (1 + 1e-5))
     report = vectors.write_caption_graph(uri, ann, cfg)
-    assert report.written == 3000 and report.ann_index
+    assert report.written == 3000 and report.ann_index  # above the threshold the table is indexed for queries
 
-    # the same data again: nothing written at either step, the same candidates, the same version
-    assert vectors.write_caption_vectors(uri, base, cfg).written == 0
-    again = with_graph(base, cfg, vectors.ann_candidates(uri, base.ids, base.vectors, cfg))
+    # the same data again: the same graph (seeded), so nothing written and the same table version
+    again = neighbours_of(base, cfg)
     np.testing.assert_array_equal(again.nb_index, ann.nb_index)
     rerun = vectors.write_caption_graph(uri, again, cfg)
     assert (rerun.written, rerun.version, rerun.rows) == (0, report.version, 3000)
@@ -186,3 +186,31 @@ def test_pruning_keeps_the_tagged_champion_versions_and_moves_on_when_the_tag_mo
     with pytest.raises(FileNotFoundError, match=f"no version {champion}"):
         vectors.read_image_features(uri, "pixels16", champion)
     assert set(vectors.read_image_features(uri, "pixels16", later)) == {"img0", "img1", "img2"}
+
+
+def test_stored_graph_seeds_an_incremental_update_and_removed_captions_leave_the_table(tmp_path):
+    uri = str(tmp_path / "lancedb")
+    cfg = IndexConfig(k=4)
+    every = _clustered_graph(700, d=16)
+    first = with_graph(replace(every, ids=every.ids[:600], captions=every.captions[:600], vectors=every.vectors[:600],
+                               counts=every.counts[:600], density=every.density[:600]), cfg)
+    vectors.write_caption_graph(uri, first, cfg)
+    # the next snapshot: 50 captions gone, 100 new
+    final = replace(every, ids=every.ids[50:], captions=every.captions[50:], vectors=every.vectors[50:],
+                    counts=every.counts[50:], density=every.density[50:])
+    previous = vectors.read_caption_graph(uri, "test-embedder", cfg)
+    assert previous is not None and sorted(previous.ids) == first.ids
+    updated, recomputed = update_graph(final, previous, cfg)
+    assert 100 <= recomputed < 650
+    report = vectors.write_caption_graph(uri, updated, cfg)
+    assert report.deleted == 50
+    stored = vectors.read_caption_table(uri).sort_by("caption_id")
+    full = with_graph(final, cfg)
+    assert stored.column("caption_id").to_pylist() == full.ids
+    assert stored.column("neighbour_ids").to_pylist() == [[full.ids[j] if j >= 0 else "" for j in row] for row in full.nb_index]
+    np.testing.assert_allclose(stored.column("density").to_numpy(), full.density, rtol=1e-5)
+    # only a graph made the same way seeds an update: another bandwidth, another embedder or an ANN graph do not
+    assert vectors.read_caption_graph(uri, "test-embedder", IndexConfig(k=4, density_bandwidth=0.1)) is None
+    assert vectors.read_caption_graph(uri, "another-embedder", cfg) is None
+    vectors.write_caption_graph(uri, replace(full, mode="ann"), cfg)
+    assert vectors.read_caption_graph(uri, "test-embedder", cfg) is None
