@@ -36,7 +36,7 @@ def _data(size: int) -> TrainData:
     return train_set.train_data(catalogue.longtail_counts(), size=size, k=5)
 
 
-def _threshold_for_share(data: TrainData, pog: PoGConfig, share: float, draws: int = 20_000) -> float:
+def threshold_for_share(data: TrainData, pog: PoGConfig, share: float, draws: int = 20_000) -> float:
     """The psi threshold above which ``share`` of the samples borrow: a quantile of psi over uniform
     draws of training images and their neighbours, drawn as the trainer draws them (caption dropout,
     which sets psi = 0, is accounted for)."""
@@ -83,7 +83,7 @@ def main() -> None:
     spec = UNetSpec() if args.spec == "default" else UNetSpec(image_size=16, block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=4)
     data = _data(spec.image_size)
     sparse_pog = PoGConfig(method="pogdiff")
-    sparse_pog = sparse_pog.model_copy(update={"psi_threshold": _threshold_for_share(data, sparse_pog, args.borrow_share)})
+    sparse_pog = sparse_pog.model_copy(update={"psi_threshold": threshold_for_share(data, sparse_pog, args.borrow_share)})
 
     variants = {
         "vanilla": PoGConfig(method="vanilla"),

@@ -6,9 +6,9 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import PNDMScheduler
 
+from bench.sdfolder import sd_folder
 from pogdiff.config import PoGConfig, TrainConfig
 from pogdiff.demo import train_set
 from pogdiff.neighbours import NeighbourGraph
@@ -22,46 +22,10 @@ from pogdiff.trainer import TrainData, train
 SIZE = 16  # pixels; the tiny VAE downsamples by 2, so latents are 4 x 8 x 8
 
 
-def _tokenizer(folder) -> CLIPTokenizer:
-    """A real byte-level BPE CLIP tokenizer over a small local vocabulary (printable ASCII + two merges)."""
-    chars = [chr(i) for i in range(33, 127)]
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in chars + [c + "</w>" for c in chars] + ["re", "red</w>"]:
-        vocab[c] = len(vocab)
-    folder.mkdir()
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\nr e\nre d</w>\n")
-    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=16)
-
-
 @pytest.fixture(scope="module")
 def sd_dir(tmp_path_factory):
     """A tiny SD-format folder written by diffusers' own pipeline (the standard model_index.json layout)."""
-    root = tmp_path_factory.mktemp("sd")
-    tok = _tokenizer(root / "vocab")
-    torch.manual_seed(0)
-    text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    ))
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-        block_out_channels=[8, 16], latent_channels=4, layers_per_block=1, norm_num_groups=4, sample_size=SIZE,
-    )
-    unet = UNet2DConditionModel(
-        sample_size=SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=4,
-    )
-    # SD 1.x ships a PNDM scheduler config; training uses DDPM built from it, saving writes PNDM back
-    sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                          skip_prk_steps=True, steps_offset=1)
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.save_pretrained(root / "base")
-    return root / "base"
+    return sd_folder(tmp_path_factory.mktemp("sd"), image_size=SIZE)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import time
 import uuid
 from pathlib import Path
 
-import diffusers
 import lancedb
 import mlflow
 import numpy as np
@@ -25,7 +24,7 @@ import torch
 from mlflow import MlflowClient
 from peft import LoraConfig
 from pydantic import BaseModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from bench.sdfolder import sd_folder
 
 from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline, UNetSpec
@@ -306,43 +305,10 @@ def test_lora_run_logs_only_the_adapter_with_its_base(settings, tmp_path, tiny_s
         mlflow.pyfunc.load_model(f"models:/{name}/{version}")
 
 
-def tiny_sd_folder(root: Path) -> Path:
-    """A tiny Stable-Diffusion-format folder written by diffusers itself (16 px images, 8 px latents),
-    with a real CLIP BPE tokenizer over a small local vocabulary."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    chars = [chr(i) for i in range(33, 127)]
-    for token in chars + [c + "</w>" for c in chars]:
-        vocab[token] = len(vocab)
-    (root / "vocab").mkdir(parents=True)
-    (root / "vocab" / "vocab.json").write_text(json.dumps(vocab))
-    (root / "vocab" / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer.from_pretrained(str(root / "vocab"), model_max_length=16)
-    torch.manual_seed(0)
-    text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    ))
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-        block_out_channels=[8, 16], latent_channels=4, layers_per_block=1, norm_num_groups=4, sample_size=16,
-    )
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=4,
-    )
-    sched = diffusers.PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1)
-    diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    ).save_pretrained(root / "base")
-    return root / "base"
-
-
 def test_stable_diffusion_models_full_and_lora(settings, tmp_path):
     """A Stable Diffusion run logs and loads like a pixel one: the full fused folder, and the LoRA
     adapter on the base folder (latent space, its own VAE, CLIP encoder and scheduler class)."""
-    base = tiny_sd_folder(tmp_path)
+    base = sd_folder(tmp_path)
     name = unique("sd-lora")
     version, _, fused = register_lora(settings, name, str(base), seed=5)
     config = mlflow.models.get_model_info(f"models:/{name}/{version}").flavors["python_function"]["config"]
