@@ -71,7 +71,8 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str | None = None  # default sqlite:///<home>/mlflow.db
     mlflow_artifact_root: str | None = None  # default <home>/mlartifacts; a tracking server's own store
     mlflow_ui_url: str | None = None  # where reviewers open runs; default the tracking URI when it is http(s)
-    # Prefect's own PREFECT_API_URL (also the key in the settings file); unset: Prefect's ephemeral server
+    # Prefect's own PREFECT_API_URL (env names match case-insensitively and the alias carries no prefix),
+    # or the settings file's prefect_api_url; unset: Prefect's ephemeral server
     prefect_api_url: str | None = Field(None, validation_alias=AliasChoices("prefect_api_url", DEPRECATED_API_VAR))
     prefect_home: Path | None = None  # default <home>/prefect
     # Where a deployment's `config: NAME` or relative config path is looked up first (then the
