@@ -189,7 +189,7 @@ def _clean_env(home: Path, prefect_api: str | None) -> dict[str, str]:
     but the Prefect server named by ``--prefect-api-url`` (else Prefect starts an ephemeral one)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("POGDIFF_", "PREFECT_", "MLFLOW_"))}
     env = {**env, "POGDIFF_HOME": str(home), "HF_HUB_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    return {**env, "POGDIFF_PREFECT_API_URL": prefect_api} if prefect_api else env
+    return {**env, "PREFECT_API_URL": prefect_api} if prefect_api else env
 
 
 def _read_study(journal: Path) -> tuple[TrialResult, list[TrialResult]]:

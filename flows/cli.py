@@ -54,7 +54,7 @@ def _run_retrain(source: Path, config: RetrainConfig, settings: Settings) -> dic
     check_source(source, config.ingest)  # one clear line for a bad source, before any flow starts
     from flows.retrain import retrain
 
-    return retrain(str(source), config)
+    return retrain(str(source.absolute()), config)  # the flow reads a relative source under data_root
 
 
 def _report(result: dict, settings: Settings, started: float) -> None:
@@ -117,7 +117,7 @@ def cmd_tune(args, settings: Settings) -> int:
     from flows.tune import tune
 
     started = time.time()
-    result = tune(args.source, config)
+    result = tune(str(Path(args.source).absolute()), config)
     chosen = result["chosen"]
     what = "plain fine-tuning (lam = 0): no borrowing beat it on the validation draw" if chosen["trial"] < 0 else \
         f"trial {chosen['trial']}: {chosen['knobs']}"

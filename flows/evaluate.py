@@ -7,10 +7,12 @@ stage, and a markdown artifact comparing them with what the version scored when 
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow
 
 from storage.settings import load_settings
-from tasks.config import RetrainConfig
+from tasks.config import RetrainConfig, resolve_config
 from tasks.dataset import dataset_snapshot
 from tasks.evaluate import evaluate_model
 from tasks.registry import fetch_model, open_evaluation_run
@@ -19,9 +21,12 @@ from tasks.track import close_run
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate_registered(model: str = "champion", config: RetrainConfig = RetrainConfig()) -> dict:
-    """Evaluate ``model`` (an alias or version of ``config.registry.model_name``, or ``name@alias``)."""
+def evaluate_registered(model: str = "champion", config: str | RetrainConfig = RetrainConfig(),
+                        overrides: dict[str, Any] | None = None) -> dict:
+    """Evaluate ``model`` (an alias or version of ``config.registry.model_name``, or ``name@alias``);
+    ``config`` and ``overrides`` as the retrain flow takes them."""
     settings = load_settings()
+    config = resolve_config(config, overrides, settings.configs_dir)
     target = fetch_model(settings, config.registry.model_name, model)
     snapshot = dataset_snapshot(settings)
     run_id = open_evaluation_run(settings, config, target, snapshot)

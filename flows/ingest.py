@@ -6,18 +6,21 @@ them cached and goes straight to training. Uses the same cache keys as the retra
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow
 
 from flows.prepare import prepare
 from flows.runners import task_runner
-from pogdiff.config import IndexConfig
-from storage.config import IngestConfig
 from storage.settings import load_settings
+from tasks.config import RetrainConfig, resolve_config
 
 
 @flow(name="ingest", log_prints=True, task_runner=task_runner())
-def ingest_source(source: str, ingest_config: IngestConfig = IngestConfig(), index_config: IndexConfig = IndexConfig()) -> dict:
-    """Ingest ``source`` into the dataset, then embed and index what changed."""
+def ingest_source(source: str, config: str | RetrainConfig = RetrainConfig(), overrides: dict[str, Any] | None = None) -> dict:
+    """Ingest ``source`` into the dataset, then embed and index what changed, with the ``ingest`` and
+    ``index`` sections of ``config`` (as the retrain flow takes it: the same file gives the same cache keys)."""
     settings = load_settings()
-    prepared = prepare(source, settings, ingest_config, index_config)
+    config = resolve_config(config, overrides, settings.configs_dir)
+    prepared = prepare(source, settings, config.ingest, config.index)
     return {**prepared, "data": prepared["data"].model_dump()}

@@ -32,7 +32,9 @@ def prepare(source: str, settings: Settings, ingest_cfg: IngestConfig, index_cfg
     Returns ``{"ingest", "snapshot", "captions", "images", "data"}``: each stage's report (``cached``
     says whether it was a cache hit), the snapshot (``snapshot_id``, ``rows``) and ``data``, the
     ``DataVersion`` (snapshot and LanceDB table versions) every later stage reads and the run records.
+    A relative ``source`` is under the settings' ``data_root``.
     """
+    source = str(settings.source_path(source))
     report = _run(cached(ingest, ingest_key, settings), source, settings, ingest_cfg)
     snapshot = dataset_snapshot(settings)
     shards = embed_shard.map(unmapped(index_cfg), plan_embedding(settings, index_cfg, snapshot["snapshot_id"]))

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow
 
 from flows.prepare import prepare
 from flows.runners import task_runner
 from pogdiff.trainer import TrainingTimeLimit
 from storage.settings import load_settings
-from tasks.config import RetrainConfig
+from tasks.config import RetrainConfig, resolve_config
 from tasks.evaluate import evaluate_model
 from tasks.register import register_model
 from tasks.report import publish_report
@@ -17,9 +19,12 @@ from tasks.train import train_model
 
 
 @flow(name="retrain", log_prints=True, task_runner=task_runner())
-def retrain(source: str, config: RetrainConfig = RetrainConfig()) -> dict:
-    """Retrain on ``source``. Locations come from settings; ingest and index are cached by their inputs."""
+def retrain(source: str, config: str | RetrainConfig = RetrainConfig(), overrides: dict[str, Any] | None = None) -> dict:
+    """Retrain on ``source`` (a relative path is under the settings' data_root) with ``config`` (a
+    ``RetrainConfig``, or a config file name or path) and ``overrides`` merged on it. Locations come
+    from settings; ingest and index are cached by their inputs."""
     settings = load_settings()
+    config = resolve_config(config, overrides, settings.configs_dir)
     prepared = prepare(source, settings, config.ingest, config.index)
     data = prepared["data"]  # what training and evaluation read, and the run records as its lineage
     run_id = open_run(settings, config, data)

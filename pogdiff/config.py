@@ -275,8 +275,12 @@ def parse_config(data: dict[str, Any] | None, model: type[M]) -> M:
 
 def load_config(path: str | Path | None, model: type[M]) -> M:
     """Read a YAML file into ``model``; ``None`` gives the defaults."""
-    if path is None:
-        return model()
+    return model() if path is None else parse_config(read_config_file(path), model)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping a config YAML file holds (``{}`` for an empty file), unvalidated; a missing or
+    unreadable file, or one that holds no mapping, is one ``ConfigError`` line."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -286,4 +290,4 @@ def load_config(path: str | Path | None, model: type[M]) -> M:
         raise ConfigError(f"cannot read config file {path}: {err}") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping, not {type(data).__name__}")
-    return parse_config(data, model)
+    return data or {}

@@ -2,7 +2,8 @@
 
 Defaults put every store under ``./var`` of the checkout, so a fresh clone needs no setup. A team
 points the same fields at shared stores, e.g. ``POGDIFF_LANCEDB_URI=s3://bucket/lancedb``,
-``POGDIFF_MLFLOW_TRACKING_URI=http://mlflow:5000``, ``POGDIFF_PREFECT_API_URL=http://prefect:4200/api``.
+``POGDIFF_MLFLOW_TRACKING_URI=http://mlflow:5000``. The Prefect API is Prefect's own variable,
+``PREFECT_API_URL``, so ``pogdiff serve``, ``prefect deploy`` and a worker read the same one.
 The optional file is named by ``POGDIFF_SETTINGS_FILE``; environment variables win over it, and
 keyword arguments of :func:`load_settings` over both.
 """
@@ -10,17 +11,20 @@ keyword arguments of :func:`load_settings` over both.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
 
 from pogdiff.config import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SETTINGS_FILE_VAR = "POGDIFF_SETTINGS_FILE"
+# The Prefect API's variable before PREFECT_API_URL named it for both scheduling paths: still read, with a warning.
+DEPRECATED_API_VAR = "POGDIFF_PREFECT_API_URL"
 
 
 class _SettingsFile(YamlConfigSettingsSource):
@@ -56,7 +60,8 @@ class Settings(BaseSettings):
     ``home``; fields are validated in order, so each default sees ``home`` (and the tracking URI)
     already validated, and a default value is validated like a given one (``validate_default``)."""
 
-    model_config = SettingsConfigDict(env_prefix="POGDIFF_", extra="forbid", frozen=True, validate_default=True)
+    model_config = SettingsConfigDict(env_prefix="POGDIFF_", extra="forbid", frozen=True, validate_default=True,
+                                      populate_by_name=True)
 
     home: Path = REPO_ROOT / "var"
     data_root: Path | None = None  # generated / downloaded sources; default <home>/data
@@ -66,8 +71,13 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str | None = None  # default sqlite:///<home>/mlflow.db
     mlflow_artifact_root: str | None = None  # default <home>/mlartifacts; a tracking server's own store
     mlflow_ui_url: str | None = None  # where reviewers open runs; default the tracking URI when it is http(s)
-    prefect_api_url: str | None = None  # unset: Prefect's ephemeral server
+    # Prefect's own PREFECT_API_URL (env names match case-insensitively and the alias carries no prefix),
+    # or the settings file's prefect_api_url; unset: Prefect's ephemeral server
+    prefect_api_url: str | None = Field(None, validation_alias=AliasChoices("prefect_api_url", DEPRECATED_API_VAR))
     prefect_home: Path | None = None  # default <home>/prefect
+    # Where a deployment's `config: NAME` or relative config path is looked up first (then the
+    # repository's configs/, which holds `demo`); default <home>/configs
+    configs_dir: Path | None = None
     # Where a flow's mapped tasks (caption embedding shards) run: a thread pool in the flow's process,
     # or a Dask cluster (pip install '.[dask]'; task_runner_address of a running scheduler, else a
     # temporary local cluster per flow run).
@@ -84,7 +94,7 @@ class Settings(BaseSettings):
         return home.resolve()
 
     @field_validator("data_root", "dataset_uri", "lancedb_uri", "runs_dir", "mlflow_tracking_uri", "mlflow_artifact_root",
-                     "mlflow_ui_url", "prefect_home")
+                     "mlflow_ui_url", "prefect_home", "configs_dir")
     @classmethod
     def _default_under_home(cls, value: Any, info: ValidationInfo) -> Any:
         if value or "home" not in info.data:  # given, or home itself is invalid (that error is reported)
@@ -101,7 +111,13 @@ class Settings(BaseSettings):
             "mlflow_artifact_root": lambda: None if _http_or_none(tracking) else str(home / "mlartifacts"),
             "mlflow_ui_url": lambda: _http_or_none(tracking),
             "prefect_home": lambda: home / "prefect",
+            "configs_dir": lambda: home / "configs",
         }[info.field_name]()
+
+    def source_path(self, source: str | Path) -> Path:
+        """Where a flow's ``source`` is: an absolute path as it is, a relative one under ``data_root``
+        (so a deployment's default source follows POGDIFF_HOME, not the worker's working directory)."""
+        return Path(source) if Path(source).is_absolute() else Path(self.data_root) / source
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
@@ -110,6 +126,10 @@ class Settings(BaseSettings):
 
 def load_settings(**overrides: Any) -> Settings:
     """Settings from env + file, with ``overrides`` on top; errors name the bad key."""
+    if os.environ.get(DEPRECATED_API_VAR):
+        warnings.warn(f"{DEPRECATED_API_VAR} is deprecated: set PREFECT_API_URL, which `prefect deploy`, workers and "
+                      f"`pogdiff serve` all read ({DEPRECATED_API_VAR} is used only while PREFECT_API_URL is unset)",
+                      FutureWarning, stacklevel=2)
     try:
         return Settings(**overrides)
     except ValidationError as err:

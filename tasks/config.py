@@ -3,10 +3,13 @@
 The sections are the stages' own configs: ``storage.config`` (ingest, registry and its gate) and
 ``pogdiff.config`` (index, train, evaluate, tune). ``load_config`` / ``parse_config`` read a file or
 mapping into a ``RetrainConfig``; ``pogdiff.config``'s of the same name read any one stage's config.
+A flow's ``config`` parameter is a ``RetrainConfig`` or a reference to its file, with ``overrides``
+merged on top (``resolve_config``): what a deployment or a scheduler passes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +17,11 @@ from pydantic import model_validator
 
 from pogdiff import config as stage_config
 from pogdiff.config import EvaluateConfig, IndexConfig, StageConfig, TrainConfig, TuneConfig
+from pogdiff.config import ConfigError, read_config_file
 from storage.config import IngestConfig, RegisterConfig
+from storage.settings import REPO_ROOT
+
+SHIPPED_CONFIGS = REPO_ROOT / "configs"  # the configs this repository ships (`demo`)
 
 
 class RetrainConfig(StageConfig):
@@ -57,3 +64,43 @@ def parse_config(data: dict[str, Any] | None) -> RetrainConfig:
 def load_config(path: str | Path | None) -> RetrainConfig:
     """Read a YAML file into a ``RetrainConfig``; ``None`` gives the defaults."""
     return stage_config.load_config(path, RetrainConfig)
+
+
+def config_file(ref: str, configs_dir: Path) -> Path:
+    """The YAML file a config reference names: an absolute path as it is; a relative path or a bare
+    name (``demo`` is ``demo.yaml``) in ``configs_dir`` (settings), else in the repository's configs/."""
+    path = Path(ref).expanduser()
+    if path.is_absolute():
+        return path
+    if path.suffix not in (".yaml", ".yml"):
+        path = path.with_name(path.name + ".yaml")
+    tried = [Path(configs_dir) / path, SHIPPED_CONFIGS / path]
+    for candidate in tried:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config {ref!r} not found: no {tried[0]} (POGDIFF_CONFIGS_DIR) and no {tried[1]}")
+
+
+def merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` on top, mapping into mapping (a partial section changes only the keys
+    it names); any other value replaces the base's."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merged(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) else value
+    return out
+
+
+def resolve_config(config: str | RetrainConfig, overrides: Mapping[str, Any] | None, configs_dir: Path) -> RetrainConfig:
+    """A flow's config: ``config`` (a ``RetrainConfig``, or a reference to its file: see ``config_file``)
+    with ``overrides`` (a partial config mapping) merged on top. Unknown keys and bad values raise
+    ``ConfigError`` naming the key and, for a file, the file."""
+    if isinstance(config, RetrainConfig):
+        if not overrides:
+            return config
+        # the keys given, so a validator's derived value (the unet feature's model) follows the overrides
+        return parse_config(merged(config.model_dump(mode="json", exclude_unset=True), overrides))
+    path = config_file(config, configs_dir)
+    try:
+        return parse_config(merged(read_config_file(path), overrides or {}))
+    except ConfigError as err:
+        raise ConfigError(f"config {path}{' with overrides' if overrides else ''}: {err}") from None

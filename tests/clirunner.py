@@ -32,7 +32,7 @@ class Result:
 def run_cli(args: list[str], capfd, **env: str) -> Result:
     """Run ``pogdiff ARGS`` with ``env`` on top of the test's environment (minus its pipeline
     settings); os.environ is restored afterwards, whatever the command set. Prefect reads its
-    settings once per process, so a ``POGDIFF_PREFECT_API_URL`` is applied as a temporary setting."""
+    settings once per process, so a ``PREFECT_API_URL`` is applied as a temporary setting."""
     from flows.cli import main
 
     saved = dict(os.environ)
@@ -41,7 +41,7 @@ def run_cli(args: list[str], capfd, **env: str) -> Result:
         for key in [k for k in os.environ if k.startswith(_OWN)]:
             del os.environ[key]
         os.environ.update(env)
-        api = env.get("POGDIFF_PREFECT_API_URL")
+        api = env.get("PREFECT_API_URL")
         with temporary_settings({PREFECT_API_URL: api}) if api else nullcontext():
             try:
                 code = main(args)

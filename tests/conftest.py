@@ -34,7 +34,7 @@ def prefect_api(tmp_path_factory):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(root), "PREFECT_UI_ENABLED": "false", "OMP_NUM_THREADS": "1",
-           # a run held back by a deployment's concurrency limit retries after 2 s, not 30 (tests/flows/test_serve.py)
+           # a run held back by a deployment's concurrency limit retries after 2 s, not 30 (tests/flows/test_scheduling.py)
            "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2"}
     env.pop("PREFECT_API_URL", None)
     log = open(root / "server.log", "w")  # noqa: SIM115 - the server writes it for the whole session

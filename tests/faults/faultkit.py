@@ -60,7 +60,7 @@ class Retrain:
 def cli_env(home: Path, prefect_api: str | None, **extra: str) -> dict[str, str]:
     env = {**base_env(), "POGDIFF_HOME": str(home), "PREFECT_HOME": str(home / "prefect"), **extra}
     if prefect_api:
-        env["POGDIFF_PREFECT_API_URL"] = prefect_api
+        env["PREFECT_API_URL"] = prefect_api
     return env
 
 

@@ -9,11 +9,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
 from flows.runners import task_runner
-from pogdiff.config import IndexConfig
 from pogdiff.demo import catalogue
 from pogdiff.text import load_text_encoder
-from storage.config import IngestConfig
 from storage.settings import load_settings
+from tasks.config import parse_config
 
 
 def test_runner_follows_settings(tmp_path):
@@ -30,7 +29,7 @@ def test_embedding_shards_run_on_dask_workers(prefect_server, tmp_path, monkeypa
 
     runner = task_runner(load_settings(task_runner="dask", task_runner_workers=2))
     flow = ingest_source.with_options(task_runner=runner)
-    state = flow(str(source), IngestConfig(), IndexConfig(k=3, embed_shard_size=10), return_state=True)
+    state = flow(str(source), parse_config({"index": {"k": 3, "embed_shard_size": 10}}), return_state=True)
     result = state.result()
     assert result["captions"]["captions"] == 24 and result["captions"]["embedded"] == 24
 

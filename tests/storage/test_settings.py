@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,7 @@ from storage.settings import load_settings
 
 def test_defaults_derive_from_home(tmp_path, monkeypatch):
     monkeypatch.setenv("POGDIFF_HOME", str(tmp_path))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
     s = load_settings()
     assert s.dataset_uri == tmp_path / "dataset"
     assert s.lancedb_uri == str(tmp_path / "lancedb")
@@ -32,10 +34,32 @@ def test_settings_file_and_env_precedence(tmp_path, monkeypatch):
     f = tmp_path / "settings.yaml"
     f.write_text(f"home: {tmp_path}\nruns_dir: {tmp_path / 'r'}\nprefect_api_url: http://p:4200/api\n")
     monkeypatch.setenv("POGDIFF_SETTINGS_FILE", str(f))
-    monkeypatch.setenv("POGDIFF_PREFECT_API_URL", "http://env:4200/api")
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert load_settings().prefect_api_url == "http://p:4200/api"
+    monkeypatch.setenv("PREFECT_API_URL", "http://env:4200/api")  # Prefect's own variable, as its CLI and workers read it
     s = load_settings()
     assert s.runs_dir == tmp_path / "r"
     assert s.prefect_api_url == "http://env:4200/api"
+
+
+def test_the_old_prefect_api_variable_is_read_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("POGDIFF_PREFECT_API_URL", "http://old:4200/api")
+    with pytest.warns(FutureWarning, match="POGDIFF_PREFECT_API_URL is deprecated: set PREFECT_API_URL"):
+        assert load_settings(home=tmp_path).prefect_api_url == "http://old:4200/api"
+    monkeypatch.setenv("PREFECT_API_URL", "http://new:4200/api")
+    with pytest.warns(FutureWarning):
+        assert load_settings(home=tmp_path).prefect_api_url == "http://new:4200/api"
+
+
+def test_relative_sources_and_configs_live_under_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("POGDIFF_HOME", str(tmp_path))
+    s = load_settings()
+    assert s.source_path("demo-catalogue") == tmp_path / "data" / "demo-catalogue"
+    assert s.source_path("/srv/catalogue") == Path("/srv/catalogue")
+    assert s.configs_dir == tmp_path / "configs"
+    monkeypatch.setenv("POGDIFF_DATA_ROOT", str(tmp_path / "shared"))
+    assert load_settings().source_path("demo-catalogue") == tmp_path / "shared" / "demo-catalogue"
 
 
 def test_unknown_key_in_settings_file_is_named(tmp_path, monkeypatch):
