@@ -9,13 +9,11 @@ data without an individual column fall back to one individual per distinct capti
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 from pogdiff.config import EvaluateConfig
 from pogdiff.features import make_extractor
@@ -314,60 +312,3 @@ def evaluate(pipe: ImageGenerator, real: RealSet, cfg: EvaluateConfig, judge: Ju
     spans = list(zip(edges[:-1], edges[1:]))
     return EvalResult(metrics, rows, [samples[a:b] for a, b in spans], [prompts[a:b] for a, b in spans], sources, info)
 
-
-_INK = (0, 0, 0)
-_PAIR_GAP = 12  # between pairs, wider than the 2-pixel gap inside a pair, so pairs read as pairs
-_PAD = 2
-_MARGIN = 6
-
-
-def comparison_grid(labels: list[str], real: list[np.ndarray], generated: list[np.ndarray],
-                    pairs: int = 6, min_cell: int = 48) -> np.ndarray:
-    """One row per individual: its label, then up to ``pairs`` pairs real | generated.
-
-    labels: one text per row (e.g. ``"Vexo\\nn=12"``); real[i], generated[i]: uint8 ``[k_i, s, s, 3]``
-    with generated[i][j] prompted by the caption of real[i][j]. Images are scaled up by the integer
-    factor f = ceil(min_cell / s), nearest neighbour, so 16-pixel images stay visible; cell = s f.
-    Two header lines say which column is which. Pair j of row r starts at
-    x = label_width + j (2 cell + 2 + 12), its generated image 2 + cell further right, at
-    y = header_height + r (cell + 2). Returns uint8 ``[H, W, 3]`` on white.
-    """
-    if not generated:
-        raise ValueError("comparison_grid needs at least one row")
-    if not len(labels) == len(real) == len(generated):
-        raise ValueError(f"{len(labels)} labels, {len(real)} real and {len(generated)} generated rows: one of each per row")
-    if pairs < 1:
-        raise ValueError(f"pairs must be >= 1, got {pairs}")
-    s = generated[0].shape[1]
-    for r, (re, ge) in enumerate(zip(real, generated)):
-        if len(re) != len(ge) or re.shape[1:] != (s, s, 3) or ge.shape[1:] != (s, s, 3):
-            raise ValueError(f"row {r} ({labels[r]!r}): real {re.shape} and generated {ge.shape} must be "
-                             f"equally many [{s}, {s}, 3] images")
-    f = max(1, math.ceil(min_cell / s))
-    cell = s * f
-    font = ImageFont.load_default()
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = max(measure.multiline_textbbox((0, 0), t, font=font)[2] for t in labels) + 2 * _MARGIN
-    line = measure.textbbox((0, 0), "Ag", font=font)[3] + 4
-    header = 2 * line + _MARGIN
-    title = "each pair: real training image | image generated from its caption"
-    pair_w = 2 * cell + _PAD + _PAIR_GAP
-    shown = min(pairs, max(len(g) for g in generated))
-    width = max(label_w + shown * pair_w - _PAIR_GAP, measure.textbbox((0, 0), title, font=font)[2] + _MARGIN) + _MARGIN
-    height = header + len(generated) * (cell + _PAD) + _MARGIN
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    draw.text((_MARGIN, _MARGIN // 2), title, fill=_INK, font=font)
-    for j in range(shown):
-        x = label_w + j * pair_w
-        draw.text((x, _MARGIN // 2 + line), "real", fill=_INK, font=font)
-        draw.text((x + cell + _PAD, _MARGIN // 2 + line), "generated", fill=_INK, font=font)
-    for r, (label, re, ge) in enumerate(zip(labels, real, generated)):
-        y = header + r * (cell + _PAD)
-        text_h = measure.multiline_textbbox((0, 0), label, font=font)[3]
-        draw.multiline_text((_MARGIN, y + (cell - text_h) // 2), label, fill=_INK, font=font)
-        for j in range(min(shown, len(ge))):
-            x = label_w + j * pair_w
-            for dx, img in ((0, re[j]), (cell + _PAD, ge[j])):
-                canvas.paste(Image.fromarray(img.repeat(f, 0).repeat(f, 1)), (x + dx, y))
-    return np.asarray(canvas, np.uint8).copy()

@@ -11,9 +11,11 @@ from PIL import Image
 from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
 
+from pogdiff.atomic import write_atomic, write_text_atomic
 from pogdiff.config import EvaluateConfig
 from pogdiff.demo import detector
-from pogdiff.evaluation import EvalResult, RealSet, comparison_grid, evaluate
+from pogdiff.evaluation import EvalResult, RealSet, evaluate
+from pogdiff.grids import comparison_grid
 from pogdiff.metrics import BUCKETS
 from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.plots import grecall_scatter, metric_bars, save_png
@@ -37,27 +39,40 @@ def _short(name: str, limit: int = 24) -> str:
     return name if len(name) <= limit else name[: limit - 3] + "..."
 
 
+def bucket_title(bucket: str, members: int, cfg: EvaluateConfig, grouped_by: str) -> str:
+    """The grid's title: which bucket, how many rows, and the training counts that put them there."""
+    many, few = cfg.buckets.many_above, cfg.buckets.few_below
+    counts = {"many": f"more than {many}", "medium": f"{few} to {many}", "few": f"fewer than {few}"}[bucket]
+    unit = "individual" if grouped_by == "individual" else "caption"
+    return f"{bucket} bucket: {members} {unit}{'s' if members != 1 else ''} with {counts} training images"
+
+
 def write_report(result: EvalResult, real: RealSet, cfg: EvaluateConfig, out: Path) -> list[str]:
     """Write the evaluation's files into ``out``; returns their names.
 
     ``metrics.json`` (metrics + what they were computed from), ``per_individual.json`` (one row per
     individual: count, bucket, images generated, distinct captions, metrics), ``prompts.json``
     (individual -> the captions its images were generated from, in grid order), ``grid_<bucket>.png``
-    (one row per individual of the bucket: pairs of a training image and the image generated from
-    its caption), ``metrics_by_bucket.png`` and ``grecall_vs_count.png``.
+    (titled by the bucket, one row per individual of the bucket: its name and training count, then
+    pairs of a training image and the image generated from its caption, the caption under the
+    pair), ``metrics_by_bucket.png`` and ``grecall_vs_count.png``. Every file is written atomically
+    with the shared mode (``pogdiff.atomic``): the artifact store copies the mode, and reviewers
+    other than the pipeline's user read these files there.
     """
-    (out / "metrics.json").write_text(json.dumps({"metrics": result.metrics, "info": result.info}, indent=2, sort_keys=True))
-    (out / "per_individual.json").write_text(json.dumps(result.per_individual, indent=2))
+    write_text_atomic(out / "metrics.json", json.dumps({"metrics": result.metrics, "info": result.info}, indent=2, sort_keys=True))
+    write_text_atomic(out / "per_individual.json", json.dumps(result.per_individual, indent=2))
     prompts = {row["individual"]: p for row, p in zip(result.per_individual, result.prompts)}
-    (out / "prompts.json").write_text(json.dumps(prompts, indent=2))
+    write_text_atomic(out / "prompts.json", json.dumps(prompts, indent=2))
     for bucket in BUCKETS:
         # best covered first, so the rows read down the long tail
         members = sorted((i for i, r in enumerate(result.per_individual) if r["bucket"] == bucket),
                          key=lambda i: (-result.per_individual[i]["count"], result.per_individual[i]["individual"]))
         if members:
-            labels = [f"{_short(real.names[i])}\nn={result.per_individual[i]['count']}" for i in members]
-            grid = comparison_grid(labels, [real.images[result.sources[i]] for i in members], [result.samples[i] for i in members])
-            Image.fromarray(grid).save(out / f"grid_{bucket}.png")
+            counts = [result.per_individual[i]["count"] for i in members]
+            labels = [f"{_short(real.names[i])}\n{n} training\nimage{'s' if n != 1 else ''}" for i, n in zip(members, counts)]
+            grid = comparison_grid(labels, [real.images[result.sources[i]] for i in members], [result.samples[i] for i in members],
+                                   [result.prompts[i] for i in members], bucket_title(bucket, len(members), cfg, real.grouped_by))
+            write_atomic(out / f"grid_{bucket}.png", lambda f, grid=grid: Image.fromarray(grid).save(f, format="PNG"))
     info = result.info
     title = (f"{info['feature_extractor']} features, N_i in [{info['min_images_per_individual']}, "
              f"{info['max_images_per_individual']}], seed {info['seed']}, gate {info['gate']}, by {info['grouped_by']}")

@@ -12,12 +12,11 @@ from pogdiff.config import ConfigError, EvaluateConfig, parse_config
 from pogdiff.demo import catalogue, detector
 from pogdiff.evaluation import (
     RealSet,
-    comparison_grid,
     evaluate,
     group_by_metadata,
     images_per_individual,
 )
-from pogdiff.metrics import FID_MIN_SAMPLES
+from pogdiff.metrics import FID_MIN_SAMPLES, METRIC_ORDER
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from pogdiff.plots import grecall_scatter, metric_bars, save_png
 
@@ -275,51 +274,6 @@ def test_mismatched_inputs_are_named(real):
         RealSet(real.images, real.captions, real.group, NAMES[:4])
 
 
-def _solid(rgb) -> np.ndarray:
-    return np.broadcast_to(np.array(rgb, np.uint8), (SIZE, SIZE, 3)).copy()
-
-
-def _box(grid: np.ndarray, rgb) -> tuple[int, int, int, int, int]:
-    """(top, left, bottom, right, pixel count) of the pixels of one colour."""
-    ys, xs = np.nonzero((grid == np.array(rgb, np.uint8)).all(-1))
-    return ys.min(), xs.min(), ys.max(), xs.max(), len(ys)
-
-
-def test_comparison_grid_pairs_real_and_generated_images_scaled_up():
-    real_rgb = [[(200, 20 + 10 * j, 40 * r + 10) for j in range(8)] for r in range(2)]
-    gen_rgb = [[(20 + 10 * j, 200, 40 * r + 10) for j in range(8)] for r in range(2)]
-    counts = (8, 2)  # the first row has more pairs than are shown
-    real = [np.stack([_solid(real_rgb[r][j]) for j in range(n)]) for r, n in enumerate(counts)]
-    gen = [np.stack([_solid(gen_rgb[r][j]) for j in range(n)]) for r, n in enumerate(counts)]
-    gen[1][1, :, SIZE // 2:] = (250, 120, 0)  # half one colour, half another
-    grid = comparison_grid(["Vexo\nn=40", "Talbrin\nn=2"], real, gen, pairs=6, min_cell=48)
-    assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[2] == 3
-    cell = 48  # 16-pixel images, scaled up 3x by nearest neighbour
-    for r, n in enumerate(counts):
-        for j in range(8):
-            present = (grid == np.array(real_rgb[r][j], np.uint8)).all(-1).any()
-            assert present == (j < min(n, 6))  # at most 6 pairs per row
-        for j in range(min(n, 6)):
-            top, left, bottom, right, count = _box(grid, real_rgb[r][j])
-            assert (bottom - top + 1, right - left + 1, count) == (cell, cell, cell * cell)
-            g_top, g_left, *_ = _box(grid, gen_rgb[r][j])
-            assert g_top == top and g_left == right + 3  # generated right of its real image, 2 pixels apart
-    # nearest neighbour: the half-and-half image is two clean 24 x 48 blocks, no blended pixels
-    *_, left_count = _box(grid, gen_rgb[1][1])
-    top, left, bottom, right, right_count = _box(grid, (250, 120, 0))
-    assert left_count == right_count == cell * cell // 2
-    cell_pixels = grid[top : bottom + 1, left - cell // 2 : right + 1].reshape(-1, 3)
-    assert {tuple(p) for p in cell_pixels} == {tuple(gen_rgb[1][1]), (250, 120, 0)}
-    # the rows are stacked, the second below the first; text (labels, header) is drawn in dark grey
-    # shades (anti-aliased black), which no test image uses
-    assert _box(grid, real_rgb[1][0])[0] > _box(grid, real_rgb[0][0])[2]
-    top, left, *_ = _box(grid, real_rgb[0][0])
-    assert (grid[:top] < 100).all(-1).any()  # the header above the first row
-    assert (grid[:, :left] < 100).all(-1).any()  # the labels left of the images
-    with pytest.raises(ValueError, match=r"row 1 \('b'\): real \(1, 16, 16, 3\) and generated \(2, 16, 16, 3\)"):
-        comparison_grid(["a", "b"], [real[1], real[1][:1]], [gen[1], gen[1]])
-
-
 def test_plots_write_pngs(tmp_path):
     metrics = {"many/grecall": 0.8, "few/grecall": 0.3, "overall/grecall": 0.5, "overall/fid": 12.0, "train/loss": 0.1}
     bars = save_png(metric_bars(metrics, "title"), tmp_path / "bars.png")
@@ -337,10 +291,14 @@ def test_plots_write_pngs(tmp_path):
     assert [len(c.get_offsets()) for c in ax.collections] == [1, 1, 1]
     assert ax.collections[2].get_offsets().tolist() == [[40, 0.25]]
     path = save_png(scatter, tmp_path / "sub" / "scatter.png")
-    for p in (bars, path):
+    # every metric: panels wrap three to a row, so the picture stays readable in the MLflow viewer
+    every = {f"{g}/{m}": 0.5 for g in ("many", "few", "overall") for m in METRIC_ORDER}
+    full = save_png(metric_bars(every, "title"), tmp_path / "all.png")
+    assert len(metric_bars(every).axes) == len(METRIC_ORDER) == 7
+    for p in (bars, path, full):
         with Image.open(p) as im:
-            assert im.format == "PNG" and im.size[0] > 100
-    assert sorted(x.name for x in tmp_path.rglob("*")) == ["bars.png", "scatter.png", "sub"]  # no temp files left
+            assert im.format == "PNG" and 100 < im.size[0] <= 1000
+    assert sorted(x.name for x in tmp_path.rglob("*")) == ["all.png", "bars.png", "scatter.png", "sub"]  # no temp files left
     with pytest.raises(ValueError, match="'<bucket>/<metric>'"):
         metric_bars({"train/loss": 0.1})
     with pytest.raises(ValueError, match="at least one row"):
