@@ -1,4 +1,5 @@
-"""``pogdiff compare A B``: two evaluated models side by side, bucket x metric, with deltas.
+"""``pogdiff compare A B [--html OUT]``: two evaluated models side by side, bucket x metric, with deltas;
+with ``--html`` also as a page a reviewer can attach to a ticket (tasks/compare.py).
 
 A and B are MLflow run ids or model references (``champion``, ``challenger``, ``name@alias``,
 ``name/version``), resolved in the store of the settings' tracking URI (storage/mlflow/references.py).
@@ -15,31 +16,6 @@ from storage.links import redact_text
 from storage.settings import Settings
 
 
-def comparison_rows(a: dict[str, float], b: dict[str, float]) -> list[dict]:
-    """One row per (group, metric) present in A or B: values, delta = B - A, and which side is better.
-
-    ``better`` is ``"A"``, ``"B"``, ``"="`` or None (a side lacks the metric); lower is better for FID.
-    """
-    from pogdiff.metrics import GROUPS, LOWER_IS_BETTER, metric_names
-
-    rows = []
-    for group in GROUPS:
-        for name in metric_names({**a, **b}):
-            key = f"{group}/{name}"
-            va, vb = a.get(key), b.get(key)
-            if va is None and vb is None:
-                continue
-            delta = None if va is None or vb is None else vb - va
-            if delta is None:
-                better = None
-            elif delta == 0:
-                better = "="
-            else:
-                better = "B" if (delta < 0) == (name in LOWER_IS_BETTER) else "A"
-            rows.append({"bucket": group, "metric": name, "a": va, "b": vb, "delta": delta, "better": better})
-    return rows
-
-
 def _side(r) -> dict:
     return {"ref": r.ref, "run_id": r.run_id, "model": r.model, "version": r.version}
 
@@ -49,6 +25,7 @@ def _label(r) -> str:
 
 
 def cmd_compare(args, settings: Settings) -> int:
+    from pogdiff.compare_page import comparison_rows, direction
     from pogdiff.tables import MISSING, columns, fmt
     from storage.errors import RunNotFound
     from storage.mlflow.references import resolve_run
@@ -60,6 +37,13 @@ def cmd_compare(args, settings: Settings) -> int:
         print(f"error: {redact_text(str(err))}", file=sys.stderr)
         return 2
     rows = comparison_rows(a.metrics, b.metrics)
+    if args.html:
+        from pogdiff.atomic import write_text_atomic
+        from tasks.compare import comparison_page
+
+        write_text_atomic(args.html, comparison_page(settings, a, b))
+        print(f"wrote {args.html}: metrics and sample grids of A and B, self-contained",
+              file=sys.stderr if args.json else sys.stdout)  # stdout stays one JSON document
     if args.json:
         print(json.dumps({"a": _side(a), "b": _side(b), "rows": rows}))
         return 0
@@ -72,7 +56,8 @@ def cmd_compare(args, settings: Settings) -> int:
     cells = [(r["bucket"], r["metric"], fmt(r["a"], ".4f"), fmt(r["b"], ".4f"), fmt(r["delta"], "+.4f"), f"  {r['better'] or MISSING}")
              for r in rows]
     print("\n" + "\n".join(columns([head, *cells], [9, 18, -10, -10, -10, 0])))
-    print("\n(fid: lower is better; every other metric: higher is better)")
+    lower = sorted({r["metric"] for r in rows if direction(r["metric"]) == "lower"})
+    print(f"\n(lower is better: {', '.join(lower) or MISSING}; every other metric: higher is better)")
     return 0
 
 
@@ -83,4 +68,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--model", default=RegisterConfig().model_name,
                    help="registered model a bare alias refers to (default: %(default)s)")
     c.add_argument("--json", action="store_true", help="print the table as JSON")
+    c.add_argument("--html", metavar="OUT", help="also write one self-contained HTML page (table with deltas and "
+                   "directions, both models' sample grids side by side per bucket) to OUT")
     c.set_defaults(func=cmd_compare)

@@ -2,7 +2,9 @@
 
 Answers "is the model in production still good on today's data?" without training: a new MLflow
 run tagged with the version it evaluates, the per-bucket metrics and pictures of the evaluate
-stage, and a markdown artifact comparing them with what the version scored when it was trained.
+stage, ``compare.html`` in that run (the version's training-time metrics and grids beside today's,
+side by side), and a markdown artifact comparing the numbers with what the version scored when it
+was trained.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 from prefect import flow
 
 from storage.settings import load_settings
+from tasks.compare import log_comparison_page
 from tasks.config import RetrainConfig, resolve_config
 from tasks.dataset import dataset_snapshot
 from tasks.evaluate import evaluate_model
@@ -32,6 +35,7 @@ def evaluate_registered(model: str = "champion", config: str | RetrainConfig = R
     run_id = open_evaluation_run(settings, config, target, snapshot)
     try:
         metrics = evaluate_model(settings, config.evaluate, target["model_dir"], run_id, snapshot["snapshot_id"])
+        log_comparison_page(settings, target, run_id, snapshot["snapshot_id"])
     except BaseException:
         close_run(settings, run_id, failed=True)
         raise

@@ -129,5 +129,10 @@ def test_retrain_flow_end_to_end(prefect_server, setup, monkeypatch):
     assert run.info.status == "FINISHED" and run.data.tags["evaluated_version"] == "1"
     assert run.data.tags["dataset_snapshot_id"] == third["snapshot"]["snapshot_id"]
     assert "overall/grecall" in run.data.metrics
+    # beside it, one page with the version's training-time numbers and grids and today's
+    (root / "page").mkdir()
+    page = open(client.download_artifacts(evaluation["run_id"], "compare.html", str(root / "page"))).read()
+    assert "e2e-model v1: at training (A) and on today&#x27;s data (B)" in page and first["run_id"] in page
+    assert page.count('src="data:image/png;base64,') == 6  # many, medium and few, A beside B
     report = Artifact.get("evaluation-report")
     assert report is not None and "| overall | grecall |" in report.data and "at training" in report.data

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import re
 
 import pytest
 from clirunner import run_cli
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
-from flows.cli_compare import comparison_rows
+from pogdiff.compare_page import comparison_rows
 from storage.errors import RunNotFound
 from storage.mlflow.references import resolve_run
 
 MODEL = "cmp-model"
 OLD = {"many/grecall": 0.8, "few/grecall": 0.2, "overall/grecall": 0.5, "few/fid": 40.0, "overall/fid": 30.0, "train/loss": 0.3}
 NEW = {"many/grecall": 0.8, "few/grecall": 0.5, "overall/grecall": 0.6, "overall/fid": 25.0, "few/accuracy": 0.9}
+GRIDS_OLD = {"many": (200, 0, 0), "few": (0, 200, 0)}  # each run's eval/grid_<bucket>.png, one colour each
+GRIDS_NEW = {"few": (0, 0, 200)}
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +31,15 @@ def store(tmp_path_factory) -> dict:
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = client.create_experiment("compare", artifact_location=(root / "artifacts").as_uri())
     runs = []
-    for metrics in (OLD, NEW):
+    for metrics, grids in ((OLD, GRIDS_OLD), (NEW, GRIDS_NEW)):
         run_id = client.create_run(exp).info.run_id
         for key, value in metrics.items():
             client.log_metric(run_id, key, value)
+        folder = root / run_id
+        folder.mkdir()
+        for bucket, rgb in grids.items():
+            Image.new("RGB", (4, 2), rgb).save(folder / f"grid_{bucket}.png")
+        client.log_artifacts(run_id, str(folder), "eval")
         runs.append(run_id)
     # a later value of a metric replaces the earlier one: compare reads the latest
     client.log_metric(runs[1], "many/grecall", 0.7, step=1)
@@ -70,20 +81,6 @@ def test_unknown_references_are_named(store, ref, message):
         resolve_run(store["uri"], ref, MODEL)
 
 
-def test_rows_have_deltas_and_know_that_lower_fid_is_better():
-    rows = {(r["bucket"], r["metric"]): r for r in comparison_rows(OLD, NEW)}
-    # bucket metrics only (train/loss is not one), in bucket then display order
-    assert list(rows)[:4] == [("many", "grecall"), ("few", "grecall"), ("few", "accuracy"), ("few", "fid")]
-    assert rows[("few", "grecall")] == {"bucket": "few", "metric": "grecall", "a": 0.2, "b": 0.5,
-                                        "delta": pytest.approx(0.3), "better": "B"}
-    assert rows[("many", "grecall")]["better"] == "="
-    assert rows[("overall", "fid")]["delta"] == -5.0 and rows[("overall", "fid")]["better"] == "B"
-    assert rows[("few", "fid")] == {"bucket": "few", "metric": "fid", "a": 40.0, "b": None, "delta": None, "better": None}
-    assert rows[("few", "accuracy")]["a"] is None
-    assert comparison_rows(NEW, OLD)[1]["better"] == "A"  # few/grecall, seen the other way round
-    assert ("train", "loss") not in rows
-
-
 @pytest.fixture
 def pogdiff(capfd):
     return lambda *args, store: run_cli(list(args), capfd, POGDIFF_HOME=str(store["root"] / "home"),
@@ -112,3 +109,22 @@ def test_compare_command_prints_table_and_json(pogdiff, store):
     bad = pogdiff("compare", "champion", "retired", "--model", MODEL, store=store)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["error: cannot resolve 'retired': Registered model alias retired not found."]
+
+
+def test_compare_html_is_one_page_with_both_grids_inline(pogdiff, store, tmp_path):
+    old, new = store["runs"]
+    out = tmp_path / "review" / "v1-v2.html"
+    result = pogdiff("compare", "champion", "challenger", "--model", MODEL, "--html", str(out), store=store)
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {out}" in result.stdout and f"B: challenger = {MODEL} v2 (run {new})" in result.stdout
+    page = out.read_text()
+    assert f"{MODEL} v1 (A) against {MODEL} v2 (B)" in page and f"run {old}" in page
+    # the pictures are the runs' own grids, inlined: many (A only, B says it has none), then few, A beside B
+    images = re.findall(r'<img alt="([AB]): (grid_\w+\.png)" src="data:image/png;base64,([^"]+)"', page)
+    colours = [(side, name, Image.open(io.BytesIO(base64.b64decode(data))).getpixel((0, 0))) for side, name, data in images]
+    assert colours == [("A", "grid_many.png", GRIDS_OLD["many"]), ("A", "grid_few.png", GRIDS_OLD["few"]),
+                       ("B", "grid_few.png", GRIDS_NEW["few"])]
+    assert "no grid_many.png in this run" in page
+    assert re.search(r"<td>overall</td><td>fid</td><td>lower</td><td class=num>30.0000</td><td class=num>25.0000</td>"
+                     r"<td class='num good'>-5.0000</td><td>B</td>", page)
+    assert not re.search(r'(src|href)="https?:', page)  # no MLflow UI address is set: nothing external at all
