@@ -5,13 +5,15 @@
     python3 run.py test [pytest options]
 
 torch is installed first, pinned, so a CPU-only machine never pulls a multi-GB CUDA build; on a GPU
-machine install the CUDA build of the same version into .venv first (see README).
+machine install the CUDA build of the same version into .venv first (see README). ``test`` also
+installs Debian's chromium for the browser check when it is missing and apt-get can (as root).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -22,6 +24,7 @@ VENV = ROOT / ".venv"
 PY = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 STAMP = VENV / ".pogdiff-installed"
 TORCH = "torch==2.13.0"
+CHROMIUM = "/usr/bin/chromium"  # Debian's package, what tests/browser.py runs
 
 
 def ensure_env() -> None:
@@ -40,6 +43,22 @@ def ensure_env() -> None:
     STAMP.write_text(key)
 
 
+def ensure_browser() -> None:
+    """Install Debian's chromium for the browser check (tests/browser.py) where that is possible:
+    Linux with apt-get, as root. Elsewhere, or when the install fails, the check is skipped and
+    pytest's summary says why; the rest of the suite does not need a browser."""
+    if Path(CHROMIUM).exists() or not shutil.which("apt-get") or not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return
+    print("installing chromium for the browser check (apt-get) ...", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]):
+        done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            print(f"could not install chromium ({' '.join(cmd)}: exit {done.returncode}); the browser check "
+                  f"will be skipped:\n{done.stderr.strip()[-2000:]}", flush=True)
+            return
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("demo", "test"):
         print(__doc__, file=sys.stderr)
@@ -49,6 +68,7 @@ def main(argv: list[str]) -> int:
     if argv[0] == "demo":
         cmd = [str(PY), "-m", "flows.cli", "demo", *argv[1:]]
     else:
+        ensure_browser()
         cmd = [str(PY), "-m", "pytest", *argv[1:]]
     return subprocess.run(cmd, cwd=ROOT, env=env).returncode
 

@@ -44,9 +44,12 @@ def healthy(url: str) -> bool:
         return False
 
 
-def start_mlflow_server(root: Path, port: int, auth: tuple[str, str] | None = None) -> subprocess.Popen:
-    """A real ``mlflow server`` on 127.0.0.1:``port``, SQLite backend and proxied artifacts under
-    ``root`` (restartable on the same store), in its own process group; not waited for.
+def start_mlflow_server(root: Path, port: int, auth: tuple[str, str] | None = None,
+                        backend_store_uri: str | None = None, host: str = "127.0.0.1") -> subprocess.Popen:
+    """A real ``mlflow server`` on ``host``:``port`` (a loopback address), SQLite backend and proxied
+    artifacts under ``root`` (restartable on the same store), in its own process group; not waited for.
+    ``backend_store_uri`` serves an existing store instead (e.g. the demo's ``sqlite:///var/mlflow.db``,
+    whose runs keep their own artifact locations).
 
     With ``auth=(user, password)`` it runs MLflow's basic-auth app (``--app-name basic-auth``): every
     request but ``/health`` needs those credentials (the user is the admin), others get 401."""
@@ -65,9 +68,11 @@ def start_mlflow_server(root: Path, port: int, auth: tuple[str, str] | None = No
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
         env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = os.urandom(16).hex()  # the auth app's CSRF key (required)
         app = ["--app-name", "basic-auth"]
+    if host != "127.0.0.1":  # the server turns away Host headers other than localhost's unless told
+        app += ["--allowed-hosts", f"{host},{host}:{port}"]
     return subprocess.Popen(
-        [str(mlflow_exe), "server", *app, "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        [str(mlflow_exe), "server", *app, "--host", host, "--port", str(port), "--workers", "1",
+         "--backend-store-uri", backend_store_uri or f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts"],
         cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -14,9 +15,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from browser import dump_dom, missing
 from localserver import free_port, healthy, start_mlflow_server, stop_server, wait_for
 from mlflow import MlflowClient
 
+from pogdiff.atomic import write_atomic
+from pogdiff.grids import comparison_grid
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from storage.config import GateConfig
 from storage.mlflow import connection, lineage, packaging, registry, runs
@@ -85,3 +89,31 @@ def test_register_promote_and_load_over_http(server, tmp_path, tiny_spec):
     prompts = pd.DataFrame({"prompt": ["a red circle"], "num_inference_steps": [2], "seed": [5]})
     expected = PixelDiffusionPipeline.from_pretrained(str(model_dir)).generate(["a red circle"], seed=5, num_inference_steps=2, guidance_scale=1.0)
     np.testing.assert_array_equal(loaded.predict(prompts), expected)
+
+
+@pytest.mark.skipif(missing() is not None, reason=str(missing()))
+def test_a_reviewer_sees_the_description_and_the_grid_in_the_browser(server, tmp_path):
+    """The MLflow UI itself (a React app, served by the real server) in headless Chromium: the run
+    page renders the run's markdown description, the artifact page shows the grid picture."""
+    from PIL import Image
+
+    connection.configure(server["url"])
+    experiment = f"browser-{uuid.uuid4().hex[:6]}"
+    swatch = lambda rgb: np.broadcast_to(np.array(rgb, np.uint8), (2, 16, 16, 3)).copy()  # noqa: E731
+    grid = comparison_grid(["Vexo\n3 training\nimages"], [swatch((200, 0, 0))], [swatch((0, 0, 200))],
+                           [["a small Vexo logo", "the Vexo logo, large"]], "few bucket: 1 individual with fewer than 10 training images")
+    (tmp_path / "eval").mkdir()
+    write_atomic(tmp_path / "eval" / "grid_few.png", lambda f: Image.fromarray(grid).save(f, format="PNG"))
+    with runs.run(experiment) as run_id:
+        # MLflow's description field; the retrain writes its own (the version table, the decision)
+        runs.set_tags(run_id, {"mlflow.note.content": "Retrain of browser-model v1: **promoted** because there was no champion."})
+        runs.log_metrics({"few/grecall": 0.5})
+        runs.log_artifacts(tmp_path / "eval", "eval")
+    page = f"{server['url']}/#/experiments/{MlflowClient().get_run(run_id).info.experiment_id}/runs/{run_id}"
+
+    overview = dump_dom(page)
+    assert "Retrain of browser-model v1: <strong>promoted</strong> because there was no champion." in overview
+    artifact = dump_dom(f"{page}/artifacts/eval/grid_few.png")
+    # the artifact tree names the file and the preview is an image the UI fetched from the server
+    assert 'artifact-name="grid_few.png"' in artifact
+    assert re.search(r'<img alt="eval/grid_few.png" src="blob:', artifact), artifact[-3000:]
