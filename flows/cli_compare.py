@@ -18,9 +18,11 @@ from storage.settings import Settings
 def comparison_rows(a: dict[str, float], b: dict[str, float]) -> list[dict]:
     """One row per (group, metric) present in A or B: values, delta = B - A, and which side is better.
 
-    ``better`` is ``"A"``, ``"B"``, ``"="`` or None (a side lacks the metric); lower is better for FID.
+    ``better`` is ``"A"``, ``"B"``, ``"="`` or None (a side lacks the metric), by the metric's direction
+    in ``pogdiff.glossary``.
     """
-    from pogdiff.metrics import GROUPS, LOWER_IS_BETTER, metric_names
+    from pogdiff.glossary import lower_is_better
+    from pogdiff.metrics import GROUPS, metric_names
 
     rows = []
     for group in GROUPS:
@@ -35,7 +37,7 @@ def comparison_rows(a: dict[str, float], b: dict[str, float]) -> list[dict]:
             elif delta == 0:
                 better = "="
             else:
-                better = "B" if (delta < 0) == (name in LOWER_IS_BETTER) else "A"
+                better = "B" if (delta < 0) == lower_is_better(name) else "A"
             rows.append({"bucket": group, "metric": name, "a": va, "b": vb, "delta": delta, "better": better})
     return rows
 
@@ -49,6 +51,7 @@ def _label(r) -> str:
 
 
 def cmd_compare(args, settings: Settings) -> int:
+    from pogdiff.glossary import lower_is_better
     from pogdiff.tables import MISSING, columns, fmt
     from storage.errors import RunNotFound
     from storage.mlflow.references import resolve_run
@@ -72,7 +75,8 @@ def cmd_compare(args, settings: Settings) -> int:
     cells = [(r["bucket"], r["metric"], fmt(r["a"], ".4f"), fmt(r["b"], ".4f"), fmt(r["delta"], "+.4f"), f"  {r['better'] or MISSING}")
              for r in rows]
     print("\n" + "\n".join(columns([head, *cells], [9, 18, -10, -10, -10, 0])))
-    print("\n(fid: lower is better; every other metric: higher is better)")
+    lower = ", ".join(sorted({r["metric"] for r in rows if lower_is_better(r["metric"])}))
+    print(f"\n({lower}: lower is better; every other metric: higher is better)" if lower else "\n(every metric here: higher is better)")
     return 0
 
 

@@ -13,8 +13,8 @@ from storage.errors import RunNotFound
 from storage.mlflow.references import resolve_run
 
 MODEL = "cmp-model"
-OLD = {"many/grecall": 0.8, "few/grecall": 0.2, "overall/grecall": 0.5, "few/fid": 40.0, "overall/fid": 30.0, "train/loss": 0.3}
-NEW = {"many/grecall": 0.8, "few/grecall": 0.5, "overall/grecall": 0.6, "overall/fid": 25.0, "few/accuracy": 0.9}
+OLD = {"many/grecall": 0.8, "few/grecall": 0.2, "overall/grecall": 0.5, "few/frechet_pixels16": 40.0, "overall/frechet_pixels16": 30.0, "train/loss": 0.3}
+NEW = {"many/grecall": 0.8, "few/grecall": 0.5, "overall/grecall": 0.6, "overall/frechet_pixels16": 25.0, "few/accuracy": 0.9}
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +70,15 @@ def test_unknown_references_are_named(store, ref, message):
         resolve_run(store["uri"], ref, MODEL)
 
 
-def test_rows_have_deltas_and_know_that_lower_fid_is_better():
+def test_rows_have_deltas_and_know_that_a_lower_frechet_distance_is_better():
     rows = {(r["bucket"], r["metric"]): r for r in comparison_rows(OLD, NEW)}
     # bucket metrics only (train/loss is not one), in bucket then display order
-    assert list(rows)[:4] == [("many", "grecall"), ("few", "grecall"), ("few", "accuracy"), ("few", "fid")]
+    assert list(rows)[:4] == [("many", "grecall"), ("few", "grecall"), ("few", "accuracy"), ("few", "frechet_pixels16")]
     assert rows[("few", "grecall")] == {"bucket": "few", "metric": "grecall", "a": 0.2, "b": 0.5,
                                         "delta": pytest.approx(0.3), "better": "B"}
     assert rows[("many", "grecall")]["better"] == "="
-    assert rows[("overall", "fid")]["delta"] == -5.0 and rows[("overall", "fid")]["better"] == "B"
-    assert rows[("few", "fid")] == {"bucket": "few", "metric": "fid", "a": 40.0, "b": None, "delta": None, "better": None}
+    assert rows[("overall", "frechet_pixels16")]["delta"] == -5.0 and rows[("overall", "frechet_pixels16")]["better"] == "B"
+    assert rows[("few", "frechet_pixels16")] == {"bucket": "few", "metric": "frechet_pixels16", "a": 40.0, "b": None, "delta": None, "better": None}
     assert rows[("few", "accuracy")]["a"] is None
     assert comparison_rows(NEW, OLD)[1]["better"] == "A"  # few/grecall, seen the other way round
     assert ("train", "loss") not in rows
@@ -106,8 +106,9 @@ def test_compare_command_prints_table_and_json(pogdiff, store):
     assert lines[1] == f"B: challenger = {MODEL} v2 (run {new})"
     few_grecall = next(line for line in lines if line.split()[:2] == ["few", "grecall"])
     assert few_grecall.split() == ["few", "grecall", "0.2000", "0.5000", "+0.3000", "B"]
-    overall_fid = next(line for line in lines if line.split()[:2] == ["overall", "fid"])
-    assert overall_fid.split() == ["overall", "fid", "30.0000", "25.0000", "-5.0000", "B"]
+    overall_frechet = next(line for line in lines if line.split()[:2] == ["overall", "frechet_pixels16"])
+    assert overall_frechet.split() == ["overall", "frechet_pixels16", "30.0000", "25.0000", "-5.0000", "B"]
+    assert "(frechet_pixels16: lower is better; every other metric: higher is better)" in text.stdout
 
     bad = pogdiff("compare", "champion", "retired", "--model", MODEL, store=store)
     assert bad.returncode == 2

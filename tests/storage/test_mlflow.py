@@ -138,8 +138,8 @@ def test_log_metrics_rejects_nan_and_logs_steps(store):
     with runs.run(unique("metrics")) as run_id:
         runs.log_metrics({"loss": 0.5}, step=1)
         runs.log_metrics({"loss": 0.25}, step=2)
-        with pytest.raises(ValueError, match="'few/fid'"):
-            runs.log_metrics({"loss": 0.1, "few/fid": float("nan")}, step=3)
+        with pytest.raises(ValueError, match="'few/frechet_pixels16'"):
+            runs.log_metrics({"loss": 0.1, "few/frechet_pixels16": float("nan")}, step=3)
         with pytest.raises(ValueError, match="'psi'"):
             runs.log_metrics({"psi": None})  # type: ignore[dict-item]
     with pytest.raises(RuntimeError, match="inside runs.run"):
@@ -186,7 +186,7 @@ def registered(store, model_dir) -> tuple[str, list[tuple[str, dict[str, float],
     out = []
     for value in (0.5, 0.7):
         with runs.run(unique("reg")) as run_id:
-            metrics = {GATE: value, "overall/fid": 10.0}
+            metrics = {GATE: value, "overall/frechet_pixels16": 10.0}
             runs.log_metrics(metrics)
             out.append((packaging.log_model(model_dir, name, ["a red circle"]), metrics, run_id))
     return name, out
