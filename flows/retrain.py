@@ -9,10 +9,11 @@ from flows.runners import task_runner
 from pogdiff.trainer import TrainingTimeLimit
 from storage.settings import load_settings
 from tasks.config import RetrainConfig
+from tasks.describe import describe_retrain
 from tasks.evaluate import evaluate_model
 from tasks.register import register_model
 from tasks.report import publish_report
-from tasks.track import close_run, open_run
+from tasks.track import close_run, label_flow_run, open_run
 from tasks.train import train_model
 
 
@@ -22,6 +23,7 @@ def retrain(source: str, config: RetrainConfig = RetrainConfig()) -> dict:
     settings = load_settings()
     prepared = prepare(source, settings, config.ingest, config.index)
     data = prepared["data"]  # what training and evaluation read, and the run records as its lineage
+    label_flow_run({"model": config.registry.model_name, "snapshot": data.snapshot_id, "method": config.train.pog.method})
     run_id = open_run(settings, config, data)
     try:
         model_dir = train_model(settings, config.train, config.index, run_id, data)
@@ -34,5 +36,6 @@ def retrain(source: str, config: RetrainConfig = RetrainConfig()) -> dict:
         close_run(settings, run_id, failed=True)
         raise
     close_run(settings, run_id, failed=False)
-    publish_report(settings, metrics, decision, run_id, data.snapshot_id)
+    describe_retrain(settings, config.registry, metrics, decision)
+    publish_report(settings, metrics, decision, data.snapshot_id)
     return {**prepared, "data": data.model_dump(), "run_id": run_id, "model_dir": model_dir, "metrics": metrics, "decision": decision}

@@ -431,7 +431,12 @@ def test_open_run_records_lineage_and_tags(settings):
     tags = run.data.tags
     assert tags["dataset_snapshot_id"] == "snap1234" and tags["prefect_flow_run_id"] == "none"
     assert tags["lancedb_captions_version"] == "1" and tags["lancedb_image_features_version"] == "2"
-    assert tags["base_model"] == "builtin:logos16" and tags["method"] == "pogdiff" and tags["git_commit"]
+    assert tags["base_model"] == "builtin:logos16" and tags["method"] == "pogdiff"
+    assert tags["mlflow.source.name"] == "flows/retrain.py:retrain" and tags["mlflow.source.type"] == "JOB"
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["mlflow.user"]
+    assert "prefect_flow_run_url" not in tags  # outside a flow run there is no flow run to link
+    # the description says what the run trains on before anything is registered
+    assert "dataset snapshot `snap1234` (7 rows), outside Prefect" in tags["mlflow.note.content"]
     assert run.data.params["registry.gate.metric"] == GATE
 
     inputs = {}
