@@ -5,6 +5,7 @@ from prefect.flows import Flow
 from flows.cli_serve import overrides
 from flows.deployments import load_specs, to_runner_deployment
 from tasks.config import parse_config
+from tasks.track import EVALUATE_ENTRYPOINT, RETRAIN_ENTRYPOINT
 
 
 def test_deployments_entrypoints_and_parameters():
@@ -18,6 +19,8 @@ def test_deployments_entrypoints_and_parameters():
         if spec.schedule:
             assert spec.concurrency_limit == 1, f"{spec.name}: scheduled runs must never overlap"
         assert spec.work_pool in ("local", "gpu"), spec.name
+    # the runs' MLflow "Source" names the deployments' entrypoints
+    assert {RETRAIN_ENTRYPOINT, EVALUATE_ENTRYPOINT} <= {s.entrypoint for s in specs}
 
 
 def test_a_bad_parameter_in_a_deployment_is_rejected():
