@@ -13,7 +13,7 @@ from pathlib import Path
 
 from prefect import task
 
-from pogdiff.glossary import OVERALL_VS_BUCKETS_SHORT, glossary_list
+from pogdiff.glossary import OVERALL_VS_BUCKETS_SHORT, glossary_json, glossary_list, glossary_markdown
 from pogdiff.tables import MISSING, markdown
 from storage.config import GateConfig, RegisterConfig
 from storage.dataset import manifest_path
@@ -25,6 +25,12 @@ from tasks.retry import IO_RETRIES
 
 PREFECT_FLOW_RUN_URL_TAG = "prefect_flow_run_url"  # the flow run in the Prefect UI (when its address is known)
 GLOSSARY_ARTIFACT = "metrics_glossary"  # .json and .md at the root of every evaluated run's artifacts
+
+
+def log_glossary(metrics: dict[str, float]) -> None:
+    """Log what each of ``metrics`` means to the active run: ``metrics_glossary.json`` and ``.md``."""
+    runs.log_text(glossary_json(metrics), f"{GLOSSARY_ARTIFACT}.json")
+    runs.log_text(glossary_markdown(metrics), f"{GLOSSARY_ARTIFACT}.md")
 
 
 def _link(text: str, url: str | None) -> str:

@@ -14,14 +14,13 @@ from prefect.exceptions import MissingContextError
 from pogdiff.config import EvaluateConfig
 from pogdiff.demo import detector
 from pogdiff.evaluation import EvalResult, RealSet, comparison_grid, evaluate
-from pogdiff.glossary import glossary_json, glossary_markdown
 from pogdiff.metrics import BUCKETS
 from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.plots import grecall_scatter, metric_bars, save_png
 from storage.mlflow import connection, runs
 from storage.settings import Settings
 from storage.training_set import load_real_set
-from tasks.describe import GLOSSARY_ARTIFACT
+from tasks.describe import log_glossary
 
 ARTIFACT_DIR = "eval"
 
@@ -87,8 +86,7 @@ def evaluate_model(settings: Settings, cfg: EvaluateConfig, model_dir: str, run_
     connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
     with runs.resume(run_id), tempfile.TemporaryDirectory() as tmp:
         runs.log_metrics(result.metrics)
-        runs.log_text(glossary_json(result.metrics), f"{GLOSSARY_ARTIFACT}.json")
-        runs.log_text(glossary_markdown(result.metrics), f"{GLOSSARY_ARTIFACT}.md")
+        log_glossary(result.metrics)
         write_report(result, real, cfg, Path(tmp))
         runs.log_artifacts(Path(tmp), ARTIFACT_DIR)
     log.info("evaluate: %s (gate=%s, %d images generated)", {k: round(v, 3) for k, v in result.metrics.items()},

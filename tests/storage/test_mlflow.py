@@ -31,7 +31,7 @@ from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline, UNetSpec
 from pogdiff.trainer import LORA_TARGETS
 from storage.config import GateConfig
-from storage.mlflow import connection, lineage, packaging, registry, runs
+from storage.mlflow import connection, descriptions, lineage, packaging, registry, runs
 from storage.mlflow.pyfunc_model import unet_digest
 from storage.settings import Settings, load_settings
 from storage.training_set import DataVersion
@@ -147,6 +147,15 @@ def test_log_metrics_rejects_nan_and_logs_steps(store):
     history = MlflowClient().get_metric_history(run_id, "loss")
     # nothing of the rejected batch was logged
     assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.25)]
+
+
+def test_a_description_too_long_for_mlflow_is_cut_at_a_line_end_and_says_so():
+    text = "".join(f"line {i:04d}\n" for i in range(1000))  # 10000 characters
+    cut = descriptions.fit(text, descriptions.REGISTRY_LIMIT)
+    assert len(cut) <= 5000 and cut.endswith("*(cut to MLflow's 5000-character limit)*\n")
+    kept = cut.removesuffix(descriptions.CUT_NOTE.format(limit=5000))
+    assert text.startswith(kept + "\n") and kept.endswith("line 0494")  # whole lines only, as many as fit
+    assert descriptions.fit("short\n", 5000) == "short\n"
 
 
 def test_lineage_records_name_digest_source(store, tmp_path):
