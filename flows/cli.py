@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from pogdiff.config import ConfigError
@@ -19,6 +20,10 @@ from storage.settings import REPO_ROOT, Settings, load_settings
 from tasks.config import RetrainConfig, load_config
 
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+# Where the UIs the demo tells you to start will serve (`mlflow ui --port 5000`, `prefect server
+# start`, both on 127.0.0.1 by default): the links the demo writes into MLflow and Prefect point there.
+DEMO_MLFLOW_UI = "http://127.0.0.1:5000"
+DEMO_PREFECT_UI = "http://127.0.0.1:4200"
 
 
 def _prepare_env(settings: Settings) -> None:
@@ -48,13 +53,18 @@ def print_comparison(metrics: dict[str, float], previous: dict[str, float], labe
     print("\n" + "\n".join(columns([("bucket", "metric", "new", label), *rows], widths)))
 
 
-def _run_retrain(source: Path, config: RetrainConfig, settings: Settings) -> dict:
+def _run_retrain(source: Path, config: RetrainConfig, settings: Settings, prefect_ui: str | None = None) -> dict:
+    """The retrain flow on ``source``; ``prefect_ui``: the Prefect UI address its links use, where none is configured."""
     from storage.sources import check_source
 
     check_source(source, config.ingest)  # one clear line for a bad source, before any flow starts
+    from prefect.settings import PREFECT_UI_URL, temporary_settings
+
     from flows.retrain import retrain
 
-    return retrain(str(source.absolute()), config)  # the flow reads a relative source under data_root
+    # a setting, not an environment variable: Prefect reads those once, when it is first imported
+    with temporary_settings({PREFECT_UI_URL: prefect_ui}) if prefect_ui and not PREFECT_UI_URL.value() else nullcontext():
+        return retrain(str(source.absolute()), config)  # the flow reads a relative source under data_root
 
 
 def _report(result: dict, settings: Settings, started: float) -> None:
@@ -77,9 +87,11 @@ def _report(result: dict, settings: Settings, started: float) -> None:
     print_comparison(result["metrics"], dec["champion_metrics"])
     home = settings.home
     print("\nOpen the MLflow UI on this data:")
-    print(f"  .venv/bin/mlflow ui --backend-store-uri {redact_uri(settings.mlflow_tracking_uri)} --port 5000")
+    print(f"  .venv/bin/mlflow ui --backend-store-uri {redact_uri(settings.mlflow_tracking_uri)} --port 5000"
+          + (f"   -> {redact_uri(settings.mlflow_ui_url)}" if settings.mlflow_ui_url else ""))
     print("Open the Prefect UI on this data:")
-    print(f"  PREFECT_HOME={home / 'prefect'} .venv/bin/prefect server start")
+    print(f"  PREFECT_HOME={home / 'prefect'} .venv/bin/prefect server start"
+          + ("" if settings.prefect_api_url else f"   -> {DEMO_PREFECT_UI}"))
 
 
 def cmd_demo(args, settings: Settings) -> int:
@@ -96,9 +108,21 @@ def cmd_demo(args, settings: Settings) -> int:
             print(f"generated the demo data set: {summary['images']} images of {summary['individuals']} individuals "
                   f"({summary['captions']} distinct captions) in {source}")
     print(f"source: {source}")
+    settings, prefect_ui = demo_ui_urls(settings)
     started = time.time()
-    _report(_run_retrain(source, config, settings), settings, started)
+    _report(_run_retrain(source, config, settings, prefect_ui), settings, started)
     return 0
+
+
+def demo_ui_urls(settings: Settings) -> tuple[Settings, str | None]:
+    """The demo's settings with the MLflow UI address its printed ``mlflow ui`` command serves, unless
+    one is configured (set in the environment too: the flow's tasks load the settings again), and
+    the Prefect UI address its links should use: ``prefect server start``'s, unless a Prefect server
+    is configured (then Prefect derives it from the API address)."""
+    if not settings.mlflow_ui_url:
+        os.environ["POGDIFF_MLFLOW_UI_URL"] = DEMO_MLFLOW_UI
+        settings = load_settings()
+    return settings, None if settings.prefect_api_url else DEMO_PREFECT_UI
 
 
 def cmd_retrain(args, settings: Settings) -> int:

@@ -43,7 +43,7 @@ def cmd_models(args, settings: Settings) -> int:
         print(json.dumps({"model": name, "versions": versions}, indent=2))
         return 0
     keys = [k for k in (cfg.gate.metric, cfg.gate.guard_metric) if k]
-    widths = [8, 22, 10, 10, *[-14] * len(keys), 0]
+    widths = [8, 22, 10, 10, *[-max(14, len(k) + 2) for k in keys], 0]  # a long key still leaves a gap
     print(f"{name}\n" + columns([("version", "aliases", "gate", "promoted", *keys, "  created")], widths)[0])
     for v in versions:
         gate = v["gate"]["decision"] if v["gate"] else MISSING

@@ -11,10 +11,11 @@ from flows.runners import task_runner
 from pogdiff.trainer import TrainingTimeLimit
 from storage.settings import load_settings
 from tasks.config import RetrainConfig, resolve_config
+from tasks.describe import describe_retrain
 from tasks.evaluate import evaluate_model
 from tasks.register import register_model
 from tasks.report import publish_report
-from tasks.track import close_run, open_run
+from tasks.track import close_run, label_flow_run, open_run
 from tasks.train import train_model
 
 
@@ -27,6 +28,7 @@ def retrain(source: str, config: str | RetrainConfig = RetrainConfig(), override
     config = resolve_config(config, overrides, settings.configs_dir)
     prepared = prepare(source, settings, config.ingest, config.index)
     data = prepared["data"]  # what training and evaluation read, and the run records as its lineage
+    label_flow_run({"model": config.registry.model_name, "snapshot": data.snapshot_id, "method": config.train.pog.method})
     run_id = open_run(settings, config, data)
     try:
         model_dir = train_model(settings, config.train, config.index, run_id, data)
@@ -39,5 +41,6 @@ def retrain(source: str, config: str | RetrainConfig = RetrainConfig(), override
         close_run(settings, run_id, failed=True)
         raise
     close_run(settings, run_id, failed=False)
-    publish_report(settings, metrics, decision, run_id, data.snapshot_id)
+    describe_retrain(settings, config.registry, metrics, decision)
+    publish_report(settings, metrics, decision, data.snapshot_id)
     return {**prepared, "data": data.model_dump(), "run_id": run_id, "model_dir": model_dir, "metrics": metrics, "decision": decision}

@@ -11,17 +11,18 @@ import base64
 import html
 from dataclasses import dataclass, field
 
-from pogdiff.metrics import BUCKETS, GROUPS, LOWER_IS_BETTER, metric_names
+from pogdiff.glossary import BUCKETS, GROUPS, lower_is_better
+from pogdiff.metrics import metric_names
 from pogdiff.tables import MISSING, fmt
 
 
 def direction(metric: str) -> str:
     """``"lower"`` or ``"higher"``: which way ``metric`` is better.
 
-    The one place the page and ``pogdiff compare`` learn a metric's direction; it reads the
-    library's ``LOWER_IS_BETTER``, the set the gate, the plots and the long-tail tables use.
+    The page and ``pogdiff compare`` read it from ``pogdiff.glossary``, where every metric's
+    definition and direction live.
     """
-    return "lower" if metric in LOWER_IS_BETTER else "higher"
+    return "lower" if lower_is_better(metric) else "higher"
 
 
 def comparison_rows(a: dict[str, float], b: dict[str, float]) -> list[dict]:

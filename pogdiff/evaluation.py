@@ -17,9 +17,10 @@ import torch
 
 from pogdiff.config import EvaluateConfig
 from pogdiff.features import make_extractor
+from pogdiff.glossary import frechet_metric
 from pogdiff.metrics import (
     BUCKETS,
-    FID_MIN_SAMPLES,
+    FRECHET_MIN_SAMPLES,
     assign_buckets,
     bucket_means,
     feature_similarity,
@@ -175,7 +176,7 @@ class EvalResult:
     uint8 ``[N_i, H, W, 3]``; prompts[i]: the N_i captions they were generated from; sources[i]: int
     ``[N_i]``, the real image (row of ``RealSet.images``) whose caption prompted sample j. info: what
     the numbers were computed from (grouping, gate, extractor, N, seed, ...) and, per bucket, the
-    image counts behind its FID or why the FID was left out.
+    image counts behind its Fréchet distance or why it was left out.
     """
 
     metrics: dict[str, float]
@@ -186,34 +187,37 @@ class EvalResult:
     info: dict[str, str | int | float] = field(default_factory=dict)
 
 
-def bucket_fids(
+def bucket_frechet(
     real_features: torch.Tensor,
     real_ids: torch.Tensor,
     gen_features: torch.Tensor,
     gen_ids: torch.Tensor,
     buckets: list[str],
+    name: str,
 ) -> tuple[dict[str, float], dict[str, str]]:
-    """FID per bucket and overall: generated vs real images of the bucket's individuals.
+    """Fréchet distance per bucket and overall: generated vs real images of the bucket's individuals,
+    pooled (overall: every individual's images in one set, not a mean of the buckets).
 
     Features ``[R, F]`` / ``[G, F]`` with individual ids ``[R]`` / ``[G]``; ``buckets[c]`` is
-    individual c's bucket. Returns ``({"<bucket>/fid": d2}, {"fid.<bucket>": note})``: a bucket with
-    fewer than ``FID_MIN_SAMPLES`` images on either side gets no value (not NaN), and its note says why.
+    individual c's bucket; ``name`` is the metric's name (``glossary.frechet_metric``). Returns
+    ``({"<bucket>/<name>": d2}, {"<name>.<bucket>": note})``: a bucket with fewer than
+    ``FRECHET_MIN_SAMPLES`` images on either side gets no value (not NaN), and its note says why.
     """
     b = np.array(buckets)
     metrics: dict[str, float] = {}
     notes: dict[str, str] = {}
-    for name in (*BUCKETS, "overall"):
-        members = torch.from_numpy(np.flatnonzero(np.ones(len(b), bool) if name == "overall" else b == name))
+    for group in (*BUCKETS, "overall"):
+        members = torch.from_numpy(np.flatnonzero(np.ones(len(b), bool) if group == "overall" else b == group))
         if len(members) == 0:
             continue
         r = real_features[torch.isin(real_ids, members)]
         g = gen_features[torch.isin(gen_ids, members)]
         counts = f"{len(g)} generated vs {len(r)} real images"
-        if min(len(r), len(g)) < FID_MIN_SAMPLES:
-            notes[f"fid.{name}"] = f"left out: {counts}, fewer than FID_MIN_SAMPLES={FID_MIN_SAMPLES}"
+        if min(len(r), len(g)) < FRECHET_MIN_SAMPLES:
+            notes[f"{name}.{group}"] = f"left out: {counts}, fewer than FRECHET_MIN_SAMPLES={FRECHET_MIN_SAMPLES}"
             continue
-        metrics[f"{name}/fid"] = frechet_distance(g, r)
-        notes[f"fid.{name}"] = counts
+        metrics[f"{group}/{name}"] = frechet_distance(g, r)
+        notes[f"{name}.{group}"] = counts
     return metrics, notes
 
 
@@ -237,11 +241,12 @@ def evaluate(pipe: ImageGenerator, real: RealSet, cfg: EvaluateConfig, judge: Ju
     N_i = max(N_min, min(|T_i|, N_max)) (``images_per_individual``), prompted with captions of the
     individual's own training images (``draw_sources``), so generated images are asked for the same
     attributes as real ones. One ``generate`` call over the flat prompt list, individual-major.
-    Buckets by |T_i|. Per bucket and overall (macro mean over individuals, except FID which pools
-    the bucket's images): ``grecall``, ``grecall_norm`` (``metrics.grecall_normalised``),
+    Buckets by |T_i|. Per bucket and overall (macro mean over individuals, except the Fréchet
+    distance, which pools the bucket's images): ``grecall``, ``grecall_norm`` (``metrics.grecall_normalised``),
     ``accuracy`` (share passing the gate: ``judge``'s verdict when ``cfg.gate`` is ``judge`` and a
     judge is given that can judge this data, else the nearest-individual test), ``nearest_accuracy``
-    (always the nearest-individual test), ``similarity`` and ``fid``. Same inputs and seed give the
+    (always the nearest-individual test), ``similarity`` and ``frechet_<feature>`` (``glossary.frechet_metric``),
+    and overall ``separability``. Every metric is defined in ``pogdiff.glossary``. Same inputs and seed give the
     same numbers and images.
     """
     counts = real.counts
@@ -291,7 +296,8 @@ def evaluate(pipe: ImageGenerator, real: RealSet, cfg: EvaluateConfig, judge: Ju
          **{k: None if np.isnan(v[i]) else float(v[i]) for k, v in per_individual.items()}}
         for i, name in enumerate(real.names)
     ]
-    fids, fid_notes = bucket_fids(real_f, real_t, gen_f, gen_ids, buckets)
+    frechet = frechet_metric(cfg.feature_extractor, cfg.feature_size)
+    distances, frechet_notes = bucket_frechet(real_f, real_t, gen_f, gen_ids, buckets, frechet)
     info: dict[str, str | int | float] = {
         "grouped_by": real.grouped_by,
         "individuals": c,
@@ -304,10 +310,10 @@ def evaluate(pipe: ImageGenerator, real: RealSet, cfg: EvaluateConfig, judge: Ju
         "seed": cfg.seed,
         "guidance_scale": cfg.guidance_scale,
         "num_inference_steps": cfg.num_inference_steps,
-        "fid_min_samples": FID_MIN_SAMPLES,
-        **fid_notes,
+        "frechet_min_samples": FRECHET_MIN_SAMPLES,
+        **frechet_notes,
     }
-    metrics = {**bucket_means(per_individual, buckets), **fids, "overall/separability": separability(gen_ids.numpy(), shown)}
+    metrics = {**bucket_means(per_individual, buckets), **distances, "overall/separability": separability(gen_ids.numpy(), shown)}
     edges = np.concatenate([[0], np.cumsum(n)]).tolist()
     spans = list(zip(edges[:-1], edges[1:]))
     return EvalResult(metrics, rows, [samples[a:b] for a, b in spans], [prompts[a:b] for a, b in spans], sources, info)

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from pogdiff.config import PoGConfig
-from pogdiff.metrics import GROUPS, LOWER_IS_BETTER, METRIC_ORDER
+from pogdiff.glossary import lower_is_better
+from pogdiff.metrics import GROUPS, metric_names
 from pogdiff.neighbours import NeighbourGraph, draw_borrowing, similarity_threshold
 from pogdiff.tables import MISSING, markdown
 
@@ -26,7 +27,7 @@ def aggregate(runs: dict[str, list[dict[str, float]]]) -> Aggregate:
     ``{"mean", "std", "values"}``.
 
     std is the sample standard deviation over seeds (ddof = 1; 0 for a single seed). A metric that a
-    seed left out (e.g. FID of a bucket with too few images) is aggregated over the seeds that have it;
+    seed left out (e.g. the Fréchet distance of a bucket with too few images) is aggregated over the seeds that have it;
     ``values`` holds only those.
     """
     out: Aggregate = {}
@@ -65,7 +66,7 @@ def goal_check(
     checks = []
     for base in baselines:
         for metric in metrics:
-            sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+            sign = -1.0 if lower_is_better(metric) else 1.0
             for bucket, kind in ((few, "above"), (many, "not_worse")):
                 m, b = _stat(agg, method, bucket, metric), _stat(agg, base, bucket, metric)
                 row = {"bucket": bucket, "metric": metric, "baseline": base, "test": kind}
@@ -91,7 +92,7 @@ def no_harm_check(agg: Aggregate, method: str, baseline: str, buckets: tuple[str
             if m is None or b is None:
                 checks.append({**row, "passed": False, "note": "missing value"})
                 continue
-            diff = (-1.0 if metric in LOWER_IS_BETTER else 1.0) * (m["mean"] - b["mean"])
+            diff = (-1.0 if lower_is_better(metric) else 1.0) * (m["mean"] - b["mean"])
             margin = max(m["std"], b["std"])
             checks.append({**row, "difference": diff, "margin": margin, "passed": bool(diff >= -margin)})
     return {"checks": checks, "met": all(c["passed"] for c in checks)}
@@ -119,11 +120,14 @@ def _cell(stat: dict | None) -> str:
     return MISSING if stat is None else f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
 
-def markdown_table(agg: Aggregate, metrics: tuple[str, ...] = METRIC_ORDER, groups: tuple[str, ...] = GROUPS) -> str:
-    """One row per (method, metric), one column per bucket: ``mean ± std`` over seeds (``MISSING`` where absent)."""
+def markdown_table(agg: Aggregate, metrics: tuple[str, ...] | None = None, groups: tuple[str, ...] = GROUPS) -> str:
+    """One row per (method, metric), one column per bucket: ``mean ± std`` over seeds (``MISSING`` where absent).
+    ``metrics``: the rows' metrics in order (default: every metric present, in the glossary's order)."""
     present = [g for g in groups if any(g in agg[m] for m in agg)]
+    if metrics is None:
+        metrics = tuple(metric_names({f"{g}/{n}": 0.0 for m in agg for g in present for n in agg[m].get(g, {})}))
     names = [n for n in metrics if any(n in agg[m].get(g, {}) for m in agg for g in present)]
-    rows = [[method, f"{name} {'↓' if name in LOWER_IS_BETTER else '↑'}", *(_cell(_stat(agg, method, g, name)) for g in present)]
+    rows = [[method, f"{name} {'↓' if lower_is_better(name) else '↑'}", *(_cell(_stat(agg, method, g, name)) for g in present)]
             for method in agg for name in names]
     return "\n".join(markdown(["method", "metric", *present], rows)) + "\n"
 

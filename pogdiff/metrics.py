@@ -18,29 +18,24 @@ Identity accuracy_i = share of G_i whose nearest real image belongs to i (the ne
 when a judge decides the gate instead, the share the judge accepts is reported beside it.
 Feature similarity_i = mean cos(g, x) over G_i x T_i (the DINO-score analogue).
 
-Fréchet distance (FID in the configured extractor's feature space, not Inception's):
+Fréchet distance (the formula of FID, in the configured extractor's feature space, not Inception's;
+reported as ``frechet_<feature>``, see ``pogdiff.glossary``):
   d^2 = |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a^{1/2} S_b S_a^{1/2})^{1/2}).
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 import math
 
 import numpy as np
 import torch
 
-Bucket = Literal["many", "medium", "few"]
-BUCKETS: tuple[Bucket, ...] = ("many", "medium", "few")
-GROUPS = (*BUCKETS, "overall")  # prefixes of the reported metric keys "<group>/<metric>"
-# Reported metrics in display order; FID is the only one where lower is better.
-METRIC_ORDER = ("grecall", "grecall_norm", "accuracy", "nearest_accuracy", "similarity", "fid", "separability")
-LOWER_IS_BETTER = frozenset({"fid"})
+from pogdiff.glossary import BUCKETS, GROUPS, Bucket, rank  # the bucket names live with the metrics' definitions
+
 # Fewest feature rows per set that frechet_distance accepts. The sample covariance needs 2; below
 # ~10 rows it is so noisy that the distance says more about which images were drawn than about the
-# model. Its bias still falls only as 1/N, so FIDs are comparable at equal N and extractor only.
-FID_MIN_SAMPLES = 10
+# model. Its bias still falls only as 1/N, so distances are comparable at equal N and extractor only.
+FRECHET_MIN_SAMPLES = 10
 
 
 def nearest_group(real_features: torch.Tensor, real_ids: torch.Tensor, gen_features: torch.Tensor) -> torch.Tensor:
@@ -155,12 +150,12 @@ def assign_buckets(counts: np.ndarray, many_above: int, few_below: int) -> list[
 
 
 def metric_names(metrics: dict[str, float]) -> list[str]:
-    """Metric names in ``{"<group>/<metric>": v}`` keys (group = a bucket or overall), display order.
+    """Metric names in ``{"<group>/<metric>": v}`` keys (group = a bucket or overall), in the glossary's
+    display order (``pogdiff.glossary.rank``).
 
     Other keys (``train/loss``) are ignored; unknown metric names follow the known ones alphabetically.
     """
-    names = {k.split("/", 1)[1] for k in metrics if "/" in k and k.split("/", 1)[0] in GROUPS}
-    return [m for m in METRIC_ORDER if m in names] + sorted(names - set(METRIC_ORDER))
+    return sorted({k.split("/", 1)[1] for k in metrics if "/" in k and k.split("/", 1)[0] in GROUPS}, key=rank)
 
 
 def bucket_means(per_group: dict[str, np.ndarray], buckets: list[Bucket]) -> dict[str, float]:
@@ -193,7 +188,7 @@ def _psd_sqrt(s: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
 
-def frechet_distance(features_a, features_b, min_samples: int = FID_MIN_SAMPLES) -> float:
+def frechet_distance(features_a, features_b, min_samples: int = FRECHET_MIN_SAMPLES) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets ``[Na, F]`` and ``[Nb, F]``.
 
     d^2 = |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a^{1/2} S_b S_a^{1/2})^{1/2}),
@@ -201,7 +196,7 @@ def frechet_distance(features_a, features_b, min_samples: int = FID_MIN_SAMPLES)
     their eigenvalues), but the symmetric form needs only eigendecompositions of symmetric PSD
     matrices: real, stable, no complex round-off. Computed in float64. Returns d^2 (as FID does),
     0 for identical sets, clipped at 0 against round-off. Raises ``ValueError`` when a set has
-    fewer than ``min_samples`` rows (see ``FID_MIN_SAMPLES``), the feature sizes differ, or a
+    fewer than ``min_samples`` rows (see ``FRECHET_MIN_SAMPLES``), the feature sizes differ, or a
     value is not finite.
     """
     a = np.asarray(features_a.detach().cpu() if isinstance(features_a, torch.Tensor) else features_a, np.float64)

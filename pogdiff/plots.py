@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pogdiff.atomic import write_atomic
-from pogdiff.metrics import BUCKETS, GROUPS, LOWER_IS_BETTER, metric_names
+from pogdiff.glossary import lower_is_better
+from pogdiff.metrics import BUCKETS, GROUPS, metric_names
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -51,7 +52,7 @@ def metric_bars(metrics: dict[str, float], title: str | None = None, columns: in
         values = [metrics[f"{g}/{name}"] for g in groups]
         bars = ax.bar(groups, values, color=[COLOURS[g] for g in groups])
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
-        ax.set_title(f"{name} ({'lower' if name in LOWER_IS_BETTER else 'higher'} is better)", fontsize=10)
+        ax.set_title(f"{name} ({'lower' if lower_is_better(name) else 'higher'} is better)", fontsize=10)
         ax.margins(y=0.15)
         ax.tick_params(labelsize=8)
     if title:

@@ -32,9 +32,9 @@ def columns(rows: Iterable[Sequence[str]], widths: Sequence[int]) -> list[str]:
 
 def bucket_pairs(metrics: Mapping[str, float], before: Mapping[str, float]) -> list[tuple[str, str, float, float | None]]:
     """``(bucket, metric, value, value before or None)`` for each ``"<bucket>/<metric>"`` of ``metrics``:
-    buckets in GROUPS order (many, medium, few, overall), metrics by name; other keys are left out."""
-    from pogdiff.metrics import GROUPS  # torch comes with it: only tables of metrics pay for that import
+    buckets in GROUPS order (many, medium, few, overall), metrics in the glossary's order; other keys are left out."""
+    from pogdiff.glossary import GROUPS, rank
 
-    names = sorted({k.split("/", 1)[1] for k in metrics if "/" in k})
+    names = sorted({k.split("/", 1)[1] for k in metrics if "/" in k}, key=rank)
     return [(bucket, name, metrics[key], before.get(key))
             for bucket in GROUPS for name in names if (key := f"{bucket}/{name}") in metrics]

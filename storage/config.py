@@ -53,9 +53,11 @@ class GateConfig(StageConfig):
     metric: str = "few/grecall"
     higher_is_better: bool = True
     min_improvement: float = Field(0.01, ge=0)  # 0 also promotes a tie
-    guard_metric: str | None = "overall/fid"  # None: no guard
+    # None: no guard. The default is the Fréchet distance of the default evaluation (pixels, 16); a
+    # retrain config that leaves it unset guards with the Fréchet distance its own evaluation reports.
+    guard_metric: str | None = "overall/frechet_pixels16"
     guard_lower_is_better: bool = True
-    # relative, so one default fits every feature extractor's FID scale
+    # relative, so one default fits every feature extractor's Fréchet distance scale
     max_worsening: float = Field(0.05, ge=0)
     worsening: Literal["relative", "absolute"] = "relative"
     # The head check (higher is better, absolute): a candidate whose well-covered individuals got worse

@@ -192,7 +192,8 @@ def caption_counts(dataset: Path, snapshot: str | None = None) -> dict[str, int]
     return {c["values"]: c["counts"] for c in sorted(counts, key=lambda c: c["values"])}
 
 
-def _manifest_path(dataset: Path, snapshot: str) -> Path:
+def manifest_path(dataset: Path, snapshot: str) -> Path:
+    """Where the manifest of ``snapshot`` lives: ``<dataset>/snapshots/<snapshot>.json``."""
     return dataset / SNAPSHOTS_DIR / f"{snapshot}.json"
 
 
@@ -200,7 +201,7 @@ def write_manifest(dataset: Path, snapshot: str, rows: int, batch_id: str) -> st
     """Record which part files make up ``snapshot`` (written once; a re-run finds it in place)."""
     if snapshot == "empty":
         return ""
-    path = _manifest_path(dataset, snapshot)
+    path = manifest_path(dataset, snapshot)
     if not path.exists():
         files = [
             {"path": p.relative_to(dataset).as_posix(), "rows": pq.ParquetFile(p).metadata.num_rows, "bytes": p.stat().st_size}
@@ -222,7 +223,7 @@ def write_manifest(dataset: Path, snapshot: str, rows: int, batch_id: str) -> st
 
 def read_manifest(dataset: Path, snapshot: str) -> dict:
     """The manifest of ``snapshot``: ``{snapshot_id, rows, files: [{path, rows, bytes}], batch_id, created_at}``."""
-    path = _manifest_path(Path(dataset), snapshot)
+    path = manifest_path(Path(dataset), snapshot)
     if not path.exists():
         raise FileNotFoundError(f"no manifest for snapshot {snapshot} in {dataset}")
     return json.loads(path.read_text(encoding="utf-8"))

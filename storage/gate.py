@@ -28,7 +28,9 @@ class GateCheck:
     champion: float | None
     change: float | None
     limit: float | None
-    status: str  # "passed" | "failed" | "missing" (no value on a side) | "skipped" (missing, ignored)
+    # "passed" | "failed" | "missing" (no value on a side) | "skipped" (missing, ignored) |
+    # "no-champion" (nothing to compare with: the version was promoted without the check)
+    status: str
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ def decide(
     """
     if champion_metrics is None:
         checks = {
-            name: GateCheck(role, _finite(new_metrics, name), None, None, None, "missing")
+            name: GateCheck(role, _finite(new_metrics, name), None, None, None, "no-champion")
             for role, name in (("metric", gate.metric), ("guard", gate.guard_metric), ("head", gate.head_metric))
             if name is not None
         }

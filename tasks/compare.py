@@ -11,7 +11,7 @@ from prefect import task
 from pogdiff.atomic import write_text_atomic
 from pogdiff.compare_page import Side, render
 from pogdiff.metrics import BUCKETS
-from storage.mlflow import connection, runs
+from storage.mlflow import connection, runs, ui
 from storage.mlflow.artifacts import read_run_files
 from storage.mlflow.references import ResolvedRun, resolve_run
 from storage.settings import Settings
@@ -35,7 +35,7 @@ def side(settings: Settings, r: ResolvedRun, label: str, detail: str) -> Side:
     with tempfile.TemporaryDirectory() as scratch:
         files = read_run_files(settings.mlflow_tracking_uri, r.run_id, ARTIFACT_DIR, names, Path(scratch))
     grids = {b: files[f"grid_{b}.png"] for b in BUCKETS if f"grid_{b}.png" in files}
-    return Side(label, detail, dict(r.metrics), grids, runs.run_link(settings.mlflow_ui_url, r.run_id))
+    return Side(label, detail, dict(r.metrics), grids, ui.run_link(settings.mlflow_ui_url, r.run_id))
 
 
 def comparison_page(settings: Settings, a: ResolvedRun, b: ResolvedRun) -> str:

@@ -18,6 +18,7 @@ from pydantic import model_validator
 from pogdiff import config as stage_config
 from pogdiff.config import EvaluateConfig, IndexConfig, StageConfig, TrainConfig, TuneConfig
 from pogdiff.config import ConfigError, read_config_file
+from pogdiff.glossary import GROUPS, evaluated_metrics, frechet_metric
 from storage.config import IngestConfig, RegisterConfig
 from storage.settings import REPO_ROOT
 
@@ -40,6 +41,41 @@ class RetrainConfig(StageConfig):
             raise ValueError(f"tune.eval_seed ({self.tune.eval_seed}) must differ from evaluate.seed: trials are scored "
                              "on a validation draw, not on the one reported scores come from")
         return self
+
+    @model_validator(mode="after")
+    def _gate_on_evaluated_metrics(self) -> "RetrainConfig":
+        """Every metric the gate reads must be one the evaluation reports: a name it never logs would
+        leave the check ``missing`` on every version, so no version would ever be promoted."""
+        names = evaluated_metrics(self.evaluate.feature_extractor, self.evaluate.feature_size)
+        gate = self.registry.gate
+        for field in ("metric", "guard_metric", "head_metric"):
+            key = getattr(gate, field)
+            group, _, name = (key or "").partition("/")
+            if key is not None and (group not in GROUPS or name not in names):
+                renamed = " (fid is now named after its feature, see pogdiff/glossary.py)" if name == "fid" else ""
+                raise ValueError(f"registry.gate.{field} {key!r} is not a metric the evaluation reports{renamed}: give "
+                                 f"'<bucket>/<metric>' with bucket one of {', '.join(GROUPS)} and metric one of "
+                                 f"{', '.join(names)} (evaluate.feature_extractor {self.evaluate.feature_extractor!r})")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _guard_on_the_evaluated_frechet(cls, data: Any) -> Any:
+        """A gate without its own ``guard_metric`` guards with the overall Fréchet distance of this
+        config's evaluation (named after its feature: ``overall/frechet_dinov2`` for ``dinov2``)."""
+        if not isinstance(data, dict):
+            return data
+        registry, evaluate = data.get("registry") or {}, data.get("evaluate") or {}
+        gate = (registry.get("gate") or {}) if isinstance(registry, dict) else None
+        if not isinstance(evaluate, dict) or not isinstance(gate, dict) or "guard_metric" in gate:
+            return data  # set by the user, or a section given as a model: the field validation has its say
+        fields = EvaluateConfig.model_fields
+        try:
+            metric = frechet_metric(evaluate.get("feature_extractor", fields["feature_extractor"].default),
+                                    int(evaluate.get("feature_size", fields["feature_size"].default)))
+        except (TypeError, ValueError):
+            return data  # a bad extractor or size: the evaluate section's validation names it
+        return {**data, "registry": {**registry, "gate": {**gate, "guard_metric": f"overall/{metric}"}}}
 
     @model_validator(mode="before")
     @classmethod

@@ -22,6 +22,7 @@ from pogdiff.plots import grecall_scatter, metric_bars, save_png
 from storage.mlflow import connection, runs
 from storage.settings import Settings
 from storage.training_set import load_real_set
+from tasks.describe import log_glossary
 
 ARTIFACT_DIR = "eval"
 
@@ -84,7 +85,8 @@ def write_report(result: EvalResult, real: RealSet, cfg: EvaluateConfig, out: Pa
 @task(name="evaluate")
 def evaluate_model(settings: Settings, cfg: EvaluateConfig, model_dir: str, run_id: str, snapshot: str | None = None) -> dict[str, float]:
     """Evaluate against the real images of ``snapshot`` (default: the dataset now). Returns
-    ``{"<bucket>/<metric>": value}``; the metrics go to the run, its files under ``eval/``."""
+    ``{"<bucket>/<metric>": value}``; the metrics go to the run, its files under ``eval/``, and what
+    each metric means to ``metrics_glossary.json`` / ``.md`` (``pogdiff.glossary``)."""
     log = _logger()
     pipe = load_pipeline(model_dir)  # pixel-space or Stable Diffusion folder, by its layout
     real = load_real_set(settings.dataset_uri, pipe.image_size, cfg.individual_column, snapshot)
@@ -99,6 +101,7 @@ def evaluate_model(settings: Settings, cfg: EvaluateConfig, model_dir: str, run_
     connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
     with runs.resume(run_id), tempfile.TemporaryDirectory() as tmp:
         runs.log_metrics(result.metrics)
+        log_glossary(result.metrics)
         write_report(result, real, cfg, Path(tmp))
         runs.log_artifacts(Path(tmp), ARTIFACT_DIR)
     log.info("evaluate: %s (gate=%s, %d images generated)", {k: round(v, 3) for k, v in result.metrics.items()},

@@ -12,7 +12,7 @@ from pogdiff.pipelines.base import ADAPTER_DIR  # the trainer saves a LoRA run's
 from storage import vectors
 from storage.config import RegisterConfig
 from storage.links import redact_uri
-from storage.mlflow import connection, packaging, registry, runs
+from storage.mlflow import connection, lineage, packaging, registry, runs
 from storage.settings import Settings
 from tasks.retry import IO_RETRIES
 
@@ -20,15 +20,19 @@ from tasks.retry import IO_RETRIES
 
 def register_version(settings: Settings, cfg: RegisterConfig, model_dir: str, run_id: str) -> str:
     """The version of ``cfg.model_name`` that ``run_id`` registers: logged now, or reused when an
-    earlier attempt of this task already registered it (a retry never adds a second version).
+    earlier attempt of this task already registered it (a retry never adds a second version). The
+    logged model behind it is linked to the run's dataset inputs (``lineage.link_models``).
 
     A LoRA run (``<run_dir>/lora`` beside ``<run_dir>/model``) logs only its adapter, with the
     base model the run's logged config names (param ``train.base_model``).
     """
     connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
-    existing = registry.version_of_run(cfg.model_name, run_id)
-    if existing is not None:
-        return existing
+    version = registry.version_of_run(cfg.model_name, run_id) or _log_version(settings, cfg, model_dir, run_id)
+    lineage.link_models(run_id)
+    return version
+
+
+def _log_version(settings: Settings, cfg: RegisterConfig, model_dir: str, run_id: str) -> str:
     caps = vectors.read_caption_table(settings.lancedb_uri).sort_by([("count", "descending")])
     example_prompts = caps.column("caption").to_pylist()[:2]
     adapter = Path(model_dir).parent / ADAPTER_DIR
@@ -71,7 +75,8 @@ def keep_champion_lineage(settings: Settings, model_name: str, run_id: str) -> s
 def register_model(settings: Settings, cfg: RegisterConfig, model_dir: str, run_id: str, metrics: dict[str, float]) -> dict:
     """Returns the promotion decision (``registry.PromotionDecision`` as a dict: ``promoted``,
     ``version``, ``champion_before``, ``decided_by``, ``reason``, ``checks``) plus ``model_name``,
-    ``run_id`` and the previous champion's metrics ``champion_metrics`` (empty when none)."""
+    ``run_id``, the previous champion's metrics ``champion_metrics`` (empty when none) and its run
+    ``champion_run_id`` (None when none)."""
     connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
     before = registry.champion(cfg.model_name)
     version = register_version(settings, cfg, model_dir, run_id)
@@ -80,4 +85,5 @@ def register_model(settings: Settings, cfg: RegisterConfig, model_dir: str, run_
     if decision.promoted and (problem := keep_champion_lineage(settings, cfg.model_name, run_id)):
         get_run_logger().warning("register: the champion's data versions are not tagged (%s)", problem)
     return {**asdict(decision), "model_name": cfg.model_name, "run_id": run_id,
-            "champion_metrics": before[1] if before else {}}
+            "champion_metrics": before[1] if before else {},
+            "champion_run_id": registry.version_run_id(cfg.model_name, before[0]) if before else None}

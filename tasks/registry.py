@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import task
-from prefect.runtime import flow_run
 
 from storage.mlflow import connection, lineage, runs
 from storage.mlflow.references import materialize
 from storage.settings import Settings
 from tasks.config import RetrainConfig
 from tasks.retry import IO_RETRIES
+from tasks.track import EVALUATE_ENTRYPOINT, flow_run_tags, git_commit
 
 
 @task(name="fetch-model", **IO_RETRIES)
@@ -23,15 +23,17 @@ def fetch_model(settings: Settings, model_name: str, ref: str) -> dict:
 
 @task(name="open-evaluation-run", **IO_RETRIES)
 def open_evaluation_run(settings: Settings, config: RetrainConfig, target: dict, snapshot: dict) -> str:
-    """A new run in the experiment, tagged with the version it evaluates and the data it used."""
+    """A new run in the experiment, tagged with the version it evaluates, the data it used, and
+    what ran it (source, user, commit, the Prefect flow run)."""
     connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
     tags = {
+        **runs.source_tags(EVALUATE_ENTRYPOINT, git_commit()),
+        **flow_run_tags(),
         "kind": "evaluation",
         "evaluated_model": target["model"],
         "evaluated_version": target["version"],
         "evaluated_run_id": target["run_id"],
         "dataset_snapshot_id": snapshot["snapshot_id"],
-        "prefect_flow_run_id": str(flow_run.get_id() or "none"),
     }
     name = f"evaluate-{target['model']}-v{target['version']}-{snapshot['snapshot_id']}"
     run_id = runs.start(config.registry.experiment, run_name=name, tags=tags)

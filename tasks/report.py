@@ -1,37 +1,73 @@
-"""Report task: the flow run's summary as a Prefect markdown artifact (DESIGN §2, issue 8)."""
+"""Report tasks: a flow run's summary as a Prefect markdown artifact (DESIGN §2, issue 8), with links
+into the MLflow UI (the run, the registered version, the run beside the champion's) and the meaning
+of every metric; and the bucket × metric table the MLflow descriptions share."""
 
 from __future__ import annotations
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
+from pogdiff.glossary import glossary_list, lower_is_better
 from pogdiff.tables import bucket_pairs, fmt, markdown
-from storage.mlflow import connection, runs
+from storage.mlflow import connection, ui
 from storage.settings import Settings
 
 
-def _table(metrics: dict[str, float], before: dict[str, float], new_label: str, before_label: str) -> list[str]:
-    rows = [(bucket, name, fmt(value), fmt(old), fmt(None if old is None else value - old, "+.3f"))
+def bucket_table(metrics: dict[str, float], before: dict[str, float], new_label: str, before_label: str) -> list[str]:
+    """Markdown lines: bucket, metric with its better direction (↑ higher, ↓ lower), the two values, delta."""
+    rows = [(bucket, f"{name} {'↓' if lower_is_better(name) else '↑'}", fmt(value), fmt(old),
+             fmt(None if old is None else value - old, "+.3f"))
             for bucket, name, value, old in bucket_pairs(metrics, before)]
     return markdown(["bucket", "metric", new_label, before_label, "delta"], rows, [False, False, True, True, True])
+
+
+def mlflow_links(ui_url: str | None, decision: dict) -> dict[str, str | None]:
+    """Links into the MLflow UI for a retrain's ``decision`` (``register_model``'s dict): ``run``,
+    ``version`` and ``compare`` (the run beside the champion's before it; None when there was none).
+    All None without a UI address. Needs the tracking URI configured."""
+    champion_run = decision.get("champion_run_id")
+    return {
+        "run": ui.run_link(ui_url, decision["run_id"]),
+        "version": ui.version_link(ui_url, decision["model_name"], decision["version"]),
+        "compare": ui.compare_link(ui_url, [decision["run_id"], champion_run]) if champion_run else None,
+    }
 
 
 def _footer(snapshot_id: str, run_id: str, link: str | None) -> str:
     return f"Dataset snapshot `{snapshot_id}`. MLflow run `{run_id}`" + (f": [open in MLflow]({link})" if link else ".")
 
 
-def render_report(metrics: dict[str, float], decision: dict, run_id: str, link: str | None, snapshot_id: str) -> str:
-    """Markdown: the bucket × metric table (new model, champion before, delta), decision, where to look."""
+def _links(decision: dict, links: dict[str, str | None]) -> str:
+    name, version, before = decision["model_name"], decision["version"], decision.get("champion_before")
+    parts = [f"[run `{decision['run_id']}`]({links['run']})" if links["run"] else f"run `{decision['run_id']}`",
+             f"[{name} version {version}]({links['version']})" if links["version"] else f"{name} version {version}"]
+    if links["compare"]:
+        parts.append(f"[this run beside champion v{before}'s]({links['compare']})")
+    elif not before or before == version:
+        parts.append("no earlier champion to compare with")
+    hint = "" if links["run"] else " (set POGDIFF_MLFLOW_UI_URL for links)"
+    return "**In MLflow:** " + " · ".join(parts) + hint
+
+
+def render_report(metrics: dict[str, float], decision: dict, links: dict[str, str | None], snapshot_id: str) -> str:
+    """Markdown: decision, links into MLflow, the bucket × metric table (new model, champion before,
+    delta), the dataset snapshot and the metrics glossary."""
     lines = [
         f"## Retrain: {decision['model_name']} version {decision['version']}",
         "",
         f"**Decision:** {'promoted to `champion`' if decision['promoted'] else 'stays `challenger`'} — {decision['reason']}",
         "",
-        *_table(metrics, decision.get("champion_metrics") or {}, "new", "champion before"),
+        _links(decision, links),
         "",
-        _footer(snapshot_id, run_id, link),
+        *bucket_table(metrics, decision.get("champion_metrics") or {}, "new", "champion before"),
+        "",
+        f"Dataset snapshot `{snapshot_id}`.",
+        "",
+        "**Metrics** (↑ higher is better, ↓ lower is better)",
+        "",
+        glossary_list(metrics),
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
 def render_evaluation(metrics: dict[str, float], target: dict, at_training: dict[str, float], run_id: str, link: str | None, snapshot_id: str) -> str:
@@ -39,19 +75,22 @@ def render_evaluation(metrics: dict[str, float], target: dict, at_training: dict
     lines = [
         f"## Evaluation: {target['model']} version {target['version']}",
         "",
-        *_table(metrics, at_training, "now", "at training"),
+        *bucket_table(metrics, at_training, "now", "at training"),
         "",
         _footer(snapshot_id, run_id, link),
+        "",
+        "**Metrics** (↑ higher is better, ↓ lower is better)",
+        "",
+        glossary_list(metrics),
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
 @task(name="report")
-def publish_report(settings: Settings, metrics: dict[str, float], decision: dict, run_id: str, snapshot_id: str) -> str:
+def publish_report(settings: Settings, metrics: dict[str, float], decision: dict, snapshot_id: str) -> str:
     """Creates the ``retrain-report`` markdown artifact; returns the artifact id."""
     connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
-    link = runs.run_link(settings.mlflow_ui_url, run_id)
-    markdown = render_report(metrics, decision, run_id, link, snapshot_id)
+    markdown = render_report(metrics, decision, mlflow_links(settings.mlflow_ui_url, decision), snapshot_id)
     return str(create_markdown_artifact(markdown=markdown, key="retrain-report", description="bucket × metric table and promotion decision"))
 
 
@@ -59,6 +98,6 @@ def publish_report(settings: Settings, metrics: dict[str, float], decision: dict
 def publish_evaluation_report(settings: Settings, metrics: dict[str, float], target: dict, run_id: str, snapshot_id: str) -> str:
     """Creates the ``evaluation-report`` markdown artifact; returns the artifact id."""
     connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
-    link = runs.run_link(settings.mlflow_ui_url, run_id)
+    link = ui.run_link(settings.mlflow_ui_url, run_id)
     markdown = render_evaluation(metrics, target, target["metrics"], run_id, link, snapshot_id)
     return str(create_markdown_artifact(markdown=markdown, key="evaluation-report", description="a registered version on today's data"))

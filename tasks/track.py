@@ -11,17 +11,22 @@ import subprocess
 
 import psutil
 
-from prefect import get_run_logger, task
+from prefect import get_client, get_run_logger, task
 from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
+from prefect.utilities.urls import url_for
 
 from storage import vectors
 from storage.links import redact_uri
-from storage.mlflow import connection, lineage, runs
+from storage.mlflow import connection, descriptions, lineage, runs
 from storage.settings import REPO_ROOT, Settings
 from storage.training_set import DataVersion
 from tasks.config import RetrainConfig
+from tasks.describe import PREFECT_FLOW_RUN_URL_TAG, describe_run, experiment_text
 from tasks.retry import IO_RETRIES
+
+RETRAIN_ENTRYPOINT = "flows/retrain.py:retrain"  # as prefect.yaml names it: the run's "Source" in MLflow
+EVALUATE_ENTRYPOINT = "flows/evaluate.py:evaluate_registered"
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
@@ -32,12 +37,41 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("pogdiff.track")
 
 
-def _git_commit() -> str:
+def git_commit() -> str | None:
+    """The checkout's commit, or None outside a git checkout (an installed package)."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
     except OSError:
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def flow_run_tags() -> dict[str, str]:
+    """``prefect_flow_run_id`` (``none`` outside a flow run) and, when the Prefect UI's address is
+    known (``PREFECT_UI_URL``, or derived from ``PREFECT_API_URL``), the flow run's page as
+    ``prefect_flow_run_url``, credentials removed."""
+    run_id = flow_run.get_id()
+    tags = {"prefect_flow_run_id": str(run_id or "none")}
+    url = url_for("flow-run", obj_id=run_id) if run_id else None
+    if url:
+        tags[PREFECT_FLOW_RUN_URL_TAG] = redact_uri(url)
+    return tags
+
+
+@task(name="label-flow-run", **IO_RETRIES)
+def label_flow_run(labels: dict[str, str]) -> list[str]:
+    """Add ``<key>:<value>`` tags (e.g. ``model:pogdiff-demo``) to the flow run this task runs in,
+    beside the tags it has, so runs can be found and filtered by them in the Prefect UI; returns its
+    tags. Outside a flow run it does nothing (returns ``[]``)."""
+    run_id = flow_run.get_id()
+    if run_id is None:
+        return []
+    with get_client(sync_client=True) as client:
+        current = client.read_flow_run(run_id).tags
+        tags = sorted(set(current) | {f"{key}:{value}" for key, value in labels.items()})
+        if set(tags) != set(current):
+            client.update_flow_run(run_id, tags=tags)
+    return tags
 
 
 def _lance_tables(uri: str, versions: dict[str, int] | None = None) -> dict[str, dict]:
@@ -142,8 +176,10 @@ def _crashed_run(experiment: str, key: str, log) -> str | None:
 def open_run(settings: Settings, config: RetrainConfig, data: DataVersion) -> str:
     """Start the MLflow run, or resume the one a crashed retrain of the same config and snapshot
     left RUNNING (tag ``resumed_from_crash=true``; same run id, so the same run folder and the
-    trainer continues from its last checkpoint). Logs the resolved config as params, lineage tags
-    and the data as inputs; every write repeats the same values, so a resumed run logs nothing new.
+    trainer continues from its last checkpoint). Logs the resolved config as params, lineage tags,
+    MLflow's source tags (``runs.source_tags``), the Prefect flow run (``flow_run_tags``) and the data
+    as inputs; every write repeats the same values, so a resumed run logs nothing new. Describes the
+    run (what it trains on) and, once, its experiment (``tasks.describe``).
 
     Inputs (MLflow datasets): context ``training`` = the Parquet snapshot and the LanceDB tables
     the trainer reads (``captions`` with its neighbour graph, ``image_features``); context
@@ -164,8 +200,8 @@ def open_run(settings: Settings, config: RetrainConfig, data: DataVersion) -> st
     captions, features = tables[vectors.CAPTIONS], tables[vectors.IMAGE_FEATURES]
     key = retrain_key(config, snapshot_id)
     tags = {
-        "git_commit": _git_commit(),
-        "prefect_flow_run_id": str(flow_run.get_id() or "none"),
+        **runs.source_tags(RETRAIN_ENTRYPOINT, git_commit()),
+        **flow_run_tags(),
         "dataset_snapshot_id": snapshot_id,
         "lancedb_captions_version": str(captions["version"]),
         "lancedb_image_features_version": str(features["version"]),
@@ -193,6 +229,8 @@ def open_run(settings: Settings, config: RetrainConfig, data: DataVersion) -> st
         lineage.log_lineage(f"eval-captions@lancedb-v{captions['version']}", redact_uri(captions["uri"]), captions["digest"],
                              "evaluation", captions["rows"])
         lineage.log_lineage(f"eval-references@{snapshot_id}", dataset, snapshot_id, "evaluation", num_rows)
+    descriptions.describe_experiment_once(config.registry.experiment, experiment_text(config.registry.model_name))
+    describe_run(settings, run_id)  # what it trains on; the register stage adds what became of it
     return run_id
 
 

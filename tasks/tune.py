@@ -47,6 +47,7 @@ from storage.mlflow import connection, runs
 from storage.settings import Settings
 from storage.training_set import DataVersion, load_real_set
 from tasks.config import RetrainConfig
+from tasks.describe import log_glossary
 from tasks.train import training_data
 
 TUNE_KEY_TAG = "tune_key"
@@ -169,6 +170,7 @@ def run_trial(settings: Settings, config: RetrainConfig, data: DataVersion, knob
                   resume=False)
             result = evaluate(pipe, real, eval_cfg, judge=detector.judge)  # as the evaluate task judges
             runs.log_metrics(result.metrics)
+            log_glossary(result.metrics)
     except BaseException:
         runs.end(child, "FAILED")
         raise

@@ -38,12 +38,12 @@ def _agg(pog_few: list[float], base_few: list[float], pog_many: list[float], bas
 
 
 def test_aggregate_gives_mean_sample_std_and_values_and_skips_missing() -> None:
-    agg = aggregate({"vanilla": [{"few/grecall": 0.1, "few/fid": 3.0}, {"few/grecall": 0.3}]})
+    agg = aggregate({"vanilla": [{"few/grecall": 0.1, "few/frechet_pixels16": 3.0}, {"few/grecall": 0.3}]})
     g = agg["vanilla"]["few"]["grecall"]
     assert g["values"] == [0.1, 0.3]
     assert g["mean"] == pytest.approx(0.2)
     assert g["std"] == pytest.approx(math.sqrt(0.02))  # ddof = 1
-    assert agg["vanilla"]["few"]["fid"] == {"mean": 3.0, "std": 0.0, "values": [3.0]}
+    assert agg["vanilla"]["few"]["frechet_pixels16"] == {"mean": 3.0, "std": 0.0, "values": [3.0]}
 
 
 def test_goal_needs_a_margin_above_the_larger_std_on_few_and_tolerates_one_std_on_many() -> None:

@@ -4,6 +4,7 @@ with its weights or LoRA adapter, the ``pogdiff`` sources, pinned requirements a
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from packaging.version import Version
 
 from storage.mlflow.runs import require_run
 
-MODEL_ARTIFACT = "model"  # name of the logged model and of its weights artifact
+MODEL_ARTIFACT = "model"  # name of the model's weights artifact
 MODEL_CODE = Path(__file__).resolve().parent / "pyfunc_model.py"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Installed distributions the logged model needs at load time (pinned to what is installed now).
@@ -132,6 +133,12 @@ def _adapter_weights(model_dir: Path, adapter_dir: Path, base_model: str, stagin
     return _Weights(artifacts, config, ADAPTER_REQUIREMENTS)
 
 
+def logged_model_name(registered_model_name: str) -> str:
+    """The logged model's name: the registered model's, with the characters MLflow refuses in a
+    logged model name (``/ : . % " '``) replaced by ``-``; e.g. ``pogdiff-demo``."""
+    return re.sub(r"[/:.%\"']", "-", registered_model_name)
+
+
 def log_model(
     model_dir: Path,
     registered_model_name: str,
@@ -149,7 +156,8 @@ def log_model(
     the ``base_model`` it was trained on), only the adapter and the base model reference (see
     ``_adapter_weights``); the model config (``config`` of the pyfunc flavour in MLmodel) says which
     (``weights``: ``full`` | ``lora``, ``base_model``, ``base_model_digest``). Load it with
-    ``mlflow.pyfunc.load_model("models:/<name>@champion")``.
+    ``mlflow.pyfunc.load_model("models:/<name>@champion")``. The logged model is named after the
+    registered model (``logged_model_name``).
     """
     from pogdiff.pipelines.base import META_FILE
 
@@ -175,7 +183,7 @@ def log_model(
             weights = _adapter_weights(model_dir, Path(adapter_dir), str(base_model), staging)
         code = _copy_package_code("pogdiff", staging / "code")
         info = mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT,
+            name=logged_model_name(registered_model_name),
             python_model=str(MODEL_CODE),
             artifacts=weights.artifacts,
             code_paths=[str(code)],

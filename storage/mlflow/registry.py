@@ -207,9 +207,10 @@ def version_run_id(model_name: str, version: str) -> str | None:
     return model_version(MlflowClient(), model_name, version).run_id or None
 
 
+
 def _is_key_metric(name: str) -> bool:
-    # evaluation metrics are "<bucket>/<metric>"; per-step training and system metrics are not
-    return "/" in name and not name.startswith(("train/", "system/"))
+    # evaluation metrics are "<bucket>/<metric>"; per-step training, system and input-size metrics are not
+    return "/" in name and not name.startswith(("train/", "system/", "data/"))
 
 
 def list_versions(model_name: str) -> list[dict[str, Any]]:

@@ -1,5 +1,5 @@
 """MLflow runs: open, resume and close them, and log into the active one (tags, the resolved config
-as params, metrics, artifacts); find the runs a crash left behind; link to a run in the MLflow UI.
+as params, metrics, artifacts); find the runs a crash left behind.
 
 Everything works on run ids, or on the active run of the current thread (opened with ``run`` or
 ``resume``), so callers never hold an MLflow client.
@@ -7,6 +7,7 @@ Everything works on run ids, or on the active run of the current thread (opened 
 
 from __future__ import annotations
 
+import getpass
 import json
 import math
 import re
@@ -14,16 +15,15 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
-from mlflow.entities import RunStatus
+from mlflow.entities import RunStatus, SourceType
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH  # limits MLflow enforces
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
-from storage.links import redact_uri
 from storage.mlflow.connection import experiment_id, system_metrics_enabled
 
 CONFIG_ARTIFACT = "config.json"
@@ -79,6 +79,20 @@ def resume(run_id: str) -> Iterator[str]:
     finally:
         # Leave the status RUNNING: only ``end`` decides how the run finished.
         mlflow.end_run(RunStatus.to_string(RunStatus.RUNNING))
+
+
+def source_tags(entrypoint: str, commit: str | None) -> dict[str, str]:
+    """MLflow's own tags for what ran a run, shown as "Source", "Created by" and the commit chip of
+    the run page: ``entrypoint`` (e.g. ``flows/retrain.py:retrain``) as a job, the OS user, and the
+    git commit (left out when ``None``: not a git checkout)."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no login name and no passwd entry (some containers)
+        user = "unknown"
+    tags = {MLFLOW_SOURCE_NAME: entrypoint, MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.JOB), MLFLOW_USER: user}
+    if commit:
+        tags[MLFLOW_GIT_COMMIT] = commit
+    return tags
 
 
 def end(run_id: str, status: str = "FINISHED") -> None:
@@ -137,6 +151,12 @@ def run_tags(run_id: str) -> dict[str, str]:
 def log_artifacts(local_dir: Path, artifact_path: str | None = None) -> None:
     require_run("log_artifacts")
     mlflow.log_artifacts(str(local_dir), artifact_path)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    """Write ``text`` as the artifact ``artifact_file`` (e.g. ``notes/summary.md``) of the active run."""
+    require_run("log_text")
+    mlflow.log_text(text, artifact_file)
 
 
 def require_run(what: str) -> None:
@@ -220,17 +240,3 @@ def finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
             raise ValueError(f"metric {key!r} is {number} (must be finite)")
         clean[key] = number
     return clean
-
-
-def run_link(ui_url: str | None, run_id: str) -> str | None:
-    """``<ui>/#/experiments/<experiment id>/runs/<run id>``, or ``None`` when no UI address is known.
-
-    Needs the tracking URI configured (``connection.configure``). Credentials in ``ui_url`` never
-    reach the link: it ends up in Prefect artifacts that every user of the server can read.
-    """
-    if not ui_url:
-        return None
-    experiment = MlflowClient().get_run(run_id).info.experiment_id
-    # the UI routes by the fragment: it goes after any query string, not into it
-    parts = urlsplit(redact_uri(ui_url))
-    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/", fragment=f"/experiments/{experiment}/runs/{run_id}"))

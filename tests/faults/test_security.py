@@ -245,8 +245,8 @@ def _status(url: str, user: str | None = None, password: str = "") -> int:
 def test_uri_password_never_reaches_logs_mlflow_or_prefect(mlflow_server, prefect_api, tiny, tmp_path, monkeypatch, capfd):
     """A retrain against a server that enforces basic auth, its tracking URI and UI URL carrying
     the password: it works (so the credentials reach every request, the model download included),
-    and the password is in none of its output, params, tags, artifacts, registry tags, Prefect
-    artifacts or Prefect logs; then every other command on the same settings."""
+    and the password is in none of its output, params, tags, artifacts, registry tags, descriptions,
+    Prefect artifacts or Prefect logs; then every other command on the same settings."""
     source, config, _ = tiny
     secret = SECRET
     search = f"http://127.0.0.1:{mlflow_server}/api/2.0/mlflow/experiments/search?max_results=1"
@@ -282,6 +282,9 @@ def test_uri_password_never_reaches_logs_mlflow_or_prefect(mlflow_server, prefec
     model = run.data.params["registry.model_name"]
     for version in mlflow.search_model_versions(f"name = '{model}'"):
         assert all(secret not in f"{k}={v}" for k, v in version.tags.items())
+        assert "***@mlflow.example.org" in version.description and secret not in version.description  # its links
+    assert secret not in mlflow.get_registered_model(model).description
+    assert all(secret not in v for v in mlflow.get_experiment_by_name(EXPERIMENT).tags.values())
 
     # every other command on the same credentialed settings, its success and its error paths
     commands = [
@@ -307,4 +310,4 @@ def test_uri_password_never_reaches_logs_mlflow_or_prefect(mlflow_server, prefec
     record("password in the MLflow tracking URI and UI URL (`http://alice:<pw>@host`)", "all",
            "run works against a real MLflow server that enforces basic auth (401 without the password); password in none of: stdout/stderr of retrain, models, compare, promote, "
            "evaluate (success and error paths), Prefect logs and artifacts, MLflow params, tags, inputs, artifacts, "
-           "version tags, experiment location")
+           "version tags and descriptions, model and experiment descriptions, experiment location")

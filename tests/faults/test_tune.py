@@ -72,6 +72,7 @@ def test_tune_resumes_from_finished_trials_after_a_kill_and_writes_a_loadable_co
     for r in finished:
         # scored on the validation draw: evaluate.seed (1234) is where the reported scores come from
         assert r.data.params["eval_seed"] == "99" and "few/grecall" in r.data.metrics and "many/accuracy" in r.data.metrics
+        assert {"metrics_glossary.json", "metrics_glossary.md"} <= {a.path for a in client.list_artifacts(r.info.run_id)}
     assert {a.path for a in client.list_artifacts(parent, "tune")} == {"tune/trials.md", "tune/trials.png", "tune/tuned.yaml"}
 
     tuned = load_config(tmp_path / "tuned.yaml")

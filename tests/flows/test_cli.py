@@ -80,3 +80,21 @@ def test_ingest_prints_a_report_table_and_bad_sources_are_one_line(pogdiff, tmp_
     missing = pogdiff("ingest", str(tmp_path / "nowhere"), home=tmp_path / "home")
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [f"error: source folder not found: {tmp_path / 'nowhere'}"]
+
+
+def test_the_demo_links_point_where_its_printed_ui_commands_serve(tmp_path, monkeypatch):
+    from flows.cli import demo_ui_urls
+    from storage.settings import load_settings
+
+    monkeypatch.setenv("POGDIFF_HOME", str(tmp_path))
+    for key in ("POGDIFF_MLFLOW_UI_URL", "POGDIFF_MLFLOW_TRACKING_URI", "POGDIFF_PREFECT_API_URL"):
+        monkeypatch.setenv(key, "")  # unset, and restored after the test whatever the demo sets
+    settings, prefect_ui = demo_ui_urls(load_settings())
+    # `mlflow ui --port 5000` and `prefect server start` serve on 127.0.0.1 by default
+    assert (settings.mlflow_ui_url, prefect_ui) == ("http://127.0.0.1:5000", "http://127.0.0.1:4200")
+    assert load_settings().mlflow_ui_url == "http://127.0.0.1:5000"  # as the flow's tasks load it
+    # configured addresses win: Prefect derives its UI address from its API address
+    monkeypatch.setenv("POGDIFF_MLFLOW_UI_URL", "https://mlflow.example.org")
+    monkeypatch.setenv("POGDIFF_PREFECT_API_URL", "http://prefect.example.org:4200/api")
+    settings, prefect_ui = demo_ui_urls(load_settings())
+    assert (settings.mlflow_ui_url, prefect_ui) == ("https://mlflow.example.org", None)

@@ -18,6 +18,7 @@ from prefect.workers.base import BaseJobConfiguration
 
 from flows.cli_serve import overrides
 from flows.deployments import GPU_PREFECT_YAML, load_specs, to_runner_deployment
+from tasks.track import EVALUATE_ENTRYPOINT, RETRAIN_ENTRYPOINT
 
 GPU_DIR = GPU_PREFECT_YAML.parent
 IMAGE = "registry.example.org/pogdiff:1a2b3c4"
@@ -36,6 +37,8 @@ def test_deployments_entrypoints_and_parameters():
             assert spec.concurrency_limit == 1, f"{spec.name}: scheduled runs must never overlap"
     # `prefect deploy --all` on a machine with only the process pool: prefect.yaml names no other pool
     assert {s.work_pool for s in specs} == {"local"} and gpu[0].work_pool == "gpu"
+    # the runs' MLflow "Source" names the deployments' entrypoints
+    assert {RETRAIN_ENTRYPOINT, EVALUATE_ENTRYPOINT} <= {s.entrypoint for s in specs}
 
 
 def test_a_bad_parameter_in_a_deployment_is_rejected():

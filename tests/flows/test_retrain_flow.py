@@ -1,6 +1,10 @@
 """End to end: the retrain flow on a tiny data set, on a real Prefect test server, LanceDB and MLflow."""
 
 import csv
+import getpass
+import json
+import subprocess
+from pathlib import Path
 
 import lancedb
 import pytest
@@ -11,14 +15,17 @@ from prefect.artifacts import Artifact
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from pogdiff.demo import catalogue
+from pogdiff.glossary import glossary
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from storage import dataset
 from storage.mlflow import connection
+from storage.settings import REPO_ROOT
 from tasks.config import parse_config
 
 pytestmark = pytest.mark.slow  # servers, processes or whole flows: see pyproject's marker
 
 K = 3
+UI = "http://mlflow.test:5000"  # the MLflow UI address links are made of (nothing needs to serve it)
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +55,75 @@ def _task_names(flow_state) -> list[str]:
     return [name for name, _ in _task_runs(flow_state)]
 
 
+def _flow_run(flow_state):
+    with get_client(sync_client=True) as api:
+        return api.read_flow_run(flow_state.state_details.flow_run_id)
+
+
+def _check_reviewer_records(client, run, flow_state, first: dict, home, prefect_api: str) -> None:
+    """What a reviewer opens after the first retrain explains itself and links to the rest (issue 20)."""
+    tags, snapshot, flow_run_id = run.data.tags, first["ingest"]["snapshot_id"], str(flow_state.state_details.flow_run_id)
+    # what ran it: MLflow's own source, commit and user tags
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    assert (tags["mlflow.source.name"], tags["mlflow.source.type"]) == ("flows/retrain.py:retrain", "JOB")
+    assert tags["mlflow.source.git.commit"] == commit and tags["mlflow.user"] == getpass.getuser()
+    # links both ways: the run names its flow run's page; the flow run carries model, snapshot and method
+    flow_url = f"{prefect_api.removesuffix('/api')}/runs/flow-run/{flow_run_id}"
+    assert tags["prefect_flow_run_id"] == flow_run_id and tags["prefect_flow_run_url"] == flow_url
+    assert {"model:e2e-model", f"snapshot:{snapshot}", "method:pogdiff"} <= set(_flow_run(flow_state).tags)
+
+    # the logged model: named after the registered model, its "Datasets used" are the run's five inputs
+    v1 = client.get_model_version("e2e-model", "1")
+    (output,) = run.outputs.model_outputs
+    logged = client.get_logged_model(output.model_id)
+    assert v1.source == f"models:/{output.model_id}"
+    inputs = {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}
+    assert logged.name == "e2e-model" and len(inputs) == 5
+    assert {(m.dataset_name, m.dataset_digest) for m in logged.metrics if m.dataset_name} == inputs
+    rows = {m.key: m.value for m in logged.metrics if m.key.startswith("data/")}
+    assert rows["data/training/dataset/rows"] == first["snapshot"]["rows"]
+
+    # the glossary of every metric the run logged, as JSON and markdown artifacts
+    logged_names = {k.split("/", 1)[1] for k in first["metrics"]}
+    local = client.download_artifacts(run.info.run_id, "metrics_glossary.json", str(home / "glossary"))
+    assert json.loads(Path(local).read_text(encoding="utf-8")) == glossary(first["metrics"])
+    assert set(glossary(first["metrics"])["metrics"]) == logged_names
+    md = Path(client.download_artifacts(run.info.run_id, "metrics_glossary.md", str(home / "glossary"))).read_text(encoding="utf-8")
+    assert "| `frechet_pixels16` | lower |" in md and "Why overall differs" in md
+
+    # descriptions: the run, the experiment, the registered model and the version
+    version_link = f"{UI}/#/models/e2e-model/versions/1"
+    run_link = f"{UI}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    first_version = "First version: promoted to `champion` because there was no champion to compare with"
+    note = tags["mlflow.note.content"]
+    assert f"Registered as [e2e-model version 1]({version_link})." in note and first_version in note
+    assert f"dataset snapshot `{snapshot}` ({first['snapshot']['rows']} rows), by Prefect flow run [`{flow_run_id}`]({flow_url})" in note
+    assert "| few | grecall ↑ |" in note and "- `frechet_pixels16` (lower is better)" in note
+    text = v1.description
+    assert text.startswith("### e2e-model version 1") and first_version in text and f"[`{run.info.run_name}`]({run_link})" in text
+    assert f"by Prefect flow run [`{flow_run_id}`]({flow_url})" in text and "| overall | frechet_pixels16 ↓ |" in text
+    manifest = (home / "dataset" / "snapshots" / f"{snapshot}.json").as_uri()
+    assert f"[its manifest]({manifest})" in text
+    for name, _ in inputs:  # each input with its row count
+        assert f"| `{name}` |" in text
+    assert f"| `dataset@{snapshot}` | training | {first['snapshot']['rows']} |" in text
+    assert "#### Metrics glossary" in text and len(text) <= 5000
+    assert "`challenger`: the latest version" in client.get_registered_model("e2e-model").description
+    assert "overall/frechet_pixels16` worsens by at most 5 %" in client.get_registered_model("e2e-model").description
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.note.content"].startswith("Runs of the PoGDiff pipeline for `e2e-model`")
+
+    # the Prefect report links the run and the version (no champion yet: nothing to compare)
+    report = Artifact.get("retrain-report").data
+    assert f"[run `{run.info.run_id}`]({run_link})" in report and f"[e2e-model version 1]({version_link})" in report
+    assert "no earlier champion to compare with" in report
+
+
 def test_retrain_flow_end_to_end(prefect_server, setup, monkeypatch):
     root, source, summary, config = setup
     home = root / "home"
     monkeypatch.setenv("POGDIFF_HOME", str(home))
+    monkeypatch.setenv("POGDIFF_MLFLOW_UI_URL", UI)
     from flows.retrain import retrain
 
     state = retrain(str(source), config, return_state=True)
@@ -94,10 +166,11 @@ def test_retrain_flow_end_to_end(prefect_server, setup, monkeypatch):
 
     # the run page tells the story: a markdown artifact with the bucket table and the decision
     artifact = Artifact.get("retrain-report")
-    assert artifact is not None and "| few | grecall |" in artifact.data and "version 1" in artifact.data
+    assert artifact is not None and "| few | grecall ↑ |" in artifact.data and "version 1" in artifact.data
     assert first["run_id"] in artifact.data
     progress = Artifact.get("training-progress")
     assert progress is not None and float(progress.data) == 100.0
+    _check_reviewer_records(client, run, state, first, home, prefect_server)
 
     # a second run over unchanged data skips ingest and index (cache hits), but trains a new version
     state = retrain(str(source), config, return_state=True)
@@ -110,6 +183,14 @@ def test_retrain_flow_end_to_end(prefect_server, setup, monkeypatch):
     assert second["run_id"] != first["run_id"]
     assert second["decision"]["version"] == "2"
     assert client.get_registered_model("e2e-model").aliases.get("challenger") in (2, "2")
+    # the second version is described against the first, and the report links the two runs side by side
+    v2 = client.get_model_version("e2e-model", "2").description
+    assert ("Promoted to `champion` over version 1: the gate passed" in v2
+            or "Stays `challenger`; version 1 remains `champion` because the gate failed" in v2), v2
+    assert "| version 2 | champion v1 | delta |" in v2 and "Compare the runs in MLflow." in v2
+    compare = f"{UI}/#/compare-runs?runs=%5B%22{second['run_id']}%22%2C%20%22{first['run_id']}%22%5D"
+    assert f"[this run beside champion v1's]({compare}" in Artifact.get("retrain-report").data
+    assert client.get_model_version("e2e-model", "1").description.startswith("### e2e-model version 1")
 
     # a new image in the source is a cache miss: ingest runs and adds exactly that row
     extra = source / "extra.png"
@@ -135,4 +216,4 @@ def test_retrain_flow_end_to_end(prefect_server, setup, monkeypatch):
     assert "e2e-model v1: at training (A) and on today&#x27;s data (B)" in page and first["run_id"] in page
     assert page.count('src="data:image/png;base64,') == 6  # many, medium and few, A beside B
     report = Artifact.get("evaluation-report")
-    assert report is not None and "| overall | grecall |" in report.data and "at training" in report.data
+    assert report is not None and "| overall | grecall ↑ |" in report.data and "at training" in report.data

@@ -6,8 +6,8 @@ from html.parser import HTMLParser
 
 from pogdiff.compare_page import Side, comparison_rows, direction, render
 
-A = {"few/grecall": 0.2, "overall/grecall": 0.5, "overall/fid": 30.0, "train/loss": 0.3}
-B = {"few/grecall": 0.5, "overall/grecall": 0.5, "overall/fid": 25.0}
+A = {"few/grecall": 0.2, "overall/grecall": 0.5, "overall/frechet_pixels16": 30.0, "train/loss": 0.3}
+B = {"few/grecall": 0.5, "overall/grecall": 0.5, "overall/frechet_pixels16": 25.0}
 PNG_A, PNG_B = b"\x89PNG a-few", b"\x89PNG b-few"
 
 
@@ -54,22 +54,22 @@ def test_page_inlines_the_grids_and_signs_deltas_by_direction():
     assert not re.search(r"url\(|@import", page)
     # the table: bucket, metric, direction, A, B, B - A, which side is better
     assert ["few", "grecall", "higher", "0.2000", "0.5000", "+0.3000", "B"] in parsed.rows
-    assert ["overall", "fid", "lower", "30.0000", "25.0000", "-5.0000", "B"] in parsed.rows
+    assert ["overall", "frechet_pixels16", "lower", "30.0000", "25.0000", "-5.0000", "B"] in parsed.rows
     assert ["overall", "grecall", "higher", "0.5000", "0.5000", "+0.0000", "="] in parsed.rows
     assert not any("loss" in row for row in parsed.rows)
 
 
-def test_rows_have_deltas_and_know_that_lower_fid_is_better():
-    old = {**A, "few/fid": 40.0, "many/grecall": 0.8}
+def test_rows_have_deltas_and_know_that_a_lower_frechet_distance_is_better():
+    old = {**A, "few/frechet_pixels16": 40.0, "many/grecall": 0.8}
     new = {**B, "many/grecall": 0.8, "few/accuracy": 0.9}
     rows = {(r["bucket"], r["metric"]): r for r in comparison_rows(old, new)}
     # bucket metrics only (train/loss is not one), in bucket then display order
-    assert list(rows)[:4] == [("many", "grecall"), ("few", "grecall"), ("few", "accuracy"), ("few", "fid")]
+    assert list(rows)[:4] == [("many", "grecall"), ("few", "grecall"), ("few", "accuracy"), ("few", "frechet_pixels16")]
     assert rows[("few", "grecall")] == {"bucket": "few", "metric": "grecall", "a": 0.2, "b": 0.5,
                                         "delta": 0.3, "better": "B"}
     assert rows[("many", "grecall")]["better"] == "="
-    assert rows[("overall", "fid")]["delta"] == -5.0 and rows[("overall", "fid")]["better"] == "B"
-    assert rows[("few", "fid")] == {"bucket": "few", "metric": "fid", "a": 40.0, "b": None, "delta": None, "better": None}
+    assert rows[("overall", "frechet_pixels16")]["delta"] == -5.0 and rows[("overall", "frechet_pixels16")]["better"] == "B"
+    assert rows[("few", "frechet_pixels16")] == {"bucket": "few", "metric": "frechet_pixels16", "a": 40.0, "b": None, "delta": None, "better": None}
     assert rows[("few", "accuracy")]["a"] is None
     assert comparison_rows(new, old)[1]["better"] == "A"  # few/grecall, seen the other way round
-    assert (direction("fid"), direction("grecall")) == ("lower", "higher")
+    assert (direction("frechet_pixels16"), direction("grecall")) == ("lower", "higher")

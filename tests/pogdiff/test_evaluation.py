@@ -16,7 +16,8 @@ from pogdiff.evaluation import (
     group_by_metadata,
     images_per_individual,
 )
-from pogdiff.metrics import FID_MIN_SAMPLES, METRIC_ORDER
+from pogdiff.glossary import evaluated_metrics
+from pogdiff.metrics import FRECHET_MIN_SAMPLES
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from pogdiff.plots import grecall_scatter, metric_bars, save_png
 
@@ -45,7 +46,7 @@ def pipe(tiny_spec):
 
 
 def _cfg(**over) -> EvaluateConfig:
-    # 8 x 8 pixel features (192-d): FID's eigendecompositions of 768-d covariances would dominate the run time
+    # 8 x 8 pixel features (192-d): the Fréchet distance's eigendecompositions of 768-d covariances would dominate the run time
     base = {"min_images_per_individual": 3, "max_images_per_individual": 8, "num_inference_steps": 2,
             "batch_size": 16, "gate": "nearest", "feature_size": 8, "buckets": {"many_above": 10, "few_below": 3}}
     return parse_config({**base, **over}, EvaluateConfig)
@@ -89,7 +90,7 @@ def test_images_per_individual_is_clamped_count():
         _cfg(images_per_caption=8)
 
 
-def test_same_seed_same_metrics_independent_of_batch_size_and_fid_left_out_below_minimum(pipe, real):
+def test_same_seed_same_metrics_independent_of_batch_size_and_frechet_left_out_below_minimum(pipe, real):
     cfg = _cfg()
     first = evaluate(pipe, real, cfg)
     second = evaluate(pipe, real, _cfg(batch_size=5))  # one flat prompt list: batching changes no draw
@@ -107,15 +108,17 @@ def test_same_seed_same_metrics_independent_of_batch_size_and_fid_left_out_below
 
     per_bucket = ("grecall", "grecall_norm", "accuracy", "nearest_accuracy", "similarity")
     expected = {f"{b}/{m}" for b in ("many", "medium", "few", "overall") for m in per_bucket}
-    # FID: many = 16 generated vs 24 real, medium = 10 vs 10, overall = 32 vs 38 images; few has
-    # only 4 real images and 6 generated ones (< FID_MIN_SAMPLES): no value at all, and the info says why
-    assert FID_MIN_SAMPLES == 10
-    expected |= {"many/fid", "medium/fid", "overall/fid", "overall/separability"}
+    # Fréchet distance on 8x8-pixel features, named after them: many = 16 generated vs 24 real,
+    # medium = 10 vs 10, overall = 32 vs 38 images; few has only 4 real images and 6 generated ones
+    # (< FRECHET_MIN_SAMPLES): no value at all, and the info says why
+    assert FRECHET_MIN_SAMPLES == 10
+    expected |= {"many/frechet_pixels8", "medium/frechet_pixels8", "overall/frechet_pixels8", "overall/separability"}
     assert set(first.metrics) == expected
+    assert {k.split("/")[1] for k in expected} == set(evaluated_metrics("pixels", 8))  # every one in the glossary
     assert all(math.isfinite(v) for v in first.metrics.values())
-    assert first.metrics["overall/fid"] > 0
-    assert first.info["fid.few"] == "left out: 6 generated vs 4 real images, fewer than FID_MIN_SAMPLES=10"
-    assert first.info["fid.many"] == "16 generated vs 24 real images"
+    assert first.metrics["overall/frechet_pixels8"] > 0
+    assert first.info["frechet_pixels8.few"] == "left out: 6 generated vs 4 real images, fewer than FRECHET_MIN_SAMPLES=10"
+    assert first.info["frechet_pixels8.many"] == "16 generated vs 24 real images"
     assert first.info["gate"] == "nearest" and first.info["feature_extractor"] == "pixels8"
     assert first.info["grouped_by"] == "individual" and first.info["individuals"] == 6
     assert (first.info["min_images_per_individual"], first.info["max_images_per_individual"]) == (3, 8)
@@ -166,9 +169,9 @@ def test_a_perfect_memoriser_scores_full_marks_with_the_judge(real):
         # the demo's exact detector reads the right individual (by its name) off every clean render
         assert m[f"{b}/accuracy"] == 1.0
     assert result.info["gate"] == "judge"
-    # the generated images are the training images themselves: identical sets, FID 0
-    assert m["many/fid"] == pytest.approx(0.0, abs=1e-9)
-    assert m["overall/fid"] == pytest.approx(0.0, abs=1e-9)
+    # the generated images are the training images themselves: identical sets, Fréchet distance 0
+    assert m["many/frechet_pixels8"] == pytest.approx(0.0, abs=1e-9)
+    assert m["overall/frechet_pixels8"] == pytest.approx(0.0, abs=1e-9)
     assert m["overall/separability"] == pytest.approx(1.0)  # every individual told apart
     # the judge is the caller's: without one the gate is the nearest-individual test, whatever cfg.gate says
     assert evaluate(ReplayGenerator(real), real, cfg).info["gate"] == "nearest"
@@ -292,9 +295,10 @@ def test_plots_write_pngs(tmp_path):
     assert ax.collections[2].get_offsets().tolist() == [[40, 0.25]]
     path = save_png(scatter, tmp_path / "sub" / "scatter.png")
     # every metric: panels wrap three to a row, so the picture stays readable in the MLflow viewer
-    every = {f"{g}/{m}": 0.5 for g in ("many", "few", "overall") for m in METRIC_ORDER}
+    names = evaluated_metrics("pixels", 16)
+    every = {f"{g}/{m}": 0.5 for g in ("many", "few", "overall") for m in names}
     full = save_png(metric_bars(every, "title"), tmp_path / "all.png")
-    assert len(metric_bars(every).axes) == len(METRIC_ORDER) == 7
+    assert len(metric_bars(every).axes) == len(names) == 7
     for p in (bars, path, full):
         with Image.open(p) as im:
             assert im.format == "PNG" and 100 < im.size[0] <= 1000

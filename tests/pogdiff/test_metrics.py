@@ -6,7 +6,7 @@ import torch
 from scipy import linalg
 
 from pogdiff.metrics import (
-    FID_MIN_SAMPLES,
+    FRECHET_MIN_SAMPLES,
     assign_buckets,
     bucket_means,
     feature_similarity,
@@ -150,7 +150,7 @@ def test_normalised_coverage_divides_by_what_n_samples_could_cover():
         grecall_normalised(raw, np.array([4]), np.array([2, 3]))
 
 
-def _reference_fid(a: np.ndarray, b: np.ndarray) -> float:
+def _reference_frechet(a: np.ndarray, b: np.ndarray) -> float:
     """The textbook formula with scipy's general matrix square root."""
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
@@ -164,12 +164,12 @@ def test_frechet_distance_matches_scipy_reference(n_a, n_b, dim, shift):
     mix = rng.normal(size=(dim, dim))  # correlated features, different covariances for a and b
     a = rng.normal(size=(n_a, dim)) @ mix
     b = rng.normal(size=(n_b, dim)) @ (mix + 0.3 * rng.normal(size=(dim, dim))) + shift
-    expected = _reference_fid(a, b)
+    expected = _reference_frechet(a, b)
     assert expected > 0
     assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
     # float32 torch tensors are accepted and promoted to float64
     assert frechet_distance(torch.from_numpy(a).float(), torch.from_numpy(b).float()) == pytest.approx(
-        _reference_fid(a.astype(np.float32).astype(np.float64), b.astype(np.float32).astype(np.float64)), rel=1e-6
+        _reference_frechet(a.astype(np.float32).astype(np.float64), b.astype(np.float32).astype(np.float64)), rel=1e-6
     )
 
 
@@ -180,19 +180,19 @@ def test_frechet_distance_is_zero_for_identical_sets_and_symmetric():
     b = rng.normal(size=(40, 12)) + 1.0
     assert frechet_distance(a, b) == pytest.approx(frechet_distance(b, a), rel=1e-9)
     # fewer samples than dimensions: rank-deficient covariances still give the reference value
-    c, d = rng.normal(size=(FID_MIN_SAMPLES, 30)), rng.normal(size=(FID_MIN_SAMPLES + 5, 30))
-    assert frechet_distance(c, d) == pytest.approx(_reference_fid(c, d), rel=1e-6)
+    c, d = rng.normal(size=(FRECHET_MIN_SAMPLES, 30)), rng.normal(size=(FRECHET_MIN_SAMPLES + 5, 30))
+    assert frechet_distance(c, d) == pytest.approx(_reference_frechet(c, d), rel=1e-6)
 
 
 def test_frechet_distance_rejects_too_few_samples_and_bad_shapes():
     rng = np.random.default_rng(0)
-    ok = rng.normal(size=(FID_MIN_SAMPLES, 4))
-    with pytest.raises(ValueError, match=f"at least {FID_MIN_SAMPLES} samples per set; features_b has {FID_MIN_SAMPLES - 1}"):
+    ok = rng.normal(size=(FRECHET_MIN_SAMPLES, 4))
+    with pytest.raises(ValueError, match=f"at least {FRECHET_MIN_SAMPLES} samples per set; features_b has {FRECHET_MIN_SAMPLES - 1}"):
         frechet_distance(ok, ok[:-1])
     with pytest.raises(ValueError, match="min_samples must be >= 2"):
         frechet_distance(ok, ok, min_samples=1)
     with pytest.raises(ValueError, match="feature sizes differ"):
-        frechet_distance(ok, rng.normal(size=(FID_MIN_SAMPLES, 5)))
+        frechet_distance(ok, rng.normal(size=(FRECHET_MIN_SAMPLES, 5)))
     with pytest.raises(ValueError, match=r"features_a must be \[N, F\]"):
         frechet_distance(ok[0], ok)
     bad = ok.copy()
@@ -202,10 +202,11 @@ def test_frechet_distance_rejects_too_few_samples_and_bad_shapes():
 
 
 def test_metric_names_keep_display_order_and_ignore_other_keys():
-    keys = {"few/fid": 1.0, "overall/grecall": 0.5, "train/loss": 0.1, "many/zeta": 2.0, "few/accuracy": 1.0}
-    assert metric_names(keys) == ["grecall", "accuracy", "fid", "zeta"]
+    keys = {"few/frechet_pixels16": 1.0, "overall/grecall": 0.5, "train/loss": 0.1, "many/zeta": 2.0, "few/accuracy": 1.0,
+            "overall/separability": 0.9}
+    assert metric_names(keys) == ["grecall", "accuracy", "frechet_pixels16", "separability", "zeta"]
     keys["many/grecall_norm"] = 0.7
-    assert metric_names(keys) == ["grecall", "grecall_norm", "accuracy", "fid", "zeta"]
+    assert metric_names(keys) == ["grecall", "grecall_norm", "accuracy", "frechet_pixels16", "separability", "zeta"]
 
 
 def test_separability_is_normalised_mutual_information():

@@ -17,8 +17,8 @@ from storage.errors import RunNotFound
 from storage.mlflow.references import resolve_run
 
 MODEL = "cmp-model"
-OLD = {"many/grecall": 0.8, "few/grecall": 0.2, "overall/grecall": 0.5, "few/fid": 40.0, "overall/fid": 30.0, "train/loss": 0.3}
-NEW = {"many/grecall": 0.8, "few/grecall": 0.5, "overall/grecall": 0.6, "overall/fid": 25.0, "few/accuracy": 0.9}
+OLD = {"many/grecall": 0.8, "few/grecall": 0.2, "overall/grecall": 0.5, "few/frechet_pixels16": 40.0, "overall/frechet_pixels16": 30.0, "train/loss": 0.3}
+NEW = {"many/grecall": 0.8, "few/grecall": 0.5, "overall/grecall": 0.6, "overall/frechet_pixels16": 25.0, "few/accuracy": 0.9}
 GRIDS_OLD = {"many": (200, 0, 0), "few": (0, 200, 0)}  # each run's eval/grid_<bucket>.png, one colour each
 GRIDS_NEW = {"few": (0, 0, 200)}
 
@@ -103,8 +103,9 @@ def test_compare_command_prints_table_and_json(pogdiff, store):
     assert lines[1] == f"B: challenger = {MODEL} v2 (run {new})"
     few_grecall = next(line for line in lines if line.split()[:2] == ["few", "grecall"])
     assert few_grecall.split() == ["few", "grecall", "0.2000", "0.5000", "+0.3000", "B"]
-    overall_fid = next(line for line in lines if line.split()[:2] == ["overall", "fid"])
-    assert overall_fid.split() == ["overall", "fid", "30.0000", "25.0000", "-5.0000", "B"]
+    overall_frechet = next(line for line in lines if line.split()[:2] == ["overall", "frechet_pixels16"])
+    assert overall_frechet.split() == ["overall", "frechet_pixels16", "30.0000", "25.0000", "-5.0000", "B"]
+    assert "(lower is better: frechet_pixels16; every other metric: higher is better)" in text.stdout
 
     bad = pogdiff("compare", "champion", "retired", "--model", MODEL, store=store)
     assert bad.returncode == 2
@@ -125,6 +126,6 @@ def test_compare_html_is_one_page_with_both_grids_inline(pogdiff, store, tmp_pat
     assert colours == [("A", "grid_many.png", GRIDS_OLD["many"]), ("A", "grid_few.png", GRIDS_OLD["few"]),
                        ("B", "grid_few.png", GRIDS_NEW["few"])]
     assert "no grid_many.png in this run" in page
-    assert re.search(r"<td>overall</td><td>fid</td><td>lower</td><td class=num>30.0000</td><td class=num>25.0000</td>"
+    assert re.search(r"<td>overall</td><td>frechet_pixels16</td><td>lower</td><td class=num>30.0000</td><td class=num>25.0000</td>"
                      r"<td class='num good'>-5.0000</td><td>B</td>", page)
     assert not re.search(r'(src|href)="https?:', page)  # no MLflow UI address is set: nothing external at all

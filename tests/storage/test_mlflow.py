@@ -30,7 +30,7 @@ from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline, UNetSpec
 from pogdiff.trainer import LORA_TARGETS
 from storage.config import GateConfig
-from storage.mlflow import connection, lineage, packaging, registry, runs
+from storage.mlflow import connection, descriptions, lineage, packaging, registry, runs
 from storage.mlflow.pyfunc_model import unet_digest
 from storage.settings import Settings, load_settings
 from storage.training_set import DataVersion
@@ -137,8 +137,8 @@ def test_log_metrics_rejects_nan_and_logs_steps(store):
     with runs.run(unique("metrics")) as run_id:
         runs.log_metrics({"loss": 0.5}, step=1)
         runs.log_metrics({"loss": 0.25}, step=2)
-        with pytest.raises(ValueError, match="'few/fid'"):
-            runs.log_metrics({"loss": 0.1, "few/fid": float("nan")}, step=3)
+        with pytest.raises(ValueError, match="'few/frechet_pixels16'"):
+            runs.log_metrics({"loss": 0.1, "few/frechet_pixels16": float("nan")}, step=3)
         with pytest.raises(ValueError, match="'psi'"):
             runs.log_metrics({"psi": None})  # type: ignore[dict-item]
     with pytest.raises(RuntimeError, match="inside runs.run"):
@@ -146,6 +146,15 @@ def test_log_metrics_rejects_nan_and_logs_steps(store):
     history = MlflowClient().get_metric_history(run_id, "loss")
     # nothing of the rejected batch was logged
     assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.25)]
+
+
+def test_a_description_too_long_for_mlflow_is_cut_at_a_line_end_and_says_so():
+    text = "".join(f"line {i:04d}\n" for i in range(1000))  # 10000 characters
+    cut = descriptions.fit(text, descriptions.REGISTRY_LIMIT)
+    assert len(cut) <= 5000 and cut.endswith("*(cut to MLflow's 5000-character limit)*\n")
+    kept = cut.removesuffix(descriptions.CUT_NOTE.format(limit=5000))
+    assert text.startswith(kept + "\n") and kept.endswith("line 0494")  # whole lines only, as many as fit
+    assert descriptions.fit("short\n", 5000) == "short\n"
 
 
 def test_lineage_records_name_digest_source(store, tmp_path):
@@ -185,7 +194,7 @@ def registered(store, model_dir) -> tuple[str, list[tuple[str, dict[str, float],
     out = []
     for value in (0.5, 0.7):
         with runs.run(unique("reg")) as run_id:
-            metrics = {GATE: value, "overall/fid": 10.0}
+            metrics = {GATE: value, "overall/frechet_pixels16": 10.0}
             runs.log_metrics(metrics)
             out.append((packaging.log_model(model_dir, name, ["a red circle"]), metrics, run_id))
     return name, out
@@ -397,7 +406,12 @@ def test_open_run_records_lineage_and_tags(settings):
     tags = run.data.tags
     assert tags["dataset_snapshot_id"] == "snap1234" and tags["prefect_flow_run_id"] == "none"
     assert tags["lancedb_captions_version"] == "1" and tags["lancedb_image_features_version"] == "2"
-    assert tags["base_model"] == "builtin:logos16" and tags["method"] == "pogdiff" and tags["git_commit"]
+    assert tags["base_model"] == "builtin:logos16" and tags["method"] == "pogdiff"
+    assert tags["mlflow.source.name"] == "flows/retrain.py:retrain" and tags["mlflow.source.type"] == "JOB"
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["mlflow.user"]
+    assert "prefect_flow_run_url" not in tags  # outside a flow run there is no flow run to link
+    # the description says what the run trains on before anything is registered
+    assert "dataset snapshot `snap1234` (7 rows), outside Prefect" in tags["mlflow.note.content"]
     assert run.data.params["registry.gate.metric"] == GATE
 
     inputs = {}

@@ -54,10 +54,10 @@ def test_register_promote_and_load_over_http(server, tmp_path, tiny_spec):
         name = f"served-{uuid.uuid4().hex[:6]}"
         experiment = f"http-{uuid.uuid4().hex[:6]}"
         with runs.run(experiment) as run_id:
-            runs.log_metrics({"few/grecall": 0.5, "overall/fid": 12.0})
+            runs.log_metrics({"few/grecall": 0.5, "overall/frechet_pixels16": 12.0})
             lineage.log_lineage("dataset@abc", str(tmp_path / "dataset"), "abc", "training", 3)
             version = packaging.log_model(model_dir, name, ["a red circle"])
-        decision = registry.promote(name, version, {"few/grecall": 0.5, "overall/fid": 12.0}, GateConfig())
+        decision = registry.promote(name, version, {"few/grecall": 0.5, "overall/frechet_pixels16": 12.0}, GateConfig())
     finally:
         torch.set_num_threads(before)
     assert decision.promoted and decision.reason == "no champion yet"

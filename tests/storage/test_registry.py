@@ -32,46 +32,46 @@ from tasks.config import parse_config
 from tasks.register import register_model
 
 ROOT = Path(__file__).resolve().parents[2]
-FEW, FID, HEAD = "few/grecall", "overall/fid", "many/accuracy"
+FEW, FRECHET, HEAD = "few/grecall", "overall/frechet_pixels16", "many/accuracy"
 
 
-def m(grecall: float | None = None, fid: float | None = None) -> dict[str, float]:
+def m(grecall: float | None = None, frechet: float | None = None) -> dict[str, float]:
     out = {"few/accuracy": 0.9, HEAD: 0.9}
     if grecall is not None:
         out[FEW] = grecall
-    if fid is not None:
-        out[FID] = fid
+    if frechet is not None:
+        out[FRECHET] = frechet
     return out
 
 
 # ----------------------------------------------------------------------------------- the gate
 
 
-# relative: FID may worsen by 10 %; the head check has its own test below
+# relative: the Fréchet distance may worsen by 10 %; the head check has its own test below
 GATE = GateConfig(min_improvement=0.05, max_worsening=0.1, head_metric=None)
 
 
 @pytest.mark.parametrize(
     ("new", "champion", "promoted", "statuses", "in_reason"),
     [
-        # better: gRecall gains >= 0.05 and FID worsens by <= 10 % of 20
-        (m(0.60, 21.0), m(0.50, 20.0), True, {FEW: "passed", FID: "passed"}, "gain +0.1 >= required 0.05"),
-        (m(0.60, 18.0), m(0.50, 20.0), True, {FEW: "passed", FID: "passed"}, "worsened by -2 <= allowed 2"),
+        # better: gRecall gains >= 0.05 and the Fréchet distance worsens by <= 10 % of 20
+        (m(0.60, 21.0), m(0.50, 20.0), True, {FEW: "passed", FRECHET: "passed"}, "gain +0.1 >= required 0.05"),
+        (m(0.60, 18.0), m(0.50, 20.0), True, {FEW: "passed", FRECHET: "passed"}, "worsened by -2 <= allowed 2"),
         # worse gRecall
-        (m(0.40, 20.0), m(0.50, 20.0), False, {FEW: "failed", FID: "passed"}, "gain -0.1 < required 0.05"),
-        # better gRecall but FID worse by more than epsilon
-        (m(0.70, 22.5), m(0.50, 20.0), False, {FEW: "passed", FID: "failed"}, "worsened by +2.5 > allowed 2"),
+        (m(0.40, 20.0), m(0.50, 20.0), False, {FEW: "failed", FRECHET: "passed"}, "gain -0.1 < required 0.05"),
+        # better gRecall but the Fréchet distance worse by more than epsilon
+        (m(0.70, 22.5), m(0.50, 20.0), False, {FEW: "passed", FRECHET: "failed"}, "worsened by +2.5 > allowed 2"),
         # equal: no gain, so not promoted under a positive min_improvement
-        (m(0.50, 20.0), m(0.50, 20.0), False, {FEW: "failed", FID: "passed"}, "gain +0 < required 0.05"),
+        (m(0.50, 20.0), m(0.50, 20.0), False, {FEW: "failed", FRECHET: "passed"}, "gain +0 < required 0.05"),
         # exactly the required gain passes despite float rounding (0.09 - 0.04 = 0.049999999999999996)
-        (m(0.09, 20.0), m(0.04, 20.0), True, {FEW: "passed", FID: "passed"}, ">= required 0.05"),
+        (m(0.09, 20.0), m(0.04, 20.0), True, {FEW: "passed", FRECHET: "passed"}, ">= required 0.05"),
         # missing gate metric on either side: recorded, rejected
-        (m(None, 20.0), m(0.50, 20.0), False, {FEW: "missing", FID: "passed"}, "few/grecall missing on the new version"),
-        (m(0.90, 20.0), m(None, 20.0), False, {FEW: "missing", FID: "passed"}, "few/grecall missing on champion v3"),
-        (m(float("nan"), 20.0), m(0.50, 20.0), False, {FEW: "missing", FID: "passed"}, "missing on the new version"),
+        (m(None, 20.0), m(0.50, 20.0), False, {FEW: "missing", FRECHET: "passed"}, "few/grecall missing on the new version"),
+        (m(0.90, 20.0), m(None, 20.0), False, {FEW: "missing", FRECHET: "passed"}, "few/grecall missing on champion v3"),
+        (m(float("nan"), 20.0), m(0.50, 20.0), False, {FEW: "missing", FRECHET: "passed"}, "missing on the new version"),
         # missing guard metric: rejected by default (missing_guard="reject")
-        (m(0.90), m(0.50, 20.0), False, {FEW: "passed", FID: "missing"}, "guard overall/fid missing on the new version"),
-        (m(0.90), m(0.50), False, {FEW: "passed", FID: "missing"}, "missing on the new version and champion v3"),
+        (m(0.90), m(0.50, 20.0), False, {FEW: "passed", FRECHET: "missing"}, "guard overall/frechet_pixels16 missing on the new version"),
+        (m(0.90), m(0.50), False, {FEW: "passed", FRECHET: "missing"}, "missing on the new version and champion v3"),
     ],
 )
 def test_gate_cases(new, champion, promoted, statuses, in_reason):
@@ -83,16 +83,16 @@ def test_gate_cases(new, champion, promoted, statuses, in_reason):
 
 def test_gate_records_the_numbers_it_used():
     result = decide(GATE, m(0.6, 21.0), m(0.5, 20.0), "3")
-    few, fid = result.checks[FEW], result.checks[FID]
+    few, frechet = result.checks[FEW], result.checks[FRECHET]
     assert (few.role, few.new, few.champion, few.limit) == ("metric", 0.6, 0.5, 0.05)
     assert few.change == pytest.approx(0.1)
-    assert (fid.role, fid.new, fid.champion, fid.change, fid.limit) == ("guard", 21.0, 20.0, 1.0, 2.0)
+    assert (frechet.role, frechet.new, frechet.champion, frechet.change, frechet.limit) == ("guard", 21.0, 20.0, 1.0, 2.0)
 
 
 def test_gate_without_champion_promotes_even_without_metrics():
     result = decide(GATE, {}, None)
     assert result.promoted and result.reason == "no champion yet"
-    assert {k: (c.new, c.status) for k, c in result.checks.items()} == {FEW: (None, "missing"), FID: (None, "missing")}
+    assert {k: (c.new, c.status) for k, c in result.checks.items()} == {FEW: (None, "no-champion"), FRECHET: (None, "no-champion")}
 
 
 def test_gate_options():
@@ -100,19 +100,19 @@ def test_gate_options():
     assert decide(GateConfig(min_improvement=0), m(0.5, 20), m(0.5, 20), "1").promoted
     # missing guard ignored on request, and the reason says so
     skip = decide(GateConfig(missing_guard="skip"), m(0.9), m(0.5, 20), "1")
-    assert skip.promoted and skip.checks[FID].status == "skipped" and "not checked" in skip.reason
+    assert skip.promoted and skip.checks[FRECHET].status == "skipped" and "not checked" in skip.reason
     # no guard at all
     assert decide(GateConfig(guard_metric=None), m(0.9), m(0.5), "1").checks.keys() == {FEW, HEAD}
     # absolute worsening, and a lower-is-better gate metric with a higher-is-better guard
     absolute = GateConfig(min_improvement=0.05, max_worsening=1.0, worsening="absolute")
     assert not decide(absolute, m(0.9, 21.5), m(0.5, 20), "1").promoted
     assert decide(absolute, m(0.9, 21.0), m(0.5, 20), "1").promoted
-    lower = GateConfig(metric="few/fid", higher_is_better=False, min_improvement=1.0,
+    lower = GateConfig(metric="few/frechet_pixels16", higher_is_better=False, min_improvement=1.0,
                        guard_metric="overall/accuracy", guard_lower_is_better=False, max_worsening=0.02, worsening="absolute",
                        head_metric=None)
-    assert decide(lower, {"few/fid": 8.0, "overall/accuracy": 0.89}, {"few/fid": 9.0, "overall/accuracy": 0.9}, "1").promoted
-    assert not decide(lower, {"few/fid": 8.5, "overall/accuracy": 0.9}, {"few/fid": 9.0, "overall/accuracy": 0.9}, "1").promoted
-    assert not decide(lower, {"few/fid": 5.0, "overall/accuracy": 0.85}, {"few/fid": 9.0, "overall/accuracy": 0.9}, "1").promoted
+    assert decide(lower, {"few/frechet_pixels16": 8.0, "overall/accuracy": 0.89}, {"few/frechet_pixels16": 9.0, "overall/accuracy": 0.9}, "1").promoted
+    assert not decide(lower, {"few/frechet_pixels16": 8.5, "overall/accuracy": 0.9}, {"few/frechet_pixels16": 9.0, "overall/accuracy": 0.9}, "1").promoted
+    assert not decide(lower, {"few/frechet_pixels16": 5.0, "overall/accuracy": 0.85}, {"few/frechet_pixels16": 9.0, "overall/accuracy": 0.9}, "1").promoted
 
 
 def test_gate_head_check_never_promotes_a_collapse():
@@ -141,8 +141,8 @@ def test_gate_never_promotes_a_worse_model():
         new, old = m(rng.random(), rng.uniform(5, 50)), m(rng.random(), rng.uniform(5, 50))
         result = decide(GATE, new, old, "1")
         gain_ok = new[FEW] - old[FEW] >= GATE.min_improvement - 1e-9
-        fid_ok = new[FID] - old[FID] <= GATE.max_worsening * old[FID] + 1e-9
-        assert result.promoted == (gain_ok and fid_ok)
+        frechet_ok = new[FRECHET] - old[FRECHET] <= GATE.max_worsening * old[FRECHET] + 1e-9
+        assert result.promoted == (gain_ok and frechet_ok)
 
 
 def test_gate_config_is_typed():
@@ -156,6 +156,20 @@ def test_gate_config_is_typed():
         parse_config({"registry": {"gate": {"guard_metric": FEW}}})
     demo = parse_config(yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text()))
     assert demo.registry.gate == GateConfig(min_improvement=0.01, max_worsening=0.05)
+
+
+def test_the_gate_reads_only_metrics_the_evaluation_reports():
+    # unset, the guard is the overall Fréchet distance of the evaluation's own feature
+    assert parse_config({}).registry.gate.guard_metric == "overall/frechet_pixels16"
+    dino = parse_config({"evaluate": {"feature_extractor": "dinov2", "feature_model": "models/dinov2-small"}})
+    assert dino.registry.gate.guard_metric == "overall/frechet_dinov2"
+    # a metric no evaluation logs would leave the check missing on every version: one clear error
+    with pytest.raises(ConfigError, match=r"guard_metric 'overall/fid' is not a metric the evaluation reports \(fid is now named"):
+        parse_config({"registry": {"gate": {"guard_metric": "overall/fid"}}})
+    with pytest.raises(ConfigError, match="frechet_pixels8"):  # the names this evaluation reports
+        parse_config({"evaluate": {"feature_size": 8}, "registry": {"gate": {"guard_metric": "overall/frechet_pixels16"}}})
+    with pytest.raises(ConfigError, match="registry.gate.head_metric 'top/accuracy'"):
+        parse_config({"registry": {"gate": {"head_metric": "top/accuracy"}}})
 
 
 # ------------------------------------------------------------------------ the lifecycle on a store
@@ -220,25 +234,25 @@ def test_lifecycle_two_retrains_then_models_json(pogdiff, home):
     ]
     assert "gain +0 < required 0.01" in versions[0]["gate"]["reason"]
     assert versions[1]["promoted_by"] == "gate" and versions[0]["promoted_by"] is None
-    assert versions[0]["metrics"] == {"few/accuracy": 0.9, HEAD: 0.9, FEW: 0.5, FID: 20.0}
+    assert versions[0]["metrics"] == {"few/accuracy": 0.9, HEAD: 0.9, FEW: 0.5, FRECHET: 20.0}
     assert all(v["weights"] == "full" and v["run_id"] and v["created"].endswith("+00:00") for v in versions)
 
     # the gate's numbers are on the version, where a reviewer sees them
     tags = MlflowClient().get_model_version(name, "2").tags
     assert tags["gate.decision"] == "rejected" and tags["gate.champion_version"] == "1"
     assert (tags[f"gate.{FEW}.new"], tags[f"gate.{FEW}.champion"], tags[f"gate.{FEW}.status"]) == ("0.5", "0.5", "failed")
-    assert (tags[f"gate.{FID}.role"], tags[f"gate.{FID}.limit"], tags[f"gate.{FID}.status"]) == ("guard", "1.0", "passed")
+    assert (tags[f"gate.{FRECHET}.role"], tags[f"gate.{FRECHET}.limit"], tags[f"gate.{FRECHET}.status"]) == ("guard", "1.0", "passed")
     assert json.loads(tags["gate.config"])["min_improvement"] == 0.01
 
-    # better gRecall but FID worse beyond 5 %: a worse model never receives champion
+    # better gRecall but the Fréchet distance worse beyond 5 %: a worse model never receives champion
     third = retrain(home, cfg, m(0.80, 25.0))
-    assert not third["promoted"] and "guard overall/fid" in third["reason"]
+    assert not third["promoted"] and "guard overall/frechet_pixels16" in third["reason"]
     # better on both counts: champion moves
     fourth = retrain(home, cfg, m(0.80, 20.5))
     assert fourth["promoted"] and fourth["champion_before"] == "1"
     # evaluation left the guard metric out (e.g. too few images): recorded, rejected
     fifth = retrain(home, cfg, m(0.95))
-    assert not fifth["promoted"] and "guard overall/fid missing on the new version" in fifth["reason"]
+    assert not fifth["promoted"] and "guard overall/frechet_pixels16 missing on the new version" in fifth["reason"]
     model = MlflowClient().get_registered_model(name)
     assert {a: str(v) for a, v in model.aliases.items()} == {"champion": "4", "challenger": "5"}
     assert [d["checks"][FEW]["status"] for d in (third, fourth, fifth)] == ["passed", "passed", "passed"]
@@ -278,7 +292,7 @@ def test_promote_by_hand_is_recorded(pogdiff, home):
     listed = pogdiff(home, "models", "--model", name)
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.splitlines()
-    assert lines[0] == name and lines[1].split() == ["version", "aliases", "gate", "promoted", FEW, FID, "created"]
+    assert lines[0] == name and lines[1].split() == ["version", "aliases", "gate", "promoted", FEW, FRECHET, "created"]
     assert lines[2].split()[:6] == ["2", "challenger,champion", "rejected", "manual", "0.4", "20"]
     assert "promoted by hand by alice at" in listed.stdout and "gain -0.1 < required 0.01" in listed.stdout
 

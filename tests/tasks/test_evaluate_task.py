@@ -64,7 +64,7 @@ def test_evaluate_task_logs_metrics_grids_plots_and_json(stores, tmp_path):
     run = client.get_run(run_id)
     assert run.info.status == "RUNNING"  # the task logs into the flow's run, it does not end it
     assert {"overall/grecall", "few/grecall", "few/grecall_norm", "overall/accuracy", "overall/nearest_accuracy",
-            "overall/similarity", "overall/fid"} <= set(metrics)
+            "overall/similarity", "overall/frechet_pixels16"} <= set(metrics)
     assert run.data.metrics == pytest.approx(metrics)
 
     names = sorted(Path(a.path).name for a in client.list_artifacts(run_id, ARTIFACT_DIR))
@@ -83,7 +83,7 @@ def test_evaluate_task_logs_metrics_grids_plots_and_json(stores, tmp_path):
     assert (info["min_images_per_individual"], info["max_images_per_individual"], info["seed"]) == (1, 2, cfg.seed)
     # N_i = max(1, min(|T_i|, 2)): 2 for the five individuals with 2 or more images, 1 for the other 19
     assert info["generated_images"] == 5 * 2 + 19
-    assert "fid.overall" in info and "few/grecall" in info["gate_metric_note"]
+    assert "frechet_pixels16.overall" in info and "few/grecall" in info["gate_metric_note"]
     rows = json.loads((local / "per_individual.json").read_text())
     assert {r["individual"]: r["count"] for r in rows} == summary["counts"]
     assert [r["bucket"] for r in rows if r["count"] == 8] == ["many"]
