@@ -149,7 +149,9 @@ def test_readme_runbook_run_completes_and_registers_a_version(side_by_side):
         assert run.state.type.value == "COMPLETED" and run.deployment_id == s.deployed["retrain/retrain-nightly"]["id"]
         assert run.parameters == {"source": "demo-catalogue", "config": "nightly"}  # the trigger named the file, the rest is prefect.yaml's
     # the worker's run read nightly.yaml from the worker's POGDIFF_HOME and registered into its MLflow store
-    mlflow = MlflowClient(tracking_uri=f"sqlite:///{s.worker_home / 'mlflow.db'}")
+    store = f"sqlite:///{s.worker_home / 'mlflow.db'}"
+    # both URIs: an earlier in-process test may have set this process's global registry URI
+    mlflow = MlflowClient(tracking_uri=store, registry_uri=store)
     (version,) = mlflow.search_model_versions("name='nightly-model'")
     assert str(version.version) == "1" and mlflow.get_run(version.run_id).data.params["train.steps"] == "3"
 
