@@ -41,9 +41,11 @@ def ensure_env() -> None:
     subprocess.run([*pip, TORCH], check=True)
     print("installing the project and its dependencies ...", flush=True)
     # uv resolves and installs the ~200 packages several times faster than pip; torch stays pip's pinned
-    # install above (the pin is in pyproject too, so uv keeps it and never reaches for a CUDA build)
+    # install above (the pin is in pyproject too, so uv keeps it and never reaches for a CUDA build).
+    # --compile-bytecode: uv writes no .pyc by default, and where PYTHONDONTWRITEBYTECODE is set every
+    # process would compile torch, prefect and mlflow from source at each import
     subprocess.run([*pip, UV], check=True)
-    subprocess.run([str(PY.parent / ("uv.exe" if os.name == "nt" else "uv")), "pip", "install", "-q", "--python", str(PY), "-e", f"{ROOT}[dev]"], check=True)
+    subprocess.run([str(PY.parent / ("uv.exe" if os.name == "nt" else "uv")), "pip", "install", "-q", "--compile-bytecode", "--python", str(PY), "-e", f"{ROOT}[dev]"], check=True)
     STAMP.write_text(key)
 
 
