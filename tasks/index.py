@@ -49,13 +49,16 @@ def build_caption_index(settings: Settings, cfg: IndexConfig, progress: bool = F
     uri = settings.lancedb_uri
     embedder = make_embedder(cfg)
     precomputed = precomputed or {}
-    known = {**vectors.known_vectors(uri, embedder.key), **precomputed}
+    # the stored exact graph (when it can seed an update) holds every stored vector of this embedder:
+    # one read of the table serves both
+    previous = vectors.read_caption_graph(uri, embedder.key, cfg)
+    stored = dict(zip(previous.ids, previous.vectors)) if previous is not None else vectors.known_vectors(uri, embedder.key)
+    known = {**stored, **precomputed}
     graph = embed_caption_counts(dataset.caption_counts(settings.dataset_uri, snapshot), known, cfg, embedder, progress)
     if precomputed:
         fresh = len(precomputed.keys() & set(graph.ids))
         graph = replace(graph, embedded=graph.embedded + fresh, reused=graph.reused - fresh)
-    previous = None if needs_ann(len(graph.ids), cfg) else vectors.read_caption_graph(uri, embedder.key, cfg)
-    if previous is None:
+    if previous is None or needs_ann(len(graph.ids), cfg):
         graph, recomputed = neighbours_of(graph, cfg), len(graph.ids)
     else:
         graph, recomputed = update_graph(graph, previous, cfg)
