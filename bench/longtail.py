@@ -221,9 +221,12 @@ def _run_tune(args: list[str], home: Path, kept: Path, log_file: Path, prefect_a
     with open(log_file, "a", encoding="utf-8") as out:
         proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=_clean_env(home, prefect_api), stdout=out,
                                 stderr=subprocess.STDOUT)
-        while proc.poll() is None:
-            time.sleep(5)
-            keep()
+        while True:
+            try:
+                proc.wait(timeout=5)
+                break
+            except subprocess.TimeoutExpired:
+                keep()
     keep()
     return proc.returncode
 

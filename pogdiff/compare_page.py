@@ -68,7 +68,7 @@ table { border-collapse: collapse; } th, td { padding: 3px 10px; border-bottom: 
 th { text-align: left; background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.good { background: #e3f4e1; } td.bad { background: #fbe3e1; }
 .sides { display: flex; gap: 16px; flex-wrap: wrap; align-items: flex-start; }
-figure { flex: 1 1 460px; margin: 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
+figure { flex: 0 1 auto; margin: 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-weight: 600; margin-bottom: 4px; } .muted { color: #666; }
 """
 
@@ -100,7 +100,9 @@ def _figure(side: Side, letter: str, bucket: str) -> str:
 
 def render(title: str, a: Side, b: Side) -> str:
     """The page: title, the two sides, the bucket x metric table (A, B, B - A, which is better and
-    which way each metric is better), then per bucket either side has a grid, A's and B's side by side."""
+    which way each metric is better), then per bucket either side has a grid, A's and B's side by side
+    where the window holds both at full size, else one above the other (a grid is never shrunk to
+    half its width: its captions must stay readable)."""
     rows = comparison_rows(a.metrics, b.metrics)
     parts = [
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',

@@ -122,9 +122,10 @@ def retrain_key(config: RetrainConfig, snapshot_id: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def owner() -> str:
-    """``host:pid:start`` of this process: who opened a run, and whether it is still alive (``owner_alive``)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{psutil.Process().create_time():.2f}"
+def owner(pid: int | None = None) -> str:
+    """``host:pid:start`` of this process (or of process ``pid``): who opened a run, and whether it is
+    still alive (``owner_alive``)."""
+    return f"{socket.gethostname()}:{pid or os.getpid()}:{psutil.Process(pid).create_time():.2f}"
 
 
 def owner_alive(tag: str | None) -> bool | None:

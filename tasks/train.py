@@ -12,7 +12,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -107,9 +106,13 @@ def launch_ddp(data: TrainData, cfg: TrainConfig, out: Path, on_step) -> dict:
         # pogdiff.launch and its ranks die with this process (pogdiff.process.die_with_parent)
         child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                  env=child_env({**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}))
-        while child.poll() is None:
+        while True:
             follow()
-            time.sleep(1.0)
+            try:
+                child.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                pass
     follow()
     if child.returncode != 0:
         raise RuntimeError(_launch_failure(out / "launch.log", cfg.num_processes, child.returncode))

@@ -9,6 +9,7 @@ subprocess tests that remain are the ones about processes (kills, launchers, a f
 from __future__ import annotations
 
 import os
+import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -47,6 +48,9 @@ def run_cli(args: list[str], capfd, **env: str) -> Result:
                 code = main(args)
             except SystemExit as exit_:  # argparse's usage errors
                 code = exit_.code if isinstance(exit_.code, int) else 2
+            except Exception:  # what the interpreter does with an error main() lets through
+                traceback.print_exc()
+                code = 1
     finally:
         os.environ.clear()
         os.environ.update(saved)

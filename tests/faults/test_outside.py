@@ -1,18 +1,23 @@
 """Faults of the outside world: a tracking server that is down, a LanceDB folder that cannot be
-written, a full disk under a checkpoint, a diverging loss, a bad config."""
+written, a full disk under a checkpoint, a diverging loss, a bad config.
+
+The retrains run in the test process (``clirunner.run_cli``: the CLI's own ``main``, environment and
+exit status); the faults that need a process of their own (SIGKILL, orphans) are in test_kill_stages.py
+and test_orphans.py."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from faultkit import EXPERIMENT, MODEL_NAME, cli_env, record, start_cli
+from clirunner import run_cli
+from faultkit import EXPERIMENT, MODEL_NAME, cli_env, record
 from localserver import free_port
 from mlflow.tracking import MlflowClient
 from prefect import get_client
@@ -35,14 +40,15 @@ def _runs(home: Path):
 
 
 @pytest.mark.slow
-def test_mlflow_server_down_is_retried_then_one_clear_error(prefect_api, tiny, tmp_path):
+def test_mlflow_server_down_is_retried_then_one_clear_error(prefect_api, tiny, tmp_path, capfd):
     source, config, _ = tiny
     home = tmp_path / "home"
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     env = cli_env(home, prefect_api, POGDIFF_MLFLOW_TRACKING_URI=url, POGDIFF_IO_RETRY_DELAY_S="0.25")  # retries after ~0.25, 0.5, 1 s
     with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
         known = {r.id for r in client.read_flow_runs()}
-        rc, out = start_cli(["retrain", str(source), "--config", str(config)], env, tmp_path / "out.log").wait()
+        result = run_cli(["retrain", str(source), "--config", str(config)], capfd, **env)
+        rc, out = result.returncode, result.output
         flow_run = next(r for r in client.read_flow_runs() if r.id not in known)
         open_run = [t for t in client.read_task_runs() if t.flow_run_id == flow_run.id and t.name.startswith("open-run-")]
     assert rc == 2, out[-3000:]
@@ -75,40 +81,37 @@ def test_lancedb_folder_not_writable_names_the_path(tmp_path):
     record(f"LanceDB folder not writable ({how})", "index", f"`PermissionError: {str(err.value).replace(uri, '<uri>')}`")
 
 
-# Runs the real CLI with one library call replaced by a fault, as a disk or a model would fail.
-_INJECT = {
-    "enospc": """
-        import errno, pogdiff.checkpoints as t
-        real, calls = t.save_file, []
-        def save_file(tensors, path, *a, **k):
-            calls.append(path)
-            if len(calls) == 3:  # the third checkpoint (step 12): the disk is full
-                raise OSError(errno.ENOSPC, "No space left on device", str(path))
-            return real(tensors, path, *a, **k)
-        t.save_file = save_file
-    """,
-    "nan": """
-        import pogdiff.methods as t
-        real, calls = t.pogdiff_loss, []
-        def pogdiff_loss(*a, **k):
-            terms = real(*a, **k)
-            calls.append(1)
-            if len(calls) == 10:  # step 10: the loss becomes NaN
-                terms = {**terms, "loss": terms["loss"] * float("nan")}
-            return terms
-        t.pogdiff_loss = pogdiff_loss
-    """,
-}
+# The real CLI with one library call replaced, as a disk or a model would fail.
+def _enospc_on_third_checkpoint(monkeypatch) -> None:
+    import pogdiff.checkpoints as t
+
+    real, calls = t.save_file, []
+
+    def save_file(tensors, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 3:  # the third checkpoint (step 12): the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(tensors, path, *a, **k)
+    monkeypatch.setattr(t, "save_file", save_file)
 
 
-def _run_with_fault(kind: str, tiny, tmp_path, prefect_api) -> tuple[Path, int, str]:
-    source, config, _ = tiny
-    home = tmp_path / "home"
-    code = textwrap.dedent(_INJECT[kind]) + "import sys\nfrom flows.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-    proc = start_cli(["retrain", str(source), "--config", str(config)], cli_env(home, prefect_api), tmp_path / "out.log",
-                     python=["-c", code])
-    rc, out = proc.wait()
-    return home, rc, out
+def _nan_at_step_10(monkeypatch) -> None:
+    import pogdiff.methods as t
+
+    real, calls = t.pogdiff_loss, []
+
+    def pogdiff_loss(*a, **k):
+        terms = real(*a, **k)
+        calls.append(1)
+        if len(calls) == 10:  # step 10: the loss becomes NaN
+            terms = {**terms, "loss": terms["loss"] * float("nan")}
+        return terms
+    monkeypatch.setattr(t, "pogdiff_loss", pogdiff_loss)
+
+
+def _retrain(config: Path, home: Path, prefect_api: str | None, capfd, source: Path) -> tuple[int, str]:
+    result = run_cli(["retrain", str(source), "--config", str(config)], capfd, **cli_env(home, prefect_api))
+    return result.returncode, result.output
 
 
 def _checkpoint_ok(path: Path, step: int) -> None:
@@ -120,8 +123,11 @@ def _checkpoint_ok(path: Path, step: int) -> None:
 
 
 @pytest.mark.slow
-def test_disk_full_while_writing_a_checkpoint(prefect_api, tiny, tmp_path):
-    home, rc, out = _run_with_fault("enospc", tiny, tmp_path, prefect_api)
+def test_disk_full_while_writing_a_checkpoint(prefect_api, tiny, tmp_path, capfd, monkeypatch):
+    source, config, _ = tiny
+    home = tmp_path / "home"
+    _enospc_on_third_checkpoint(monkeypatch)
+    rc, out = _retrain(config, home, prefect_api, capfd, source)
     assert rc != 0 and "No space left on device" in out, out[-3000:]
     (run,) = _runs(home)
     assert run.info.status == "FAILED"
@@ -133,8 +139,11 @@ def test_disk_full_while_writing_a_checkpoint(prefect_api, tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_nan_loss_fails_the_run_and_keeps_the_last_good_checkpoint(prefect_api, tiny, tmp_path):
-    home, rc, out = _run_with_fault("nan", tiny, tmp_path, prefect_api)
+def test_nan_loss_fails_the_run_and_keeps_the_last_good_checkpoint(prefect_api, tiny, tmp_path, capfd, monkeypatch):
+    source, config, _ = tiny
+    home = tmp_path / "home"
+    _nan_at_step_10(monkeypatch)
+    rc, out = _retrain(config, home, prefect_api, capfd, source)
     assert rc != 0 and "TrainingDiverged: loss is nan at step 10" in out, out[-3000:]
     (run,) = _runs(home)
     assert run.info.status == "FAILED"
@@ -148,14 +157,14 @@ def test_nan_loss_fails_the_run_and_keeps_the_last_good_checkpoint(prefect_api, 
 
 
 @pytest.mark.slow
-def test_time_limit_stops_the_run_and_the_next_retrain_continues_it(prefect_api, tiny, tmp_path):
+def test_time_limit_stops_the_run_and_the_next_retrain_continues_it(prefect_api, tiny, tmp_path, capfd, caplog):
     source, config, _ = tiny
     home = tmp_path / "home"
     limited = tmp_path / "limited.yaml"
     spec = yaml.safe_load(config.read_text())
     spec["train"]["time_limit_minutes"] = 1e-6  # out of time after the first step
     limited.write_text(yaml.safe_dump(spec))
-    rc, out = start_cli(["retrain", str(source), "--config", str(limited)], cli_env(home, prefect_api), tmp_path / "a.log").wait()
+    rc, out = _retrain(limited, home, prefect_api, capfd, source)
     assert rc != 0 and "time_limit_minutes=1e-06 reached at step 1/40" in out, out[-3000:]
     (run,) = _runs(home)
     assert run.info.status == "KILLED" and run.data.tags["resumable"] == "true"
@@ -163,11 +172,11 @@ def test_time_limit_stops_the_run_and_the_next_retrain_continues_it(prefect_api,
     assert [p.name for p in ckpts.iterdir()] == ["step-00000001"]
 
     # the same retrain without the limit continues that run from step 1 and finishes it
-    rc, out = start_cli(["retrain", str(source), "--config", str(config)], cli_env(home, prefect_api), tmp_path / "b.log").wait()
+    rc, out = _retrain(config, home, prefect_api, capfd, source)
     assert rc == 0, out[-3000:]
     (again,) = _runs(home)
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
-    assert "resumed from checkpoint at step 1" in out
+    assert "resumed from checkpoint at step 1" in caplog.text  # the train task's log (in process: pytest's handler)
     steps = [m.step for m in _mlflow(home).get_metric_history(run.info.run_id, "train/loss")]
     assert sorted(steps) == list(range(1, 41))  # every step logged once: step 1 was not trained again
     assert [v.run_id for v in _mlflow(home).search_model_versions(f"name = '{MODEL_NAME}'")] == [run.info.run_id]
@@ -178,12 +187,12 @@ def test_time_limit_stops_the_run_and_the_next_retrain_continues_it(prefect_api,
 @pytest.mark.parametrize("bad, key", [({"train": {"steps": "many"}}, "train.steps"),
                                       ({"train": {"stepz": 3}}, "train.stepz"),
                                       ({"registry": {"gate": {"metric": 3}}}, "registry.gate.metric")])
-def test_bad_config_stops_before_any_work(bad, key, tiny, tmp_path):
+def test_bad_config_stops_before_any_work(bad, key, tiny, tmp_path, capfd):
     source, _, _ = tiny
     home = tmp_path / "home"
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump(bad))
-    rc, out = start_cli(["retrain", str(source), "--config", str(config)], cli_env(home, None), tmp_path / "out.log").wait(120)
+    rc, out = _retrain(config, home, None, capfd, source)
     assert rc == 2 and out.startswith("error: ") and key in out and len(out.strip().splitlines()) == 1, out
     assert not (home / "dataset").exists() and not (home / "mlflow.db").exists() and not (home / "lancedb").exists()
     record(f"bad config ({key}: {'unknown key' if 'stepz' in key else 'wrong type'})", "before ingest",

@@ -20,8 +20,13 @@ pytestmark = pytest.mark.slow  # servers, processes or whole flows: see pyprojec
 
 def _dead_owner() -> str:
     """The owner tag of a real process that has exited."""
-    code = "from tasks.track import owner; print(owner())"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        tag = owner(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    return tag
 
 
 def test_retrain_reaps_only_its_own_kind_whose_process_is_gone(tmp_path):

@@ -100,7 +100,7 @@ def test_unreadable_settings_file_is_one_line(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_io_retry_delay_sets_the_io_tasks_backoff(tmp_path):
     # in a fresh interpreter: the IO tasks read it once, when they are defined
-    code = "from tasks.ingest import ingest; from tasks.track import open_run; print(ingest.retry_delay_seconds, open_run.retries)"
+    code = "from tasks.ingest import ingest; print(ingest.retry_delay_seconds, ingest.retries)"
     env = {**os.environ, "POGDIFF_HOME": str(tmp_path), "POGDIFF_IO_RETRY_DELAY_S": "0.5"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.split() == ["[0.5,", "1.0,", "2.0]", "3"]
