@@ -6,7 +6,8 @@
 
 torch is installed first, pinned, so a CPU-only machine never pulls a multi-GB CUDA build; on a GPU
 machine install the CUDA build of the same version into .venv first (see README). ``test`` also
-installs Debian's chromium for the browser check when it is missing and apt-get can (as root).
+installs Debian's chromium for the browser check when it is missing and apt-get can (as root), and
+runs pytest on one worker per core (pytest-xdist).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ PY = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 STAMP = VENV / ".pogdiff-installed"
 TORCH = "torch==2.13.0"
 UV = "uv==0.13.9"
+MAX_TEST_WORKERS = 4  # each worker starts its own Prefect server for the flow tests
 CHROMIUM = "/usr/bin/chromium"  # Debian's package, what tests/browser.py runs
 
 
@@ -65,6 +67,18 @@ def ensure_browser() -> None:
             return
 
 
+def parallel_options(args: list[str], env: dict[str, str]) -> list[str]:
+    """pytest-xdist options: one worker per core, at most MAX_TEST_WORKERS, unless ``args`` choose
+    (``-n ...``, ``-p no:xdist``). Most of the suite waits on servers and subprocesses, so two
+    workers fill two cores; each worker's torch keeps to one thread (``env`` gets OMP_NUM_THREADS=1),
+    as two workers of two threads each on two cores slow each other several-fold."""
+    workers = min(os.cpu_count() or 1, MAX_TEST_WORKERS)
+    if workers < 2 or any(a.startswith(("-n", "--numprocesses", "--dist")) or a == "no:xdist" for a in args):
+        return []
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return ["-n", str(workers), "--dist", "worksteal"]
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("demo", "test"):
         print(__doc__, file=sys.stderr)
@@ -75,7 +89,7 @@ def main(argv: list[str]) -> int:
         cmd = [str(PY), "-m", "flows.cli", "demo", *argv[1:]]
     else:
         ensure_browser()
-        cmd = [str(PY), "-m", "pytest", *argv[1:]]
+        cmd = [str(PY), "-m", "pytest", *argv[1:], *parallel_options(argv[1:], env)]
     return subprocess.run(cmd, cwd=ROOT, env=env).returncode
 
 
