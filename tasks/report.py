@@ -9,7 +9,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from pogdiff.glossary import glossary_list, lower_is_better
 from pogdiff.tables import bucket_pairs, fmt, markdown
-from storage.mlflow import connection, ui
+from storage.mlflow import connection, descriptions, ui
 from storage.settings import Settings
 
 
@@ -96,8 +96,11 @@ def publish_report(settings: Settings, metrics: dict[str, float], decision: dict
 
 @task(name="evaluation-report")
 def publish_evaluation_report(settings: Settings, metrics: dict[str, float], target: dict, run_id: str, snapshot_id: str) -> str:
-    """Creates the ``evaluation-report`` markdown artifact; returns the artifact id."""
+    """Creates the ``evaluation-report`` markdown artifact and writes the same text as the evaluation
+    run's MLflow description; returns the artifact id."""
     connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
     link = ui.run_link(settings.mlflow_ui_url, run_id)
     markdown = render_evaluation(metrics, target, target["metrics"], run_id, link, snapshot_id)
+    # the same text is the evaluation run's description: the reviewer who opens the run in MLflow reads it first
+    descriptions.set_run_description(run_id, markdown + "\n\nSide by side, grids included: the run's `compare.html`.")
     return str(create_markdown_artifact(markdown=markdown, key="evaluation-report", description="a registered version on today's data"))

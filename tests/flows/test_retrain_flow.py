@@ -217,3 +217,7 @@ def test_retrain_flow_end_to_end(prefect_server, setup, monkeypatch):
     assert page.count('src="data:image/png;base64,') == 6  # many, medium and few, A beside B
     report = Artifact.get("evaluation-report")
     assert report is not None and "| overall | grecall ↑ |" in report.data and "at training" in report.data
+    # the reviewer who opens the evaluation run in MLflow reads the same table as its description
+    described = client.get_run(evaluation["run_id"]).data.tags["mlflow.note.content"]
+    assert described.startswith("## Evaluation: e2e-model version 1") and "| overall | grecall ↑ |" in described
+    assert "compare.html" in described
