@@ -70,3 +70,20 @@ def ann_candidates(vectors: np.ndarray, cfg: IndexConfig, seed: int = 0) -> tupl
     and their cosines (``build_index`` over all rows, then ``search`` with each): ``[C, L + 1]`` each,
     nearest first. A row is usually its own first hit (hence the + 1); ``graph_from_candidates`` drops it."""
     return search(build_index(vectors, cfg, seed), vectors, cfg.ann_candidates + 1)
+
+
+def to_bytes(index) -> np.ndarray:
+    """The index as bytes (``uint8 [B]``, faiss' own format), for storing next to the vectors."""
+    import faiss
+
+    return faiss.serialize_index(index)
+
+
+def from_bytes(data: np.ndarray, cfg: IndexConfig):
+    """An index from ``to_bytes``' output, searched with ``cfg``'s nprobe (a search-time setting)."""
+    import faiss
+
+    index = faiss.deserialize_index(np.ascontiguousarray(data, dtype=np.uint8))
+    if hasattr(index, "nprobe"):
+        index.nprobe = min(cfg.ivf_nprobe, index.nlist)
+    return index
