@@ -61,8 +61,10 @@ def write_ann_index(lancedb_uri: str, ann: AnnIndex) -> str:
     return generation
 
 
-def read_ann_index(lancedb_uri: str, cfg: IndexConfig) -> tuple[AnnIndex, str] | None:
-    """The stored index (searched with ``cfg``'s nprobe) and its generation; None when none is stored."""
+def read_ann_index(lancedb_uri: str, cfg: IndexConfig, load_index: bool = True) -> tuple[AnnIndex, str] | None:
+    """The stored index (searched with ``cfg``'s nprobe) and its generation; None when none is stored.
+    ``load_index=False`` reads what it holds without the index itself (``index`` None; from a local
+    folder only the small members are read)."""
     path = location(lancedb_uri)
     try:
         if has_scheme(path):
@@ -81,7 +83,7 @@ def read_ann_index(lancedb_uri: str, cfg: IndexConfig) -> tuple[AnnIndex, str] |
             if header.get("format") != FORMAT:
                 raise ValueError(f"format {header.get('format')!r}, this version reads {FORMAT}")
             slots = npz["slots"].tobytes().decode("utf-8").split("\n")
-            index = knn.from_bytes(npz["index"], cfg)
+            index = knn.from_bytes(npz["index"], cfg) if load_index else None
     except (ValueError, KeyError, OSError, zipfile.BadZipFile, RuntimeError) as err:
         raise ValueError(f"stored caption index {path} cannot be read ({err}); delete it and the next index run rebuilds it") from None
     return AnnIndex(index, slots, header["key"], int(header["trained_on"])), header["generation"]

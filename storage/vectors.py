@@ -297,14 +297,6 @@ def write_caption_graph(uri: str, graph: CaptionGraph, cfg: IndexConfig) -> Writ
     return replace(report, deleted=len(gone), version=table.version)
 
 
-def read_caption_rows(uri: str, version: int, start: int, stop: int) -> tuple[list[str], np.ndarray]:
-    """Caption ids and vectors ``[stop - start, D]`` of rows ``start:stop`` of the captions table at
-    ``version``: one shard of a sharded graph query, read by the worker that searches it."""
-    table = open_table(connect(uri), CAPTIONS, version)
-    t = table.take_offsets(list(range(start, stop))).select(["caption_id", VECTOR]).to_arrow()
-    return t.column("caption_id").to_pylist(), _matrix(t.column(VECTOR), t.num_rows)
-
-
 def _search(table, queries: np.ndarray, limit: int, cfg: IndexConfig) -> pa.Table:
     q = table.search(queries, vector_column_name=VECTOR).distance_type("cosine").limit(limit).select(["caption_id", "_distance"])
     if _vector_index(table):
