@@ -17,6 +17,7 @@ the vectors and of the graph, not its search engine.
 from __future__ import annotations
 
 import math
+from typing import BinaryIO
 
 import numpy as np
 
@@ -72,18 +73,20 @@ def ann_candidates(vectors: np.ndarray, cfg: IndexConfig, seed: int = 0) -> tupl
     return search(build_index(vectors, cfg, seed), vectors, cfg.ann_candidates + 1)
 
 
-def to_bytes(index) -> np.ndarray:
-    """The index as bytes (``uint8 [B]``, faiss' own format), for storing next to the vectors."""
+def write_index(index, handle: BinaryIO) -> None:
+    """Stream the index in faiss' own format into ``handle`` (anything with ``write(bytes)``), with no
+    copy of it in memory (``faiss.serialize_index`` makes two, which took longer than the disk)."""
     import faiss
 
-    return faiss.serialize_index(index)
+    faiss.write_index(index, faiss.PyCallbackIOWriter(handle.write))
 
 
-def from_bytes(data: np.ndarray, cfg: IndexConfig):
-    """An index from ``to_bytes``' output, searched with ``cfg``'s nprobe (a search-time setting)."""
+def read_index(handle: BinaryIO, cfg: IndexConfig):
+    """An index streamed from ``handle`` (``write_index``'s output, from its current position), searched
+    with ``cfg``'s nprobe (a search-time setting)."""
     import faiss
 
-    index = faiss.deserialize_index(np.ascontiguousarray(data, dtype=np.uint8))
+    index = faiss.read_index(faiss.PyCallbackIOReader(handle.read))
     if hasattr(index, "nprobe"):
         index.nprobe = min(cfg.ivf_nprobe, index.nlist)
     return index

@@ -90,7 +90,7 @@ def test_index_then_neighbours_explain_the_weight(pogdiff, tmp_path):
     ann.write_text("index:\n  ann_threshold: 3\n")
     first = json.loads(pogdiff("index", "--json", "--config", str(ann), home=home).stdout)["captions"]
     assert first["mode"] == "ann" and first["graph_update"].startswith("full: no stored ANN graph") and first["recomputed"] == 5
-    assert (home / "lancedb" / "_pogdiff_ann" / "captions.npz").is_file()
+    assert (home / "lancedb" / "_pogdiff_ann" / "captions.faiss").is_file()
     more = tmp_path / "more"
     more.mkdir()
     Image.fromarray(np.full((16, 16, 3), (190, 40, 40), np.uint8)).save(more / "0.png")

@@ -41,7 +41,9 @@ def test_the_index_round_trips_next_to_the_lancedb_tables(tmp_path, scheme):
 def test_an_unreadable_index_is_named_with_what_to_do(tmp_path):
     uri = str(tmp_path / "lancedb")
     path = tmp_path / "lancedb" / ann_index.FOLDER / ann_index.FILE
-    path.parent.mkdir(parents=True)
-    path.write_bytes(b"not an index")
-    with pytest.raises(ValueError, match=f"stored caption index {path} cannot be read .*delete it"):
-        ann_index.read_ann_index(uri, IndexConfig())
+    ann_index.write_ann_index(uri, _built()[1])
+    whole = path.read_bytes()
+    for broken in (b"not an index", whole[: len(whole) // 2]):  # another file; a copy cut short
+        path.write_bytes(broken)
+        with pytest.raises(ValueError, match=f"stored caption index {path} cannot be read .*delete it"):
+            ann_index.read_ann_index(uri, IndexConfig())
