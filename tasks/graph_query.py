@@ -98,6 +98,8 @@ def graph_from_shards(settings: Settings, cfg: IndexConfig, plan: dict, parts: l
         sims[rows, : part["hits"].shape[1]] = part["sims"]
     graph = with_graph(captions, cfg, candidates, sims)
     report = vectors.write_caption_graph(uri, graph, cfg)
+    with _loading:
+        _loaded.clear()  # shards run in this process (a thread runner) leave the index here: as large as the vectors
     return {"captions": len(graph.ids), "mode": graph.mode, "k": cfg.k, "edges": int((graph.nb_index >= 0).sum()),
             "graph_update": f"full: rebuilt, query phase in {len(parts)} shards", "index": plan["index"],
             "recomputed": len(graph.ids), "patched": 0, "workers": sorted({part["worker"] for part in parts}),
