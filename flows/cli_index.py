@@ -33,8 +33,8 @@ def cmd_index(args, settings) -> int:
     ann = "yes" if caps["ann_index"] else f"no (created above {cfg.ann_threshold} captions)"
     print(f"captions: {caps['captions']} — embedded {caps['embedded']}, skipped {caps['reused']} "
           f"(already embedded by {caps['embedder']})")
-    print(f"graph:    {caps['mode']} top-{caps['k']}, {caps['edges']} edges, {caps['recomputed']} rows recomputed; "
-          f"density bandwidth {cfg.density_bandwidth}")
+    print(f"graph:    {caps['mode']} top-{caps['k']}, {caps['edges']} edges, {caps['recomputed']} rows recomputed, "
+          f"{caps['patched']} patched ({caps['graph_update']}); density bandwidth {cfg.density_bandwidth}")
     print(f"lancedb:  table 'captions' version {caps['version']}, {caps['written']} rows written, {caps['deleted']} deleted; "
           f"ANN index: {ann}")
     print(f"images:   {imgs['computed']} features computed, {imgs['reused']} reused ({imgs['extractor']})")

@@ -61,6 +61,9 @@ class IndexConfig(StageConfig):
     # Captions to embed are split into shards of this size, one task each, mapped over the flow's
     # task runner (threads by default; Dask with POGDIFF_TASK_RUNNER=dask).
     embed_shard_size: int = Field(10_000, ge=1)
+    # The `rebuild-graph` flow (`pogdiff index --rebuild-graph`) searches the stored captions in shards
+    # of this many rows, one task each, mapped over the task runner like the embedding shards.
+    graph_shard_rows: int = Field(100_000, ge=1)
 
     @model_validator(mode="after")
     def _embedder_path(self) -> "IndexConfig":

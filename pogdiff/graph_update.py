@@ -14,7 +14,7 @@ affected rows are recomputed with ``exact_graph`` restricted to them.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -36,17 +36,31 @@ def _any_at_least(queries: np.ndarray, vectors: torch.Tensor, threshold: torch.T
     return hit
 
 
-def update_graph(graph: CaptionGraph, previous: CaptionGraph, cfg: IndexConfig) -> tuple[CaptionGraph, int]:
-    """The exact graph of ``graph``'s captions, from ``previous`` (the stored exact graph of the same
-    embedder, k and bandwidth) and the rows that can differ from it.
+@dataclass(frozen=True)
+class CarriedGraph:
+    """The stored graph moved onto the new caption set (``carry_over``): rows ``[C]`` of the new set.
 
-    graph: the caption set now, without neighbours (``embed_caption_counts``); previous: a graph over
-    the caption set before (any order; nb_index into its own ids). Returns the graph, equal to
-    ``with_graph(graph, cfg)`` up to float rounding, and the number of rows recomputed.
-    """
-    c, k = len(graph.ids), cfg.k
+    kept / recounted ``[C]`` bool (in the stored set; with another count); prev_row ``[C]`` the stored
+    row of each caption (-1 for new ones); removed ``[P]`` bool over the stored rows; lost ``[C]``
+    bool: a kept row one of whose top-k was removed; nb / sims ``[C, k]`` and density ``[C]``, the
+    stored values for kept rows (neighbour indices moved to the new positions, -1 for removed ones),
+    -1 / -inf / 0 for new rows."""
+
+    kept: np.ndarray
+    recounted: np.ndarray
+    prev_row: np.ndarray
+    removed: np.ndarray
+    lost: np.ndarray
+    nb: np.ndarray
+    sims: np.ndarray
+    density: np.ndarray
+
+
+def carry_over(graph: CaptionGraph, previous: CaptionGraph, k: int) -> CarriedGraph:
+    """``previous``'s rows, neighbours and densities carried onto ``graph``'s captions (by caption id)."""
     if previous.nb_index.shape[1] != k:
         raise ValueError(f"the stored graph has k={previous.nb_index.shape[1]}, the config k={k}: rebuild it")
+    c = len(graph.ids)
     final_pos = {caption: i for i, caption in enumerate(graph.ids)}
     prev_pos = {caption: i for i, caption in enumerate(previous.ids)}
     prev_of = np.array([prev_pos.get(caption, -1) for caption in graph.ids], np.int64)  # [C] row in previous
@@ -56,7 +70,6 @@ def update_graph(graph: CaptionGraph, previous: CaptionGraph, cfg: IndexConfig) 
     recounted = np.zeros(c, bool)
     recounted[kept] = previous.counts[src] != graph.counts[kept]
 
-    # previous rows carried over, their neighbour indices moved to the new positions (-1: removed)
     to_final = np.array([final_pos.get(caption, -1) for caption in previous.ids] + [-1], np.int64)
     nb = np.full((c, k), -1, np.int64)
     sims = np.full((c, k), -np.inf, np.float32)
@@ -64,14 +77,28 @@ def update_graph(graph: CaptionGraph, previous: CaptionGraph, cfg: IndexConfig) 
     nb[kept] = to_final[previous.nb_index[src]]  # -1 stays -1: index -1 reads the appended -1
     sims[kept] = previous.nb_sims[src]
     density[kept] = previous.density[src]
+    lost = np.zeros(c, bool)
+    lost[kept] = ((previous.nb_index[src] >= 0) & (nb[kept] < 0)).any(1)
+    return CarriedGraph(kept, recounted, prev_of, removed, lost, nb, sims, density)
 
-    redo = ~kept
-    lost = ((previous.nb_index[src] >= 0) & (nb[kept] < 0)).any(1)  # a neighbour was removed
-    redo[np.flatnonzero(kept)[lost]] = True
-    redo = torch.from_numpy(redo)
+
+def update_graph(graph: CaptionGraph, previous: CaptionGraph, cfg: IndexConfig) -> tuple[CaptionGraph, int]:
+    """The exact graph of ``graph``'s captions, from ``previous`` (the stored exact graph of the same
+    embedder, k and bandwidth) and the rows that can differ from it.
+
+    graph: the caption set now, without neighbours (``embed_caption_counts``); previous: a graph over
+    the caption set before (any order; nb_index into its own ids). Returns the graph, equal to
+    ``with_graph(graph, cfg)`` up to float rounding, and the number of rows recomputed.
+    """
+    if previous.mode != "exact":
+        raise ValueError(f"an exact update needs a stored exact graph, not an {previous.mode!r} one")
+    k = cfg.k
+    carried = carry_over(graph, previous, k)
+    nb, sims, density, kept = carried.nb, carried.sims, carried.density, carried.kept
+    redo = torch.from_numpy(~kept | carried.lost)
     v = torch.from_numpy(np.ascontiguousarray(graph.vectors, np.float32))
     reach = min(DUPLICATE_COS, 1.0 - KERNEL_CUTOFF * cfg.density_bandwidth)
-    changed = np.concatenate([graph.vectors[~kept | recounted], previous.vectors[removed]])
+    changed = np.concatenate([graph.vectors[~kept | carried.recounted], previous.vectors[carried.removed]])
     redo |= _any_at_least(changed, v, reach)
     redo |= _any_at_least(graph.vectors[~kept], v, torch.from_numpy(sims[:, k - 1]))
 

@@ -17,6 +17,7 @@ the vectors and of the graph, not its search engine.
 from __future__ import annotations
 
 import math
+from typing import BinaryIO
 
 import numpy as np
 
@@ -70,3 +71,22 @@ def ann_candidates(vectors: np.ndarray, cfg: IndexConfig, seed: int = 0) -> tupl
     and their cosines (``build_index`` over all rows, then ``search`` with each): ``[C, L + 1]`` each,
     nearest first. A row is usually its own first hit (hence the + 1); ``graph_from_candidates`` drops it."""
     return search(build_index(vectors, cfg, seed), vectors, cfg.ann_candidates + 1)
+
+
+def write_index(index, handle: BinaryIO) -> None:
+    """Stream the index in faiss' own format into ``handle`` (anything with ``write(bytes)``), with no
+    copy of it in memory (``faiss.serialize_index`` makes two, which took longer than the disk)."""
+    import faiss
+
+    faiss.write_index(index, faiss.PyCallbackIOWriter(handle.write))
+
+
+def read_index(handle: BinaryIO, cfg: IndexConfig):
+    """An index streamed from ``handle`` (``write_index``'s output, from its current position), searched
+    with ``cfg``'s nprobe (a search-time setting)."""
+    import faiss
+
+    index = faiss.read_index(faiss.PyCallbackIOReader(handle.read))
+    if hasattr(index, "nprobe"):
+        index.nprobe = min(cfg.ivf_nprobe, index.nlist)
+    return index

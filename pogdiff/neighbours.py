@@ -35,7 +35,7 @@ DUPLICATE_COS = 1.0 - 1e-5
 KERNEL_CUTOFF = 6.0
 
 
-def _kernel(dist: torch.Tensor, bandwidth: float) -> torch.Tensor:
+def kernel(dist: torch.Tensor, bandwidth: float) -> torch.Tensor:
     """K(d) = exp(-d^2 / (2 h^2)) on cosine distances d = 1 - cos."""
     return torch.exp(-dist.pow(2) / (2 * bandwidth**2))
 
@@ -54,7 +54,7 @@ def _block_pass(
     vals = s[r, cols]
     density = None
     if counts is not None:
-        density = torch.zeros(s.shape[0], device=s.device).index_add_(0, r, _kernel(1.0 - vals.clamp(-1, 1), bandwidth) * counts[cols])
+        density = torch.zeros(s.shape[0], device=s.device).index_add_(0, r, kernel(1.0 - vals.clamp(-1, 1), bandwidth) * counts[cols])
     dup = vals >= DUPLICATE_COS
     s[r[dup], cols[dup]] = float("-inf")
     s[torch.arange(s.shape[0], device=s.device), rows] = float("-inf")
@@ -117,19 +117,21 @@ def effective_density(vectors: torch.Tensor, counts: torch.Tensor, bandwidth: fl
 
 def graph_from_candidates(
     vectors: torch.Tensor, counts: torch.Tensor, candidates: torch.Tensor, k: int, bandwidth: float, block: int = 1024,
-    candidate_sims: torch.Tensor | None = None,
+    candidate_sims: torch.Tensor | None = None, rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k and rho_eff from approximate candidate lists (e.g. an ANN index's hits).
 
-    vectors ``[C, D]`` (L2-normalised), counts ``[C]``, candidates ``[C, L]`` row indices (-1 = none;
-    may hold the row itself and repeats). Similarities are recomputed exactly from the vectors, unless
-    ``candidate_sims`` ``[C, L]`` gives them (an index that stores the vectors uncompressed, such as
-    faiss' flat IVF and HNSW, returns exact inner products: no ``[b, L, D]`` gather is needed); either
-    way only the candidate *set* is approximate. Returns ids ``[C, k]``, sims ``[C, k]`` as ``exact_graph`` and
+    vectors ``[C, D]`` (L2-normalised), counts ``[C]``, candidates ``[R, L]`` row indices (-1 = none;
+    may hold the row itself and repeats) of the query ``rows`` ``[R]`` (default all C, in order).
+    Similarities are recomputed exactly from the vectors, unless ``candidate_sims`` ``[R, L]`` gives
+    them (an index that stores the vectors uncompressed, such as faiss' flat IVF and HNSW, returns
+    exact inner products: no ``[b, L, D]`` gather is needed); either way only the candidate *set* is
+    approximate. Returns ids ``[R, k]``, sims ``[R, k]`` as ``exact_graph`` and
     rho_eff(i) = n_i + sum over distinct candidates j != i of n_j K(1 - cos_ij): exact when every caption
     within the kernel's reach is among the L candidates, an underestimate in clusters larger than that.
     """
     c, width = candidates.shape
+    rows = torch.arange(c) if rows is None else rows.long()
     kk = min(k, width)
     ids = torch.full((c, k), -1, dtype=torch.long)
     sims = torch.full((c, k), float("-inf"))
@@ -138,20 +140,20 @@ def graph_from_candidates(
     n = counts.float()
     for start in range(0, c, block):
         cand = candidates[start : start + block].clone()
-        rows = torch.arange(start, start + cand.shape[0])[:, None]
+        own = rows[start : start + cand.shape[0]]
         # repeats of a hit would count twice in the density: keep the first of each id per row
         srt, order = cand.sort(dim=1)
         dup_sorted = torch.zeros_like(cand, dtype=torch.bool)
         dup_sorted[:, 1:] = srt[:, 1:] == srt[:, :-1]
         dup = torch.zeros_like(dup_sorted).scatter_(1, order, dup_sorted)
-        bad = (cand < 0) | (cand == rows) | dup
+        bad = (cand < 0) | (cand == own[:, None]) | dup
         cand[bad] = 0
         if candidate_sims is None:
-            s = (v[start : start + cand.shape[0], None, :] * v[cand]).sum(-1).clamp(-1, 1)  # [b, L]
+            s = (v[own, None, :] * v[cand]).sum(-1).clamp(-1, 1)  # [b, L]
         else:
             s = candidate_sims[start : start + cand.shape[0]].float().clamp(-1, 1)
-        kern = torch.where(bad | (s <= 1.0 - KERNEL_CUTOFF * bandwidth), 0.0, _kernel(1.0 - s, bandwidth))
-        density[start : start + cand.shape[0]] = n[start : start + cand.shape[0]] + (kern * n[cand]).sum(1)
+        kern = torch.where(bad | (s <= 1.0 - KERNEL_CUTOFF * bandwidth), 0.0, kernel(1.0 - s, bandwidth))
+        density[start : start + cand.shape[0]] = n[own] + (kern * n[cand]).sum(1)
         s = s.masked_fill(bad | (s >= DUPLICATE_COS), float("-inf"))
         top_s, pos = s.topk(kk, dim=1)
         top_i = cand.gather(1, pos)

@@ -189,8 +189,11 @@ class WriteReport:
     deleted: int = 0  # rows removed: captions the written graph no longer has
 
 
-def _caption_rows(graph, k: int, nb_ids: list[list[str]], nb_sims: np.ndarray, density: np.ndarray) -> pa.Table:
+def _caption_rows(graph, k: int, nb_sims: np.ndarray, density: np.ndarray) -> pa.Table:
     dim = graph.vectors.shape[1]
+    # neighbour indices to ids in one Arrow take (-1, no neighbour, reads the appended "")
+    names = pa.array(list(graph.ids) + [""], pa.string()).take(pa.array(graph.nb_index.reshape(-1) % (len(graph.ids) + 1)))
+    nb_ids = pa.ListArray.from_arrays(pa.array(np.arange(0, len(names) + 1, k, dtype=np.int32)), names)
     return pa.table(
         {
             "caption_id": graph.ids,
@@ -198,7 +201,7 @@ def _caption_rows(graph, k: int, nb_ids: list[list[str]], nb_sims: np.ndarray, d
             "embedder": [graph.embedder] * len(graph.ids),
             VECTOR: pa.FixedSizeListArray.from_arrays(pa.array(graph.vectors.reshape(-1), pa.float32()), dim),
             "count": pa.array(graph.counts, pa.int64()),
-            "neighbour_ids": pa.array(nb_ids, pa.list_(pa.string())),
+            "neighbour_ids": nb_ids,
             "neighbour_sims": pa.FixedSizeListArray.from_arrays(pa.array(nb_sims.reshape(-1), pa.float32()), k),
             "density": pa.array(density, pa.float64()),
         },
@@ -242,8 +245,10 @@ def _write(uri: str, new: pa.Table, old: pa.Table | None, columns: list[str], cf
 
 
 def _graph_key(mode: str, cfg: IndexConfig) -> str:
-    """How a stored graph was made; only an exact graph of the same k and bandwidth seeds an update."""
-    return f"{mode} k={cfg.k} bandwidth={cfg.density_bandwidth!r}"
+    """How a stored graph was made; only a graph made the same way seeds an update (an ANN graph's
+    density sums over its ``ann_candidates``, so they are part of how it was made)."""
+    key = f"{mode} k={cfg.k} bandwidth={cfg.density_bandwidth!r}"
+    return key + f" candidates={cfg.ann_candidates}" if mode == "ann" else key
 
 
 def _stored_key(table) -> str | None:
@@ -253,20 +258,23 @@ def _stored_key(table) -> str | None:
 
 def read_caption_graph(uri: str, embedder: str, cfg: IndexConfig) -> CaptionGraph | None:
     """The stored graph as a ``CaptionGraph`` (rows in table order, nb_index into them), when it can
-    seed ``pogdiff.graph_update.update_graph``: every row embedded by ``embedder`` and the graph exact
-    with ``cfg``'s k and bandwidth (recorded on the density column by ``write_caption_graph``); else None."""
+    seed an update (``pogdiff.graph_update`` when its mode is exact, ``pogdiff.ann_graph`` when ANN):
+    every row embedded by ``embedder`` and the graph made with ``cfg``'s settings (``_graph_key``,
+    recorded on the density column by ``write_caption_graph``); else None."""
     table = open_table(connect(uri), CAPTIONS)
-    if table is None or _stored_key(table) != _graph_key("exact", cfg):
+    stored = None if table is None else _stored_key(table)
+    mode = next((m for m in ("exact", "ann") if stored == _graph_key(m, cfg)), None)
+    if mode is None:
         return None
     t = table.to_arrow()
     if t.num_rows == 0 or pc.any(pc.not_equal(t.column("embedder"), embedder)).as_py():
         return None
     ids = t.column("caption_id").to_pylist()
-    position = {caption: i for i, caption in enumerate(ids)}
-    nb = np.array([[position.get(j, -1) for j in row] for row in t.column("neighbour_ids").to_pylist()], np.int64).reshape(t.num_rows, cfg.k)
+    flat = pc.list_flatten(t.column("neighbour_ids"))  # "" (no neighbour) is no caption id: null, then -1
+    nb = pc.fill_null(pc.index_in(flat, value_set=t.column("caption_id")), -1).to_numpy().astype(np.int64).reshape(t.num_rows, cfg.k)
     return CaptionGraph(ids=ids, captions=t.column("caption").to_pylist(), vectors=_matrix(t.column(VECTOR), t.num_rows),
                         counts=t.column("count").to_numpy(), nb_index=nb, nb_sims=_matrix(t.column("neighbour_sims"), t.num_rows),
-                        density=t.column("density").to_numpy(), embedded=0, reused=t.num_rows, embedder=embedder, mode="exact")
+                        density=t.column("density").to_numpy(), embedded=0, reused=t.num_rows, embedder=embedder, mode=mode)
 
 
 def write_caption_graph(uri: str, graph: CaptionGraph, cfg: IndexConfig) -> WriteReport:
@@ -274,8 +282,7 @@ def write_caption_graph(uri: str, graph: CaptionGraph, cfg: IndexConfig) -> Writ
     captions it no longer has, record how it was made (``_graph_key``); ANN index above the threshold.
     A re-run with the same graph writes nothing and makes no table version."""
     k = graph.nb_index.shape[1]
-    nb_ids = [[graph.ids[j] if j >= 0 else "" for j in row] for row in graph.nb_index]
-    new = _caption_rows(graph, k, nb_ids, graph.nb_sims, graph.density)
+    new = _caption_rows(graph, k, graph.nb_sims, graph.density)
     old = read_caption_table(uri)
     _check_schema(uri, old, new.schema)
     report = _write(uri, new, old, new.schema.names[1:], cfg)

@@ -13,11 +13,13 @@ import numpy as np
 import pyarrow as pa
 from prefect import get_run_logger, task
 
+from pogdiff import ann_graph
+from pogdiff.ann_graph import AnnIndex
 from pogdiff.config import IndexConfig
 from pogdiff.embedders import embed_captions, make_embedder
 from pogdiff.graph_update import update_graph
-from pogdiff.index import caption_id, embed_caption_counts, image_extractor, image_features, needs_ann, neighbours_of
-from storage import dataset, vectors
+from pogdiff.index import CaptionGraph, caption_id, embed_caption_counts, image_extractor, image_features, needs_ann, neighbours_of
+from storage import ann_index, dataset, vectors
 from storage.images import decode_images
 from storage.settings import Settings
 from tasks.retry import IO_RETRIES
@@ -36,14 +38,18 @@ def plan_shards(settings: Settings, cfg: IndexConfig, snapshot: str | None = Non
 def build_caption_index(settings: Settings, cfg: IndexConfig, progress: bool = False,
                         precomputed: dict[str, np.ndarray] | None = None, snapshot: str | None = None) -> dict:
     """Embed only captions not yet in LanceDB under this embedder, then refresh neighbours and density
-    over the captions of ``snapshot`` (default: the dataset now): incrementally from the stored exact
-    graph when there is one (only rows that can change are recomputed), and captions no longer in the
-    dataset are deleted from the table. ``version`` in the result is the
-    table version whose rows for those captions are exactly this graph.
+    over the captions of ``snapshot`` (default: the dataset now), and delete captions no longer in the
+    dataset from the table. ``version`` in the result is the table version whose rows for those
+    captions are exactly this graph.
 
-    ``precomputed`` (caption id -> vector, e.g. from ``embed_shard`` tasks) counts as embedded by this
-    run. Up to ``cfg.ann_threshold`` captions the graph is exact; above it an all-pairs ANN search
-    supplies candidates and the graph is refined from them (``pogdiff.index.neighbours_of``).
+    Up to ``cfg.ann_threshold`` captions the graph is exact, updated from the stored exact graph when
+    there is one (only rows that can change are recomputed: ``pogdiff.graph_update``). Above it an
+    all-pairs ANN search supplies candidates and the graph is refined from them; its faiss index is
+    stored next to the table (``storage/ann_index.py``), so the next run updates index and graph
+    (``pogdiff.ann_graph``) instead of building both anew. ``graph_update`` in the result says which
+    happened and, for a full build, why.
+
+    ``precomputed`` (caption id -> vector, e.g. from ``embed_shard`` tasks) counts as embedded by this run.
     """
     started = time.perf_counter()
     uri = settings.lancedb_uri
@@ -58,15 +64,38 @@ def build_caption_index(settings: Settings, cfg: IndexConfig, progress: bool = F
     if precomputed:
         fresh = len(precomputed.keys() & set(graph.ids))
         graph = replace(graph, embedded=graph.embedded + fresh, reused=graph.reused - fresh)
-    if previous is None or needs_ann(len(graph.ids), cfg):
-        graph, recomputed = neighbours_of(graph, cfg), len(graph.ids)
-    else:
+    ann = None
+    if needs_ann(len(graph.ids), cfg):
+        graph, ann, update = _ann_graph(uri, graph, previous, cfg)
+    elif previous is not None and previous.mode == "exact":
         graph, recomputed = update_graph(graph, previous, cfg)
+        update = {"graph_update": "incremental", "recomputed": recomputed, "patched": 0}
+    else:
+        graph = neighbours_of(graph, cfg)
+        update = {"graph_update": "full: no stored exact graph made with these settings", "recomputed": len(graph.ids), "patched": 0}
     report = vectors.write_caption_graph(uri, graph, cfg)
+    if ann is not None:  # after the graph: an index newer than the stored graph would not match it, and is rebuilt
+        ann_index.write_ann_index(uri, ann)
     return {"captions": len(graph.ids), "embedded": graph.embedded, "reused": graph.reused, "embedder": graph.embedder,
-            "mode": graph.mode, "k": cfg.k, "edges": int((graph.nb_index >= 0).sum()), "recomputed": recomputed,
+            "mode": graph.mode, "k": cfg.k, "edges": int((graph.nb_index >= 0).sum()), **update,
             "written": report.written, "deleted": report.deleted,
             "version": report.version, "ann_index": report.ann_index, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _ann_graph(uri: str, graph: CaptionGraph, previous: CaptionGraph | None, cfg: IndexConfig) -> tuple[CaptionGraph, AnnIndex | None, dict]:
+    """The ANN graph: updated from the stored graph and index when they allow it (``ann_graph.update_blocker``),
+    else built anew. Returns the graph, the index to store (None: unchanged, or an engine that is not
+    stored) and how it was made: ``graph_update`` (incremental, or full with the reason), ``recomputed``
+    (rows searched and refined) and ``patched`` (rows whose stored top-k or density was patched)."""
+    stored = ann_index.read_ann_index(uri, cfg) if previous is not None and previous.mode == "ann" else None
+    old = None if stored is None else stored[0]
+    blocker = ann_graph.update_blocker(graph, previous, old, cfg)
+    if blocker is not None:
+        graph, ann = ann_graph.build(graph, cfg)
+        return graph, ann, {"graph_update": f"full: {blocker}", "recomputed": len(graph.ids), "patched": 0}
+    before = list(old.slots)
+    graph, ann, recomputed, patched = ann_graph.update(graph, previous, old, cfg)
+    return graph, None if ann.slots == before else ann, {"graph_update": "incremental", "recomputed": recomputed, "patched": patched}
 
 
 def build_image_features(settings: Settings, cfg: IndexConfig, snapshot: str | None = None) -> dict:
@@ -103,9 +132,9 @@ def index_captions(settings: Settings, cfg: IndexConfig, snapshot_id: str, shard
     out = build_caption_index(settings, cfg, precomputed={k: v for shard in shards or [] for k, v in shard.items()},
                               snapshot=snapshot_id)
     get_run_logger().info(
-        "index: %d captions, %d embedded, %d reused; %s top-%d graph, %d edges, %d rows recomputed; %d rows written, "
-        "%d deleted, table version %d", out["captions"], out["embedded"], out["reused"], out["mode"], cfg.k, out["edges"],
-        out["recomputed"], out["written"], out["deleted"], out["version"],
+        "index: %d captions, %d embedded, %d reused; %s top-%d graph (%s), %d edges, %d rows recomputed, %d patched; "
+        "%d rows written, %d deleted, table version %d", out["captions"], out["embedded"], out["reused"], out["mode"], cfg.k,
+        out["graph_update"], out["edges"], out["recomputed"], out["patched"], out["written"], out["deleted"], out["version"],
     )
     return {"snapshot_id": snapshot_id, **out}
 

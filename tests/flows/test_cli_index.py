@@ -2,6 +2,7 @@
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +10,12 @@ import pytest
 from clirunner import run_cli
 from PIL import Image
 
+from pogdiff.embedders import make_embedder
+from pogdiff.index import with_graph
+from storage import vectors
 from storage.config import IngestConfig
 from storage.parquet import ingest
+from tasks.config import load_config
 
 CAPTIONS = {"a red circle": 6, "a small red circle": 1, "a red circle on grey": 1, "a green cross": 3, "a blue square": 2}
 
@@ -78,6 +83,27 @@ def test_index_then_neighbours_explain_the_weight(pogdiff, tmp_path):
 
     unseen = json.loads(pogdiff("neighbours", "a large red circle", "--json", home=home).stdout)
     assert not unseen["in_dataset"] and unseen["count"] == 0
+
+    # above ann_threshold the graph is ANN and its faiss index is stored next to the table; the next run
+    # with a new caption updates both: only the new row is searched, the rows it reaches are patched
+    ann = tmp_path / "ann.yaml"
+    ann.write_text("index:\n  ann_threshold: 3\n")
+    first = json.loads(pogdiff("index", "--json", "--config", str(ann), home=home).stdout)["captions"]
+    assert first["mode"] == "ann" and first["graph_update"].startswith("full: no stored ANN graph") and first["recomputed"] == 5
+    assert (home / "lancedb" / "_pogdiff_ann" / "captions.faiss").is_file()
+    more = tmp_path / "more"
+    more.mkdir()
+    Image.fromarray(np.full((16, 16, 3), (190, 40, 40), np.uint8)).save(more / "0.png")
+    (more / "captions.csv").write_text("image,caption\n0.png,a tiny red circle\n")
+    ingest(more, home / "dataset", IngestConfig())
+    second = json.loads(pogdiff("index", "--json", "--config", str(ann), home=home).stdout)["captions"]
+    assert (second["graph_update"], second["embedded"], second["recomputed"]) == ("incremental", 1, 1) and second["patched"] > 0
+    # six captions fit one IVF list, so the search is exhaustive and the updated graph is the exact one
+    cfg = load_config(str(ann)).index
+    stored = vectors.read_caption_graph(str(home / "lancedb"), make_embedder(cfg).key, cfg)
+    exact = with_graph(replace(stored, vectors=stored.vectors.copy(), counts=stored.counts.copy()), cfg)  # Arrow arrays are read-only
+    np.testing.assert_array_equal(stored.nb_index, exact.nb_index)
+    np.testing.assert_allclose(stored.density, exact.density, rtol=1e-5)
     assert unseen["neighbours"][0]["caption"] in {"a red circle", "a small red circle", "a red circle on grey"}
     assert all(r["psi"] is None for r in unseen["neighbours"])  # no images of its own: no s_img
 

@@ -209,8 +209,15 @@ def test_stored_graph_seeds_an_incremental_update_and_removed_captions_leave_the
     assert stored.column("caption_id").to_pylist() == full.ids
     assert stored.column("neighbour_ids").to_pylist() == [[full.ids[j] if j >= 0 else "" for j in row] for row in full.nb_index]
     np.testing.assert_allclose(stored.column("density").to_numpy(), full.density, rtol=1e-5)
-    # only a graph made the same way seeds an update: another bandwidth, another embedder or an ANN graph do not
+    # only a graph made the same way seeds an update: another bandwidth or another embedder do not; an ANN
+    # graph is read as one (it seeds the ANN update, pogdiff/ann_graph.py), under its own candidates only
     assert vectors.read_caption_graph(uri, "test-embedder", IndexConfig(k=4, density_bandwidth=0.1)) is None
     assert vectors.read_caption_graph(uri, "another-embedder", cfg) is None
     vectors.write_caption_graph(uri, replace(full, mode="ann"), cfg)
-    assert vectors.read_caption_graph(uri, "test-embedder", cfg) is None
+    ann = vectors.read_caption_graph(uri, "test-embedder", cfg)
+    assert ann.mode == "ann" and sorted(ann.ids) == full.ids
+    names = {caption: [ann.ids[j] for j in row] for caption, row in zip(ann.ids, ann.nb_index)}
+    assert [names[caption] for caption in full.ids] == [[full.ids[j] for j in row] for row in full.nb_index]
+    assert vectors.read_caption_graph(uri, "test-embedder", IndexConfig(k=4, ann_candidates=20)) is None
+    with pytest.raises(ValueError, match="needs a stored exact graph"):
+        update_graph(final, ann, cfg)
