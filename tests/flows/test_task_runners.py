@@ -23,19 +23,29 @@ from tasks.config import parse_config
 from tasks.graph_query import plan_query
 
 
+@pytest.fixture(scope="module")
+def dask_address():
+    """A real local Dask cluster of 2 worker processes, started once for this module's flows (which
+    reach it by address, as a deployment would reach a shared cluster)."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        yield cluster.scheduler_address
+
+
 def test_runner_follows_settings(tmp_path):
     assert isinstance(task_runner(load_settings(home=tmp_path)), ThreadPoolTaskRunner)
     assert isinstance(task_runner(load_settings(home=tmp_path, task_runner="dask")), DaskTaskRunner)
 
 
 @pytest.mark.slow
-def test_embedding_shards_run_on_dask_workers(prefect_server, tmp_path, monkeypatch):
+def test_embedding_shards_run_on_dask_workers(prefect_server, dask_address, tmp_path, monkeypatch):
     source = tmp_path / "source"
     catalogue.generate_longtail(source, seed=2, size=16, max_count=4, alpha=1.0, min_count=1, captions="individual")  # 24 captions
     monkeypatch.setenv("POGDIFF_HOME", str(tmp_path / "home"))
     from flows.ingest import ingest_source
 
-    runner = task_runner(load_settings(task_runner="dask", task_runner_workers=2))
+    runner = task_runner(load_settings(task_runner="dask", task_runner_address=dask_address))
     flow = ingest_source.with_options(task_runner=runner)
     state = flow(str(source), parse_config({"index": {"k": 3, "embed_shard_size": 10}}), return_state=True)
     result = state.result()
@@ -61,7 +71,7 @@ def _shard_runs(state) -> list:
 
 
 @pytest.mark.slow
-def test_the_graph_query_phase_maps_over_row_shards_on_dask_workers(prefect_server, tmp_path, monkeypatch):
+def test_the_graph_query_phase_maps_over_row_shards_on_dask_workers(prefect_server, dask_address, tmp_path, monkeypatch):
     monkeypatch.setenv("POGDIFF_HOME", str(tmp_path / "home"))
     uri = load_settings().lancedb_uri  # a folder both workers see, as shared storage would be
     config = parse_config({"index": {"k": 5, "ann_threshold": 100, "graph_shard_rows": 1000}})
@@ -76,7 +86,7 @@ def test_the_graph_query_phase_maps_over_row_shards_on_dask_workers(prefect_serv
 
     from flows.graph import rebuild_graph
 
-    runner = task_runner(load_settings(task_runner="dask", task_runner_workers=2))
+    runner = task_runner(load_settings(task_runner="dask", task_runner_address=dask_address))
     state = rebuild_graph.with_options(task_runner=runner)(config, return_state=True)
     out = state.result()
     assert out["index"] == "built: none stored" and out["graph_update"] == "full: rebuilt, query phase in 3 shards"
