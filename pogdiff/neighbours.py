@@ -286,7 +286,7 @@ def pick_neighbours(
     ids = graph.nb_ids[caps, :k]  # [B, k]
     valid = ids >= 0
     members = sample_member_images(graph, ids.clamp_min(0).flatten(), generator).view(ids.shape)
-    raw = image_similarity(graph, images[:, None].expand_as(ids).flatten(), members.flatten()).view(ids.shape)
+    raw = image_similarity(graph, images, members)
     s = thresholded(raw, tau) * valid
     if pog.neighbour_sampling == "similarity":
         w = graph.nb_sims[caps, :k].clamp_min(0) * s  # -inf (no neighbour) -> 0
@@ -321,9 +321,11 @@ def sample_member_images(graph: NeighbourGraph, captions: torch.Tensor, generato
 
 
 def image_similarity(graph: NeighbourGraph, images: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """s_img = clip(cos(feat_i, feat_i'), 0, 1) for index pairs ``[B], [B] -> [B]``."""
+    """s_img = clip(cos(feat_i, feat_i'), 0, 1) of each image ``[B]`` with ``other`` ``[B]`` or ``[B, k]``
+    (k images each), shaped as ``other``. Each image's feature is gathered once, not once per other image."""
     f = graph.image_features
-    return (f[images] * f[other]).sum(1).clamp(0, 1)
+    mine = f[images] if other.dim() == 1 else f[images][:, None, :]
+    return (mine * f[other]).sum(-1).clamp(0, 1)
 
 
 def psi_weight(
