@@ -27,6 +27,7 @@ from diffusers import DDPMScheduler
 from peft import LoraConfig
 from torch.nn.parallel import DistributedDataParallel
 
+from pogdiff.allocator import keep_freed_memory
 from pogdiff.checkpoints import clean_checkpoints, resume_latest, save_checkpoint
 from pogdiff.config import TrainConfig
 from pogdiff.distributed import Distributed, join_process_group
@@ -186,6 +187,8 @@ def _setup(
     ``resume``; the captions and images encoded once (z0 and, for a VAE, its posterior std)."""
     shard = ddp.shard(cfg.batch_size)
     device = _device(ddp)
+    if device.type == "cpu":
+        keep_freed_memory()  # the activations freed each step stay in the heap, not faulted in again
     unet = _trainable_unet(pipe, cfg, device)
     sched = pipe.scheduler
     if cfg.prediction_type is not None:
