@@ -22,7 +22,9 @@ forward (one call per layer, whatever the rows) push the sparse ratio above it.
 prediction put back), ``nb_forward`` (the no-grad neighbour forward), ``forward`` (the training
 forward), ``loss``, ``backward``, ``optimizer`` and ``other`` (metrics, callbacks, Python between
 phases). They are means over the timed steps and rounds and add up to the mean step time (the ratios
-use medians). ``--quick`` is a smoke run (no ratios, no goal): tiny model, 4 timed steps, batch 16,
+use medians). ``neighbour_row_cost`` is the neighbour forward's seconds per borrowing row over the
+training forward's seconds per row: 1 where the neighbour forward's cost scales with the share that
+borrows, above 1 by a small batch's fixed costs. ``--quick`` is a smoke run (no ratios, no goal): tiny model, 4 timed steps, batch 16,
 one round (checks that the bench runs; its figures are not the goal's).
 """
 
@@ -128,6 +130,7 @@ def main() -> None:
                 phases[name].append(split)
     vanilla, dense, sparse = (float(np.median(times[n])) for n in variants)
     dense_share, sparse_share = shares["pogdiff_dense"], shares["pogdiff_sparse"]
+    by_phase = {n: {p: float(np.mean([r[p] for r in rounds])) for p in rounds[0]} for n, rounds in phases.items()}
     doc = {
         "bench": "step_overhead",
         "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -139,7 +142,9 @@ def main() -> None:
         "sparse_psi_threshold": sparse_pog.psi_threshold,
         "seconds_per_step": {"vanilla": vanilla, "pogdiff_dense": dense, "pogdiff_sparse": sparse},
         "seconds_per_step_by_round": times,
-        "seconds_per_step_by_phase": {n: {p: float(np.mean([r[p] for r in rounds])) for p in rounds[0]} for n, rounds in phases.items()},
+        "seconds_per_step_by_phase": by_phase,
+        "neighbour_row_cost": {n: by_phase[n]["nb_forward"] / (shares[n] * args.batch) / (by_phase[n]["forward"] / args.batch)
+                               for n in ("pogdiff_dense", "pogdiff_sparse")},
     }
     if not args.quick:  # 4 steps of a tiny model in one round: ratios of noise (0.28 and 5.07 were seen)
         doc |= {"dense_ratio": dense / vanilla, "sparse_ratio": sparse / vanilla,
