@@ -24,8 +24,12 @@ forward), ``loss``, ``backward``, ``optimizer`` and ``other`` (metrics, callback
 phases). They are means over the timed steps and rounds and add up to the mean step time (the ratios
 use medians). ``neighbour_row_cost`` is the neighbour forward's seconds per borrowing row over the
 training forward's seconds per row: 1 where the neighbour forward's cost scales with the share that
-borrows, above 1 by a small batch's fixed costs. ``--quick`` is a smoke run (no ratios, no goal): tiny model, 4 timed steps, batch 16,
-one round (checks that the bench runs; its figures are not the goal's).
+borrows, above 1 by a small batch's fixed costs. The variants run one after another in one process;
+the trainer keeps the memory a CPU step frees in the heap (``pogdiff.allocator``), so a variant's
+time no longer depends on the heap the variants before it left.
+
+``--quick`` is a smoke run (no ratios, no goal): tiny model, 4 timed steps, batch 16, one round
+(checks that the bench runs; its figures are not the goal's).
 """
 
 from __future__ import annotations
