@@ -24,9 +24,14 @@ forward), ``loss``, ``backward``, ``optimizer`` and ``other`` (metrics, callback
 phases). They are means over the timed steps and rounds and add up to the mean step time (the ratios
 use medians). ``neighbour_row_cost`` is the neighbour forward's seconds per borrowing row over the
 training forward's seconds per row: 1 where the neighbour forward's cost scales with the share that
-borrows, above 1 by a small batch's fixed costs. The variants run one after another in one process;
-the trainer keeps the memory a CPU step frees in the heap (``pogdiff.allocator``), so a variant's
-time no longer depends on the heap the variants before it left.
+borrows, above 1 by a small batch's fixed costs.
+
+The variants' steps are interleaved: each round builds a fresh model per variant and takes one step
+of each in turn (the order rotated by round), so a drift of the machine's speed (other processes, a
+virtual machine's host) falls on all three alike. Run one after another, each variant in its own
+window of about 10 s, the same code gave dense ratios from 1.22 to 1.40 and sparse from 1.03 to 1.13
+on a shared 2-core machine. The trainer keeps the memory a CPU step frees in the heap
+(``pogdiff.allocator``), so no variant's time depends on the heap the others left.
 
 ``--quick`` is a smoke run (no ratios, no goal): tiny model, 4 timed steps, batch 16, one round
 (checks that the bench runs; its figures are not the goal's).
@@ -48,7 +53,7 @@ from pogdiff.demo import catalogue, train_set
 from pogdiff.neighbours import draw_borrowing, similarity_threshold
 from pogdiff.phases import PhaseTimer
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline, UNetSpec, default_scheduler
-from pogdiff.trainer import TrainData, train
+from pogdiff.trainer import TrainData, stepper
 
 GOALS = {"dense_ratio": 1.35, "sparse_ratio": 1.15, "borrow_share": 0.3}
 LIMITS = {"dense_ratio": round(1 + 1 / 3, 2), "sparse_ratio": round(1 + GOALS["borrow_share"] / 3, 2)}
@@ -76,35 +81,40 @@ def threshold_for_share(data: TrainData, pog: PoGConfig, share: float, draws: in
     return float(torch.quantile(psi, max(0.0, 1.0 - kept)))
 
 
-def _time(spec: UNetSpec, data: TrainData, pog: PoGConfig, steps: int, batch: int, tmp: str) -> tuple[float, float, dict[str, float]]:
-    """Median seconds per timed step, the mean share of samples that borrowed, and the mean seconds
-    per timed step of each phase (``PHASES`` and ``other``: they add up to the mean step time)."""
-    pipe = PixelDiffusionPipeline.new(spec, seed=0)
-    stamps, shares = [], []
-    timer = PhaseTimer()
-    warm: dict[str, float] = {}
-
-    def on_step(step, m):
-        stamps.append(time.perf_counter())
-        shares.append(m.get("psi/active_share", 0.0))
-        if step == WARM_UP:
-            warm.update(timer.seconds)
-
-    cfg = TrainConfig(steps=steps + WARM_UP, batch_size=batch, checkpoint_every=10**9, pog=pog)
-    train(pipe, data, cfg, f"{tmp}/{pog.method}-{pog.psi_threshold}-{pog.lam}", on_step=on_step, phases=timer)
-    # median step time after the warm-up steps: robust to the odd slow step (GC, another process)
-    per_step = float(np.median(np.diff(stamps[WARM_UP - 1:])))
-    phases = {p: (timer.seconds.get(p, 0.0) - warm.get(p, 0.0)) / steps for p in PHASES}
-    phases["other"] = (stamps[-1] - stamps[WARM_UP - 1]) / steps - sum(phases.values())
-    return per_step, float(np.mean(shares)), phases
+def _round(spec: UNetSpec, data: TrainData, variants: dict[str, PoGConfig], steps: int, batch: int, tmp: str) -> dict[str, tuple[float, float, dict[str, float]]]:
+    """One round: a fresh model per variant, one step of each in turn (in ``variants``' order), ``WARM_UP``
+    untimed steps then ``steps`` timed ones. Per variant: the median seconds per timed step, the mean share
+    of samples that borrowed, and the mean seconds per timed step of each phase (``PHASES`` and ``other``:
+    they add up to the mean step time)."""
+    timers = {n: PhaseTimer() for n in variants}
+    step = {n: stepper(PixelDiffusionPipeline.new(spec, seed=0), data,
+                       TrainConfig(steps=steps + WARM_UP, batch_size=batch, checkpoint_every=10**9, pog=pog), f"{tmp}/{n}", timers[n])
+            for n, pog in variants.items()}
+    seconds: dict[str, list[float]] = {n: [] for n in variants}
+    shares: dict[str, list[float]] = {n: [] for n in variants}
+    warm: dict[str, dict[str, float]] = {}
+    for s in range(WARM_UP + steps):
+        for n in variants:
+            if s == WARM_UP:
+                warm[n] = dict(timers[n].seconds)
+            started = time.perf_counter()
+            shares[n].append(step[n]().get("psi/active_share", 0.0))
+            if s >= WARM_UP:
+                seconds[n].append(time.perf_counter() - started)
+    out = {}
+    for n in variants:
+        phases = {p: (timers[n].seconds.get(p, 0.0) - warm[n].get(p, 0.0)) / steps for p in PHASES}
+        phases["other"] = float(np.mean(seconds[n])) - sum(phases.values())
+        # the median step: robust to the odd slow step (GC, another process)
+        out[n] = float(np.median(seconds[n])), float(np.mean(shares[n])), phases
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="smoke run: tiny model, 4 timed steps, batch 16; no ratios or goal")
     p.add_argument("--steps", type=int, default=40)
-    # each round times the three variants in a rotated order; the ratios use the medians over rounds,
-    # because one pass of each in a row swings by +-0.05 on a 2-core machine
+    # each round interleaves the three variants' steps in a rotated order; the ratios use the medians over rounds
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--spec", choices=["default", "tiny"], default="default")
@@ -128,8 +138,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             names = list(variants)
-            for name in names[r % 3:] + names[: r % 3]:
-                seconds, shares[name], split = _time(spec, data, variants[name], args.steps, args.batch, f"{tmp}/{r}")
+            order = {n: variants[n] for n in names[r % 3:] + names[: r % 3]}
+            for name, (seconds, shares[name], split) in _round(spec, data, order, args.steps, args.batch, f"{tmp}/{r}").items():
                 times[name].append(seconds)
                 phases[name].append(split)
     vanilla, dense, sparse = (float(np.median(times[n])) for n in variants)

@@ -15,6 +15,7 @@ single-process trajectory up to the order of floating-point sums.
 
 from __future__ import annotations
 
+import itertools
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -114,6 +115,14 @@ def train(
     finally:
         if created_group:
             dist.destroy_process_group()
+
+
+def stepper(pipe: TextToImagePipeline, data: TrainData, cfg: TrainConfig, out_dir: Path, phases: Phases = NO_PHASES) -> Callable[[], dict[str, float]]:
+    """``step()``: the next optimizer step of a one-process training and its metrics (as ``on_step`` gets them), for
+    a bench that interleaves trainings step by step; no lock, checkpoint or model is written, nothing resumes."""
+    run = _setup(pipe, data, cfg, Path(out_dir) / CHECKPOINTS_DIR, False, Distributed(), phases)
+    steps = itertools.count()
+    return lambda: _step_metrics(run, *_step(run, next(steps)))
 
 
 @dataclass(frozen=True)
