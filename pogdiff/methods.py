@@ -18,8 +18,9 @@ from typing import Callable
 import torch
 
 from pogdiff.config import PoGConfig
-from pogdiff.neighbours import NeighbourGraph, draw_borrowing, similarity_threshold
+from pogdiff.neighbours import NeighbourGraph, pick_neighbours, similarity_threshold, weigh_borrowing
 from pogdiff.objectives import cbdm_loss, pogdiff_loss, vanilla_loss
+from pogdiff.phases import NO_PHASES, Phases
 
 Tensors = dict[str, torch.Tensor]
 
@@ -67,12 +68,16 @@ def quartile_means(values: torch.Tensor, t: torch.Tensor, num_train_timesteps: i
 
 
 class Method:
-    """One training method: ``draw`` extra per-sample values for a global batch, ``loss`` on a rank's shard."""
+    """One training method: ``draw`` extra per-sample values for a global batch, ``loss`` on a rank's shard.
 
-    def __init__(self, pog: PoGConfig, graph: NeighbourGraph, num_train_timesteps: int):
+    ``phases`` times the method's own phases of a step (``pogdiff.phases``; nothing by default).
+    """
+
+    def __init__(self, pog: PoGConfig, graph: NeighbourGraph, num_train_timesteps: int, phases: Phases = NO_PHASES):
         self.pog = pog
         self.graph = graph
         self.num_train_timesteps = num_train_timesteps
+        self.phases = phases
 
     def draw(self, batch: Batch, generator: torch.Generator) -> Tensors:
         """Per-sample values ``{name: [B]}`` for the whole global batch, from the neighbour stream
@@ -100,28 +105,34 @@ class PoGDiff(Method):
     """PoGDiff: borrow from a neighbouring caption y' in proportion to psi (DESIGN §4).
 
     form B: L = |pred - target|^2 + psi |pred - nb|^2;  form A: L = |pred - (target + psi nb) / (1 + psi)|^2,
-    nb = sg[f(z_t, y', t)] at the same z_t, t, eps. y' and psi ``[B]`` come from ``draw_borrowing``,
-    with tau = the ``similarity_quantile`` of s_img over random pairs of training images.
+    nb = sg[f(z_t, y', t)] at the same z_t, t, eps. y' and psi ``[B]`` come from
+    ``pogdiff.neighbours.draw_borrowing`` (its two phases, ``draw`` and ``psi``, timed apart), with
+    tau = the ``similarity_quantile`` of s_img over random pairs of training images.
     """
 
-    def __init__(self, pog: PoGConfig, graph: NeighbourGraph, num_train_timesteps: int):
-        super().__init__(pog, graph, num_train_timesteps)
+    def __init__(self, pog: PoGConfig, graph: NeighbourGraph, num_train_timesteps: int, phases: Phases = NO_PHASES):
+        super().__init__(pog, graph, num_train_timesteps, phases)
         self.tau = similarity_threshold(graph.image_features, graph.caption_of, pog.similarity_quantile)
 
     def draw(self, batch: Batch, generator: torch.Generator) -> Tensors:
-        borrow = draw_borrowing(
-            self.graph, batch.idx, batch.t, batch.dropped, self.pog, self.tau, self.num_train_timesteps, generator
-        )
+        with self.phases("draw"):
+            pick = pick_neighbours(self.graph, batch.idx, batch.dropped, self.pog, self.tau, generator)
+        with self.phases("psi"):
+            borrow = weigh_borrowing(self.graph, batch.idx, batch.t, pick, self.pog, self.num_train_timesteps)
         return {"nb_caption": borrow.nb_caption, "psi": borrow.psi, "active": borrow.active}
 
     def loss(self, shard: Shard, draws: Tensors) -> tuple[Tensors, Tensors]:
         psi, active = draws["psi"], draws["active"]
         device = shard.pred.device
-        # Sparse neighbour branch: the extra forward runs only where the target actually moves.
-        nb = shard.pred.detach().clone()
-        if active.any():
-            a_dev = active.to(device)
-            nb[a_dev] = shard.predict(shard.xt[a_dev], shard.t[a_dev], draws["nb_caption"][active], grad=False)
+        with self.phases("gather_scatter"):
+            # Sparse neighbour branch: the extra forward runs only on the rows that borrow (psi > 0).
+            nb = shard.pred.detach().clone()
+            if active.any():
+                a_dev = active.to(device)
+                xt, t, caption = shard.xt[a_dev], shard.t[a_dev], draws["nb_caption"][active]
+                with self.phases("nb_forward"):
+                    out = shard.predict(xt, t, caption, grad=False)
+                nb[a_dev] = out
         terms = pogdiff_loss(shard.pred, shard.target, nb, psi.to(device), self.pog.loss_form)
         return terms, {"psi": psi, "active": active.float()}
 
@@ -144,14 +155,16 @@ class CBDM(Method):
 
     def draw(self, batch: Batch, generator: torch.Generator) -> Tensors:
         n = self.graph.num_captions
-        # y' uniform over the other captions (the fine-tuning setting of the official code).
-        other = torch.randint(max(n - 1, 1), batch.t.shape, generator=generator)
-        y2 = torch.where(other >= batch.caption, other + 1, other) if n > 1 else batch.caption
-        weight = (self.pog.cbdm_tau * batch.t.float() / self.num_train_timesteps) * (~batch.dropped).float()
+        with self.phases("draw"):
+            # y' uniform over the other captions (the fine-tuning setting of the official code).
+            other = torch.randint(max(n - 1, 1), batch.t.shape, generator=generator)
+            y2 = torch.where(other >= batch.caption, other + 1, other) if n > 1 else batch.caption
+            weight = (self.pog.cbdm_tau * batch.t.float() / self.num_train_timesteps) * (~batch.dropped).float()
         return {"other_caption": y2, "weight": weight}
 
     def loss(self, shard: Shard, draws: Tensors) -> tuple[Tensors, Tensors]:
-        nb = shard.predict(shard.xt, shard.t, draws["other_caption"], grad=True)
+        with self.phases("nb_forward"):
+            nb = shard.predict(shard.xt, shard.t, draws["other_caption"], grad=True)
         return cbdm_loss(shard.pred, shard.target, nb, draws["weight"].to(shard.pred.device)), {}
 
 
@@ -162,8 +175,8 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
-def make_method(pog: PoGConfig, graph: NeighbourGraph, num_train_timesteps: int) -> Method:
+def make_method(pog: PoGConfig, graph: NeighbourGraph, num_train_timesteps: int, phases: Phases = NO_PHASES) -> Method:
     """The ``METHODS`` entry named by ``pog.method``, built for ``graph``; a clear error for an unknown name."""
     if pog.method not in METHODS:
         raise ValueError(f"unknown method {pog.method!r}; known: {sorted(METHODS)}")
-    return METHODS[pog.method](pog, graph, num_train_timesteps)
+    return METHODS[pog.method](pog, graph, num_train_timesteps, phases)

@@ -241,6 +241,20 @@ class Borrowing:
         return self.psi > 0
 
 
+@dataclass(frozen=True)
+class NeighbourPick:
+    """The neighbour drawn for each of B samples, before its weight: caption ``[B]`` (-1: none),
+    s ``[B]`` its thresholded image similarity and s_img ``[B]`` the raw cosine (both 0 where none)."""
+
+    caption: torch.Tensor
+    s: torch.Tensor
+    s_img: torch.Tensor
+
+    @property
+    def has(self) -> torch.Tensor:
+        return self.caption >= 0
+
+
 def draw_borrowing(
     graph: NeighbourGraph,
     images: torch.Tensor,
@@ -251,20 +265,28 @@ def draw_borrowing(
     num_train_timesteps: int,
     generator: torch.Generator,
 ) -> Borrowing:
-    """For each training image ``[B]``, draw y' among its caption's top-k and one image i' of y', and weigh it.
+    """For each training image ``[B]``, draw y' among its caption's top-k and one image i' of y'
+    (``pick_neighbours``), and weigh it (``weigh_borrowing``). t ``[B]``; ``dropped`` ``[B]`` marks
+    captions dropped for guidance, which never borrow."""
+    pick = pick_neighbours(graph, images, dropped, pog, tau, generator)
+    return weigh_borrowing(graph, images, t, pick, pog, num_train_timesteps)
 
-    Each candidate y'_j (j < k) gets one image drawn from its members; candidates are ranked by caption
-    and image similarity together, weight_j = max(cos(y, y'_j), 0) * s_j with s_j the thresholded image
-    similarity (``similarity``), or s_j > 0 alone (``uniform``), and y' is drawn in proportion. A sample
-    whose candidates all fall below tau borrows nothing. ``dropped`` ``[B]`` marks captions dropped for
-    guidance, which never borrow. t ``[B]``.
+
+def pick_neighbours(
+    graph: NeighbourGraph, images: torch.Tensor, dropped: torch.Tensor, pog: PoGConfig, tau: float, generator: torch.Generator
+) -> NeighbourPick:
+    """Each candidate y'_j (j < k) of each training image ``[B]`` gets one image drawn from its members;
+    candidates are ranked by caption and image similarity together, weight_j = max(cos(y, y'_j), 0) * s_j
+    with s_j the thresholded image similarity (``similarity``), or s_j > 0 alone (``uniform``), and y' is
+    drawn in proportion. A sample whose candidates all fall below tau, or whose caption was ``dropped``
+    ``[B]``, gets none.
     """
     caps = graph.caption_of[images]
     k = min(pog.k, graph.nb_ids.shape[1])
     ids = graph.nb_ids[caps, :k]  # [B, k]
     valid = ids >= 0
     members = sample_member_images(graph, ids.clamp_min(0).flatten(), generator).view(ids.shape)
-    raw = image_similarity(graph, images[:, None].expand_as(ids).flatten(), members.flatten()).view(ids.shape)
+    raw = image_similarity(graph, images, members)
     s = thresholded(raw, tau) * valid
     if pog.neighbour_sampling == "similarity":
         w = graph.nb_sims[caps, :k].clamp_min(0) * s  # -inf (no neighbour) -> 0
@@ -272,14 +294,22 @@ def draw_borrowing(
         w = (s > 0).float()
     has = (w > 0).any(1) & ~dropped
     w[~has] = 1.0  # any row makes multinomial defined; masked below
-    pick = torch.multinomial(w, 1, generator=generator).squeeze(1)
-    rows = torch.arange(len(images))
-    nb = torch.where(has, ids[rows, pick], torch.full_like(caps, -1))
-    s_pick = torch.where(has, s[rows, pick], torch.zeros(len(images)))
-    psi = torch.where(has, psi_weight(s_pick, graph.density_ratio[caps], t, num_train_timesteps, pog.lam, pog.a,
-                                      pog.b, pog.timestep_weight, pog.psi_max), torch.zeros(len(images)))
-    psi = torch.where(psi > pog.psi_threshold, psi, torch.zeros_like(psi))
-    return Borrowing(torch.where(psi > 0, nb, torch.full_like(nb, -1)), torch.where(has, raw[rows, pick], torch.zeros(len(images))), psi)
+    pick = torch.multinomial(w, 1, generator=generator)
+    none = torch.zeros(len(images))
+    return NeighbourPick(torch.where(has, ids.gather(1, pick).squeeze(1), -1), torch.where(has, s.gather(1, pick).squeeze(1), none),
+                         torch.where(has, raw.gather(1, pick).squeeze(1), none))
+
+
+def weigh_borrowing(
+    graph: NeighbourGraph, images: torch.Tensor, t: torch.Tensor, pick: NeighbourPick, pog: PoGConfig, num_train_timesteps: int
+) -> Borrowing:
+    """psi ``[B]`` of each picked neighbour (``psi_weight``; 0 where none and at or below ``pog.psi_threshold``)."""
+    caps = graph.caption_of[images]
+    zero = torch.zeros(len(images))
+    psi = torch.where(pick.has, psi_weight(pick.s, graph.density_ratio[caps], t, num_train_timesteps, pog.lam, pog.a,
+                                           pog.b, pog.timestep_weight, pog.psi_max), zero)
+    psi = torch.where(psi > pog.psi_threshold, psi, zero)
+    return Borrowing(torch.where(psi > 0, pick.caption, -1), pick.s_img, psi)
 
 
 def sample_member_images(graph: NeighbourGraph, captions: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -291,9 +321,11 @@ def sample_member_images(graph: NeighbourGraph, captions: torch.Tensor, generato
 
 
 def image_similarity(graph: NeighbourGraph, images: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """s_img = clip(cos(feat_i, feat_i'), 0, 1) for index pairs ``[B], [B] -> [B]``."""
+    """s_img = clip(cos(feat_i, feat_i'), 0, 1) of each image ``[B]`` with ``other`` ``[B]`` or ``[B, k]``
+    (k images each), shaped as ``other``. Each image's feature is gathered once, not once per other image."""
     f = graph.image_features
-    return (f[images] * f[other]).sum(1).clamp(0, 1)
+    mine = f[images] if other.dim() == 1 else f[images][:, None, :]
+    return (mine * f[other]).sum(-1).clamp(0, 1)
 
 
 def psi_weight(

@@ -15,6 +15,7 @@ single-process trajectory up to the order of floating-point sums.
 
 from __future__ import annotations
 
+import itertools
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -27,6 +28,7 @@ from diffusers import DDPMScheduler
 from peft import LoraConfig
 from torch.nn.parallel import DistributedDataParallel
 
+from pogdiff.allocator import keep_freed_memory
 from pogdiff.checkpoints import clean_checkpoints, resume_latest, save_checkpoint
 from pogdiff.config import TrainConfig
 from pogdiff.distributed import Distributed, join_process_group
@@ -34,6 +36,7 @@ from pogdiff.methods import Batch, Method, Shard, Tensors, make_method, quartile
 from pogdiff.neighbours import NeighbourGraph, normalised_feature
 from pogdiff.objectives import min_snr_weight
 from pogdiff.optim import EMA, lr_factor
+from pogdiff.phases import NO_PHASES, Phases
 from pogdiff.pipelines.base import ADAPTER_DIR, TextToImagePipeline
 from pogdiff.process import WriterLock
 
@@ -85,6 +88,7 @@ def train(
     out_dir: Path,
     on_step: StepCallback | None = None,
     resume: bool = True,
+    phases: Phases = NO_PHASES,
 ) -> TrainResult:
     """Fine-tune ``pipe.unet`` on ``data`` with ``cfg.pog.method``; write ``out_dir/model``.
 
@@ -97,6 +101,7 @@ def train(
     Under DDP (WORLD_SIZE > 1) ``cfg.batch_size`` is the global batch; only rank 0 calls
     ``on_step`` and writes checkpoints and the model. Rank 0 holds ``out_dir``'s writer lock while it
     trains: a second trainer into the same folder raises ``RunFolderBusy`` before writing anything.
+    ``phases`` (a ``pogdiff.phases.PhaseTimer``) sums the seconds of each phase of the steps.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -105,10 +110,19 @@ def train(
     try:
         # rank 0 writes the folder: it alone holds the writer lock, for the whole training
         with WriterLock(out_dir) if ddp.main else nullcontext():
-            return _train(pipe, data, cfg, out_dir, ckpt_root, on_step, resume, ddp, started)
+            run = _setup(pipe, data, cfg, ckpt_root, resume, ddp, phases)
+            return _train(run, pipe, out_dir, on_step, started)
     finally:
         if created_group:
             dist.destroy_process_group()
+
+
+def stepper(pipe: TextToImagePipeline, data: TrainData, cfg: TrainConfig, out_dir: Path, phases: Phases = NO_PHASES) -> Callable[[], dict[str, float]]:
+    """``step()``: the next optimizer step of a one-process training and its metrics (as ``on_step`` gets them), for
+    a bench that interleaves trainings step by step; no lock, checkpoint or model is written, nothing resumes."""
+    run = _setup(pipe, data, cfg, Path(out_dir) / CHECKPOINTS_DIR, False, Distributed(), phases)
+    steps = itertools.count()
+    return lambda: _step_metrics(run, *_step(run, next(steps)))
 
 
 @dataclass(frozen=True)
@@ -139,14 +153,16 @@ class _Run:
     method: Method
     ckpt_root: Path
     start: int  # optimizer steps already done (resumed from a checkpoint)
+    phases: Phases  # times the phases of each step (``pogdiff.phases``); NO_PHASES times nothing
 
     @property
     def num_train_timesteps(self) -> int:
         return self.scheduler.config.num_train_timesteps
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, captions: torch.Tensor, grad: bool) -> torch.Tensor:
-        """f(x, captions, t) ``[b, C', h, w]``: with ``grad`` through ``model``, else the bare UNet without a graph."""
-        with nullcontext() if grad else torch.no_grad():
+        """f(x, captions, t) ``[b, C', h, w]``: with ``grad`` through ``model``, else the bare UNet in inference mode
+        (no graph, and no version counters or view tracking either: about 3 % off a small model's forward on the CPU)."""
+        with nullcontext() if grad else torch.inference_mode():
             c = captions.to(self.device)
             mask = self.mask[c] if self.mask is not None else None
             return (self.model if grad else self.unet)(x, t, self.hidden[c], encoder_attention_mask=mask).sample
@@ -175,11 +191,15 @@ def _trainable_unet(pipe: TextToImagePipeline, cfg: TrainConfig, device: torch.d
     return unet
 
 
-def _setup(pipe: TextToImagePipeline, data: TrainData, cfg: TrainConfig, ckpt_root: Path, resume: bool, ddp: Distributed) -> _Run:
+def _setup(
+    pipe: TextToImagePipeline, data: TrainData, cfg: TrainConfig, ckpt_root: Path, resume: bool, ddp: Distributed, phases: Phases
+) -> _Run:
     """Model, optimizer, random streams and method, resumed from the newest verified checkpoint when
     ``resume``; the captions and images encoded once (z0 and, for a VAE, its posterior std)."""
     shard = ddp.shard(cfg.batch_size)
     device = _device(ddp)
+    if device.type == "cpu":
+        keep_freed_memory()  # the activations freed each step stay in the heap, not faulted in again
     unet = _trainable_unet(pipe, cfg, device)
     sched = pipe.scheduler
     if cfg.prediction_type is not None:
@@ -212,7 +232,8 @@ def _setup(pipe: TextToImagePipeline, data: TrainData, cfg: TrainConfig, ckpt_ro
         ema=ema, generators=generators, scheduler=sched, alphas=sched.alphas_cumprod.to(device),
         hidden=hidden.to(device), mask=mask.to(device) if mask is not None else None,
         z_mean=z_mean, z_std=z_std, caption_of=graph.caption_of,
-        method=make_method(cfg.pog, graph, sched.config.num_train_timesteps), ckpt_root=ckpt_root, start=start,
+        method=make_method(cfg.pog, graph, sched.config.num_train_timesteps, phases), ckpt_root=ckpt_root, start=start,
+        phases=phases,
     )
 
 
@@ -242,20 +263,23 @@ def _micro_batch(run: _Run) -> tuple[torch.Tensor, Tensors, Tensors, torch.Tenso
     z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps; with ``snr_gamma`` the loss is weighted by
     ``min_snr_weight`` of SNR_t = abar_t / (1 - abar_t).
     """
-    batch, x0, noise, cond = _draw(run)
-    draws = run.method.draw(batch, run.generators[1])
-    s, device, sched = run.shard, run.device, run.scheduler
-    x0, noise, t, cond = x0[s].to(device), noise[s].to(device), batch.t[s], cond[s]
-    t_dev = t.to(device)
-    xt = sched.add_noise(x0, noise, t_dev)
+    s, device, sched, phase = run.shard, run.device, run.scheduler, run.phases
     prediction_type = sched.config.prediction_type
-    target = noise if prediction_type == "epsilon" else sched.get_velocity(x0, noise, t_dev)
-    pred = run.predict(xt, t_dev, cond, grad=True)
-    terms, report = run.method.loss(Shard(xt, t_dev, pred, target, run.predict), {k: v[s] for k, v in draws.items()})
-    loss_vec = terms["loss"]
-    if run.cfg.snr_gamma is not None:
-        ab = run.alphas[t_dev]
-        loss_vec = loss_vec * min_snr_weight(ab / (1 - ab), run.cfg.snr_gamma, prediction_type)
+    with phase("data"):
+        batch, x0, noise, cond = _draw(run)
+        x0, noise, t, cond = x0[s].to(device), noise[s].to(device), batch.t[s], cond[s]
+        t_dev = t.to(device)
+        xt = sched.add_noise(x0, noise, t_dev)
+        target = noise if prediction_type == "epsilon" else sched.get_velocity(x0, noise, t_dev)
+    draws = run.method.draw(batch, run.generators[1])
+    with phase("forward"):
+        pred = run.predict(xt, t_dev, cond, grad=True)
+    with phase("loss"):
+        terms, report = run.method.loss(Shard(xt, t_dev, pred, target, run.predict), {k: v[s] for k, v in draws.items()})
+        loss_vec = terms["loss"]
+        if run.cfg.snr_gamma is not None:
+            ab = run.alphas[t_dev]
+            loss_vec = loss_vec * min_snr_weight(ab / (1 - ab), run.cfg.snr_gamma, prediction_type)
     return loss_vec, terms, report, t
 
 
@@ -289,21 +313,23 @@ def _step(run: _Run, step: int) -> tuple[list[_Part], float]:
                     f"loss is {loss.item()} at step {step + 1}; stopped, last good checkpoint kept in {run.ckpt_root}"
                 )
             # Scaled so the accumulated gradient is that of the mean over all micro-batches (and ranks: DDP averages).
-            run.scaler.scale(loss_vec.mean() / accum).backward()
+            with run.phases("backward"):
+                run.scaler.scale(loss_vec.mean() / accum).backward()
         parts.append(_Part(
             seen["loss_vec"].detach().cpu(),
             {k: seen[f"term/{k}"].detach().float().mean().item() for k in terms},
             {k: seen[k] for k in report},
             seen["t"].long().cpu(),
         ))
-    run.scaler.unscale_(run.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, cfg.max_grad_norm)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.lr_sched.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    if run.ema is not None:
-        run.ema.update(run.unet, step + 1)
+    with run.phases("optimizer"):
+        run.scaler.unscale_(run.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, cfg.max_grad_norm)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.lr_sched.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.ema is not None:
+            run.ema.update(run.unet, step + 1)
     return parts, float(grad_norm)
 
 
@@ -359,24 +385,14 @@ def _save_model(run: _Run, pipe: TextToImagePipeline, out_dir: Path) -> Path:
     return model_dir
 
 
-def _train(
-    pipe: TextToImagePipeline,
-    data: TrainData,
-    cfg: TrainConfig,
-    out_dir: Path,
-    ckpt_root: Path,
-    on_step: StepCallback | None,
-    resume: bool,
-    ddp: Distributed,
-    started: float,
-) -> TrainResult:
-    run = _setup(pipe, data, cfg, ckpt_root, resume, ddp)
+def _train(run: _Run, pipe: TextToImagePipeline, out_dir: Path, on_step: StepCallback | None, started: float) -> TrainResult:
+    """The steps from ``run.start`` to ``train.steps``, then the model written."""
     metrics: dict[str, float] = {}
-    for step in range(run.start, cfg.steps):
+    for step in range(run.start, run.cfg.steps):
         parts, grad_norm = _step(run, step)
         metrics = _step_metrics(run, parts, grad_norm)
-        if ddp.main and on_step is not None:
+        if run.ddp.main and on_step is not None:
             on_step(step + 1, metrics)
         _checkpoint(run, step + 1, started)
     model_dir = _save_model(run, pipe, out_dir)
-    return TrainResult(model_dir, cfg.steps, run.start, time.perf_counter() - started, metrics)
+    return TrainResult(model_dir, run.cfg.steps, run.start, time.perf_counter() - started, metrics)

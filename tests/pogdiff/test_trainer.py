@@ -8,7 +8,7 @@ from pogdiff.config import PoGConfig, TrainConfig
 from pogdiff.demo import train_set
 from pogdiff.optim import EMA, lr_factor
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
-from pogdiff.trainer import TrainData, TrainingDiverged, TrainingTimeLimit, train
+from pogdiff.trainer import TrainData, TrainingDiverged, TrainingTimeLimit, stepper, train
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,15 @@ def test_neighbour_branch_runs_only_on_active_samples(data, tiny_spec, tmp_path)
     expected = [n for k in active for n in ([8, k] if k else [8])]
     assert sizes == expected
     assert 0 < sum(active) < 32  # some samples borrowed, some did not
+
+
+def test_stepper_takes_the_steps_train_takes(data, tiny_spec, tmp_path):
+    cfg = _cfg(method="pogdiff", lam=1.0, a=0.0, psi_threshold=0.9)
+    seen = []
+    train(PixelDiffusionPipeline.new(tiny_spec, seed=0), data, cfg, tmp_path / "train", on_step=lambda s, m: seen.append(m))
+    step = stepper(PixelDiffusionPipeline.new(tiny_spec, seed=0), data, cfg, tmp_path / "stepper")
+    assert [step() for _ in range(cfg.steps)] == seen  # the same metrics, loss and psi included, step by step
+    assert not (tmp_path / "stepper").exists()  # nothing written
 
 
 def test_resume_continues_from_the_last_checkpoint(data, tiny_spec, tmp_path):
