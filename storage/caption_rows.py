@@ -4,15 +4,9 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 
 from pogdiff.index import CaptionGraph
-from storage.vectors import CAPTIONS, VECTOR, connect, open_table
-
-
-def _matrix(column: pa.ChunkedArray) -> np.ndarray:
-    column = column.combine_chunks()
-    return np.asarray(column.flatten(), dtype=np.float32).reshape(len(column), column.type.list_size)
+from storage.vectors import CAPTIONS, VECTOR, connect, matrix, open_table
 
 
 def caption_table_version(uri: str) -> int:
@@ -34,7 +28,7 @@ def read_captions(uri: str, version: int) -> CaptionGraph:
     n = t.num_rows
     counts = t.column("count").to_numpy().copy()
     return CaptionGraph(ids=t.column("caption_id").to_pylist(), captions=t.column("caption").to_pylist(),
-                        vectors=_matrix(t.column(VECTOR)).copy(), counts=counts, nb_index=np.zeros((n, 0), np.int64),
+                        vectors=matrix(t.column(VECTOR), n).copy(), counts=counts, nb_index=np.zeros((n, 0), np.int64),
                         nb_sims=np.zeros((n, 0), np.float32), density=counts.astype(np.float64), embedded=0, reused=n,
                         embedder=embedders[0], mode="none")
 
@@ -42,4 +36,4 @@ def read_captions(uri: str, version: int) -> CaptionGraph:
 def read_caption_rows(uri: str, version: int, start: int, stop: int) -> tuple[list[str], np.ndarray]:
     """Caption ids and vectors ``[stop - start, D]`` of rows ``start:stop`` of the captions table at ``version``."""
     t = open_table(connect(uri), CAPTIONS, version).take_offsets(list(range(start, stop))).select(["caption_id", VECTOR]).to_arrow()
-    return t.column("caption_id").to_pylist(), _matrix(t.column(VECTOR))
+    return t.column("caption_id").to_pylist(), matrix(t.column(VECTOR), t.num_rows)

@@ -165,7 +165,8 @@ def read_caption_table(uri: str, version: int | None = None) -> pa.Table | None:
     return None if table is None else table.to_arrow()
 
 
-def _matrix(column: pa.ChunkedArray | pa.Array, rows: int) -> np.ndarray:
+def matrix(column: pa.ChunkedArray | pa.Array, rows: int) -> np.ndarray:
+    """A fixed-size-list column as a float32 ``[rows, list_size]`` array."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     return np.asarray(column.flatten(), dtype=np.float32).reshape(rows, column.type.list_size)
@@ -177,7 +178,7 @@ def known_vectors(uri: str, embedder: str) -> dict[str, np.ndarray]:
     if t is None:
         return {}
     t = t.filter(pc.equal(t.column("embedder"), embedder))
-    return dict(zip(t.column("caption_id").to_pylist(), _matrix(t.column(VECTOR), t.num_rows)))
+    return dict(zip(t.column("caption_id").to_pylist(), matrix(t.column(VECTOR), t.num_rows)))
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,7 @@ def _changed(old: pa.Table | None, new: pa.Table, columns: list[str]) -> np.ndar
     for name in columns:
         a, b = new.column(name).combine_chunks(), old.column(name).take(pa.array(src)).combine_chunks()
         if pa.types.is_fixed_size_list(a.type):
-            x, y = _matrix(a, new.num_rows), _matrix(b, new.num_rows)
+            x, y = matrix(a, new.num_rows), matrix(b, new.num_rows)
             same &= ((x == y) | (np.isnan(x) & np.isnan(y))).all(1)
         else:
             if pa.types.is_list(a.type):  # no list equality kernel in Arrow: compare the joined ids
@@ -272,8 +273,8 @@ def read_caption_graph(uri: str, embedder: str, cfg: IndexConfig) -> CaptionGrap
     ids = t.column("caption_id").to_pylist()
     flat = pc.list_flatten(t.column("neighbour_ids"))  # "" (no neighbour) is no caption id: null, then -1
     nb = pc.fill_null(pc.index_in(flat, value_set=t.column("caption_id")), -1).to_numpy().astype(np.int64).reshape(t.num_rows, cfg.k)
-    return CaptionGraph(ids=ids, captions=t.column("caption").to_pylist(), vectors=_matrix(t.column(VECTOR), t.num_rows),
-                        counts=t.column("count").to_numpy(), nb_index=nb, nb_sims=_matrix(t.column("neighbour_sims"), t.num_rows),
+    return CaptionGraph(ids=ids, captions=t.column("caption").to_pylist(), vectors=matrix(t.column(VECTOR), t.num_rows),
+                        counts=t.column("count").to_numpy(), nb_index=nb, nb_sims=matrix(t.column("neighbour_sims"), t.num_rows),
                         density=t.column("density").to_numpy(), embedded=0, reused=t.num_rows, embedder=embedder, mode=mode)
 
 
@@ -321,7 +322,7 @@ def search_captions(uri: str, vector: np.ndarray, limit: int, cfg: IndexConfig) 
     quoted = ", ".join(quote_sql(i) for i in ids)
     rows = table.search().where(f"caption_id IN ({quoted})").select(["caption_id", "caption", "count", "density", VECTOR])
     found = rows.limit(len(ids)).to_arrow()
-    sims = _matrix(found.column(VECTOR), found.num_rows) @ vector.astype(np.float32)
+    sims = matrix(found.column(VECTOR), found.num_rows) @ vector.astype(np.float32)
     out = [{**r, "similarity": float(s)} for r, s in zip(found.drop_columns([VECTOR]).to_pylist(), sims)]
     return sorted(out, key=lambda r: -r["similarity"])
 
