@@ -21,7 +21,7 @@ def _registry(args) -> tuple[str, RegisterConfig]:
 def _configure(settings: Settings) -> None:
     from storage.mlflow import connection
 
-    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    connection.use(settings)
 
 
 def _fail(err: Exception) -> int:

@@ -62,7 +62,7 @@ def tune(source: str, config: RetrainConfig = RetrainConfig()) -> dict:
         chosen = choose(reference, trials, tc.head_max_drop)
         tuned_path, table = publish_result(settings, config, parent, reference, trials, chosen, str(folder))
     except BaseException:
-        connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+        connection.use(settings)
         runs.end(parent, "FAILED")  # the next tune of the same study resumes this run
         raise
     runs.end(parent, "FINISHED")

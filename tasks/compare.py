@@ -30,7 +30,7 @@ def describe(r: ResolvedRun) -> tuple[str, str]:
 
 def side(settings: Settings, r: ResolvedRun, label: str, detail: str) -> Side:
     """One side of the page: the run's metrics, its ``eval/grid_<bucket>.png`` files and its MLflow link."""
-    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    connection.use(settings)
     names = [f"grid_{b}.png" for b in BUCKETS]
     with tempfile.TemporaryDirectory() as scratch:
         files = read_run_files(settings.mlflow_tracking_uri, r.run_id, ARTIFACT_DIR, names, Path(scratch))

@@ -180,7 +180,7 @@ def describe_run(settings: Settings, run_id: str, decision: dict | None = None, 
 def describe_retrain(settings: Settings, cfg: RegisterConfig, metrics: dict[str, float], decision: dict) -> None:
     """Describe the registered version and the run (replacing the run's first description), and
     the registered model if it has no description yet."""
-    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    connection.use(settings)
     facts = run_facts(decision["run_id"])
     links = mlflow_links(settings.mlflow_ui_url, decision)
     dataset = Path(settings.dataset_uri)

@@ -98,7 +98,7 @@ def evaluate_model(settings: Settings, cfg: EvaluateConfig, model_dir: str, run_
     # the demo's exact judge: on data of other individuals it abstains, and the gate is the nearest-individual test
     result = evaluate(pipe, real, cfg, judge=detector.judge)
 
-    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    connection.use(settings)
     with runs.resume(run_id), tempfile.TemporaryDirectory() as tmp:
         runs.log_metrics(result.metrics)
         log_glossary(result.metrics)

@@ -26,7 +26,7 @@ def register_version(settings: Settings, cfg: RegisterConfig, model_dir: str, ru
     A LoRA run (``<run_dir>/lora`` beside ``<run_dir>/model``) logs only its adapter, with the
     base model the run's logged config names (param ``train.base_model``).
     """
-    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    connection.use(settings)
     version = registry.version_of_run(cfg.model_name, run_id) or _log_version(settings, cfg, model_dir, run_id)
     lineage.link_models(run_id)
     return version
@@ -77,7 +77,7 @@ def register_model(settings: Settings, cfg: RegisterConfig, model_dir: str, run_
     ``version``, ``champion_before``, ``decided_by``, ``reason``, ``checks``) plus ``model_name``,
     ``run_id``, the previous champion's metrics ``champion_metrics`` (empty when none) and its run
     ``champion_run_id`` (None when none)."""
-    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    connection.use(settings)
     before = registry.champion(cfg.model_name)
     version = register_version(settings, cfg, model_dir, run_id)
     decision = registry.promote(cfg.model_name, version, metrics, cfg.gate)

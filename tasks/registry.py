@@ -17,7 +17,7 @@ from tasks.track import EVALUATE_ENTRYPOINT, flow_run_tags, git_commit
 @task(name="fetch-model", **IO_RETRIES)
 def fetch_model(settings: Settings, model_name: str, ref: str) -> dict:
     """The version ``ref`` names (alias or version of ``model_name``) as a local model folder."""
-    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    connection.use(settings)
     return materialize(settings.mlflow_tracking_uri, ref, model_name, Path(settings.runs_dir) / "registered")
 
 
@@ -25,7 +25,7 @@ def fetch_model(settings: Settings, model_name: str, ref: str) -> dict:
 def open_evaluation_run(settings: Settings, config: RetrainConfig, target: dict, snapshot: dict) -> str:
     """A new run in the experiment, tagged with the version it evaluates, the data it used, and
     what ran it (source, user, commit, the Prefect flow run)."""
-    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    connection.use(settings)
     tags = {
         **runs.source_tags(EVALUATE_ENTRYPOINT, git_commit()),
         **flow_run_tags(),

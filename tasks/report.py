@@ -89,7 +89,7 @@ def render_evaluation(metrics: dict[str, float], target: dict, at_training: dict
 @task(name="report")
 def publish_report(settings: Settings, metrics: dict[str, float], decision: dict, snapshot_id: str) -> str:
     """Creates the ``retrain-report`` markdown artifact; returns the artifact id."""
-    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    connection.use(settings)
     markdown = render_report(metrics, decision, mlflow_links(settings.mlflow_ui_url, decision), snapshot_id)
     return str(create_markdown_artifact(markdown=markdown, key="retrain-report", description="bucket × metric table and promotion decision"))
 
@@ -98,7 +98,7 @@ def publish_report(settings: Settings, metrics: dict[str, float], decision: dict
 def publish_evaluation_report(settings: Settings, metrics: dict[str, float], target: dict, run_id: str, snapshot_id: str) -> str:
     """Creates the ``evaluation-report`` markdown artifact and writes the same text as the evaluation
     run's MLflow description; returns the artifact id."""
-    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    connection.use(settings)
     link = ui.run_link(settings.mlflow_ui_url, run_id)
     markdown = render_evaluation(metrics, target, target["metrics"], run_id, link, snapshot_id)
     # the same text is the evaluation run's description: the reviewer who opens the run in MLflow reads it first

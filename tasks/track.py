@@ -190,7 +190,7 @@ def open_run(settings: Settings, config: RetrainConfig, data: DataVersion) -> st
     train and evaluate tasks read.
     """
     log = _logger()
-    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    connection.use(settings)
     connection.check_server()
     snapshot_id, num_rows = data.snapshot_id, data.rows
     tables = _lance_tables(settings.lancedb_uri, {vectors.CAPTIONS: data.captions_version,
@@ -239,7 +239,7 @@ def open_run(settings: Settings, config: RetrainConfig, data: DataVersion) -> st
 def close_run(settings: Settings, run_id: str, failed: bool, resumable: bool = False) -> None:
     """FINISHED, FAILED, or KILLED with ``resumable=true`` (the next retrain of the same config and
     snapshot continues it from its checkpoint, e.g. after the training time limit)."""
-    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    connection.use(settings)
     if resumable:
         runs.set_tags(run_id, {RESUMABLE_TAG: "true"})
         runs.end(run_id, "KILLED")

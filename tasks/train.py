@@ -139,7 +139,7 @@ def train_model(settings: Settings, cfg: TrainConfig, index_cfg: IndexConfig, ru
     data = training_data(settings, index_cfg, cfg.base_model, pipe, version)
     log.info("train: %d images of snapshot %s (captions table v%d, image features v%d)", len(data.images),
              version.snapshot_id, version.captions_version, version.features_version)
-    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    connection.use(settings)
     out = run_dir(settings, run_id)
     sink = MetricSink(run_id)
     with runs.resume(run_id):  # the active run: MLflow's system metrics sample while training runs

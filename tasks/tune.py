@@ -124,7 +124,7 @@ def record_trial(study: optuna.Study, trial: optuna.Trial, done: dict[str, Any],
 
 def open_parent_run(settings: Settings, config: RetrainConfig, key: str, snapshot_id: str) -> str:
     """The tune's parent run: the one an earlier attempt of the same study left open, or a new one."""
-    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    connection.use(settings)
     experiment = experiment_of(config)
     for status in ("RUNNING", "FAILED", "KILLED"):
         for run_id, tags in runs.unfinished_runs(experiment, status):
@@ -159,7 +159,7 @@ def run_trial(settings: Settings, config: RetrainConfig, data: DataVersion, knob
     real = load_real_set(settings.dataset_uri, pipe.image_size, config.evaluate.individual_column, data.snapshot_id)
     eval_cfg = config.evaluate.model_copy(update={"seed": config.tune.eval_seed})
     out = Path(folder) / ("reference" if number < 0 else f"trial-{number:03d}")
-    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    connection.use(settings)
     name = "reference (lam 0)" if number < 0 else f"trial {number}"
     child = runs.start(experiment_of(config), run_name=name,
                            tags={"mlflow.parentRunId": parent_run_id, "tune_trial": str(number)})
@@ -201,7 +201,7 @@ def publish_result(settings: Settings, config: RetrainConfig, parent_run_id: str
     path = write_text_atomic(Path(folder) / TUNED_FILE, text)
     table = trials_table(reference, trials, chosen, head_max_drop)
     points = [(t.number, float(t.knobs["lam"]), t.score, feasible(t.metrics, reference.metrics, head_max_drop)) for t in trials]
-    connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
+    connection.use(settings)
     with tempfile.TemporaryDirectory() as tmp_dir, runs.resume(parent_run_id):
         out = Path(tmp_dir)
         (out / "trials.md").write_text(table, encoding="utf-8")

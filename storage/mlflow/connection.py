@@ -1,8 +1,10 @@
 """Where MLflow is: the tracking and registry URI, its credentials, the server check, and where
 each experiment keeps its artifacts.
 
-``configure`` is called once per process (every task calls it with the settings) before any other
-module of this package is used; the other modules then work on the configured store.
+A flow's first MLflow task points the process at the store with ``use(settings)``; the other
+modules of this package then work on that store, and later tasks find it configured. ``use`` is a
+no-op when the process already points there, so a task placed on another worker process (Dask,
+process pool) configures that process once, and the flow's own process is configured once per flow.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from storage.links import has_scheme, redact_text, redact_uri
+from storage.settings import Settings
 
 _artifact_root: str | None = None
+# (tracking URI as given, artifact root as given, URI MLflow was pointed at): what ``use`` compares
+_configured: tuple[str, str | None, str] | None = None
 
 
 def _is_server(uri: str) -> bool:
@@ -40,7 +45,8 @@ def configure(tracking_uri: str, artifact_root: str | None = None) -> None:
     tracking server a local folder is ignored: artifacts on one client's disk would be unreachable
     for everyone else, so the server's own store (``--artifacts-destination``) keeps them.
     """
-    global _artifact_root
+    global _artifact_root, _configured
+    given = (tracking_uri, artifact_root)
     # every task's resume starts and stops a system-metrics monitor; its INFO lines are noise
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     tracking_uri = _move_credentials(tracking_uri)
@@ -57,6 +63,29 @@ def configure(tracking_uri: str, artifact_root: str | None = None) -> None:
             "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD) and drop them from the URI"
         )
     _artifact_root = artifact_root
+    _configured = (*given, tracking_uri)
+
+
+def use(settings: Settings) -> None:
+    """``configure`` with the settings' MLflow location, unless this process already points there.
+
+    Something else may have moved MLflow since (a library call, a test pointing at another store) or
+    dropped the credentials ``configure`` moved to the environment; then it configures again.
+    """
+    uri, root = settings.mlflow_tracking_uri, settings.mlflow_artifact_root
+    if _configured is not None and _configured[:2] == (uri, root) and _in_place(uri, _configured[2]):
+        return
+    configure(uri, root)
+
+
+def _in_place(given: str, pointed: str) -> bool:
+    if mlflow.get_tracking_uri() != pointed or mlflow.get_registry_uri() != pointed:
+        return False
+    if not _is_server(given):
+        return True
+    parts = urlsplit(given)
+    return all(value is None or os.environ.get(name) == unquote(value)
+               for name, value in (("MLFLOW_TRACKING_USERNAME", parts.username), ("MLFLOW_TRACKING_PASSWORD", parts.password)))
 
 
 def _move_credentials(uri: str) -> str:

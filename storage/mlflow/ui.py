@@ -23,7 +23,7 @@ def _page(ui_url: str, route: str) -> str:
 
 def run_link(ui_url: str | None, run_id: str) -> str | None:
     """``<ui>/#/experiments/<experiment id>/runs/<run id>``. Needs the tracking URI configured
-    (``connection.configure``): the experiment id comes from the store."""
+    (``connection.use``): the experiment id comes from the store."""
     if not ui_url:
         return None
     experiment = MlflowClient().get_run(run_id).info.experiment_id

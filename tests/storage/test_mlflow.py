@@ -454,3 +454,30 @@ def test_an_artifact_root_with_credentials_is_refused_without_echoing_them(tmp_p
             connection.configure(f"sqlite:///{tmp_path / 'mlflow.db'}", root)
         assert "s3cr3t" not in str(err.value)
     connection.configure(f"sqlite:///{tmp_path / 'mlflow.db'}", "s3://bucket/mlflow")  # no credentials: accepted
+
+
+def test_use_configures_a_process_once_and_again_when_something_moved_it(tmp_path, monkeypatch):
+    """A flow's tasks each call ``use``: the first points the process at the store, the rest find it
+    there; a process moved elsewhere meanwhile, or one that lost the credentials, is pointed back."""
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, "")  # so what ``use`` writes there is undone after the test
+    calls = []
+    real = connection.configure
+    monkeypatch.setattr(connection, "configure", lambda *a: (calls.append(a), real(*a)))
+    a = Settings(home=tmp_path / "a", mlflow_tracking_uri=f"sqlite:///{tmp_path / 'a.db'}")
+    b = Settings(home=tmp_path / "b", mlflow_tracking_uri=f"sqlite:///{tmp_path / 'b.db'}")
+    connection.use(a)
+    connection.use(a)
+    assert len(calls) == 1 and mlflow.get_tracking_uri() == mlflow.get_registry_uri() == a.mlflow_tracking_uri
+    connection.use(b)
+    assert len(calls) == 2 and mlflow.get_registry_uri() == b.mlflow_tracking_uri
+    mlflow.set_registry_uri(a.mlflow_tracking_uri)  # another library call moved the registry
+    connection.use(b)
+    assert len(calls) == 3 and mlflow.get_registry_uri() == b.mlflow_tracking_uri
+
+    server = Settings(home=tmp_path / "c", mlflow_tracking_uri="http://alice:pw@127.0.0.1:9")
+    connection.use(server)
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice" and mlflow.get_tracking_uri() == "http://127.0.0.1:9"
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    connection.use(server)  # the credentials left the environment: put them back
+    assert len(calls) == 5 and os.environ["MLFLOW_TRACKING_PASSWORD"] == "pw"
