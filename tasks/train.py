@@ -115,11 +115,11 @@ def launch_ddp(data: TrainData, cfg: TrainConfig, out: Path, on_step) -> dict:
                 pass
     follow()
     if child.returncode != 0:
-        raise RuntimeError(_launch_failure(out / "launch.log", cfg.num_processes, child.returncode))
+        raise RuntimeError(launch_failure(out / "launch.log", cfg.num_processes, child.returncode))
     return json.loads((out / RESULT_FILE).read_text(encoding="utf-8"))
 
 
-def _launch_failure(log: Path, processes: int, status: int) -> str:
+def launch_failure(log: Path, processes: int, status: int) -> str:
     """One line: what went wrong, from the ranks' ``error: ...`` lines and exit codes in the launcher's log."""
     lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
     # torch's elastic launcher exits 1 whatever the ranks did; their own exit codes are in its summary

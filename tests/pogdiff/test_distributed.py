@@ -1,5 +1,6 @@
 """DDP without a launch: how ranks shard the global batch, the training file the launcher hands the
-ranks, and the entry point's input checks (the real 2-process launches: tests/tasks/test_train_task.py)."""
+ranks, the entry point's input checks, and the one line a failed launch becomes (the real 2-process
+launches: tests/tasks/test_train_task.py)."""
 
 from pathlib import Path
 
@@ -11,7 +12,10 @@ import yaml
 from pogdiff.demo import train_set
 from pogdiff.distributed import Distributed
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
+from tasks.train import launch_failure
 from tasks.train_cli import main, read_train_data, write_train_data
+
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 CONFIG = {"steps": 3, "batch_size": 4, "learning_rate": 1e-3, "checkpoint_every": 2,
           "pog": {"method": "pogdiff", "lam": 5.0, "psi_threshold": 0.0, "similarity_quantile": 0.0}}  # most samples borrow: the ranks run the neighbour branch
@@ -59,3 +63,17 @@ def test_entry_point_reports_bad_input_in_one_line(job, tmp_path, capsys):
     assert main(["--config", str(_config(job)), "--data", str(tmp_path / "nope.npz"), "--out", str(tmp_path / "run")]) == 2
     assert "training data file not found" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing written before the inputs are valid
+
+
+def test_a_failed_launch_becomes_one_line_with_the_ranks_error(tmp_path):
+    """``data/ddp-rank-error.log`` is what a real 2-process ``accelerate launch`` on CPU wrote when both
+    ranks refused a global batch of 3: the ranks' ``error:`` lines, then torch's elastic summary, where
+    the rank the launcher stopped (exit -15) comes before the root cause (exit 2, bad input)."""
+    log = tmp_path / "launch.log"
+    log.write_text((DATA / "ddp-rank-error.log").read_text())
+    line = launch_failure(log, 2, 1)
+    assert line == ("accelerate launch of 2 processes failed (bad training input): "
+                    f"error: train.batch_size 3 is not divisible by the 2 processes (log: {log})")
+    log.write_text("Traceback (most recent call last):\n  ...\nRuntimeError: connection refused\n")
+    assert launch_failure(log, 2, 1) == ("accelerate launch of 2 processes failed (exit status 1): last lines: "
+                                         f"Traceback (most recent call last): |   ... | RuntimeError: connection refused (log: {log})")
