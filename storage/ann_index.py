@@ -76,20 +76,16 @@ def write_ann_index(lancedb_uri: str, ann: AnnIndex) -> str:
 
 @contextmanager
 def _opened(path: str) -> Iterator[BinaryIO | None]:
-    if has_scheme(path):
-        from pyarrow import fs
+    """``path`` (a local file or a URI pyarrow's filesystems read) open for reading; None when it does not exist."""
+    try:
+        if has_scheme(path):
+            from pyarrow import fs
 
-        filesystem, inner = fs.FileSystem.from_uri(path)
-        try:
+            filesystem, inner = fs.FileSystem.from_uri(path)
             handle = filesystem.open_input_stream(inner)
-        except FileNotFoundError:
-            handle = None
-    else:
-        try:
+        else:
             handle = open(path, "rb")
-        except FileNotFoundError:
-            handle = None
-    if handle is None:
+    except FileNotFoundError:
         yield None
         return
     with handle:

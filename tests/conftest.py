@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # The test server's telemetry writes race the flow's writes on its SQLite file ("database is locked").
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+import localserver  # noqa: E402
 import pytest  # noqa: E402
 from localserver import free_port, healthy, wait_for  # noqa: E402
 from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
@@ -24,6 +25,44 @@ TINY = UNetSpec(image_size=16, block_out_channels=(8, 16), norm_num_groups=4, at
 @pytest.fixture(scope="session")
 def tiny_spec() -> UNetSpec:
     return TINY
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_schema_once(tmp_path_factory):
+    """Most tests open a fresh SQLite MLflow store, and MLflow builds each one by running its schema
+    migrations (about 1.3 s). This process runs them once, into a template, and every new store it
+    opens afterwards starts as a copy of that database (SQLite's backup): the schema MLflow's own
+    migrations made, on the same MLflow version; the store creates its Default experiment itself.
+    Servers and CLI subprocesses the tests start get a copy of the file (``localserver.seed_mlflow_store``)."""
+    import sqlite3
+
+    import mlflow.store.db.utils as db_utils
+    import sqlalchemy
+
+    migrate = db_utils._initialize_tables
+    template = tmp_path_factory.mktemp("mlflow-schema") / "template.db"
+    engine = sqlalchemy.create_engine(f"sqlite:///{template}")
+    migrate(engine)
+    engine.dispose()
+    source = sqlite3.connect(template)
+
+    def initialize_tables(engine):
+        if engine.dialect.name != "sqlite":
+            return migrate(engine)
+        raw = engine.raw_connection()
+        try:
+            source.backup(raw.driver_connection)
+        finally:
+            raw.close()
+
+    db_utils._initialize_tables = initialize_tables
+    localserver.MLFLOW_SCHEMA = template
+    try:
+        yield
+    finally:
+        db_utils._initialize_tables = migrate
+        localserver.MLFLOW_SCHEMA = None
+        source.close()
 
 
 @pytest.fixture(scope="session")

@@ -29,16 +29,32 @@ MAX_MODULE_LINES = 400
 
 def _imports(path: Path) -> set[str]:
     """Top-level names of everything ``path`` imports, at module level or inside functions."""
-    return _top_level_imports(ast.parse(path.read_text(encoding="utf-8")))
+    return _packages(ast.parse(path.read_text(encoding="utf-8")))
 
 
-def _top_level_imports(tree: ast.AST) -> set[str]:
-    found = set()
-    for node in ast.walk(tree):
+def _packages(tree: ast.AST) -> set[str]:
+    return {name.split(".")[0] for name in _import_names(tree)}
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+
+
+def _import_names(tree: ast.AST) -> set[str]:
+    """Dotted names ``tree`` imports anywhere (top level or inside functions), ``from a import b`` as
+    both ``a`` and ``a.b``; ``if TYPE_CHECKING:`` blocks never run, so they are skipped."""
+    found: set[str] = set()
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if _is_type_checking(node):
+            stack.extend(node.orelse)
+            continue
+        stack.extend(ast.iter_child_nodes(node))
         if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[0] for a in node.names}
+            found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module.split(".")[0])
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
     return found
 
 
@@ -61,7 +77,7 @@ def test_every_module_imports_only_the_layers_below_it():
 
 def test_layer_check_sees_function_level_imports():
     late = ast.parse("import numpy\n\ndef f():\n    from tasks.config import RetrainConfig\n    import storage.parquet\n")
-    assert _top_level_imports(late) & LAYERS.keys() == {"tasks", "storage"}
+    assert _packages(late) & LAYERS.keys() == {"tasks", "storage"}
     assert "tasks.config" in _imported(late, {"tasks.config": ROOT})  # the cycle check sees it too
 
 
@@ -89,32 +105,14 @@ def _project_modules() -> dict[str, Path]:
     return modules
 
 
-def _is_type_checking(node: ast.AST) -> bool:
-    return isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
-
-
 def _imported(tree: ast.AST, modules: dict[str, Path]) -> set[str]:
-    """The project modules ``tree`` imports anywhere (top level or inside functions); ``if TYPE_CHECKING:``
-    blocks never run, so they are skipped. ``from a import b`` imports ``a.b`` when that is a module."""
+    """The project modules ``tree`` imports (``_import_names``); a name inside a module counts as the module."""
     found: set[str] = set()
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if _is_type_checking(node):
-            stack.extend(node.orelse)
-            continue
-        stack.extend(ast.iter_child_nodes(node))
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        else:
-            continue
-        for name in names:
-            while name and name not in modules:  # a name inside a module: the module itself
-                name = name.rpartition(".")[0]
-            if name:
-                found.add(name)
+    for name in _import_names(tree):
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        if name:
+            found.add(name)
     return found
 
 

@@ -24,7 +24,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from storage import dataset
 from storage.mlflow import connection
 from faultkit import EXPERIMENT, MODEL_NAME, cli_env, record, start_cli
-from localserver import wait_for
+from localserver import seed_mlflow_store, wait_for
 
 # stage -> (task name, longest random delay in s after the task is seen running, config overrides).
 # On the tiny data ingest and index take well under a second; real settings make them last long
@@ -101,6 +101,7 @@ def test_sigkill_inside_each_stage_then_rerun_completes(prefect_api, tiny, tmp_p
         # on a fresh home with shorter delays, down to killing as soon as each stage is seen running.
         for attempt in range(ATTEMPTS):
             shutil.rmtree(home, ignore_errors=True)
+            seed_mlflow_store(home / "mlflow.db")
             killed_at = None
             for stage, (task_name, jitter, _) in STAGES.items():
                 delay = rng.uniform(0, jitter / 2**attempt) if attempt < ATTEMPTS - 1 else 0.0

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from faultkit import cli_env, record, start_cli
-from localserver import wait_for
+from localserver import seed_mlflow_store, wait_for
 from storage.mlflow import connection
 from tasks.config import load_config
 from tasks.tune import load_study
@@ -38,6 +38,7 @@ def test_tune_resumes_from_finished_trials_after_a_kill_and_writes_a_loadable_co
     config_path.write_text(yaml.safe_dump(config))
     home = tmp_path / "home"
     env = cli_env(home, prefect_api)
+    seed_mlflow_store(home / "mlflow.db")
     args = ["tune", str(source), "--config", str(config_path), "--out", str(tmp_path / "tuned.yaml")]
 
     first = start_cli(args, env, tmp_path / "first.log")

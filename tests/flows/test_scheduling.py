@@ -23,7 +23,7 @@ from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from localserver import wait_for
+from localserver import seed_mlflow_store, wait_for
 
 from pogdiff.demo import catalogue
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
@@ -98,6 +98,8 @@ def side_by_side(tmp_path_factory, tiny_spec, prefect_api):
            # the worker and the served runner look for due runs every second, not every 10
            "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     worker_env = {**env, "POGDIFF_HOME": str(worker_home)}
+    for home in (worker_home, root / "serve-home"):
+        seed_mlflow_store(home / "mlflow.db")
     logs = root / "logs"
     logs.mkdir()
     procs: list[subprocess.Popen] = []
