@@ -82,9 +82,9 @@ def _report(result: dict, settings: Settings, started: float) -> None:
     else:
         print(f"  index:    {cap['embedded']} captions embedded, {cap['captions'] - cap['embedded']} reused; "
               f"{img['computed']} image features computed")
-    print(f"  mlflow:   run {result['run_id']}, {dec['model_name']} version {dec['version']} "
-          f"-> {'champion' if dec['promoted'] else 'challenger'} ({dec['reason']})")
-    print_comparison(result["metrics"], dec["champion_metrics"])
+    print(f"  mlflow:   run {result['run_id']}, {dec.model_name} version {dec.version} "
+          f"-> {'champion' if dec.promoted else 'challenger'} ({dec.reason})")
+    print_comparison(result["metrics"], dec.champion_metrics)
     home = settings.home
     print("\nOpen the MLflow UI on this data:")
     print(f"  .venv/bin/mlflow ui --backend-store-uri {redact_uri(settings.mlflow_tracking_uri)} --port 5000"

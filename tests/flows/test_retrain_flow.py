@@ -181,7 +181,7 @@ def test_retrain_flow_end_to_end(prefect_server, setup, monkeypatch):
     assert states["ingest"] == states["index-captions"] == states["index-images"] == "Cached", states
     assert states["train"] == states["register"] == "Completed", states
     assert second["run_id"] != first["run_id"]
-    assert second["decision"]["version"] == "2"
+    assert second["decision"].version == "2"
     assert client.get_registered_model("e2e-model").aliases.get("challenger") in (2, "2")
     # the second version is described against the first, and the report links the two runs side by side
     v2 = client.get_model_version("e2e-model", "2").description
