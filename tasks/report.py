@@ -15,7 +15,7 @@ from storage.mlflow import connection, descriptions, ui
 from storage.settings import Settings
 
 if TYPE_CHECKING:
-    from tasks.results import Registration
+    from tasks.results import FetchedModel, Registration
 
 
 def bucket_table(metrics: dict[str, float], before: dict[str, float], new_label: str, before_label: str) -> list[str]:
@@ -75,10 +75,11 @@ def render_report(metrics: dict[str, float], decision: Registration, links: dict
     return "\n".join(lines)
 
 
-def render_evaluation(metrics: dict[str, float], target: dict, at_training: dict[str, float], run_id: str, link: str | None, snapshot_id: str) -> str:
+def render_evaluation(metrics: dict[str, float], target: FetchedModel, at_training: dict[str, float], run_id: str, link: str | None,
+                      snapshot_id: str) -> str:
     """Markdown: a registered version evaluated on today's data, beside what it scored when it was trained."""
     lines = [
-        f"## Evaluation: {target['model']} version {target['version']}",
+        f"## Evaluation: {target.model} version {target.version}",
         "",
         *bucket_table(metrics, at_training, "now", "at training"),
         "",
@@ -100,12 +101,12 @@ def publish_report(settings: Settings, metrics: dict[str, float], decision: Regi
 
 
 @task(name="evaluation-report")
-def publish_evaluation_report(settings: Settings, metrics: dict[str, float], target: dict, run_id: str, snapshot_id: str) -> str:
+def publish_evaluation_report(settings: Settings, metrics: dict[str, float], target: FetchedModel, run_id: str, snapshot_id: str) -> str:
     """Creates the ``evaluation-report`` markdown artifact and writes the same text as the evaluation
     run's MLflow description; returns the artifact id."""
     connection.use(settings)
     link = ui.run_link(settings.mlflow_ui_url, run_id)
-    markdown = render_evaluation(metrics, target, target["metrics"], run_id, link, snapshot_id)
+    markdown = render_evaluation(metrics, target, target.metrics, run_id, link, snapshot_id)
     # the same text is the evaluation run's description: the reviewer who opens the run in MLflow reads it first
     descriptions.set_run_description(run_id, markdown + "\n\nSide by side, grids included: the run's `compare.html`.")
     return str(create_markdown_artifact(markdown=markdown, key="evaluation-report", description="a registered version on today's data"))

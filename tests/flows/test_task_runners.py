@@ -49,7 +49,7 @@ def test_embedding_shards_run_on_dask_workers(prefect_server, dask_address, tmp_
     flow = ingest_source.with_options(task_runner=runner)
     state = flow(str(source), parse_config({"index": {"k": 3, "embed_shard_size": 10}}), return_state=True)
     result = state.result()
-    assert result["captions"]["captions"] == 24 and result["captions"]["embedded"] == 24
+    assert result.captions.report.captions == 24 and result.captions.report.embedded == 24
 
     with get_client(sync_client=True) as api:
         runs = api.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
