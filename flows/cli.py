@@ -13,11 +13,15 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pogdiff.config import ConfigError
 from storage.links import redact_text, redact_uri
 from storage.settings import REPO_ROOT, Settings, load_settings
 from tasks.config import RetrainConfig, load_config
+
+if TYPE_CHECKING:
+    from tasks.results import RetrainResult
 
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 # Where the UIs the demo tells you to start will serve (`mlflow ui --port 5000`, `prefect server
@@ -53,7 +57,7 @@ def print_comparison(metrics: dict[str, float], previous: dict[str, float], labe
     print("\n" + "\n".join(columns([("bucket", "metric", "new", label), *rows], widths)))
 
 
-def _run_retrain(source: Path, config: RetrainConfig, settings: Settings, prefect_ui: str | None = None) -> dict:
+def _run_retrain(source: Path, config: RetrainConfig, settings: Settings, prefect_ui: str | None = None) -> RetrainResult:
     """The retrain flow on ``source``; ``prefect_ui``: the Prefect UI address its links use, where none is configured."""
     from storage.sources import check_source
 
@@ -67,24 +71,24 @@ def _run_retrain(source: Path, config: RetrainConfig, settings: Settings, prefec
         return retrain(str(source.absolute()), config)  # the flow reads a relative source under data_root
 
 
-def _report(result: dict, settings: Settings, started: float) -> None:
-    ing, cap, img, dec = result["ingest"], result["captions"], result["images"], result["decision"]
-    snap = result["snapshot"]
+def _report(result: RetrainResult, settings: Settings, started: float) -> None:
+    ing, cap, img, dec = result.ingest.report, result.captions.report, result.images.report, result.decision
+    snap = result.snapshot
     print(f"\nretrain finished in {time.time() - started:.0f} s")
-    if ing["cached"]:
-        print(f"  ingest:   source unchanged since its last ingest: skipped (cached); {snap['rows']} rows, snapshot {snap['snapshot_id']}")
-    elif ing["accepted"] == 0:
-        print(f"  ingest:   nothing new ({ing['unchanged']} rows unchanged, snapshot {snap['snapshot_id']})")
+    if result.ingest.cached:
+        print(f"  ingest:   source unchanged since its last ingest: skipped (cached); {snap.rows} rows, snapshot {snap.snapshot_id}")
+    elif ing.accepted == 0:
+        print(f"  ingest:   nothing new ({ing.unchanged} rows unchanged, snapshot {snap.snapshot_id})")
     else:
-        print(f"  ingest:   {ing['accepted']} new rows, {ing['unchanged']} unchanged, rejected {ing['rejected'] or 0}")
-    if cap["cached"] and img["cached"]:
-        print(f"  index:    dataset snapshot unchanged: skipped (cached); {cap['captions']} captions")
+        print(f"  ingest:   {ing.accepted} new rows, {ing.unchanged} unchanged, rejected {ing.rejected or 0}")
+    if result.captions.cached and result.images.cached:
+        print(f"  index:    dataset snapshot unchanged: skipped (cached); {cap.captions} captions")
     else:
-        print(f"  index:    {cap['embedded']} captions embedded, {cap['captions'] - cap['embedded']} reused; "
-              f"{img['computed']} image features computed")
-    print(f"  mlflow:   run {result['run_id']}, {dec['model_name']} version {dec['version']} "
-          f"-> {'champion' if dec['promoted'] else 'challenger'} ({dec['reason']})")
-    print_comparison(result["metrics"], dec["champion_metrics"])
+        print(f"  index:    {cap.embedded} captions embedded, {cap.captions - cap.embedded} reused; "
+              f"{img.computed} image features computed")
+    print(f"  mlflow:   run {result.run_id}, {dec.model_name} version {dec.version} "
+          f"-> {'champion' if dec.promoted else 'challenger'} ({dec.reason})")
+    print_comparison(result.metrics, dec.champion_metrics)
     home = settings.home
     print("\nOpen the MLflow UI on this data:")
     print(f"  .venv/bin/mlflow ui --backend-store-uri {redact_uri(settings.mlflow_tracking_uri)} --port 5000"
@@ -142,16 +146,16 @@ def cmd_tune(args, settings: Settings) -> int:
 
     started = time.time()
     result = tune(str(Path(args.source).absolute()), config)
-    chosen = result["chosen"]
-    what = "plain fine-tuning (lam = 0): no borrowing beat it on the validation draw" if chosen["trial"] < 0 else \
-        f"trial {chosen['trial']}: {chosen['knobs']}"
-    print(f"\ntuned in {time.time() - started:.0f} s: {result['trials']} trials"
-          f"{' (stopped by tune.time_limit_minutes)' if result['out_of_time'] else ''}; chosen {what}")
-    print(f"score {chosen['score']:.3f} against {result['reference_score']:.3f} for lam = 0; MLflow parent run {result['parent_run_id']}")
+    chosen = result.chosen
+    what = "plain fine-tuning (lam = 0): no borrowing beat it on the validation draw" if chosen.trial < 0 else \
+        f"trial {chosen.trial}: {chosen.knobs}"
+    print(f"\ntuned in {time.time() - started:.0f} s: {result.trials} trials"
+          f"{' (stopped by tune.time_limit_minutes)' if result.out_of_time else ''}; chosen {what}")
+    print(f"score {chosen.score:.3f} against {result.reference_score:.3f} for lam = 0; MLflow parent run {result.parent_run_id}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(result["tuned_config"], args.out)
-    print(f"retrain config: {args.out or result['tuned_config']}  (pogdiff retrain SOURCE --config {args.out or result['tuned_config']})")
+        shutil.copyfile(result.tuned_config, args.out)
+    print(f"retrain config: {args.out or result.tuned_config}  (pogdiff retrain SOURCE --config {args.out or result.tuned_config})")
     return 0
 
 
@@ -164,9 +168,9 @@ def cmd_evaluate(args, settings: Settings) -> int:
     config = load_config(args.config or DEMO_CONFIG)
     resolve_run(settings.mlflow_tracking_uri, args.model, config.registry.model_name)  # a bad reference: one line, no flow run
     result = evaluate_registered(args.model, config)
-    print(f"\nevaluated {result['model']} version {result['version']} in {time.time() - started:.0f} s "
-          f"(MLflow run {result['run_id']})")
-    print_comparison(result["metrics"], result["at_training"], "at training")
+    print(f"\nevaluated {result.model} version {result.version} in {time.time() - started:.0f} s "
+          f"(MLflow run {result.run_id})")
+    print_comparison(result.metrics, result.at_training, "at training")
     return 0
 
 

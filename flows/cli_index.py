@@ -28,17 +28,19 @@ def cmd_index(args, settings) -> int:
     caps = build_caption_index(settings, cfg, progress=not args.json)
     imgs = build_image_features(settings, cfg)
     if args.json:
-        print(json.dumps({"captions": caps, "images": imgs}))
+        # the dataset as it is now, no pinned snapshot: the printed reports have never had the field
+        print(json.dumps({"captions": caps.model_dump(mode="json", exclude={"snapshot_id"}),
+                          "images": imgs.model_dump(mode="json", exclude={"snapshot_id"})}))
         return 0
-    ann = "yes" if caps["ann_index"] else f"no (created above {cfg.ann_threshold} captions)"
-    print(f"captions: {caps['captions']} — embedded {caps['embedded']}, skipped {caps['reused']} "
-          f"(already embedded by {caps['embedder']})")
-    print(f"graph:    {caps['mode']} top-{caps['k']}, {caps['edges']} edges, {caps['recomputed']} rows recomputed, "
-          f"{caps['patched']} patched ({caps['graph_update']}); density bandwidth {cfg.density_bandwidth}")
-    print(f"lancedb:  table 'captions' version {caps['version']}, {caps['written']} rows written, {caps['deleted']} deleted; "
+    ann = "yes" if caps.ann_index else f"no (created above {cfg.ann_threshold} captions)"
+    print(f"captions: {caps.captions} — embedded {caps.embedded}, skipped {caps.reused} "
+          f"(already embedded by {caps.embedder})")
+    print(f"graph:    {caps.mode} top-{caps.k}, {caps.edges} edges, {caps.recomputed} rows recomputed, "
+          f"{caps.patched} patched ({caps.graph_update}); density bandwidth {cfg.density_bandwidth}")
+    print(f"lancedb:  table 'captions' version {caps.version}, {caps.written} rows written, {caps.deleted} deleted; "
           f"ANN index: {ann}")
-    print(f"images:   {imgs['computed']} features computed, {imgs['reused']} reused ({imgs['extractor']})")
-    print(f"done in {caps['seconds']:.1f} s")
+    print(f"images:   {imgs.computed} features computed, {imgs.reused} reused ({imgs.extractor})")
+    print(f"done in {caps.seconds:.1f} s")
     return 0
 
 

@@ -18,16 +18,16 @@ from flows.runners import task_runner
 from storage.settings import load_settings
 from tasks.config import RetrainConfig, resolve_config
 from tasks.graph_query import plan_graph_query, query_graph_shard, write_queried_graph
+from tasks.results import GraphReport
 
 
 @flow(name="rebuild-graph", log_prints=True, task_runner=task_runner())
-def rebuild_graph(config: str | RetrainConfig = RetrainConfig(), overrides: dict[str, Any] | None = None) -> dict:
+def rebuild_graph(config: str | RetrainConfig = RetrainConfig(), overrides: dict[str, Any] | None = None) -> GraphReport:
     """Rebuild the caption graph with the ``index`` section of ``config``: plan (pin the table version,
     make sure the stored index matches it), ``query-graph-shard`` tasks mapped over the runner, and the
     refined graph written. Returns the write's report (``workers``: which processes ran the shards)."""
     settings = load_settings()
     cfg = resolve_config(config, overrides, settings.configs_dir).index
     plan = plan_graph_query(settings, cfg)
-    parts = query_graph_shard.map(unmapped(settings), unmapped(cfg), unmapped(plan["version"]), unmapped(plan["generation"]),
-                                  plan["shards"])
+    parts = query_graph_shard.map(unmapped(settings), unmapped(cfg), unmapped(plan.version), unmapped(plan.generation), plan.shards)
     return write_queried_graph(settings, cfg, plan, parts)

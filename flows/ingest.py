@@ -14,13 +14,13 @@ from flows.prepare import prepare
 from flows.runners import task_runner
 from storage.settings import load_settings
 from tasks.config import RetrainConfig, resolve_config
+from tasks.results import Prepared
 
 
 @flow(name="ingest", log_prints=True, task_runner=task_runner())
-def ingest_source(source: str, config: str | RetrainConfig = RetrainConfig(), overrides: dict[str, Any] | None = None) -> dict:
+def ingest_source(source: str, config: str | RetrainConfig = RetrainConfig(), overrides: dict[str, Any] | None = None) -> Prepared:
     """Ingest ``source`` into the dataset, then embed and index what changed, with the ``ingest`` and
     ``index`` sections of ``config`` (as the retrain flow takes it: the same file gives the same cache keys)."""
     settings = load_settings()
     config = resolve_config(config, overrides, settings.configs_dir)
-    prepared = prepare(source, settings, config.ingest, config.index)
-    return {**prepared, "data": prepared["data"].model_dump()}
+    return prepare(source, settings, config.ingest, config.index)

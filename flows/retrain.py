@@ -15,19 +15,20 @@ from tasks.describe import describe_retrain
 from tasks.evaluate import evaluate_model
 from tasks.register import register_model
 from tasks.report import publish_report
+from tasks.results import RetrainResult
 from tasks.track import close_run, label_flow_run, open_run
 from tasks.train import train_model
 
 
 @flow(name="retrain", log_prints=True, task_runner=task_runner())
-def retrain(source: str, config: str | RetrainConfig = RetrainConfig(), overrides: dict[str, Any] | None = None) -> dict:
+def retrain(source: str, config: str | RetrainConfig = RetrainConfig(), overrides: dict[str, Any] | None = None) -> RetrainResult:
     """Retrain on ``source`` (a relative path is under the settings' data_root) with ``config`` (a
     ``RetrainConfig``, or a config file name or path) and ``overrides`` merged on it. Locations come
     from settings; ingest and index are cached by their inputs."""
     settings = load_settings()
     config = resolve_config(config, overrides, settings.configs_dir)
     prepared = prepare(source, settings, config.ingest, config.index)
-    data = prepared["data"]  # what training and evaluation read, and the run records as its lineage
+    data = prepared.data  # what training and evaluation read, and the run records as its lineage
     label_flow_run({"model": config.registry.model_name, "snapshot": data.snapshot_id, "method": config.train.pog.method})
     run_id = open_run(settings, config, data)
     try:
@@ -43,4 +44,4 @@ def retrain(source: str, config: str | RetrainConfig = RetrainConfig(), override
     close_run(settings, run_id, failed=False)
     describe_retrain(settings, config.registry, metrics, decision)
     publish_report(settings, metrics, decision, data.snapshot_id)
-    return {**prepared, "data": data.model_dump(), "run_id": run_id, "model_dir": model_dir, "metrics": metrics, "decision": decision}
+    return RetrainResult(**dict(prepared), run_id=run_id, model_dir=model_dir, metrics=metrics, decision=decision)

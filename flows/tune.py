@@ -17,6 +17,7 @@ from pogdiff.tune import REFERENCE, choose, suggest
 from storage.mlflow import connection, runs
 from storage.settings import load_settings
 from tasks.config import RetrainConfig
+from tasks.results import Chosen, TuneResult
 from tasks.tune import (
     finished_trials,
     open_parent_run,
@@ -32,11 +33,11 @@ from tasks.tune import (
 
 
 @flow(name="tune", log_prints=True, task_runner=task_runner())
-def tune(source: str, config: RetrainConfig = RetrainConfig()) -> dict:
+def tune(source: str, config: RetrainConfig = RetrainConfig()) -> TuneResult:
     """Calibrate psi on ``source`` (pogdiff/tune.py); returns the chosen knobs, the trials and where the config is."""
     started = time.monotonic()
     settings = load_settings()
-    data = prepare(source, settings, config.ingest, config.index)["data"]
+    data = prepare(source, settings, config.ingest, config.index).data
 
     key = tune_key(config, data.snapshot_id)
     folder = study_dir(settings, key)
@@ -67,6 +68,6 @@ def tune(source: str, config: RetrainConfig = RetrainConfig()) -> dict:
         raise
     runs.end(parent, "FINISHED")
     print(table)
-    return {"key": key, "parent_run_id": parent, "chosen": {"trial": chosen.number, "knobs": chosen.knobs, "score": chosen.score},
-            "reference_score": reference.score, "trials": len(trials), "out_of_time": out_of_time, "tuned_config": str(tuned_path),
-            "table": table}
+    return TuneResult(key=key, parent_run_id=parent, chosen=Chosen(trial=chosen.number, knobs=chosen.knobs, score=chosen.score),
+                      reference_score=reference.score, trials=len(trials), out_of_time=out_of_time, tuned_config=str(tuned_path),
+                      table=table)

@@ -20,12 +20,17 @@ from pydantic import BaseModel
 from storage.fingerprint import source_fingerprint, store_generation
 from storage.settings import Settings
 
+# Part of every key. Bump it when a cached task's result changes shape: an entry stored by older code
+# (2: the index tasks return tasks.results models, where they returned dicts) is then never found,
+# instead of being handed to code that reads the new shape.
+RESULT_VERSION = 2
+
 
 def _key(*parts: Any) -> str:
     def plain(p: Any) -> Any:
         return p.model_dump(mode="json") if isinstance(p, BaseModel) else str(p)
 
-    return hashlib.sha256(json.dumps([plain(p) for p in parts], sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([RESULT_VERSION, *(plain(p) for p in parts)], sort_keys=True).encode()).hexdigest()
 
 
 def ingest_key(context, parameters: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ from storage.mlflow.artifacts import read_run_files
 from storage.mlflow.references import ResolvedRun, resolve_run
 from storage.settings import Settings
 from tasks.evaluate import ARTIFACT_DIR
+from tasks.results import FetchedModel
 from tasks.retry import IO_RETRIES
 
 PAGE_NAME = "compare.html"  # at the top of the evaluation run's artifacts
@@ -45,12 +46,12 @@ def comparison_page(settings: Settings, a: ResolvedRun, b: ResolvedRun) -> str:
 
 
 @task(name="comparison-page", **IO_RETRIES)
-def log_comparison_page(settings: Settings, target: dict, run_id: str, snapshot_id: str) -> str:
+def log_comparison_page(settings: Settings, target: FetchedModel, run_id: str, snapshot_id: str) -> str:
     """Log ``compare.html`` to the evaluation run ``run_id``: A = the version ``target`` as its training
     run evaluated it, B = this run's evaluation on snapshot ``snapshot_id``. Returns the artifact path."""
-    uri, model = settings.mlflow_tracking_uri, target["model"]
-    label = f"{model} v{target['version']}"
-    a = side(settings, resolve_run(uri, target["run_id"], model), f"{label} at training", f"training run {target['run_id']}")
+    uri, model = settings.mlflow_tracking_uri, target.model
+    label = f"{model} v{target.version}"
+    a = side(settings, resolve_run(uri, target.run_id, model), f"{label} at training", f"training run {target.run_id}")
     b = side(settings, resolve_run(uri, run_id, model), f"{label} on snapshot {snapshot_id}", f"evaluation run {run_id}")
     page = render(f"{label}: at training (A) and on today's data (B)", a, b)
     with runs.resume(run_id), tempfile.TemporaryDirectory() as tmp:

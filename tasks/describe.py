@@ -10,6 +10,7 @@ with row counts, links (MLflow, the Prefect flow run, the dataset snapshot) and 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefect import task
 
@@ -22,6 +23,9 @@ from storage.mlflow import connection, descriptions, lineage, runs
 from storage.settings import Settings
 from tasks.report import bucket_table, mlflow_links
 from tasks.retry import IO_RETRIES
+
+if TYPE_CHECKING:
+    from tasks.results import Registration
 
 PREFECT_FLOW_RUN_URL_TAG = "prefect_flow_run_url"  # the flow run in the Prefect UI (when its address is known)
 GLOSSARY_ARTIFACT = "metrics_glossary"  # .json and .md at the root of every evaluated run's artifacts
@@ -82,44 +86,44 @@ def _data(facts: dict, dataset_uri: Path) -> list[str]:
             *markdown(["input", "used for", "rows", "source"], rows, [False, False, True, False])]
 
 
-def gate_sentence(decision: dict) -> str:
+def gate_sentence(decision: Registration) -> str:
     """The promotion decision of ``register_model`` in one sentence."""
-    version, before = decision["version"], decision.get("champion_before")
+    version, before = decision.version, decision.champion_before
     if before is None:
         which = "First version" if version == "1" else f"Version {version}"
         return (f"{which}: promoted to `champion` because there was no champion to compare with "
                 "(the gate's checks show status `no-champion`).")
     if before == version:
         return f"Version {version} was already `champion`; nothing changed."
-    if decision["promoted"]:
-        return f"Promoted to `champion` over version {before}: the gate passed ({decision['reason']})."
-    return f"Stays `challenger`; version {before} remains `champion` because the gate failed: {decision['reason']}."
+    if decision.promoted:
+        return f"Promoted to `champion` over version {before}: the gate passed ({decision.reason})."
+    return f"Stays `challenger`; version {before} remains `champion` because the gate failed: {decision.reason}."
 
 
-def _outcome(decision: dict, metrics: dict[str, float], links: dict[str, str | None]) -> list[str]:
-    before = decision.get("champion_before")
-    against = f"champion v{before}" if before and before != decision["version"] else "champion before"
+def _outcome(decision: Registration, metrics: dict[str, float], links: dict[str, str | None]) -> list[str]:
+    before = decision.champion_before
+    against = f"champion v{before}" if before and before != decision.version else "champion before"
     compare = f" {_link('Compare the runs in MLflow.', links['compare'])}" if links.get("compare") else ""
     return [f"**Gate decision.** {gate_sentence(decision)}{compare}", "",
-            *bucket_table(metrics, decision.get("champion_metrics") or {}, f"version {decision['version']}", against)]
+            *bucket_table(metrics, decision.champion_metrics, f"version {decision.version}", against)]
 
 
-def run_text(facts: dict, dataset_uri: Path, decision: dict | None = None, metrics: dict[str, float] | None = None,
+def run_text(facts: dict, dataset_uri: Path, decision: Registration | None = None, metrics: dict[str, float] | None = None,
              links: dict[str, str | None] | None = None) -> str:
     """The run's description; with the ``decision`` and ``metrics`` once registered, without before."""
     links = links or {}
     registered = [] if decision is None else [
-        f"Registered as {_link(decision['model_name'] + ' version ' + decision['version'], links.get('version'))}.", "",
+        f"Registered as {_link(decision.model_name + ' version ' + decision.version, links.get('version'))}.", "",
         *_outcome(decision, metrics or {}, links), ""]
     glossary = [] if not metrics else ["#### Metrics glossary", "", glossary_list(metrics)]
     return "\n".join([f"### Retrain of `{facts['model']}`", "", _summary(facts), "", *registered,
                       *_data(facts, dataset_uri), "", *glossary])
 
 
-def version_text(facts: dict, dataset_uri: Path, decision: dict, metrics: dict[str, float], links: dict[str, str | None]) -> str:
+def version_text(facts: dict, dataset_uri: Path, decision: Registration, metrics: dict[str, float], links: dict[str, str | None]) -> str:
     """A version's description: what the gate decided and why, the table against the champion, links,
     the data and the glossary (cut from the end if MLflow's length limit needs it)."""
-    return "\n".join([f"### {decision['model_name']} version {decision['version']}", "",
+    return "\n".join([f"### {decision.model_name} version {decision.version}", "",
                       f"From run {_link('`' + facts['name'] + '`', links.get('run'))}. {_summary(facts)}", "",
                       *_outcome(decision, metrics, links), "", *_data(facts, dataset_uri), "",
                       "#### Metrics glossary", "",
@@ -170,20 +174,20 @@ def experiment_text(model_name: str) -> str:
     ]) + "\n"
 
 
-def describe_run(settings: Settings, run_id: str, decision: dict | None = None, metrics: dict[str, float] | None = None) -> None:
+def describe_run(settings: Settings, run_id: str, decision: Registration | None = None, metrics: dict[str, float] | None = None) -> None:
     """Write the run's description from its records (and the decision, once there is one)."""
     links = mlflow_links(settings.mlflow_ui_url, decision) if decision else {}
     descriptions.set_run_description(run_id, run_text(run_facts(run_id), Path(settings.dataset_uri), decision, metrics, links))
 
 
 @task(name="describe", **IO_RETRIES)
-def describe_retrain(settings: Settings, cfg: RegisterConfig, metrics: dict[str, float], decision: dict) -> None:
+def describe_retrain(settings: Settings, cfg: RegisterConfig, metrics: dict[str, float], decision: Registration) -> None:
     """Describe the registered version and the run (replacing the run's first description), and
     the registered model if it has no description yet."""
     connection.use(settings)
-    facts = run_facts(decision["run_id"])
+    facts = run_facts(decision.run_id)
     links = mlflow_links(settings.mlflow_ui_url, decision)
     dataset = Path(settings.dataset_uri)
-    descriptions.describe_version(cfg.model_name, decision["version"], version_text(facts, dataset, decision, metrics, links))
-    descriptions.set_run_description(decision["run_id"], run_text(facts, dataset, decision, metrics, links))
+    descriptions.describe_version(cfg.model_name, decision.version, version_text(facts, dataset, decision, metrics, links))
+    descriptions.set_run_description(decision.run_id, run_text(facts, dataset, decision, metrics, links))
     descriptions.describe_model_once(cfg.model_name, model_text(cfg.model_name, cfg.gate))

@@ -22,6 +22,7 @@ from pogdiff.index import CaptionGraph, caption_id, embed_caption_counts, image_
 from storage import ann_index, dataset, vectors
 from storage.images import decode_images
 from storage.settings import Settings
+from tasks.results import CaptionIndexReport, ImageFeatureReport
 from tasks.retry import IO_RETRIES
 
 
@@ -36,7 +37,7 @@ def plan_shards(settings: Settings, cfg: IndexConfig, snapshot: str | None = Non
 
 
 def build_caption_index(settings: Settings, cfg: IndexConfig, progress: bool = False,
-                        precomputed: dict[str, np.ndarray] | None = None, snapshot: str | None = None) -> dict:
+                        precomputed: dict[str, np.ndarray] | None = None, snapshot: str | None = None) -> CaptionIndexReport:
     """Embed only captions not yet in LanceDB under this embedder, then refresh neighbours and density
     over the captions of ``snapshot`` (default: the dataset now), and delete captions no longer in the
     dataset from the table. ``version`` in the result is the table version whose rows for those
@@ -76,10 +77,10 @@ def build_caption_index(settings: Settings, cfg: IndexConfig, progress: bool = F
     report = vectors.write_caption_graph(uri, graph, cfg)
     if ann is not None:  # after the graph: an index newer than the stored graph would not match it, and is rebuilt
         ann_index.write_ann_index(uri, ann)
-    return {"captions": len(graph.ids), "embedded": graph.embedded, "reused": graph.reused, "embedder": graph.embedder,
-            "mode": graph.mode, "k": cfg.k, "edges": int((graph.nb_index >= 0).sum()), **update,
-            "written": report.written, "deleted": report.deleted,
-            "version": report.version, "ann_index": report.ann_index, "seconds": round(time.perf_counter() - started, 3)}
+    return CaptionIndexReport(snapshot_id=snapshot, captions=len(graph.ids), embedded=graph.embedded, reused=graph.reused,
+                              embedder=graph.embedder, mode=graph.mode, k=cfg.k, edges=int((graph.nb_index >= 0).sum()), **update,
+                              written=report.written, deleted=report.deleted, version=report.version, ann_index=report.ann_index,
+                              seconds=round(time.perf_counter() - started, 3))
 
 
 def _ann_graph(uri: str, graph: CaptionGraph, previous: CaptionGraph | None, cfg: IndexConfig) -> tuple[CaptionGraph, AnnIndex | None, dict]:
@@ -98,7 +99,7 @@ def _ann_graph(uri: str, graph: CaptionGraph, previous: CaptionGraph | None, cfg
     return graph, None if ann.slots == before else ann, {"graph_update": "incremental", "recomputed": recomputed, "patched": patched}
 
 
-def build_image_features(settings: Settings, cfg: IndexConfig, snapshot: str | None = None) -> dict:
+def build_image_features(settings: Settings, cfg: IndexConfig, snapshot: str | None = None) -> ImageFeatureReport:
     """Compute the psi image feature once per image of ``snapshot`` (default: the dataset now);
     images already featurised are skipped."""
     extractor = image_extractor(cfg)
@@ -110,7 +111,7 @@ def build_image_features(settings: Settings, cfg: IndexConfig, snapshot: str | N
     blobs = table.column("image").take(pa.array(new, pa.int64())).to_pylist()
     feats = image_features(decode_images(blobs, extractor.input_size), extractor)
     report = vectors.write_image_features(settings.lancedb_uri, [ids[i] for i in new], name, feats, cfg.version_retention_days)
-    return {"extractor": name, "computed": len(new), "reused": len(ids) - len(new), "version": report.version}
+    return ImageFeatureReport(snapshot_id=snapshot, extractor=name, computed=len(new), reused=len(ids) - len(new), version=report.version)
 
 
 @task(name="plan-embedding", **IO_RETRIES)
@@ -126,22 +127,23 @@ def embed_shard(cfg: IndexConfig, captions: dict[str, str]) -> dict[str, np.ndar
 
 
 @task(name="index-captions", **IO_RETRIES)
-def index_captions(settings: Settings, cfg: IndexConfig, snapshot_id: str, shards: list[dict[str, np.ndarray]] | None = None) -> dict:
+def index_captions(settings: Settings, cfg: IndexConfig, snapshot_id: str,
+                   shards: list[dict[str, np.ndarray]] | None = None) -> CaptionIndexReport:
     """``build_caption_index`` for one dataset snapshot (the snapshot keys the task's cache), taking
     the vectors the ``embed-shard`` tasks computed."""
     out = build_caption_index(settings, cfg, precomputed={k: v for shard in shards or [] for k, v in shard.items()},
                               snapshot=snapshot_id)
     get_run_logger().info(
         "index: %d captions, %d embedded, %d reused; %s top-%d graph (%s), %d edges, %d rows recomputed, %d patched; "
-        "%d rows written, %d deleted, table version %d", out["captions"], out["embedded"], out["reused"], out["mode"], cfg.k,
-        out["graph_update"], out["edges"], out["recomputed"], out["patched"], out["written"], out["deleted"], out["version"],
+        "%d rows written, %d deleted, table version %d", out.captions, out.embedded, out.reused, out.mode, cfg.k,
+        out.graph_update, out.edges, out.recomputed, out.patched, out.written, out.deleted, out.version,
     )
-    return {"snapshot_id": snapshot_id, **out}
+    return out
 
 
 @task(name="index-images", **IO_RETRIES)
-def index_images(settings: Settings, cfg: IndexConfig, snapshot_id: str) -> dict:
+def index_images(settings: Settings, cfg: IndexConfig, snapshot_id: str) -> ImageFeatureReport:
     """``build_image_features`` for one dataset snapshot."""
     out = build_image_features(settings, cfg, snapshot_id)
-    get_run_logger().info("index: %d image features computed, %d reused", out["computed"], out["reused"])
-    return {"snapshot_id": snapshot_id, **out}
+    get_run_logger().info("index: %d image features computed, %d reused", out.computed, out.reused)
+    return out

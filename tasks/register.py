@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -14,8 +13,8 @@ from storage.config import RegisterConfig
 from storage.links import redact_uri
 from storage.mlflow import connection, lineage, packaging, registry, runs
 from storage.settings import Settings
+from tasks.results import Registration
 from tasks.retry import IO_RETRIES
-
 
 
 def register_version(settings: Settings, cfg: RegisterConfig, model_dir: str, run_id: str) -> str:
@@ -72,11 +71,10 @@ def keep_champion_lineage(settings: Settings, model_name: str, run_id: str) -> s
 
 
 @task(name="register", **IO_RETRIES)
-def register_model(settings: Settings, cfg: RegisterConfig, model_dir: str, run_id: str, metrics: dict[str, float]) -> dict:
-    """Returns the promotion decision (``registry.PromotionDecision`` as a dict: ``promoted``,
-    ``version``, ``champion_before``, ``decided_by``, ``reason``, ``checks``) plus ``model_name``,
-    ``run_id``, the previous champion's metrics ``champion_metrics`` (empty when none) and its run
-    ``champion_run_id`` (None when none)."""
+def register_model(settings: Settings, cfg: RegisterConfig, model_dir: str, run_id: str, metrics: dict[str, float]) -> Registration:
+    """The ``Registration``: the promotion decision (``registry.PromotionDecision``'s fields) plus
+    ``model_name``, ``run_id``, the previous champion's metrics ``champion_metrics`` (empty when none)
+    and its run ``champion_run_id`` (None when none)."""
     connection.use(settings)
     before = registry.champion(cfg.model_name)
     version = register_version(settings, cfg, model_dir, run_id)
@@ -84,6 +82,6 @@ def register_model(settings: Settings, cfg: RegisterConfig, model_dir: str, run_
     get_run_logger().info("register: %s version %s — %s", cfg.model_name, version, decision.reason)
     if decision.promoted and (problem := keep_champion_lineage(settings, cfg.model_name, run_id)):
         get_run_logger().warning("register: the champion's data versions are not tagged (%s)", problem)
-    return {**asdict(decision), "model_name": cfg.model_name, "run_id": run_id,
-            "champion_metrics": before[1] if before else {},
-            "champion_run_id": registry.version_run_id(cfg.model_name, before[0]) if before else None}
+    return Registration.of(decision, model_name=cfg.model_name, run_id=run_id,
+                           champion_metrics=before[1] if before else {},
+                           champion_run_id=registry.version_run_id(cfg.model_name, before[0]) if before else None)

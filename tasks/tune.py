@@ -48,6 +48,7 @@ from storage.settings import Settings
 from storage.training_set import DataVersion, load_real_set
 from tasks.config import RetrainConfig
 from tasks.describe import log_glossary
+from tasks.results import TrialRun
 from tasks.train import training_data
 
 TUNE_KEY_TAG = "tune_key"
@@ -109,17 +110,17 @@ def reference_of(study: optuna.Study) -> TrialResult | None:
     return None if ref is None else TrialResult(-1, ref["knobs"], ref["metrics"])
 
 
-def record_reference(study: optuna.Study, done: dict[str, Any]) -> TrialResult:
+def record_reference(study: optuna.Study, done: TrialRun) -> TrialResult:
     """Keep the lam = 0 trial's result in the study (it is not a sampled trial)."""
-    study.set_user_attr(REFERENCE_ATTR, {"knobs": done["knobs"], "metrics": done["metrics"], "run_id": done["run_id"]})
+    study.set_user_attr(REFERENCE_ATTR, {"knobs": done.knobs, "metrics": done.metrics, "run_id": done.run_id})
     return reference_of(study)
 
 
-def record_trial(study: optuna.Study, trial: optuna.Trial, done: dict[str, Any], reference: TrialResult, head_max_drop: float) -> None:
+def record_trial(study: optuna.Study, trial: optuna.Trial, done: TrialRun, reference: TrialResult, head_max_drop: float) -> None:
     """Keep a finished trial's knobs, metrics and run, and tell the sampler its value."""
-    for key in ("knobs", "metrics", "run_id"):
-        trial.set_user_attr(key, done[key])
-    study.tell(trial, sampler_value(done["metrics"], reference.metrics, head_max_drop))
+    for key, value in (("knobs", done.knobs), ("metrics", done.metrics), ("run_id", done.run_id)):
+        trial.set_user_attr(key, value)
+    study.tell(trial, sampler_value(done.metrics, reference.metrics, head_max_drop))
 
 
 def open_parent_run(settings: Settings, config: RetrainConfig, key: str, snapshot_id: str) -> str:
@@ -145,11 +146,11 @@ def open_parent_run(settings: Settings, config: RetrainConfig, key: str, snapsho
 # Never retried by Prefect: a trial is minutes of training; a crashed tune resumes from its finished trials.
 @task(name="tune-trial")
 def run_trial(settings: Settings, config: RetrainConfig, data: DataVersion, knobs: dict[str, Any], number: int,
-              parent_run_id: str, folder: str) -> dict[str, Any]:
+              parent_run_id: str, folder: str) -> TrialRun:
     """Fine-tune a fresh copy of the base with the trial's knobs (``pogdiff.tune.trial_train``), evaluate
     it on the validation draw (``tune.eval_seed``) and log both into a child run of ``parent_run_id``.
 
-    Returns ``{"number", "knobs", "metrics", "run_id", "seconds"}``; the trial's model is not kept.
+    Returns its ``TrialRun`` (number, knobs, metrics, child run, seconds); the trial's model is not kept.
     """
     log = _logger()
     started = time.perf_counter()
@@ -180,7 +181,7 @@ def run_trial(settings: Settings, config: RetrainConfig, data: DataVersion, knob
     log.info("tune: %s %s: few gRecall %.3f, few accuracy %.3f, many accuracy %.3f (%.0f s)", name, knobs,
              result.metrics.get("few/grecall", float("nan")), result.metrics.get("few/accuracy", float("nan")),
              result.metrics.get("many/accuracy", float("nan")), seconds)
-    return {"number": number, "knobs": knobs, "metrics": result.metrics, "run_id": child, "seconds": seconds}
+    return TrialRun(number=number, knobs=knobs, metrics=result.metrics, run_id=child, seconds=seconds)
 
 
 def tuned_config(config: RetrainConfig, knobs: Mapping[str, Any]) -> RetrainConfig:

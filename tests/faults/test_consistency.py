@@ -21,13 +21,14 @@ from storage.config import IngestConfig
 from storage.settings import load_settings
 from storage.training_set import DataVersion, load_real_set, load_training_set
 from tasks.index import build_caption_index, build_image_features
+from tasks.results import CaptionIndexReport, ImageFeatureReport
 
 pytestmark = pytest.mark.slow  # servers, processes or whole flows: see pyproject's marker
 
 CFG = IndexConfig(image_feature="pixels", k=3)
 
 
-def _index(settings, snapshot=None) -> tuple[dict, dict]:
+def _index(settings, snapshot=None) -> tuple[CaptionIndexReport, ImageFeatureReport]:
     return build_caption_index(settings, CFG, snapshot=snapshot), build_image_features(settings, CFG, snapshot)
 
 
@@ -49,8 +50,8 @@ def _pinned(source, home) -> tuple:
     parquet.ingest(source, settings.dataset_uri, IngestConfig(), workers=1)
     snapshot, rows = dataset.pin_snapshot(settings.dataset_uri)
     captions, features = _index(settings, snapshot)
-    return settings, DataVersion(snapshot_id=snapshot, rows=rows, captions_version=captions["version"],
-                                 features_version=features["version"])
+    return settings, DataVersion(snapshot_id=snapshot, rows=rows, captions_version=captions.version,
+                                 features_version=features.version)
 
 
 def test_training_reads_the_pinned_snapshot_while_new_data_lands(two_sources, tmp_path):
@@ -81,8 +82,8 @@ def test_training_reads_the_pinned_snapshot_while_new_data_lands(two_sources, tm
     later, later_rows = dataset.pin_snapshot(settings.dataset_uri)
     assert later != snapshot and later_rows == rows + added.accepted
     captions, features = _index(settings, later)
-    nxt = _load(settings, DataVersion(snapshot_id=later, rows=later_rows, captions_version=captions["version"],
-                                      features_version=features["version"]))
+    nxt = _load(settings, DataVersion(snapshot_id=later, rows=later_rows, captions_version=captions.version,
+                                      features_version=features.version))
     assert nxt.image_ids == now.image_ids
     record("ingest and re-index of new data between index and train (a real second ingest)", "train / evaluate",
            "training and evaluation read the pinned snapshot and the table versions the run recorded: exactly the "

@@ -49,7 +49,7 @@ def test_embedding_shards_run_on_dask_workers(prefect_server, dask_address, tmp_
     flow = ingest_source.with_options(task_runner=runner)
     state = flow(str(source), parse_config({"index": {"k": 3, "embed_shard_size": 10}}), return_state=True)
     result = state.result()
-    assert result["captions"]["captions"] == 24 and result["captions"]["embedded"] == 24
+    assert result.captions.report.captions == 24 and result.captions.report.embedded == 24
 
     with get_client(sync_client=True) as api:
         runs = api.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
@@ -89,11 +89,11 @@ def test_the_graph_query_phase_maps_over_row_shards_on_dask_workers(prefect_serv
     runner = task_runner(load_settings(task_runner="dask", task_runner_address=dask_address))
     state = rebuild_graph.with_options(task_runner=runner)(config, return_state=True)
     out = state.result()
-    assert out["index"] == "built: none stored" and out["graph_update"] == "full: rebuilt, query phase in 3 shards"
+    assert out.index == "built: none stored" and out.graph_update == "full: rebuilt, query phase in 3 shards"
     shards = _shard_runs(state)
     assert len(shards) == 3 and all(r.state.name == "Completed" for r in shards)
     # the shards were searched by worker processes, which read the stored index and their rows themselves
-    assert out["workers"] and all(not w.endswith(f":{os.getpid()}") for w in out["workers"])
+    assert out.workers and all(not w.endswith(f":{os.getpid()}") for w in out.workers)
 
     # the same graph as the local single-process query of the stored index over the stored rows
     stored = vectors.read_caption_graph(uri, "test", cfg)
@@ -104,4 +104,4 @@ def test_the_graph_query_phase_maps_over_row_shards_on_dask_workers(prefect_serv
     local = with_graph(replace(stored, vectors=stored.vectors.copy(), counts=stored.counts.copy()), cfg, np.array([row.get(c, -1) for c in index.slots] + [-1])[hits], sims)
     np.testing.assert_array_equal(stored.nb_index, local.nb_index)
     np.testing.assert_allclose(stored.density, local.density, rtol=1e-6)
-    assert plan_query(load_settings(), cfg)["index"] == "reused"  # index and table match now: the next plan keeps it
+    assert plan_query(load_settings(), cfg).index == "reused"  # index and table match now: the next plan keeps it

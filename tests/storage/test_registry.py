@@ -30,6 +30,7 @@ from storage.mlflow import connection, registry, runs
 from storage.settings import Settings, load_settings
 from tasks.config import parse_config
 from tasks.register import register_model
+from tasks.results import Registration
 
 ROOT = Path(__file__).resolve().parents[2]
 FEW, FRECHET, HEAD = "few/grecall", "overall/frechet_pixels16", "many/accuracy"
@@ -194,7 +195,7 @@ def home(tmp_path_factory, tiny_spec) -> Settings:
     return load_settings(home=root)
 
 
-def retrain(settings: Settings, cfg: RegisterConfig, metrics: dict[str, float]) -> dict:
+def retrain(settings: Settings, cfg: RegisterConfig, metrics: dict[str, float]) -> Registration:
     """What the retrain flow does after evaluation: a run with its metrics, then the register task."""
     connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
     run_id = runs.start(cfg.experiment)
@@ -216,12 +217,12 @@ def test_lifecycle_two_retrains_then_models_json(pogdiff, home):
     cfg = RegisterConfig(experiment="lifecycle", model_name=f"life-{uuid.uuid4().hex[:6]}")
     name = cfg.model_name
     first = retrain(home, cfg, m(0.50, 20.0))
-    assert (first["version"], first["promoted"], first["reason"]) == ("1", True, "no champion yet")
-    assert first["champion_metrics"] == {} and first["model_name"] == name and first["decided_by"] == "gate"
+    assert (first.version, first.promoted, first.reason) == ("1", True, "no champion yet")
+    assert first.champion_metrics == {} and first.model_name == name and first.decided_by == "gate"
     # the second demo run on unchanged data: same numbers, no gain, stays challenger
     second = retrain(home, cfg, m(0.50, 20.0))
-    assert (second["version"], second["promoted"], second["champion_before"]) == ("2", False, "1")
-    assert second["champion_metrics"][FEW] == 0.5
+    assert (second.version, second.promoted, second.champion_before) == ("2", False, "1")
+    assert second.champion_metrics[FEW] == 0.5
 
     out = pogdiff(home, "models", "--json", "--model", name)
     assert out.returncode == 0, out.stderr
@@ -246,16 +247,16 @@ def test_lifecycle_two_retrains_then_models_json(pogdiff, home):
 
     # better gRecall but the Fréchet distance worse beyond 5 %: a worse model never receives champion
     third = retrain(home, cfg, m(0.80, 25.0))
-    assert not third["promoted"] and "guard overall/frechet_pixels16" in third["reason"]
+    assert not third.promoted and "guard overall/frechet_pixels16" in third.reason
     # better on both counts: champion moves
     fourth = retrain(home, cfg, m(0.80, 20.5))
-    assert fourth["promoted"] and fourth["champion_before"] == "1"
+    assert fourth.promoted and fourth.champion_before == "1"
     # evaluation left the guard metric out (e.g. too few images): recorded, rejected
     fifth = retrain(home, cfg, m(0.95))
-    assert not fifth["promoted"] and "guard overall/frechet_pixels16 missing on the new version" in fifth["reason"]
+    assert not fifth.promoted and "guard overall/frechet_pixels16 missing on the new version" in fifth.reason
     model = MlflowClient().get_registered_model(name)
     assert {a: str(v) for a, v in model.aliases.items()} == {"champion": "4", "challenger": "5"}
-    assert [d["checks"][FEW]["status"] for d in (third, fourth, fifth)] == ["passed", "passed", "passed"]
+    assert [d.checks[FEW].status for d in (third, fourth, fifth)] == ["passed", "passed", "passed"]
 
 
 def test_register_retry_reuses_the_version(home):
@@ -266,8 +267,8 @@ def test_register_retry_reuses_the_version(home):
         first = register_model.fn(home, cfg, str(home.home / "model"), run_id, m(0.5, 20.0))
         again = register_model.fn(home, cfg, str(home.home / "model"), run_id, m(0.5, 20.0))
     runs.end(run_id)
-    assert first["version"] == again["version"] == "1"
-    assert again["promoted"] and again["reason"] == "already champion"
+    assert first.version == again.version == "1"
+    assert again.promoted and again.reason == "already champion"
     assert [v["version"] for v in registry.list_versions(cfg.model_name)] == ["1"]
 
 
@@ -276,7 +277,7 @@ def test_promote_by_hand_is_recorded(pogdiff, home):
     name = cfg.model_name
     retrain(home, cfg, m(0.5, 20.0))
     rejected = retrain(home, cfg, m(0.4, 20.0))
-    assert not rejected["promoted"]
+    assert not rejected.promoted
 
     out = pogdiff(home, "promote", "2", "--model", name, "--reason", "looks better on the few bucket", user="alice")
     assert out.returncode == 0, out.stderr

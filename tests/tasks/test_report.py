@@ -17,15 +17,21 @@ from storage.links import redact_text, redact_uri
 from storage.mlflow import connection, runs
 from storage.settings import load_settings
 from tasks.report import publish_report, render_report
+from tasks.results import Registration
 
 LINKS = {"run": "http://mlflow:5000/#/experiments/1/runs/run123", "version": "http://mlflow:5000/#/models/m/versions/3",
          "compare": "http://mlflow:5000/#/compare-runs?runs=x"}
 
 
+def _decision(**fields) -> Registration:
+    """A registration as the register task returns it: the gate decided, checks left out."""
+    return Registration(decided_by="gate", checks={}, **fields)
+
+
 def test_report_has_the_bucket_table_with_deltas_and_the_decision():
     metrics = {"few/grecall": 0.5, "many/grecall": 0.7, "overall/grecall": 0.6, "few/accuracy": 0.9}
-    decision = {"model_name": "m", "version": "3", "promoted": False, "reason": "few/grecall 0.5 not > 0.6",
-                "run_id": "run123", "champion_before": "2", "champion_metrics": {"few/grecall": 0.6, "many/grecall": 0.65}}
+    decision = _decision(model_name="m", version="3", promoted=False, reason="few/grecall 0.5 not > 0.6", run_id="run123",
+                         champion_before="2", champion_metrics={"few/grecall": 0.6, "many/grecall": 0.65}, champion_run_id=None)
     md = render_report({**metrics, "overall/frechet_pixels16": 12.0}, decision, LINKS, "snap1")
     assert "## Retrain: m version 3" in md
     assert "stays `challenger`" in md and "few/grecall 0.5 not > 0.6" in md
@@ -84,8 +90,8 @@ def test_the_published_report_links_the_run_version_and_compare_view(two_runs):
     settings, (champion_run, new_run) = two_runs
     experiment = MlflowClient().get_run(new_run).info.experiment_id
     _registered("report model", champion_run, new_run)
-    decision = {"model_name": "report model", "version": "2", "promoted": True, "reason": "gain", "run_id": new_run,
-                "champion_before": "1", "champion_run_id": champion_run, "champion_metrics": {"few/grecall": 0.4}}
+    decision = _decision(model_name="report model", version="2", promoted=True, reason="gain", run_id=new_run,
+                         champion_before="1", champion_run_id=champion_run, champion_metrics={"few/grecall": 0.4})
     artifact_id = publish_report.fn(settings, {"few/grecall": 0.5}, decision, "snap1")
     with get_client(sync_client=True) as client:
         (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(id=ArtifactFilterId(any_=[UUID(artifact_id)])))
@@ -113,8 +119,8 @@ def test_the_published_report_links_the_run_version_and_compare_view(two_runs):
 def test_without_a_champion_the_report_says_there_is_nothing_to_compare(two_runs):
     settings, (_, run_id) = two_runs
     connection.configure(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
-    decision = {"model_name": "m", "version": "1", "promoted": True, "reason": "no champion yet", "run_id": run_id,
-                "champion_before": None, "champion_run_id": None, "champion_metrics": {}}
+    decision = _decision(model_name="m", version="1", promoted=True, reason="no champion yet", run_id=run_id,
+                         champion_before=None, champion_run_id=None, champion_metrics={})
     artifact_id = publish_report.fn(settings, {"few/grecall": 0.5}, decision, "snap1")
     with get_client(sync_client=True) as client:
         (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(id=ArtifactFilterId(any_=[UUID(artifact_id)])))
