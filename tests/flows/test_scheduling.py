@@ -75,7 +75,7 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def side_by_side(tmp_path_factory, tiny_spec, prefect_api):
     """The runbook's setup run, its worker started and its run triggered; `pogdiff serve` started on
     the same server with two runs of its own. Each path has its own home (stores)."""
@@ -137,8 +137,7 @@ def side_by_side(tmp_path_factory, tiny_spec, prefect_api):
             stop(p)
 
 
-def test_readme_runbook_run_completes_and_registers_a_version(side_by_side):
-    s = side_by_side
+def _runbook_run_completes_and_registers_a_version(s) -> None:
     try:
         code = s.trigger.wait(540)
     except subprocess.TimeoutExpired:
@@ -158,8 +157,7 @@ def test_readme_runbook_run_completes_and_registers_a_version(side_by_side):
     assert str(version.version) == "1" and mlflow.get_run(version.run_id).data.params["train.steps"] == "3"
 
 
-def test_served_retrain_runs_complete_one_at_a_time(side_by_side):
-    s = side_by_side
+def _served_retrain_runs_complete_one_at_a_time(s) -> None:
     with temporary_settings({PREFECT_API_URL: s.api}), get_client(sync_client=True) as client:
         assert s.served.global_concurrency_limit.limit == 1 and s.served.schedules and s.served.work_pool_name is None
 
@@ -190,8 +188,7 @@ def test_served_retrain_runs_complete_one_at_a_time(side_by_side):
         assert any("AwaitingConcurrencySlot" in h for h in history), history
 
 
-def test_serve_leaves_the_work_pool_deployments_alone(side_by_side):
-    s = side_by_side
+def _serve_leaves_the_work_pool_deployments_alone(s) -> None:
     nightly = s.deployed["retrain/retrain-nightly"]
     assert nightly["work_pool"] == "local" and nightly["pull_steps"] and not nightly["paused"]
     assert nightly["schedules"] and all(active for _, active in nightly["schedules"])
@@ -204,3 +201,12 @@ def test_serve_leaves_the_work_pool_deployments_alone(side_by_side):
         assert "All deployments have been paused" in serve_log.read_text()
         assert work_pool_deployments(client) == s.deployed  # and after it stopped: only its own are paused
         assert client.read_deployment_by_name("retrain/retrain-nightly-served").paused
+
+
+def test_runbook_and_serve_side_by_side(side_by_side):
+    """One test, not three on one fixture: pytest-xdist may hand tests of one module to different
+    workers, and each would then build the whole setup (a deploy, a worker, serve and four flow
+    runs) again. Serve is stopped last, after its runs finished."""
+    _runbook_run_completes_and_registers_a_version(side_by_side)
+    _served_retrain_runs_complete_one_at_a_time(side_by_side)
+    _serve_leaves_the_work_pool_deployments_alone(side_by_side)
