@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 
-from pogdiff.process import PARENT_ENV, die_with_parent
+from pogdiff.process import PARENT_ENV, die_with_parent, tune_gc
 
 
 def main() -> None:
     die_with_parent()
+    tune_gc()
     os.environ[PARENT_ENV] = str(os.getpid())  # inherited by the ranks this launcher starts
     from accelerate.commands.launch import main as accelerate_launch
 

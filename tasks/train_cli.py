@@ -27,7 +27,7 @@ from pogdiff.atomic import write_atomic, write_text_atomic
 from pogdiff.config import ConfigError, TrainConfig, load_config
 from pogdiff.neighbours import NeighbourGraph
 from pogdiff.pipelines.loader import load_pipeline
-from pogdiff.process import die_with_parent
+from pogdiff.process import die_with_parent, tune_gc
 from pogdiff.trainer import TrainData, TrainingDiverged, TrainingTimeLimit, train
 
 DATA_FORMAT = 1
@@ -132,4 +132,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     die_with_parent()  # a rank never outlives its launcher (pogdiff.launch)
+    tune_gc()
     sys.exit(main())

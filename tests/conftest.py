@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random models, and one real Prefect server for the whole session (started on
 first use: one database migration, not one per test module)."""
 
+import gc
 import os
 import signal
 import subprocess
@@ -12,6 +13,12 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # The test server's telemetry writes race the flow's writes on its SQLite file ("database is locked").
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+# The suite's processes import torch, diffusers, MLflow and Prefect once and keep them: the pipeline
+# processes' collector settings (pogdiff.process), and what collection imported frozen once it is done.
+from pogdiff.process import tune_gc  # noqa: E402
+
+tune_gc()
+
 import localserver  # noqa: E402
 import pytest  # noqa: E402
 from localserver import free_port, healthy, wait_for  # noqa: E402
@@ -20,6 +27,10 @@ from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
 from pogdiff.pipelines.pixel import UNetSpec  # noqa: E402
 
 TINY = UNetSpec(image_size=16, block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=4)
+
+
+def pytest_collection_finish(session):
+    gc.freeze()
 
 
 @pytest.fixture(scope="session")
