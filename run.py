@@ -26,7 +26,7 @@ PY = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 STAMP = VENV / ".pogdiff-installed"
 TORCH = "torch==2.13.0"
 UV = "uv==0.13.9"
-MAX_TEST_WORKERS = 4  # each worker starts its own Prefect server for the flow tests
+MAX_TEST_WORKERS = 4  # each worker holds its own torch, MLflow and Prefect in memory
 CHROMIUM = "/usr/bin/chromium"  # Debian's package, what tests/browser.py runs
 
 

@@ -1,11 +1,9 @@
-"""Shared fixtures: tiny random models, and one real Prefect server for the whole session (started on
-first use: one database migration, not one per test module)."""
+"""Shared fixtures: tiny random models, and one real Prefect server for the whole session and all its
+workers (started on first use: one database migration, not one per worker or test module)."""
 
 import gc
 import os
-import signal
-import subprocess
-import sys
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -21,7 +19,6 @@ tune_gc()
 
 import localserver  # noqa: E402
 import pytest  # noqa: E402
-from localserver import free_port, healthy, wait_for  # noqa: E402
 from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
 
 from pogdiff.pipelines.pixel import UNetSpec  # noqa: E402
@@ -76,29 +73,24 @@ def mlflow_schema_once(tmp_path_factory):
         source.close()
 
 
+def _session_folder(tmp_path_factory) -> Path:
+    """A folder every process of this pytest session sees: the base temporary folder, whose
+    sub-folders pytest-xdist's workers get as theirs."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):
-    """URL of a real ``prefect server start`` shared by every test that runs flows (in process or in
-    a subprocess); tests tell their runs apart by flow-run id, never by counting."""
-    root = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(root), "PREFECT_UI_ENABLED": "false", "OMP_NUM_THREADS": "1",
-           # a run held back by a deployment's concurrency limit retries after 2 s, not 30 (tests/flows/test_scheduling.py)
-           "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2"}
-    env.pop("PREFECT_API_URL", None)
-    log = open(root / "server.log", "w")  # noqa: SIM115 - the server writes it for the whole session
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_for(lambda: healthy(api), 240, "the Prefect server", [server], interval=0.5, log=root / "server.log")
-        yield api
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+    """URL of the session's one real ``prefect server start``, shared by every test that runs flows,
+    in process or in a subprocess, on every worker; tests tell their runs apart by flow-run id
+    (``faultkit.flow_run_id``), never by counting or by what was there before."""
+    return localserver.shared_prefect_server(_session_folder(tmp_path_factory))
+
+
+def pytest_sessionfinish(session):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller (or a run without workers), after every test
+        localserver.stop_shared_prefect_server(session.config._tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")

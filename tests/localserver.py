@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import shutil
 import signal
@@ -12,6 +14,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+
+# The Prefect server this process started for its pytest session (shared_prefect_server), kept so
+# that it is reaped here when this process stops it, and never collected while it runs.
+_PREFECT_SERVERS: list[subprocess.Popen] = []
 
 # An MLflow SQLite database its migrations were run on once this session (conftest's
 # mlflow_schema_once), or None before that: MLflow takes about 1.3 s to migrate each new one.
@@ -108,3 +114,56 @@ def stop_server(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def shared_prefect_server(shared: Path) -> str:
+    """The API URL of the one real ``prefect server start`` of a pytest session, started by whichever
+    of its processes (pytest-xdist workers) asks first; ``shared`` is a folder all of them see. The
+    server lives until ``stop_shared_prefect_server``, whichever worker started it."""
+    info, root = shared / "prefect-server.json", shared / "prefect-server"
+    with open(shared / "prefect-server.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one starter; the others read what it wrote
+        if not info.exists():
+            root.mkdir()
+            port = free_port()
+            env = {**os.environ, "PREFECT_HOME": str(root), "PREFECT_UI_ENABLED": "false", "OMP_NUM_THREADS": "1",
+                   # a run held back by a deployment's concurrency limit retries after 2 s, not 30 (tests/flows/test_scheduling.py)
+                   "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2"}
+            env.pop("PREFECT_API_URL", None)
+            log = open(root / "server.log", "w")  # noqa: SIM115 - the server writes it for the whole session
+            server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                      env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            _PREFECT_SERVERS.append(server)
+            info.write_text(json.dumps({"api": f"http://127.0.0.1:{port}/api", "pid": server.pid}))
+    server = json.loads(info.read_text())
+    started_here = [p for p in _PREFECT_SERVERS if p.pid == server["pid"]]
+    wait_for(lambda: healthy(server["api"]), 240, "the Prefect server", started_here, interval=0.5, log=root / "server.log")
+    return server["api"]
+
+
+def stop_shared_prefect_server(shared: Path) -> None:
+    """SIGTERM to the session's Prefect server (its process group), SIGKILL after 30 s; nothing when
+    no process of the session started one."""
+    info = shared / "prefect-server.json"
+    if not info.exists():
+        return
+    pid = json.loads(info.read_text())["pid"]
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    for server in [p for p in _PREFECT_SERVERS if p.pid == pid]:  # started here: reap it
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(pid, signal.SIGKILL)
+            server.wait()
+        return
+    deadline = time.monotonic() + 30  # a worker started it and has exited: init reaps it
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(pid, signal.SIGKILL)

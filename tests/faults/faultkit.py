@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from uuid import UUID
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_NAME = "faults-model"
 EXPERIMENT = "faults"
+# Prefect's "View at <UI>/runs/flow-run/<id>" line, written when a flow run begins
+_FLOW_RUN_LINK = re.compile(r"/runs/flow-run/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
 
 
 def record(fault: str, stage: str, outcome: str) -> None:
@@ -27,6 +31,14 @@ def record(fault: str, stage: str, outcome: str) -> None:
     if path:
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"fault": fault, "stage": stage, "outcome": outcome}) + "\n")
+
+
+def flow_run_id(output: str) -> UUID | None:
+    """The id of the flow run a ``pogdiff`` command began, read from its own output (None before it
+    began): the Prefect server is shared by every test of the session, so "the run that was not there
+    before" could be another test's."""
+    found = _FLOW_RUN_LINK.search(output)
+    return UUID(found.group(1)) if found else None
 
 
 def base_env() -> dict[str, str]:

@@ -23,7 +23,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from storage import dataset
 from storage.mlflow import connection
-from faultkit import EXPERIMENT, MODEL_NAME, cli_env, record, start_cli
+from faultkit import EXPERIMENT, MODEL_NAME, cli_env, flow_run_id, record, start_cli
 from localserver import seed_mlflow_store, wait_for
 
 # stage -> (task name, longest random delay in s after the task is seen running, config overrides).
@@ -38,8 +38,8 @@ STAGES = {
 }
 
 
-def _task_runs(client, flow_run_id):
-    return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+def _task_runs(client, run_id):
+    return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
 
 
 def _checkpoints(home) -> list[int]:
@@ -52,15 +52,14 @@ ATTEMPTS = 4
 def _run_and_kill(client, args, env, home, stage: str, task_name: str, delay: float, log) -> tuple[bool, int | None]:
     """Start a retrain, SIGKILL it ``delay`` s after ``stage`` is seen running; (whether the kill
     landed inside the stage, the last checkpoint step when the stage is train)."""
-    known = {r.id for r in client.read_flow_runs()}
     first = start_cli(args, env, log)
 
-    def new_flow_run():
+    def began():
         if first.proc.poll() is not None:
             raise AssertionError(f"retrain ended before the kill:\n{first.log.read_text()[-3000:]}")
-        return next((r for r in client.read_flow_runs() if r.id not in known), None)
+        return flow_run_id(first.log.read_text())
 
-    flow_run = wait_for(new_flow_run, 300, "the retrain flow run")
+    flow_run = client.read_flow_run(wait_for(began, 300, "the retrain flow run"))
 
     def stage_running():
         if first.proc.poll() is not None:

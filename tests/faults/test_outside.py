@@ -11,6 +11,7 @@ import errno
 import json
 import os
 from pathlib import Path
+from uuid import uuid4
 
 import numpy as np
 import pytest
@@ -20,7 +21,8 @@ from clirunner import run_cli
 from faultkit import EXPERIMENT, MODEL_NAME, cli_env, record
 from localserver import free_port
 from mlflow.tracking import MlflowClient
-from prefect import get_client
+from prefect import get_client, tags
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterTags
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from safetensors.torch import load_file
 
@@ -45,12 +47,14 @@ def test_mlflow_server_down_is_retried_then_one_clear_error(prefect_api, tiny, t
     home = tmp_path / "home"
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     env = cli_env(home, prefect_api, POGDIFF_MLFLOW_TRACKING_URI=url, POGDIFF_IO_RETRY_DELAY_S="0.25")  # retries after ~0.25, 0.5, 1 s
+    mark = f"test-{uuid4()}"  # the session's Prefect server is shared: this run is the one with this tag
     with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
-        known = {r.id for r in client.read_flow_runs()}
-        result = run_cli(["retrain", str(source), "--config", str(config)], capfd, **env)
+        with tags(mark):
+            result = run_cli(["retrain", str(source), "--config", str(config)], capfd, **env)
         rc, out = result.returncode, result.output
-        flow_run = next(r for r in client.read_flow_runs() if r.id not in known)
-        open_run = [t for t in client.read_task_runs() if t.flow_run_id == flow_run.id and t.name.startswith("open-run-")]
+        (flow_run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[mark])))
+        this_run = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
+        open_run = [t for t in client.read_task_runs(flow_run_filter=this_run) if t.name.startswith("open-run-")]
     assert rc == 2, out[-3000:]
     last = out.strip().splitlines()[-1]
     assert last == f"error: MLflow tracking server {url} is unreachable: [Errno 111] Connection refused", last

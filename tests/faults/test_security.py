@@ -14,7 +14,7 @@ import lancedb
 import pyarrow as pa
 import pytest
 from clirunner import run_cli
-from faultkit import EXPERIMENT, ROOT, cli_env, record, start_cli
+from faultkit import EXPERIMENT, ROOT, cli_env, flow_run_id, record, start_cli
 from localserver import free_port, healthy, start_mlflow_server, stop_server, wait_for
 from mlflow.tracking import MlflowClient
 from prefect import get_client
@@ -255,13 +255,11 @@ def test_uri_password_never_reaches_logs_mlflow_or_prefect(mlflow_server, prefec
     env = cli_env(tmp_path / "home", prefect_api, POGDIFF_MLFLOW_TRACKING_URI=tracking_uri,
                   POGDIFF_MLFLOW_UI_URL=f"http://bob:{secret}@mlflow.example.org")
     with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
-        known = {r.id for r in client.read_flow_runs()}
         rc, out = start_cli(["retrain", str(source), "--config", str(config)], env, tmp_path / "out.log").wait()
         assert rc == 0, out[-4000:]
-        flow_run = next(r for r in client.read_flow_runs() if r.id not in known)
-        only_this = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
-        artifacts = client.read_artifacts(flow_run_filter=only_this)
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+        flow_run = flow_run_id(out)
+        artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run])))
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run])))
     assert "***@" in out  # the printed UI hints are redacted, not dropped
     assert secret not in out
     assert any(a.key == "retrain-report" for a in artifacts)

@@ -11,8 +11,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from prefect import get_client
-from prefect.artifacts import Artifact
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.sorting import ArtifactSort
 
 from pogdiff.demo import catalogue
 from pogdiff.glossary import glossary
@@ -50,6 +50,15 @@ def _task_runs(flow_state) -> list[tuple[str, str]]:
     with get_client(sync_client=True) as api:
         runs = api.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
     return [(r.name.rsplit("-", 1)[0], r.state.name) for r in runs]
+
+
+def _artifact(flow_state, key: str):
+    """The newest ``key`` artifact of one flow run (the session's Prefect server is shared by every
+    worker: ``Artifact.get(key)`` is whichever run, of any test, wrote that key last)."""
+    with get_client(sync_client=True) as api:
+        found = api.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC, limit=1,
+                                   flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+    return found[0] if found else None
 
 
 def _task_names(flow_state) -> list[str]:
@@ -115,7 +124,7 @@ def _check_reviewer_records(client, run, flow_state, first: RetrainResult, home,
     assert experiment.tags["mlflow.note.content"].startswith("Runs of the PoGDiff pipeline for `e2e-model`")
 
     # the Prefect report links the run and the version (no champion yet: nothing to compare)
-    report = Artifact.get("retrain-report").data
+    report = _artifact(flow_state, "retrain-report").data
     assert f"[run `{run.info.run_id}`]({run_link})" in report and f"[e2e-model version 1]({version_link})" in report
     assert "no earlier champion to compare with" in report
 
@@ -166,10 +175,10 @@ def test_retrain_flow_end_to_end(prefect_server, setup, monkeypatch):
     assert model.aliases.get("challenger") in (1, "1") and model.aliases.get("champion") in (1, "1")
 
     # the run page tells the story: a markdown artifact with the bucket table and the decision
-    artifact = Artifact.get("retrain-report")
+    artifact = _artifact(state, "retrain-report")
     assert artifact is not None and "| few | grecall ↑ |" in artifact.data and "version 1" in artifact.data
     assert first.run_id in artifact.data
-    progress = Artifact.get("training-progress")
+    progress = _artifact(state, "training-progress")
     assert progress is not None and float(progress.data) == 100.0
     _check_reviewer_records(client, run, state, first, home, prefect_server)
 
@@ -190,7 +199,7 @@ def test_retrain_flow_end_to_end(prefect_server, setup, monkeypatch):
             or "Stays `challenger`; version 1 remains `champion` because the gate failed" in v2), v2
     assert "| version 2 | champion v1 | delta |" in v2 and "Compare the runs in MLflow." in v2
     compare = f"{UI}/#/compare-runs?runs=%5B%22{second.run_id}%22%2C%20%22{first.run_id}%22%5D"
-    assert f"[this run beside champion v1's]({compare}" in Artifact.get("retrain-report").data
+    assert f"[this run beside champion v1's]({compare}" in _artifact(state, "retrain-report").data
     assert client.get_model_version("e2e-model", "1").description.startswith("### e2e-model version 1")
 
     # a new image in the source is a cache miss: ingest runs and adds exactly that row
@@ -205,7 +214,8 @@ def test_retrain_flow_end_to_end(prefect_server, setup, monkeypatch):
     # on demand: the champion evaluated on today's data, in its own run, beside its training-time scores
     from flows.evaluate import evaluate_registered
 
-    evaluation = evaluate_registered("champion", config)
+    state = evaluate_registered("champion", config, return_state=True)
+    evaluation = state.result()
     assert evaluation.version == "1"
     run = client.get_run(evaluation.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["evaluated_version"] == "1"
@@ -216,7 +226,7 @@ def test_retrain_flow_end_to_end(prefect_server, setup, monkeypatch):
     page = open(client.download_artifacts(evaluation.run_id, "compare.html", str(root / "page"))).read()
     assert "e2e-model v1: at training (A) and on today&#x27;s data (B)" in page and first.run_id in page
     assert page.count('src="data:image/png;base64,') == 6  # many, medium and few, A beside B
-    report = Artifact.get("evaluation-report")
+    report = _artifact(state, "evaluation-report")
     assert report is not None and "| overall | grecall ↑ |" in report.data and "at training" in report.data
     # the reviewer who opens the evaluation run in MLflow reads the same table as its description
     described = client.get_run(evaluation.run_id).data.tags["mlflow.note.content"]
