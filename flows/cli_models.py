@@ -18,12 +18,6 @@ def _registry(args) -> tuple[str, RegisterConfig]:
     return args.model or cfg.model_name, cfg
 
 
-def _configure(settings: Settings) -> None:
-    from storage.mlflow import connection
-
-    connection.use(settings)
-
-
 def _fail(err: Exception) -> int:
     print(f"error: {redact_text(str(err))}", file=sys.stderr)
     return 2
@@ -31,10 +25,10 @@ def _fail(err: Exception) -> int:
 
 def cmd_models(args, settings: Settings) -> int:
     from pogdiff.tables import MISSING, columns, fmt
-    from storage.mlflow import registry
+    from storage.mlflow import connection, registry
 
     name, cfg = _registry(args)
-    _configure(settings)
+    connection.use(settings)
     try:
         versions = registry.list_versions(name)
     except (LookupError, ValueError) as err:
@@ -65,10 +59,10 @@ def _user() -> str | None:
 
 
 def cmd_promote(args, settings: Settings) -> int:
-    from storage.mlflow import registry
+    from storage.mlflow import connection, registry
 
     name, _ = _registry(args)
-    _configure(settings)
+    connection.use(settings)
     try:
         decision = registry.promote_manually(name, args.version, _user(), args.reason)
     except (LookupError, ValueError) as err:
