@@ -24,10 +24,12 @@ from mlflow.tracking import MlflowClient
 from prefect import get_client, tags
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterTags
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.tasks import exponential_backoff
 from safetensors.torch import load_file
 
 from storage import vectors
 from storage.mlflow import connection
+from tasks import track
 
 
 def _mlflow(home: Path) -> MlflowClient:
@@ -42,11 +44,15 @@ def _runs(home: Path):
 
 
 @pytest.mark.slow
-def test_mlflow_server_down_is_retried_then_one_clear_error(prefect_api, tiny, tmp_path, capfd):
+def test_mlflow_server_down_is_retried_then_one_clear_error(prefect_api, tiny, tmp_path, capfd, monkeypatch):
     source, config, _ = tiny
     home = tmp_path / "home"
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    env = cli_env(home, prefect_api, POGDIFF_MLFLOW_TRACKING_URI=url, POGDIFF_IO_RETRY_DELAY_S="0.25")  # retries after ~0.25, 0.5, 1 s
+    env = cli_env(home, prefect_api, POGDIFF_MLFLOW_TRACKING_URI=url)
+    # Prefect fixes a task's retry delays when the task is defined, from the settings of that moment
+    # (io_retry_delay_s: tests/storage/test_settings.py checks it in a fresh interpreter); this
+    # in-process run's task was defined long before, so its delays are shortened here: ~0.25, 0.5, 1 s
+    monkeypatch.setattr(track.open_run, "retry_delay_seconds", exponential_backoff(backoff_factor=0.25)(track.open_run.retries))
     mark = f"test-{uuid4()}"  # the session's Prefect server is shared: this run is the one with this tag
     with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
         with tags(mark):
