@@ -15,9 +15,9 @@ import urllib.request
 from pathlib import Path
 
 
-# The Prefect server this process started for its pytest session (shared_prefect_server), kept so
-# that it is reaped here when this process stops it, and never collected while it runs.
-_PREFECT_SERVERS: list[subprocess.Popen] = []
+# The Prefect server this process started for its pytest session (shared_prefect_server), by pid:
+# kept so that it is reaped here when this process stops it, and never collected while it runs.
+_STARTED: dict[int, subprocess.Popen] = {}
 
 # An MLflow SQLite database its migrations were run on once this session (conftest's
 # mlflow_schema_once), or None before that: MLflow takes about 1.3 s to migrate each new one.
@@ -133,10 +133,10 @@ def shared_prefect_server(shared: Path) -> str:
             log = open(root / "server.log", "w")  # noqa: SIM115 - the server writes it for the whole session
             server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                                       env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            _PREFECT_SERVERS.append(server)
+            _STARTED[server.pid] = server
             info.write_text(json.dumps({"api": f"http://127.0.0.1:{port}/api", "pid": server.pid}))
     server = json.loads(info.read_text())
-    started_here = [p for p in _PREFECT_SERVERS if p.pid == server["pid"]]
+    started_here = [_STARTED[server["pid"]]] if server["pid"] in _STARTED else []
     wait_for(lambda: healthy(server["api"]), 240, "the Prefect server", started_here, interval=0.5, log=root / "server.log")
     return server["api"]
 
@@ -152,18 +152,22 @@ def stop_shared_prefect_server(shared: Path) -> None:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    for server in [p for p in _PREFECT_SERVERS if p.pid == pid]:  # started here: reap it
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
+    server = _STARTED.pop(pid, None)
+    if server is None:  # a worker started it and has exited: init reaps it, this process cannot wait() for it
+        gone = lambda: not _alive(pid)  # noqa: E731
+    else:
+        gone = lambda: server.poll() is not None  # noqa: E731
+    deadline = time.monotonic() + 30
+    while not gone():
+        if time.monotonic() > deadline:
             os.killpg(pid, signal.SIGKILL)
-            server.wait()
-        return
-    deadline = time.monotonic() + 30  # a worker started it and has exited: init reaps it
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
+            break
         time.sleep(0.2)
-    os.killpg(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
