@@ -1,7 +1,8 @@
 """The promotion rule: whether a new model version beats the champion, and the tags that record why.
 
 Pure functions of metric sets and the gate config, with no store behind them, so the rule is read,
-tested and changed on its own; ``storage.mlflow.registry`` applies it to the registry.
+tested and changed on its own; ``storage.mlflow.registry`` applies it to the registry and answers
+with a ``PromotionDecision``, defined here so readers of decisions need no MLflow import.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from storage.config import GateConfig
 
@@ -38,6 +41,20 @@ class GateResult:
     promoted: bool
     reason: str
     checks: dict[str, GateCheck]
+
+
+class PromotionDecision(BaseModel):
+    """What happened to one model version, and why: the registry's answer to a promotion
+    (``storage.mlflow.registry.promote`` / ``promote_manually``). Frozen; unknown fields are errors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    promoted: bool  # the version holds the champion alias after the decision
+    version: str
+    champion_before: str | None
+    decided_by: str  # "gate" | "manual"
+    reason: str
+    checks: dict[str, GateCheck] = Field(default_factory=dict)
 
 
 def _finite(metrics: Mapping[str, float] | None, key: str) -> float | None:

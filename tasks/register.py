@@ -72,7 +72,7 @@ def keep_champion_lineage(settings: Settings, model_name: str, run_id: str) -> s
 
 @task(name="register", **IO_RETRIES)
 def register_model(settings: Settings, cfg: RegisterConfig, model_dir: str, run_id: str, metrics: dict[str, float]) -> Registration:
-    """The ``Registration``: the promotion decision (``registry.PromotionDecision``'s fields) plus
+    """The ``Registration``: the registry's ``PromotionDecision`` plus
     ``model_name``, ``run_id``, the previous champion's metrics ``champion_metrics`` (empty when none)
     and its run ``champion_run_id`` (None when none)."""
     connection.use(settings)
@@ -82,6 +82,6 @@ def register_model(settings: Settings, cfg: RegisterConfig, model_dir: str, run_
     get_run_logger().info("register: %s version %s — %s", cfg.model_name, version, decision.reason)
     if decision.promoted and (problem := keep_champion_lineage(settings, cfg.model_name, run_id)):
         get_run_logger().warning("register: the champion's data versions are not tagged (%s)", problem)
-    return Registration.of(decision, model_name=cfg.model_name, run_id=run_id,
-                           champion_metrics=before[1] if before else {},
-                           champion_run_id=registry.version_run_id(cfg.model_name, before[0]) if before else None)
+    return Registration(**dict(decision), model_name=cfg.model_name, run_id=run_id,
+                        champion_metrics=before[1] if before else {},
+                        champion_run_id=registry.version_run_id(cfg.model_name, before[0]) if before else None)

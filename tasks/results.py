@@ -7,18 +7,14 @@ name -> value.
 
 from __future__ import annotations
 
-from dataclasses import fields
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from storage.gate import GateCheck
+from storage.gate import PromotionDecision
 from storage.parquet import IngestReport
 from storage.training_set import DataVersion
-
-if TYPE_CHECKING:
-    from storage.mlflow.registry import PromotionDecision
 
 
 class _Result(BaseModel):
@@ -99,25 +95,14 @@ class Prepared(_Result):
     data: DataVersion  # what training and evaluation read, and the run records as its lineage
 
 
-class Registration(_Result):
-    """The register task's outcome: the promotion decision (``registry.PromotionDecision``'s fields)
-    and the champion it was weighed against."""
+class Registration(PromotionDecision):
+    """The register task's outcome: the registry's promotion decision, and the champion it was
+    weighed against. Frozen, unknown fields rejected, as every result."""
 
-    promoted: bool
-    version: str
-    champion_before: str | None
-    decided_by: str
-    reason: str
-    checks: dict[str, GateCheck]
     model_name: str
     run_id: str
     champion_metrics: dict[str, float]  # the previous champion's; empty when there was none
     champion_run_id: str | None
-
-    @classmethod
-    def of(cls, decision: PromotionDecision, **rest: Any) -> Registration:
-        """``decision``'s fields with ``rest``; a field the dataclass gains or loses fails here, not in a reader."""
-        return cls(**{f.name: getattr(decision, f.name) for f in fields(decision)}, **rest)
 
 
 class RetrainResult(Prepared):

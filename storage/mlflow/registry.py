@@ -11,7 +11,6 @@ registry why a version was or was not promoted.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -20,23 +19,11 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from storage.config import GateConfig
-from storage.gate import GateCheck, decide, gate_tags
+from storage.gate import PromotionDecision, decide, gate_tags
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 MANUAL_USER_UNKNOWN = "unknown"
-
-
-@dataclass(frozen=True)
-class PromotionDecision:
-    """What happened to one model version, and why."""
-
-    promoted: bool  # the version holds the champion alias after the decision
-    version: str
-    champion_before: str | None
-    decided_by: str  # "gate" | "manual"
-    reason: str
-    checks: dict[str, GateCheck] = field(default_factory=dict)
 
 
 def _is_missing(err: MlflowException) -> bool:
@@ -131,7 +118,7 @@ def promote(model_name: str, version: str, new_metrics: Mapping[str, float], gat
     champion_before = current[0] if current else None
     if champion_before == version:
         client.set_registered_model_alias(model_name, CHALLENGER, version)
-        return PromotionDecision(True, version, version, "gate", "already champion")
+        return PromotionDecision(promoted=True, version=version, champion_before=version, decided_by="gate", reason="already champion")
     result = decide(gate, new_metrics, current[1] if current else None, champion_before)
     tags = gate_tags(gate, result, champion_before)
     if result.promoted:
@@ -142,7 +129,8 @@ def promote(model_name: str, version: str, new_metrics: Mapping[str, float], gat
     if result.promoted:
         client.set_registered_model_alias(model_name, CHAMPION, version)
         _settle_champion(client, model_name)
-    return PromotionDecision(result.promoted, version, champion_before, "gate", result.reason, result.checks)
+    return PromotionDecision(promoted=result.promoted, version=version, champion_before=champion_before,
+                             decided_by="gate", reason=result.reason, checks=result.checks)
 
 
 def promote_manually(model_name: str, version: str, user: str | None, reason: str | None = None) -> PromotionDecision:
@@ -159,7 +147,7 @@ def promote_manually(model_name: str, version: str, user: str | None, reason: st
     current = champion(model_name)
     champion_before = current[0] if current else None
     if champion_before == version:
-        return PromotionDecision(True, version, version, "manual", "already champion")
+        return PromotionDecision(promoted=True, version=version, champion_before=version, decided_by="manual", reason="already champion")
     text = reason or "promoted by hand"
     tags = {
         "promoted_by": "manual",
@@ -172,7 +160,7 @@ def promote_manually(model_name: str, version: str, user: str | None, reason: st
         client.set_model_version_tag(model_name, version, key, value)
     client.set_registered_model_alias(model_name, CHAMPION, version)
     _settle_champion(client, model_name)
-    return PromotionDecision(True, version, champion_before, "manual", text)
+    return PromotionDecision(promoted=True, version=version, champion_before=champion_before, decided_by="manual", reason=text)
 
 
 def _quoted(model_name: str) -> str:

@@ -2,15 +2,13 @@
 they make (pickled to Dask workers and back, JSON in Prefect's result store)."""
 
 import pickle
-from dataclasses import fields
 
 import numpy as np
 import pytest
 from prefect.serializers import JSONSerializer
 from pydantic import ValidationError
 
-from storage.gate import GateCheck
-from storage.mlflow.registry import PromotionDecision
+from storage.gate import GateCheck, PromotionDecision
 from storage.parquet import IngestReport
 from storage.training_set import DataVersion
 from tasks.results import (
@@ -76,15 +74,20 @@ def test_a_query_shard_with_numpy_arrays_pickles():
         QueryShard(ids=["a"], hits=[[0, 1]], sims=shard.sims, worker="host:1")  # a list, not an array
 
 
-def test_a_registration_holds_every_field_of_the_decision():
+def test_a_registration_is_the_decision_and_the_champion_it_was_weighed_against():
     check = GateCheck(role="metric", new=0.6, champion=0.5, change=0.1, limit=0.01, status="passed")
     decision = PromotionDecision(promoted=True, version="2", champion_before="1", decided_by="gate", reason="gain",
                                  checks={"few/grecall": check})
-    reg = Registration.of(decision, model_name="m", run_id="r2", champion_metrics={"few/grecall": 0.5}, champion_run_id="r1")
-    assert {f.name: getattr(reg, f.name) for f in fields(decision)} == {f.name: getattr(decision, f.name) for f in fields(decision)}
-    assert reg.checks["few/grecall"] is check
+    reg = Registration(**dict(decision), model_name="m", run_id="r2", champion_metrics={"few/grecall": 0.5}, champion_run_id="r1")
+    assert isinstance(reg, PromotionDecision)
+    assert reg.model_dump(include=set(PromotionDecision.model_fields)) == decision.model_dump()
+    assert reg.checks["few/grecall"] == check
     with pytest.raises(ValidationError, match="champion_run_id"):
-        Registration.of(decision, model_name="m", run_id="r2", champion_metrics={})
+        Registration(**dict(decision), model_name="m", run_id="r2", champion_metrics={})
+    with pytest.raises(ValidationError, match="frozen"):
+        decision.promoted = False  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="gate_passed"):
+        PromotionDecision(promoted=True, version="2", champion_before=None, decided_by="gate", reason="x", gate_passed=True)
     result = RetrainResult(**dict(_prepared()), run_id="r2", model_dir="/runs/r2/model", metrics={"few/grecall": 0.6}, decision=reg)
     assert pickle.loads(pickle.dumps(result)) == result
     assert result.model_dump(mode="json")["decision"]["checks"]["few/grecall"]["status"] == "passed"
