@@ -42,6 +42,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,7 @@ import torch
 import yaml
 
 from pogdiff.atomic import write_bytes_atomic
-from pogdiff.config import EvaluateConfig, IndexConfig, PoGConfig, TrainConfig
+from pogdiff.config import EvaluateConfig, PoGConfig, TrainConfig
 from pogdiff.demo import catalogue, detector
 from pogdiff.evaluation import RealSet, evaluate
 from pogdiff.longtail import aggregate, competence_check, demo_similarity_table, goal_check, markdown_table, no_harm_check, psi_by_bucket
@@ -97,39 +98,40 @@ class Prepared:
         return [of_caption[c] for c in self.data.captions]
 
 
-def load_prepared(home: Path, index_cfg: IndexConfig, size: int, label: str, individual_column: str | None) -> Prepared:
+def load_prepared(bench: Bench, home: Path, label: str) -> Prepared:
     """Read an ingested and indexed pipeline home as the train task does (tasks/train.py)."""
     from pogdiff.index import image_extractor
     from storage.settings import Settings
     from storage.training_set import load_real_set, load_training_set
 
-    settings = Settings(home=home)
-    s = load_training_set(settings.dataset_uri, settings.lancedb_uri, image_extractor(index_cfg).name, size)
+    settings, size = Settings(home=home), bench.size
+    s = load_training_set(settings.dataset_uri, settings.lancedb_uri, image_extractor(bench.config.index).name, size)
     graph = NeighbourGraph.build(*(torch.from_numpy(a) for a in (s.caption_of, s.nb_index, s.nb_sims, s.density, s.features)))
     data = TrainData(to_tensor(s.images), s.captions, graph)
-    return Prepared(data, load_real_set(settings.dataset_uri, size, individual_column), s.counts, label)
+    return Prepared(data, load_real_set(settings.dataset_uri, size, bench.config.evaluate.individual_column), s.counts, label)
 
 
-def demo_source(work: Path, data_seed: int, size: int, quick: bool, captions: str) -> Path:
-    """The demo data set of ``data_seed`` in ``work`` (rewritten identically when it exists)."""
-    source = work / f"demo-{data_seed}"
-    catalogue.generate_longtail(source, seed=data_seed, size=size, captions=captions, **(QUICK_SHAPE if quick else {}))
+def demo_source(bench: Bench, captions: str, data_seed: int) -> Path:
+    """The demo data set of ``data_seed`` in the variant's work folder (rewritten identically when it exists)."""
+    source = bench.work(captions) / f"demo-{data_seed}"
+    catalogue.generate_longtail(source, seed=data_seed, size=bench.size, captions=captions, **(QUICK_SHAPE if bench.quick else {}))
     return source
 
 
-def prepare_test(work: Path, index_cfg: IndexConfig, size: int, quick: bool, captions: str, individual_column: str | None) -> Prepared:
-    """Generate, ingest and index the test split into ``work/home-test`` (idempotent), read it back."""
+def prepare_test(bench: Bench, captions: str) -> Prepared:
+    """Generate, ingest and index the test split into the variant's ``home-test`` (idempotent), read it back."""
     from storage import parquet
     from storage.settings import Settings
     from tasks.index import build_caption_index, build_image_features
 
-    source = demo_source(work, SPLITS["test"]["data_seed"], size, quick, captions)
-    settings = Settings(home=work / "home-test")
+    source = demo_source(bench, captions, SPLITS["test"]["data_seed"])
+    home = bench.work(captions) / "home-test"
+    settings = Settings(home=home)
     parquet.ingest(source, settings.dataset_uri, RetrainConfig().ingest, workers=1)
-    build_caption_index(settings, index_cfg)
-    build_image_features(settings, index_cfg)
-    label = f"demo data seed {SPLITS['test']['data_seed']}, {captions} captions" + (" (quick)" if quick else "")
-    return load_prepared(work / "home-test", index_cfg, size, label, individual_column)
+    build_caption_index(settings, bench.config.index)
+    build_image_features(settings, bench.config.index)
+    label = f"demo data seed {SPLITS['test']['data_seed']}, {captions} captions" + (" (quick)" if bench.quick else "")
+    return load_prepared(bench, home, label)
 
 
 def run_one(prep: Prepared, cfg: TrainConfig, eval_cfg: EvaluateConfig, work: Path) -> dict:
@@ -184,6 +186,28 @@ class Store:
         return row
 
 
+@dataclass(frozen=True)
+class Bench:
+    """What every phase of one invocation shares."""
+
+    config: RetrainConfig  # index, train, evaluate and tune sections, with the invocation's overrides
+    size: int  # the base model's image side
+    quick: bool
+    seeds: tuple[int, ...]
+    taus: tuple[float, ...]  # CBDM's tau, swept on the validation split
+    store: Store
+    work_root: Path  # scratch, a folder per caption variant
+    state_root: Path  # what a rerun resumes from, a folder per caption variant (and the store)
+    log: Callable[[str], None]
+    prefect_api: str | None  # the Prefect server for `pogdiff tune`; None: an ephemeral one
+
+    def work(self, captions: str) -> Path:
+        """The caption variant's scratch folder (made when missing)."""
+        folder = self.work_root / captions
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+
 def _clean_env(home: Path, prefect_api: str | None) -> dict[str, str]:
     """The environment of a ``pogdiff`` subprocess on its own home: local stores, no inherited servers
     but the Prefect server named by ``--prefect-api-url`` (else Prefect starts an ephemeral one)."""
@@ -231,14 +255,15 @@ def _run_tune(args: list[str], home: Path, kept: Path, log_file: Path, prefect_a
     return proc.returncode
 
 
-def validate(work: Path, state: Path, config: RetrainConfig, size: int, quick: bool, captions: str, store: Store, log,
-             taus: tuple[float, ...] = CBDM_TAUS, prefect_api: str | None = None) -> dict:
-    """Phase 1 on the validation split: ``pogdiff tune``, then CBDM's tau over ``taus``. Returns what
-    was chosen and why.
+def validate(bench: Bench, captions: str) -> dict:
+    """Phase 1 on the validation split: ``pogdiff tune``, then CBDM's tau over ``bench.taus``. Returns
+    what was chosen and why.
 
-    ``work`` holds the scratch (data, stores); ``state`` what a later invocation resumes from
-    (tune.json, tuned.yaml, the study journal).
+    The variant's work folder holds the scratch (data, stores); its state folder what a later
+    invocation resumes from (tune.json, tuned.yaml, the study journal).
     """
+    config, store, log = bench.config, bench.store, bench.log
+    work, state = bench.work(captions), bench.state_root / captions
     home = work / "home-validation"
     state.mkdir(parents=True, exist_ok=True)
     state_file = state / "tune.json"
@@ -246,12 +271,12 @@ def validate(work: Path, state: Path, config: RetrainConfig, size: int, quick: b
     tuned_path = state / TUNED_FILE
     journal = next(iter(sorted((state / STUDIES_DIR).glob(f"*/{JOURNAL_FILE}"))), state / STUDIES_DIR / "pending" / JOURNAL_FILE)
     if not progress["done"]:
-        source = demo_source(work, SPLITS["validation"]["data_seed"], size, quick, captions)
+        source = demo_source(bench, captions, SPLITS["validation"]["data_seed"])
         cfg_path = work / "tune-config.yaml"
         cfg_path.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
         log(f"{captions}: pogdiff tune on the validation split ({config.tune.trials} trials after the lam = 0 reference)")
         started = time.perf_counter()
-        code = _run_tune(["tune", str(source), "--config", str(cfg_path), "--out", str(tuned_path)], home, journal, work / "tune.log", prefect_api)
+        code = _run_tune(["tune", str(source), "--config", str(cfg_path), "--out", str(tuned_path)], home, journal, work / "tune.log", bench.prefect_api)
         progress["seconds"] += time.perf_counter() - started
         progress["done"] = code == 0
         state_file.write_text(json.dumps(progress))
@@ -265,13 +290,13 @@ def validate(work: Path, state: Path, config: RetrainConfig, size: int, quick: b
     eval_cfg = config.evaluate.model_copy(update={"seed": config.tune.eval_seed})
     prep = None
     cbdm = []
-    for tau in taus:
+    for tau in bench.taus:
         cfg = config.train.model_copy(update={"checkpoint_every": 10**9, "pog": PoGConfig(method="cbdm", cbdm_tau=tau)})
         key = Store.key(split="validation", captions=captions, train=cfg.model_dump(), evaluate=eval_cfg.model_dump())
         row = store.get(key)
         if row is None:
             if prep is None:  # the tune ingested and indexed the validation split into its home
-                prep = load_prepared(home, config.index, size, f"validation, {captions} captions", config.evaluate.individual_column)
+                prep = load_prepared(bench, home, f"validation, {captions} captions")
             row = store.put(key, {"split": "validation", "captions": captions, "method": "cbdm", "cbdm_tau": tau,
                                   **run_one(prep, cfg, eval_cfg, work / "scratch")})
             log(f"{captions}: validation cbdm tau {tau}: score {score(row['metrics']):.3f} (lam = 0 reference {reference.score:.3f})")
@@ -298,9 +323,9 @@ def method_pogs(methods: tuple[str, ...], validation: dict | None) -> dict[str, 
     return {m: out[m] for m in methods}
 
 
-def test_phase(prep: Prepared, config: RetrainConfig, pogs: dict[str, PoGConfig], seeds: tuple[int, ...], captions: str,
-               store: Store, work: Path, log) -> tuple[dict[str, list[dict]], dict[str, str]]:
+def test_phase(bench: Bench, prep: Prepared, pogs: dict[str, PoGConfig], captions: str) -> tuple[dict[str, list[dict]], dict[str, str]]:
     """Phase 2: every method x seed on the test split; returns per-seed rows and notes per method."""
+    config, store, log, work = bench.config, bench.store, bench.log, bench.work(captions)
     rows: dict[str, list[dict]] = {m: [] for m in pogs}
     notes: dict[str, str] = {}
     for name, pog in pogs.items():
@@ -308,7 +333,7 @@ def test_phase(prep: Prepared, config: RetrainConfig, pogs: dict[str, PoGConfig]
             notes[name] = "the tune chose lam = 0 (plain fine-tuning): the same training as vanilla, so vanilla's rows"
             rows[name] = rows["vanilla"]
             continue
-        for seed in seeds:
+        for seed in bench.seeds:
             cfg = config.train.model_copy(update={"seed": seed, "checkpoint_every": 10**9, "pog": pog})
             eval_cfg = config.evaluate.model_copy(update={"seed": SPLITS["test"]["eval_seed"] + seed})
             key = Store.key(split="test", captions=captions, train=cfg.model_dump(), evaluate=eval_cfg.model_dump())
@@ -448,27 +473,23 @@ def main(argv: list[str] | None = None) -> int:
         data["evaluate"].update({"min_images_per_individual": 2, "max_images_per_individual": 2, "num_inference_steps": 2,
                                  "buckets": {"many_above": 5, "few_below": 3}})
         args.seeds = args.seeds[:1]
-    taus = QUICK_CBDM_TAUS if args.quick else CBDM_TAUS
     config = parse_config(data)
-    size = load_pipeline(config.train.base_model).image_size
     state_root = Path(args.state)
-    store = Store(state_root / "results.jsonl")
+    bench = Bench(config=config, size=load_pipeline(config.train.base_model).image_size, quick=args.quick, seeds=tuple(args.seeds),
+                  taus=QUICK_CBDM_TAUS if args.quick else CBDM_TAUS, store=Store(state_root / "results.jsonl"),
+                  work_root=work_root, state_root=state_root, log=log, prefect_api=args.prefect_api_url)
     methods = tuple(m for m in METHODS if m in args.methods)
     command = "python -m bench.longtail " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
 
     variants = {}
     for captions in args.captions:
-        work = work_root / captions
-        work.mkdir(parents=True, exist_ok=True)
-        validation = validate(work, state_root / captions, config, size, args.quick, captions, store, log, taus,
-                              args.prefect_api_url) \
-            if NEEDS_VALIDATION & set(methods) else None
-        prep = prepare_test(work, config.index, size, args.quick, captions, config.evaluate.individual_column)
+        validation = validate(bench, captions) if NEEDS_VALIDATION & set(methods) else None
+        prep = prepare_test(bench, captions)
         buckets = prep.caption_buckets(config.evaluate.buckets.many_above, config.evaluate.buckets.few_below)
         individual_buckets = assign_buckets(prep.real.counts, config.evaluate.buckets.many_above, config.evaluate.buckets.few_below)
         log(f"{captions}: test data {len(prep.real.images)} images, {len(prep.real.names)} individuals, {len(prep.counts)} captions")
         pogs = method_pogs(methods, validation)
-        rows, notes = test_phase(prep, config, pogs, tuple(args.seeds), captions, store, work, log)
+        rows, notes = test_phase(bench, prep, pogs, captions)
         agg = aggregate({m: [r["metrics"] for r in rs] for m, rs in rows.items()})
         variants[captions] = {
             "data": {"source": prep.source, "images": int(len(prep.real.images)), "grouped_by": prep.real.grouped_by,
@@ -488,13 +509,13 @@ def main(argv: list[str] | None = None) -> int:
         plot(agg, Path(args.out) / f"longtail_{captions}{'' if set(methods) == set(METHODS) else '_' + '_'.join(methods)}.png",
              f"{prep.source}: {len(args.seeds)} seeds, {config.train.steps} steps, lr {config.train.learning_rate:g}")
 
-    runtime = sum(r.get("train_seconds", 0) + r.get("eval_seconds", 0) for r in store.rows.values()) + sum(
+    runtime = sum(r.get("train_seconds", 0) + r.get("eval_seconds", 0) for r in bench.store.rows.values()) + sum(
         (v["validation"] or {}).get("tune", {}).get("seconds", 0) for v in variants.values())
     doc = {"bench": "longtail", "command": command.strip(), "runtime_s": round(runtime, 1), "limit_s": LIMIT_S,
            "wall_s_this_invocation": round(time.perf_counter() - started, 1), "smoke": args.quick, "seeds": list(args.seeds),
            "budget": {"steps": config.train.steps, "batch_size": config.train.batch_size, "learning_rate": config.train.learning_rate,
                       "base_model": "tiny random UNet (quick)" if args.quick else config.train.base_model,
-                      "tune_trials": config.tune.trials, "cbdm_taus": list(taus)},
+                      "tune_trials": config.tune.trials, "cbdm_taus": list(bench.taus)},
            "evaluate": config.evaluate.model_dump() | {"seed": f"{SPLITS['test']['eval_seed']} + training seed"},
            "index": config.index.model_dump(), "splits": SPLITS,
            "machine": {"device": "cuda" if torch.cuda.is_available() else "cpu", "arch": platform.machine(),
