@@ -5,7 +5,8 @@
 Writes one JSON document (with the device name) covering:
 - ``step_overhead``: seconds per training step of vanilla, PoGDiff dense (every sample borrows) and
   PoGDiff sparse (about 30 % borrow) on a UNet with Stable Diffusion 1.5's architecture (random
-  weights, 64 x 64 latents, batch 8, bf16 autocast), and the two ratios to vanilla;
+  weights, 64 x 64 latents, batch 8, bf16 autocast), the three trainings' steps interleaved (two
+  rounds of 10 timed steps, the order rotated), and the two ratios to vanilla;
 - ``sd_methods``: a tiny SD-format pipeline fine-tuned 20 steps with each method (vanilla, pogdiff,
   cbdm) and sampled under bf16 autocast: the final loss and whether the images are finite;
 - ``exact_graph``: the exact top-10 graph and density of 1e6 clustered 384-d captions on the GPU;
@@ -33,7 +34,7 @@ import torch
 
 from bench.knn_graph import clustered
 from bench.sdfolder import SD15_UNET, sd_folder
-from bench.step_overhead import threshold_for_share
+from bench.step_overhead import interleaved, threshold_for_share
 from pogdiff.config import PoGConfig, TrainConfig
 from pogdiff.demo import catalogue, train_set
 from pogdiff.neighbours import exact_graph
@@ -47,36 +48,37 @@ METHODS = {"vanilla": PoGConfig(method="vanilla"), "cbdm": PoGConfig(method="cbd
            "pogdiff": PoGConfig(method="pogdiff", lam=10.0, a=0.0, psi_threshold=0.0, similarity_quantile=0.0)}
 
 
-def _steps(pipe, data: TrainData, pog: PoGConfig, steps: int, batch: int, folder: str) -> tuple[float, list[float], float]:
-    """Median seconds per step after two warm-up steps (CUDA synchronised at each step), the losses,
-    and the mean share of samples that borrowed."""
-    stamps, losses, shares = [], [], []
+def _losses(pipe, data: TrainData, pog: PoGConfig, steps: int, batch: int, folder: str) -> tuple[list[float], float]:
+    """The losses of ``steps`` bf16 training steps, and the mean share of samples that borrowed."""
+    losses, shares = [], []
 
     def on_step(step, m):
-        torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
         losses.append(float(m["loss"]))
         shares.append(float(m.get("psi/active_share", 0.0)))
 
-    cfg = TrainConfig(steps=steps + 2, batch_size=batch, checkpoint_every=10**9, mixed_precision="bf16", pog=pog)
-    train(pipe, data, cfg, folder, on_step=on_step)
-    return float(np.median(np.diff(stamps[1:]))), losses, float(np.mean(shares))
+    train(pipe, data, TrainConfig(steps=steps, batch_size=batch, checkpoint_every=10**9, mixed_precision="bf16", pog=pog),
+          folder, on_step=on_step)
+    return losses, float(np.mean(shares))
 
 
-def step_overhead(tmp: Path, steps: int = 20) -> dict:
-    base = sd_folder(tmp / "sd15", image_size=128, unet=SD15_UNET, text_hidden=768)  # VAE / 2: 64 x 64 latents
-    data = train_set.train_data(catalogue.longtail_counts(), size=128, k=5)
+def step_overhead(tmp: Path, steps: int = 10, rounds: int = 2, unet: dict = SD15_UNET, image_size: int = 128, text_hidden: int = 768,
+                  batch: int = 8, mixed_precision: str = "bf16") -> dict:
+    """Seconds per step of vanilla, PoGDiff dense and PoGDiff sparse (30 % borrow) on an SD pipeline, the
+    variants' steps interleaved round by round as in ``bench.step_overhead`` (so a drift of the GPU's clocks
+    or a neighbour's load falls on all three alike), and the ratios of the medians to vanilla."""
+    base = sd_folder(tmp / "sd-steps", image_size=image_size, unet=unet, text_hidden=text_hidden)  # latents: image_size / 2
+    data = train_set.train_data(catalogue.longtail_counts(), size=image_size, k=5)
     sparse = PoGConfig(method="pogdiff")
     sparse = sparse.model_copy(update={"psi_threshold": threshold_for_share(data, sparse, 0.3)})
     variants = {"vanilla": PoGConfig(method="vanilla"),
                 "pogdiff_dense": PoGConfig(method="pogdiff", lam=10.0, a=0.0, psi_threshold=0.0, similarity_quantile=0.0),
                 "pogdiff_sparse": sparse}
-    timed = {name: _steps(StableDiffusionPipeline.from_pretrained(base), data, pog, steps, 8, str(tmp / name))
-             for name, pog in variants.items()}
-    seconds = {name: t[0] for name, t in timed.items()}
-    return {"unet": "stable-diffusion-1.5 architecture, random weights", "latents": [4, 64, 64], "batch": 8,
-            "mixed_precision": "bf16", "steps": steps, "seconds_per_step": seconds,
-            "borrow_share": {name: t[2] for name, t in timed.items()},
+    timed = interleaved(lambda: StableDiffusionPipeline.from_pretrained(base), data, variants, steps, rounds, batch,
+                        str(tmp / "steps"), mixed_precision)
+    seconds = timed["seconds_per_step"]
+    return {"unet": "stable-diffusion-1.5 architecture, random weights" if unet == SD15_UNET else unet,
+            "latents": [4, image_size // 2, image_size // 2], "batch": batch, "mixed_precision": mixed_precision,
+            "steps": steps, "rounds": rounds, **timed,
             "dense_ratio": seconds["pogdiff_dense"] / seconds["vanilla"], "sparse_ratio": seconds["pogdiff_sparse"] / seconds["vanilla"]}
 
 
@@ -86,7 +88,7 @@ def sd_methods(tmp: Path) -> dict:
     out = {}
     for method in METHODS:
         pipe = StableDiffusionPipeline.from_pretrained(base)
-        _, losses, share = _steps(pipe, data, METHODS[method], 18, 4, str(tmp / f"tiny-{method}"))
+        losses, share = _losses(pipe, data, METHODS[method], 20, 4, str(tmp / f"tiny-{method}"))
         with torch.autocast("cuda", dtype=torch.bfloat16):
             images = pipe.generate(["a red circle", "a blue square"], num_inference_steps=10)
         out[method] = {"steps": len(losses), "final_loss": losses[-1], "finite_loss": bool(np.isfinite(losses).all()), "borrow_share": share,

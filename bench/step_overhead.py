@@ -44,6 +44,7 @@ import json
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -52,6 +53,7 @@ from pogdiff.config import PoGConfig, TrainConfig
 from pogdiff.demo import catalogue, train_set
 from pogdiff.neighbours import draw_borrowing, similarity_threshold
 from pogdiff.phases import PhaseTimer
+from pogdiff.pipelines.base import TextToImagePipeline
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline, UNetSpec, default_scheduler
 from pogdiff.trainer import TrainData, stepper
 
@@ -81,15 +83,18 @@ def threshold_for_share(data: TrainData, pog: PoGConfig, share: float, draws: in
     return float(torch.quantile(psi, max(0.0, 1.0 - kept)))
 
 
-def _round(spec: UNetSpec, data: TrainData, variants: dict[str, PoGConfig], steps: int, batch: int, tmp: str) -> dict[str, tuple[float, float, dict[str, float]]]:
-    """One round: a fresh model per variant, one step of each in turn (in ``variants``' order), ``WARM_UP``
-    untimed steps then ``steps`` timed ones. Per variant: the median seconds per timed step, the mean share
-    of samples that borrowed, and the mean seconds per timed step of each phase (``PHASES`` and ``other``:
-    they add up to the mean step time)."""
+def interleaved_round(make_pipe: Callable[[], TextToImagePipeline], data: TrainData, variants: dict[str, PoGConfig], steps: int,
+                      batch: int, tmp: str, mixed_precision: str = "no") -> dict[str, tuple[float, float, dict[str, float]]]:
+    """One round: a fresh model per variant (``make_pipe()``), one step of each in turn (in ``variants``' order),
+    ``WARM_UP`` untimed steps then ``steps`` timed ones. Per variant: the median seconds per timed step, the mean
+    share of samples that borrowed, and the mean seconds per timed step of each phase (``PHASES`` and ``other``:
+    they add up to the mean step time). On CUDA the device is synchronised around each step, so its clock
+    holds that step's kernels and no other's."""
     timers = {n: PhaseTimer() for n in variants}
-    step = {n: stepper(PixelDiffusionPipeline.new(spec, seed=0), data,
-                       TrainConfig(steps=steps + WARM_UP, batch_size=batch, checkpoint_every=10**9, pog=pog), f"{tmp}/{n}", timers[n])
+    step = {n: stepper(make_pipe(), data, TrainConfig(steps=steps + WARM_UP, batch_size=batch, checkpoint_every=10**9,
+                                                      mixed_precision=mixed_precision, pog=pog), f"{tmp}/{n}", timers[n])
             for n, pog in variants.items()}
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     seconds: dict[str, list[float]] = {n: [] for n in variants}
     shares: dict[str, list[float]] = {n: [] for n in variants}
     warm: dict[str, dict[str, float]] = {}
@@ -97,8 +102,10 @@ def _round(spec: UNetSpec, data: TrainData, variants: dict[str, PoGConfig], step
         for n in variants:
             if s == WARM_UP:
                 warm[n] = dict(timers[n].seconds)
+            sync()
             started = time.perf_counter()
             shares[n].append(step[n]().get("psi/active_share", 0.0))
+            sync()
             if s >= WARM_UP:
                 seconds[n].append(time.perf_counter() - started)
     out = {}
@@ -108,6 +115,28 @@ def _round(spec: UNetSpec, data: TrainData, variants: dict[str, PoGConfig], step
         # the median step: robust to the odd slow step (GC, another process)
         out[n] = float(np.median(seconds[n])), float(np.mean(shares[n])), phases
     return out
+
+
+def interleaved(make_pipe: Callable[[], TextToImagePipeline], data: TrainData, variants: dict[str, PoGConfig], steps: int,
+                rounds: int, batch: int, tmp: str, mixed_precision: str = "no") -> dict:
+    """``rounds`` interleaved rounds (``interleaved_round``), the variants' order rotated by round. Returns
+    ``seconds_per_step`` (per variant, the median over rounds of the rounds' medians),
+    ``seconds_per_step_by_round``, ``seconds_per_step_by_phase`` (means over rounds) and ``borrow_share``
+    (per variant, of the last round)."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    phases: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    shares: dict[str, float] = {}
+    names = list(variants)
+    for r in range(rounds):
+        order = {n: variants[n] for n in names[r % len(names):] + names[: r % len(names)]}
+        for name, (seconds, shares[name], split) in interleaved_round(make_pipe, data, order, steps, batch, f"{tmp}/{r}",
+                                                                      mixed_precision).items():
+            times[name].append(seconds)
+            phases[name].append(split)
+    return {"seconds_per_step": {n: float(np.median(times[n])) for n in names},
+            "seconds_per_step_by_round": times,
+            "seconds_per_step_by_phase": {n: {p: float(np.mean([r[p] for r in phases[n]])) for p in phases[n][0]} for n in names},
+            "borrow_share": {n: shares[n] for n in names}}
 
 
 def main() -> None:
@@ -132,30 +161,21 @@ def main() -> None:
         "pogdiff_dense": PoGConfig(method="pogdiff", lam=10.0, a=0.0, psi_threshold=0.0, similarity_quantile=0.0),
         "pogdiff_sparse": sparse_pog,
     }
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    phases: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
-    shares: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            names = list(variants)
-            order = {n: variants[n] for n in names[r % 3:] + names[: r % 3]}
-            for name, (seconds, shares[name], split) in _round(spec, data, order, args.steps, args.batch, f"{tmp}/{r}").items():
-                times[name].append(seconds)
-                phases[name].append(split)
-    vanilla, dense, sparse = (float(np.median(times[n])) for n in variants)
-    dense_share, sparse_share = shares["pogdiff_dense"], shares["pogdiff_sparse"]
-    by_phase = {n: {p: float(np.mean([r[p] for r in rounds])) for p in rounds[0]} for n, rounds in phases.items()}
+        timed = interleaved(lambda: PixelDiffusionPipeline.new(spec, seed=0), data, variants, args.steps, args.rounds, args.batch, tmp)
+    vanilla, dense, sparse = (timed["seconds_per_step"][n] for n in variants)
+    shares, by_phase = timed["borrow_share"], timed["seconds_per_step_by_phase"]
     doc = {
         "bench": "step_overhead",
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "machine": platform.machine(),
         "threads": torch.get_num_threads(),
         "smoke": args.quick, "spec": args.spec, "batch": args.batch, "steps": args.steps, "rounds": args.rounds,
-        "borrow_share": sparse_share,
-        "dense_borrow_share": dense_share,
+        "borrow_share": shares["pogdiff_sparse"],
+        "dense_borrow_share": shares["pogdiff_dense"],
         "sparse_psi_threshold": sparse_pog.psi_threshold,
         "seconds_per_step": {"vanilla": vanilla, "pogdiff_dense": dense, "pogdiff_sparse": sparse},
-        "seconds_per_step_by_round": times,
+        "seconds_per_step_by_round": timed["seconds_per_step_by_round"],
         "seconds_per_step_by_phase": by_phase,
         "neighbour_row_cost": {n: by_phase[n]["nb_forward"] / (shares[n] * args.batch) / (by_phase[n]["forward"] / args.batch)
                                for n in ("pogdiff_dense", "pogdiff_sparse")},
