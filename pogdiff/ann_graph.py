@@ -57,6 +57,14 @@ class AnnIndex:
     key: str
     trained_on: int
 
+    def live(self) -> list[str]:
+        """The captions the index holds vectors of (removed slots left out), in vector id order."""
+        return [caption for caption in self.slots if caption]
+
+    def holds(self, ids: list[str]) -> bool:
+        """Whether the index holds vectors of exactly the captions ``ids``, each once."""
+        return sorted(self.live()) == sorted(ids)
+
 
 def index_key(embedder: str, cfg: IndexConfig) -> str:
     """What a stored index must have been built for to be updated: the embedding space and the IVF layout
@@ -86,13 +94,12 @@ def update_blocker(graph: CaptionGraph, previous: CaptionGraph | None, ann: AnnI
         return "no stored index"
     if ann.key != (key := index_key(graph.embedder, cfg)):
         return f"the stored index was built for {ann.key!r}, not {key!r}"
-    live = [caption for caption in ann.slots if caption]
-    if len(live) != len(previous.ids) or set(live) != set(previous.ids):
+    if not ann.holds(previous.ids):
         return "the stored index and the stored graph hold different captions"
     c = len(graph.ids)
     if not ann.trained_on / 2 <= c <= 2 * ann.trained_on:
         return f"{c} captions against {ann.trained_on} when the IVF lists were trained: they are retrained"
-    if len(ann.slots) + c - len(set(graph.ids) & set(live)) > 2 * c:
+    if len(ann.slots) + c - len(set(graph.ids) & set(ann.live())) > 2 * c:
         return "more than half of the index's vector ids would belong to removed captions"
     return None
 

@@ -44,7 +44,7 @@ def plan_query(settings: Settings, cfg: IndexConfig) -> QueryPlan:
     captions = caption_rows.read_captions(uri, version)
     stored = ann_index.read_ann_index(uri, cfg, load_index=False)
     key = ann_graph.index_key(captions.embedder, cfg)
-    if stored is not None and stored[0].key == key and sorted(s for s in stored[0].slots if s) == sorted(captions.ids):
+    if stored is not None and stored[0].key == key and stored[0].holds(captions.ids):
         generation, how = stored[1], "reused"
     else:
         if cfg.knn_engine != "ivf_flat":

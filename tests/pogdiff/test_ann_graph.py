@@ -107,3 +107,12 @@ def test_an_unchanged_set_searches_nothing_and_each_blocker_asks_for_a_full_buil
     assert "against 600 when the IVF lists were trained" in ann_graph.update_blocker(grown, stored, ann, cfg)
     churned = replace(ann, slots=ann.slots + [""] * 600)  # as many removed vector ids as live ones
     assert "removed captions" in ann_graph.update_blocker(_graph(ids[:599] + ["new"], x[:600], counts[:600]), stored, churned, cfg)
+
+
+def test_an_index_holds_a_caption_set_when_its_live_slots_are_that_set_each_once():
+    ann = ann_graph.AnnIndex(index=None, slots=["a", "", "b", "c", ""], key="k", trained_on=3)
+    assert ann.live() == ["a", "b", "c"]
+    assert ann.holds(["c", "a", "b"])  # any order; removed slots do not count
+    assert not ann.holds(["a", "b"]) and not ann.holds(["a", "b", "c", "d"])
+    assert not ann.holds(["a", "b", "b"])
+    assert not replace(ann, slots=["a", "b", "b", "c"]).holds(["a", "b", "c"])  # a caption with two vectors
