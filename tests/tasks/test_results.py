@@ -91,3 +91,6 @@ def test_a_registration_is_the_decision_and_the_champion_it_was_weighed_against(
     result = RetrainResult(**dict(_prepared()), run_id="r2", model_dir="/runs/r2/model", metrics={"few/grecall": 0.6}, decision=reg)
     assert pickle.loads(pickle.dumps(result)) == result
     assert result.model_dump(mode="json")["decision"]["checks"]["few/grecall"]["status"] == "passed"
+    assert RetrainResult.model_validate_json(result.model_dump_json()) == result
+    serializer = JSONSerializer()
+    assert serializer.loads(serializer.dumps(reg)) == reg and type(serializer.loads(serializer.dumps(reg))) is Registration
