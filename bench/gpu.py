@@ -34,7 +34,7 @@ import torch
 
 from bench.knn_graph import clustered
 from bench.sdfolder import SD15_UNET, sd_folder
-from bench.step_overhead import interleaved, threshold_for_share
+from bench.step_overhead import DENSE, interleaved, step_variants
 from pogdiff.config import PoGConfig, TrainConfig
 from pogdiff.demo import catalogue, train_set
 from pogdiff.neighbours import exact_graph
@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO_TIMEOUT_S = 180
 # pogdiff with every sample borrowing, so the neighbour branch runs on the tiny data
 METHODS = {"vanilla": PoGConfig(method="vanilla"), "cbdm": PoGConfig(method="cbdm"),
-           "pogdiff": PoGConfig(method="pogdiff", lam=10.0, a=0.0, psi_threshold=0.0, similarity_quantile=0.0)}
+           "pogdiff": DENSE}
 
 
 def _losses(pipe, data: TrainData, pog: PoGConfig, steps: int, batch: int, folder: str) -> tuple[list[float], float]:
@@ -68,12 +68,7 @@ def step_overhead(tmp: Path, steps: int = 10, rounds: int = 2, unet: dict = SD15
     or a neighbour's load falls on all three alike), and the ratios of the medians to vanilla."""
     base = sd_folder(tmp / "sd-steps", image_size=image_size, unet=unet, text_hidden=text_hidden)  # latents: image_size / 2
     data = train_set.train_data(catalogue.longtail_counts(), size=image_size, k=5)
-    sparse = PoGConfig(method="pogdiff")
-    sparse = sparse.model_copy(update={"psi_threshold": threshold_for_share(data, sparse, 0.3)})
-    variants = {"vanilla": PoGConfig(method="vanilla"),
-                "pogdiff_dense": PoGConfig(method="pogdiff", lam=10.0, a=0.0, psi_threshold=0.0, similarity_quantile=0.0),
-                "pogdiff_sparse": sparse}
-    timed = interleaved(lambda: StableDiffusionPipeline.from_pretrained(base), data, variants, steps, rounds, batch,
+    timed = interleaved(lambda: StableDiffusionPipeline.from_pretrained(base), data, step_variants(data, 0.3), steps, rounds, batch,
                         str(tmp / "steps"), mixed_precision)
     seconds = timed["seconds_per_step"]
     return {"unet": "stable-diffusion-1.5 architecture, random weights" if unet == SD15_UNET else unet,

@@ -104,11 +104,11 @@ def load_prepared(bench: Bench, home: Path, label: str) -> Prepared:
     from storage.settings import Settings
     from storage.training_set import load_real_set, load_training_set
 
-    settings, size = Settings(home=home), bench.size
-    s = load_training_set(settings.dataset_uri, settings.lancedb_uri, image_extractor(bench.config.index).name, size)
+    settings = Settings(home=home)
+    s = load_training_set(settings.dataset_uri, settings.lancedb_uri, image_extractor(bench.config.index).name, bench.size)
     graph = NeighbourGraph.build(*(torch.from_numpy(a) for a in (s.caption_of, s.nb_index, s.nb_sims, s.density, s.features)))
     data = TrainData(to_tensor(s.images), s.captions, graph)
-    return Prepared(data, load_real_set(settings.dataset_uri, size, bench.config.evaluate.individual_column), s.counts, label)
+    return Prepared(data, load_real_set(settings.dataset_uri, bench.size, bench.config.evaluate.individual_column), s.counts, label)
 
 
 def demo_source(bench: Bench, captions: str, data_seed: int) -> Path:

@@ -61,6 +61,8 @@ GOALS = {"dense_ratio": 1.35, "sparse_ratio": 1.15, "borrow_share": 0.3}
 LIMITS = {"dense_ratio": round(1 + 1 / 3, 2), "sparse_ratio": round(1 + GOALS["borrow_share"] / 3, 2)}
 PHASES = ["data", "draw", "psi", "gather_scatter", "nb_forward", "forward", "loss", "backward", "optimizer"]
 WARM_UP = 2  # steps before the timed ones
+# every sample borrows (but the caption dropout's): psi open for any neighbour at any step
+DENSE = PoGConfig(method="pogdiff", lam=10.0, a=0.0, psi_threshold=0.0, similarity_quantile=0.0)
 
 
 def _data(size: int) -> TrainData:
@@ -81,6 +83,14 @@ def threshold_for_share(data: TrainData, pog: PoGConfig, share: float, draws: in
     tau = similarity_threshold(graph.image_features, graph.caption_of, pog.similarity_quantile)
     psi = draw_borrowing(graph, idx, t, torch.zeros(draws, dtype=torch.bool), open_pog, tau, T, g).psi
     return float(torch.quantile(psi, max(0.0, 1.0 - kept)))
+
+
+def step_variants(data: TrainData, borrow_share: float) -> dict[str, PoGConfig]:
+    """The three trainings timed against each other: ``vanilla``, ``pogdiff_dense`` (``DENSE``) and
+    ``pogdiff_sparse`` (the default PoGDiff with its threshold set so ``borrow_share`` of the samples borrow)."""
+    sparse = PoGConfig(method="pogdiff")
+    sparse = sparse.model_copy(update={"psi_threshold": threshold_for_share(data, sparse, borrow_share)})
+    return {"vanilla": PoGConfig(method="vanilla"), "pogdiff_dense": DENSE, "pogdiff_sparse": sparse}
 
 
 def interleaved_round(make_pipe: Callable[[], TextToImagePipeline], data: TrainData, variants: dict[str, PoGConfig], steps: int,
@@ -153,14 +163,7 @@ def main() -> None:
         args.steps, args.batch, args.spec, args.rounds = 4, 16, "tiny", 1
     spec = UNetSpec() if args.spec == "default" else UNetSpec(image_size=16, block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=4)
     data = _data(spec.image_size)
-    sparse_pog = PoGConfig(method="pogdiff")
-    sparse_pog = sparse_pog.model_copy(update={"psi_threshold": threshold_for_share(data, sparse_pog, args.borrow_share)})
-
-    variants = {
-        "vanilla": PoGConfig(method="vanilla"),
-        "pogdiff_dense": PoGConfig(method="pogdiff", lam=10.0, a=0.0, psi_threshold=0.0, similarity_quantile=0.0),
-        "pogdiff_sparse": sparse_pog,
-    }
+    variants = step_variants(data, args.borrow_share)
     with tempfile.TemporaryDirectory() as tmp:
         timed = interleaved(lambda: PixelDiffusionPipeline.new(spec, seed=0), data, variants, args.steps, args.rounds, args.batch, tmp)
     vanilla, dense, sparse = (timed["seconds_per_step"][n] for n in variants)
@@ -173,7 +176,7 @@ def main() -> None:
         "smoke": args.quick, "spec": args.spec, "batch": args.batch, "steps": args.steps, "rounds": args.rounds,
         "borrow_share": shares["pogdiff_sparse"],
         "dense_borrow_share": shares["pogdiff_dense"],
-        "sparse_psi_threshold": sparse_pog.psi_threshold,
+        "sparse_psi_threshold": variants["pogdiff_sparse"].psi_threshold,
         "seconds_per_step": {"vanilla": vanilla, "pogdiff_dense": dense, "pogdiff_sparse": sparse},
         "seconds_per_step_by_round": timed["seconds_per_step_by_round"],
         "seconds_per_step_by_phase": by_phase,
