@@ -18,6 +18,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
+Sampling = Literal["uniform", "repeats", "sqrt"]  # train.sampling, pogdiff/sampling.py
+
+
 class ConfigError(ValueError):
     """A configuration file or mapping is invalid; the message names the offending key."""
 
@@ -107,6 +110,11 @@ class PoGConfig(StageConfig):
     # y' is drawn among the top-k in proportion to caption cosine x thresholded image similarity
     # (similarity), or uniformly among those above the threshold (uniform)
     neighbour_sampling: Literal["similarity", "uniform"] = "similarity"
+    # The controls of docs/method.md: graph borrows from the drawn neighbour y'; random swaps in a caption
+    # drawn uniformly from the others, self the sample's own caption y (the model's own prediction as
+    # the second factor, as diffusers' DREAM). Both keep psi as the graph draw gave it, so the amount of
+    # borrowing is the same and only whose prediction is borrowed changes.
+    neighbour: Literal["graph", "random", "self"] = "graph"
     # tau as a quantile of s_img over random image pairs: pairs less alike than that never borrow
     similarity_quantile: float = Field(0.9, ge=0, lt=1)
     psi_threshold: float = Field(1e-3, ge=0)  # neighbour branch runs only where psi > threshold
@@ -132,6 +140,14 @@ class TrainConfig(StageConfig):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     caption_dropout: float = Field(0.1, ge=0, lt=1)
+    # Exposure balancing (pogdiff/sampling.py), per individual (the data's individual column, else per
+    # caption): uniform draws every image equally often; repeats draws individual g as if its n_g images
+    # were repeated min(n_max / n_g, max_repeats) times (kohya-ss num_repeats; users pick 10 to 100);
+    # sqrt is LVIS repeat-factor sampling, r_g = max(1, sqrt(repeat_threshold / f_g)), f_g = n_g / N.
+    sampling: Sampling = "uniform"
+    max_repeats: float = Field(10.0, ge=1)
+    # LVIS uses 0.001 over 1203 categories; with tens of individuals a share of 0.1 plays that part
+    repeat_threshold: float = Field(0.1, gt=0, le=1)
     snr_gamma: float | None = Field(None, gt=0)  # Min-SNR-gamma weighting; 5.0 is the usual choice
     gradient_accumulation_steps: int = Field(1, ge=1)  # micro-batches of batch_size per optimizer step
     ema_decay: float | None = Field(None, ge=0, le=1)  # EMA of the weights; the saved model is the EMA

@@ -67,6 +67,15 @@ def quartile_means(values: torch.Tensor, t: torch.Tensor, num_train_timesteps: i
     return out
 
 
+def other_captions(captions: torch.Tensor, num_captions: int, generator: torch.Generator) -> torch.Tensor:
+    """For each caption id ``[B]``, another drawn uniformly from the other ``num_captions - 1`` ``[B]``
+    (the caption itself when it is the only one)."""
+    if num_captions < 2:
+        return captions.clone()
+    other = torch.randint(num_captions - 1, captions.shape, generator=generator)
+    return torch.where(other >= captions, other + 1, other)
+
+
 class Method:
     """One training method: ``draw`` extra per-sample values for a global batch, ``loss`` on a rank's shard.
 
@@ -108,6 +117,9 @@ class PoGDiff(Method):
     nb = sg[f(z_t, y', t)] at the same z_t, t, eps. y' and psi ``[B]`` come from
     ``pogdiff.neighbours.draw_borrowing`` (its two phases, ``draw`` and ``psi``, timed apart), with
     tau = the ``similarity_quantile`` of s_img over random pairs of training images.
+
+    The controls (``pog.neighbour``) keep that psi and change only whose prediction is borrowed: ``random``
+    swaps y' for a caption drawn uniformly from the others, ``self`` for y itself.
     """
 
     def __init__(self, pog: PoGConfig, graph: NeighbourGraph, num_train_timesteps: int, phases: Phases = NO_PHASES):
@@ -119,7 +131,12 @@ class PoGDiff(Method):
             pick = pick_neighbours(self.graph, batch.idx, batch.dropped, self.pog, self.tau, generator)
         with self.phases("psi"):
             borrow = weigh_borrowing(self.graph, batch.idx, batch.t, pick, self.pog, self.num_train_timesteps)
-        return {"nb_caption": borrow.nb_caption, "psi": borrow.psi, "active": borrow.active}
+        nb_caption = borrow.nb_caption
+        if self.pog.neighbour == "random":
+            nb_caption = torch.where(borrow.active, other_captions(batch.caption, self.graph.num_captions, generator), -1)
+        elif self.pog.neighbour == "self":
+            nb_caption = torch.where(borrow.active, batch.caption, -1)
+        return {"nb_caption": nb_caption, "psi": borrow.psi, "active": borrow.active}
 
     def loss(self, shard: Shard, draws: Tensors) -> tuple[Tensors, Tensors]:
         psi, active = draws["psi"], draws["active"]
@@ -157,8 +174,7 @@ class CBDM(Method):
         n = self.graph.num_captions
         with self.phases("draw"):
             # y' uniform over the other captions (the fine-tuning setting of the official code).
-            other = torch.randint(max(n - 1, 1), batch.t.shape, generator=generator)
-            y2 = torch.where(other >= batch.caption, other + 1, other) if n > 1 else batch.caption
+            y2 = other_captions(batch.caption, n, generator)
             weight = (self.pog.cbdm_tau * batch.t.float() / self.num_train_timesteps) * (~batch.dropped).float()
         return {"other_caption": y2, "weight": weight}
 

@@ -33,12 +33,14 @@ from pogdiff.checkpoints import clean_checkpoints, resume_latest, save_checkpoin
 from pogdiff.config import TrainConfig
 from pogdiff.distributed import Distributed, join_process_group
 from pogdiff.methods import Batch, Method, Shard, Tensors, make_method, quartile_means
-from pogdiff.neighbours import NeighbourGraph, normalised_feature
+from pogdiff.neighbours import normalised_feature
 from pogdiff.objectives import min_snr_weight
 from pogdiff.optim import EMA, lr_factor
 from pogdiff.phases import NO_PHASES, Phases
 from pogdiff.pipelines.base import ADAPTER_DIR, TextToImagePipeline
 from pogdiff.process import WriterLock
+from pogdiff.sampling import Exposure
+from pogdiff.train_data import TrainData
 
 StepCallback = Callable[[int, dict[str, float]], None]
 CHECKPOINTS_DIR = "checkpoints"  # in a run folder: one step-NNNNNNNN folder per checkpoint
@@ -52,24 +54,6 @@ class TrainingDiverged(RuntimeError):
 
 class TrainingTimeLimit(RuntimeError):
     """``train.time_limit_minutes`` ran out; a checkpoint of the last finished step was written."""
-
-
-@dataclass(frozen=True)
-class TrainData:
-    """In-memory training set. images ``[N, 3, H, W]`` in [-1, 1]; captions ``C`` strings; graph indexes them."""
-
-    images: torch.Tensor
-    captions: list[str]
-    graph: NeighbourGraph
-
-    def __post_init__(self):
-        n = self.images.shape[0]
-        if n == 0:
-            raise ValueError("training set is empty")
-        if self.graph.caption_of.shape != (n,):
-            raise ValueError(f"caption_of has shape {tuple(self.graph.caption_of.shape)}, expected ({n},)")
-        if self.graph.num_captions != len(self.captions):
-            raise ValueError(f"graph has {self.graph.num_captions} captions, data has {len(self.captions)}")
 
 
 @dataclass(frozen=True)
@@ -150,6 +134,7 @@ class _Run:
     z_mean: torch.Tensor  # [N, C', h, w] z0 of every training image (its posterior mean for a VAE)
     z_std: torch.Tensor | None  # [N, C', h, w] the posterior std; None: z0 is deterministic
     caption_of: torch.Tensor  # [N]
+    exposure: Exposure | None  # the draw's weights over images; None: uniform (plain randint)
     method: Method
     ckpt_root: Path
     start: int  # optimizer steps already done (resumed from a checkpoint)
@@ -232,6 +217,7 @@ def _setup(
         ema=ema, generators=generators, scheduler=sched, alphas=sched.alphas_cumprod.to(device),
         hidden=hidden.to(device), mask=mask.to(device) if mask is not None else None,
         z_mean=z_mean, z_std=z_std, caption_of=graph.caption_of,
+        exposure=None if cfg.sampling == "uniform" else data.exposure(cfg),
         method=make_method(cfg.pog, graph, sched.config.num_train_timesteps, phases), ckpt_root=ckpt_root, start=start,
         phases=phases,
     )
@@ -241,11 +227,13 @@ def _draw(run: _Run) -> tuple[Batch, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The data stream's draws for one global batch of B: (batch, z0 ``[B, C', h, w]``, eps ``[B, C', h, w]``,
     conditioning caption ids ``[B]``, the empty caption where dropped).
 
-    Every random draw is made for the whole global batch, so all ranks keep identical streams.
+    Every random draw is made for the whole global batch, so all ranks keep identical streams. Rows are
+    uniform (``randint``, the stream plain fine-tuning always drew) or drawn from ``train.sampling``'s
+    exposure; the later draws of the step follow from the same generator either way.
     """
     cfg, gen = run.cfg, run.generators[0]
     B, null = cfg.batch_size, run.hidden.shape[0] - 1
-    idx = torch.randint(run.caption_of.shape[0], (B,), generator=gen)
+    idx = torch.randint(run.caption_of.shape[0], (B,), generator=gen) if run.exposure is None else run.exposure.draw(B, gen)
     cap = run.caption_of[idx]
     drop = torch.rand(B, generator=gen) < cfg.caption_dropout
     cond = torch.where(drop, torch.full_like(cap, null), cap)

@@ -40,12 +40,15 @@ def write_train_data(path: Path, data: TrainData) -> None:
     """Write ``data`` as one ``.npz`` (no pickled objects), atomically.
 
     images uint8 ``[N, H, W, 3]`` (exact for images that came from uint8), captions ``[C]`` str,
-    caption_of ``[N]``, nb_ids / nb_sims ``[C, k]``, density ``[C]``, image_features ``[N, F]``.
+    caption_of ``[N]``, nb_ids / nb_sims ``[C, k]``, density ``[C]``, image_features ``[N, F]``, and
+    individual_of ``[N]`` where the data names individuals.
     """
     g = data.graph
     images = ((data.images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    optional = {} if data.individual_of is None else {"individual_of": data.individual_of.numpy()}
     write_atomic(path, lambda f: np.savez(
         f,
+        **optional,
         format=np.int64(DATA_FORMAT),
         images=images,
         captions=np.array(data.captions, dtype=str),
@@ -69,6 +72,7 @@ def read_train_data(path: Path) -> TrainData:
         if missing:
             raise ValueError(f"{path}: training data file lacks {missing}")
         a = {k: f[k] for k in _ARRAYS}
+        individual_of = torch.from_numpy(f["individual_of"]).long() if "individual_of" in f else None
     images = torch.from_numpy(a["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     graph = NeighbourGraph.build(
         torch.from_numpy(a["caption_of"]).long(),
@@ -77,7 +81,7 @@ def read_train_data(path: Path) -> TrainData:
         torch.from_numpy(a["density"]),
         torch.from_numpy(a["image_features"]),
     )
-    return TrainData(images, [str(c) for c in a["captions"]], graph)
+    return TrainData(images, [str(c) for c in a["captions"]], graph, individual_of)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,12 +27,14 @@ def train_data(
     captions: catalogue.CaptionMode = "individual",
 ) -> TrainData:
     """The first ``len(counts)`` individuals, ``counts[c]`` images each (size x size), with a ``k``-neighbour
-    caption graph: images ``[N, 3, size, size]`` in [-1, 1], image features ``[N, 3 * size * size]``."""
+    caption graph: images ``[N, 3, size, size]`` in [-1, 1], image features ``[N, 3 * size * size]``,
+    individual_of ``[N]`` (individual c of ``counts[c]``)."""
     individuals = catalogue.all_individuals()[: len(counts)]
     rng = np.random.default_rng(seed)
-    images, image_captions = [], []
-    for individual, n in zip(individuals, counts):
+    images, image_captions, individual_of = [], [], []
+    for c, (individual, n) in enumerate(zip(individuals, counts)):
         for _ in range(n):
+            individual_of.append(c)
             instance = catalogue.sample_instance(rng, variation)
             images.append(catalogue.render(individual, instance, size))
             image_captions.append(catalogue.image_caption(individual, instance, captions, rng))
@@ -45,4 +47,4 @@ def train_data(
     density = effective_density(vectors, per_caption, bandwidth)
     x = to_tensor(np.stack(images))
     graph = NeighbourGraph.build(caption_of, nb_ids, nb_sims, density, normalised_feature(x))
-    return TrainData(x, names, graph)
+    return TrainData(x, names, graph, torch.tensor(individual_of, dtype=torch.long))

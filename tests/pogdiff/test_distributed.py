@@ -48,6 +48,7 @@ def test_training_file_round_trips_exactly(job, tmp_path):
     write_train_data(tmp_path / "copy.npz", data)
     back = read_train_data(tmp_path / "copy.npz")
     assert torch.equal(back.images, data.images) and back.captions == data.captions
+    assert torch.equal(back.individual_of, data.individual_of)
     for name in ("caption_of", "nb_ids", "nb_sims", "density", "image_features", "members", "offsets"):
         assert torch.equal(getattr(back.graph, name), getattr(data.graph, name)), name
     np.savez(tmp_path / "other.npz", images=np.zeros(1))

@@ -60,3 +60,23 @@ def test_pogdiff_borrows_nothing_for_dropped_captions(graph):
     draws = method.draw(batch, torch.Generator().manual_seed(0))
     assert (draws["psi"][batch.dropped] == 0).all() and torch.equal(draws["active"], draws["psi"] > 0)
     assert method.metrics({"psi": draws["psi"], "active": draws["active"].float()}, batch.t)["psi/tau"] == method.tau
+
+
+def test_the_controls_keep_psi_and_swap_whose_prediction_is_borrowed(graph):
+    batch = _batch(graph, B=64)
+    base = dict(method="pogdiff", lam=1.0, similarity_quantile=0.0)
+    graph_draw = make_method(PoGConfig(**base), graph, 1000).draw(batch, torch.Generator().manual_seed(0))
+    active = graph_draw["active"]
+    assert active.sum() > 10  # enough borrowing rows for the checks to mean something
+    for neighbour in ("random", "self"):
+        draws = make_method(PoGConfig(**base, neighbour=neighbour), graph, 1000).draw(batch, torch.Generator().manual_seed(0))
+        assert torch.equal(draws["psi"], graph_draw["psi"]) and torch.equal(draws["active"], active)
+        assert (draws["nb_caption"][~active] == -1).all()
+        if neighbour == "self":
+            assert torch.equal(draws["nb_caption"][active], batch.caption[active])
+        else:
+            picked = draws["nb_caption"][active]
+            assert (picked != batch.caption[active]).all() and (picked >= 0).all() and (picked < graph.num_captions).all()
+            # uniform over the others, not the graph's top-k: some rows land outside their caption's neighbours
+            outside = [int(p) not in graph.nb_ids[int(c)].tolist() for p, c in zip(picked, batch.caption[active])]
+            assert any(outside)

@@ -24,11 +24,12 @@ def _weights(pipe):
     return torch.cat([p.detach().flatten() for p in pipe.unet.parameters()])
 
 
-def test_pogdiff_with_zero_lambda_is_exactly_vanilla(data, tiny_spec, tmp_path):
+@pytest.mark.parametrize("neighbour", ["graph", "random", "self"])
+def test_pogdiff_with_zero_lambda_is_exactly_vanilla(data, tiny_spec, tmp_path, neighbour):
     a = PixelDiffusionPipeline.new(tiny_spec, seed=0)
     b = PixelDiffusionPipeline.new(tiny_spec, seed=0)
     ra = train(a, data, _cfg(method="vanilla"), tmp_path / "a")
-    rb = train(b, data, _cfg(method="pogdiff", lam=0.0), tmp_path / "b")
+    rb = train(b, data, _cfg(method="pogdiff", lam=0.0, neighbour=neighbour), tmp_path / "b")
     assert torch.equal(_weights(a), _weights(b))
     assert ra.final["loss"] == rb.final["loss"]
     assert rb.final["psi/active_share"] == 0.0
