@@ -13,8 +13,15 @@ and background. Two kinds of caption name what an image shows:
   like, from 150 images for the best seller and from a handful for a rare one, as a catalogue
   teaches Stable Diffusion a new product.
 
-``pogdiff.demo.detector.detect`` reads the shape and colour back from an image, so the identity of
-generated images is scored exactly, not by a learned judge.
+Two catalogues sell the looks (``CATALOGUES``): ``zipf``, the 24 looks under the 24 ``NAMES`` with
+Zipf-like counts in a seeded order, and ``families`` (``families_products``), 20 looks where each of
+4 best sellers has a rare colour variant and a rare shape variant named after it, beside rare
+controls and medium sellers with unrelated names: the case where a rare product's caption
+neighbour shows what the two share. Each product also gets held-out photos, in (size, position,
+background) combinations none of its training photos has.
+
+``pogdiff.demo.detector`` reads the shape and colour, and the size, position and background words,
+back from an image, so generated images are scored exactly, not by a learned judge.
 
 Pure library code: numpy, PIL and the standard library only.
 """
@@ -56,6 +63,11 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 Variation = Literal["full", "canonical"]
 CaptionMode = Literal["per-image", "individual"]
 CAPTION_MODES: tuple[CaptionMode, ...] = ("per-image", "individual")
+CatalogueKind = Literal["zipf", "families"]
+CATALOGUES: tuple[CatalogueKind, ...] = ("zipf", "families")
+Role = Literal["head", "colour_variant", "shape_variant", "control", "medium"]
+ROLES: tuple[Role, ...] = ("head", "colour_variant", "shape_variant", "control", "medium")
+Split = Literal["train", "holdout"]
 
 # Invented product names, one per (shape, colour) in the order of ``all_individuals``: no colour or
 # shape word, none a prefix of another, each a distinct word-piece sequence for MiniLM's tokenizer.
@@ -83,9 +95,30 @@ _SUPERSAMPLE = 4  # render at 4x and box-average: pixel coverage in steps of 1/1
 _CROSS_HALF_WIDTH = 0.25  # arm half-width / arm half-length; thin enough never to pass for a square
 
 
+class _Named:
+    """How a product name appears in captions and file names; ``name`` is the subclass's."""
+
+    name: str
+
+    @property
+    def subject(self) -> str:
+        """How catalogue captions name it, e.g. ``Vexo logo``."""
+        return f"{self.name} logo"
+
+    @property
+    def caption(self) -> str:
+        """The one caption of the ``individual`` caption mode, e.g. ``the Vexo logo``."""
+        return f"the {self.subject}"
+
+    @property
+    def slug(self) -> str:
+        """File-name stem, e.g. ``vexo``, ``vexo-gesh``."""
+        return self.name.lower().replace(" ", "-")
+
+
 @dataclass(frozen=True)
-class Individual:
-    """One individual of the demo catalogue: a shape in a colour, sold under a product name."""
+class Individual(_Named):
+    """One look of the demo domain, a shape in a colour, sold under its ``zipf`` product name."""
 
     shape: str
     colour: str
@@ -102,37 +135,100 @@ class Individual:
         return NAMES[SHAPES.index(self.shape) * len(COLOURS) + list(COLOURS).index(self.colour)]
 
     @property
-    def subject(self) -> str:
-        """How catalogue captions name it, e.g. ``Vexo logo``."""
-        return f"{self.name} logo"
-
-    @property
     def description(self) -> str:
         """How the domain (pretraining) captions name it, e.g. ``red circle``."""
         return f"{self.colour} {self.shape}"
-
-    @property
-    def caption(self) -> str:
-        """The one caption of the ``individual`` caption mode, e.g. ``the Vexo logo``."""
-        return f"the {self.subject}"
-
-    @property
-    def slug(self) -> str:
-        """File-name stem, e.g. ``vexo``."""
-        return self.name.lower()
-
-
-def individual_named(name: str) -> Individual | None:
-    """Inverse of ``Individual.name``; None if ``name`` is not a demo individual."""
-    if name not in NAMES:
-        return None
-    i = NAMES.index(name)
-    return Individual(SHAPES[i // len(COLOURS)], list(COLOURS)[i % len(COLOURS)])
 
 
 def all_individuals() -> list[Individual]:
     """The 24 individuals, shape-major in the order of SHAPES and COLOURS."""
     return [Individual(shape, colour) for shape in SHAPES for colour in COLOURS]
+
+
+@dataclass(frozen=True)
+class Product(_Named):
+    """A product of a catalogue: a name sold with a look, and its number of training photos."""
+
+    name: str
+    look: Individual
+    count: int
+    role: Role | None = None  # families only; a zipf product's place in the tail is its drawn rank
+    family: str | None = None  # the head's name, for a head and its two variants; None otherwise
+
+
+# The families catalogue, (name, shape, colour, count, role, family). A head keeps its zipf name and
+# look; its variants change exactly one of shape and colour and add an invented word of their own
+# (no colour or shape meaning, no word piece that starts another name, none shared between
+# variants), so the family word is all their captions share with the head. Controls and medium
+# sellers keep their zipf names, so one name means one look in both catalogues.
+# Tail sizes 1, 3 and 10 each occur for colour and for shape variants, and once among the first
+# three controls: colour variants 1, 3, 10, 3; shape variants 10, 1, 3, 10; controls 1, 3, 10, 3.
+_FAMILIES: tuple[tuple[str, str, str, int, Role, str | None], ...] = (
+    ("Vexo", "circle", "red", 200, "head", "Vexo"),
+    ("Vexo Gesh", "circle", "blue", 1, "colour_variant", "Vexo"),
+    ("Vexo Morv", "square", "red", 10, "shape_variant", "Vexo"),
+    ("Pellum", "square", "green", 150, "head", "Pellum"),
+    ("Pellum Lask", "square", "magenta", 3, "colour_variant", "Pellum"),
+    ("Pellum Fint", "triangle", "green", 1, "shape_variant", "Pellum"),
+    ("Pirko", "triangle", "blue", 120, "head", "Pirko"),
+    ("Pirko Vimb", "triangle", "cyan", 10, "colour_variant", "Pirko"),
+    ("Pirko Zemb", "cross", "blue", 3, "shape_variant", "Pirko"),
+    ("Ruvio", "cross", "yellow", 100, "head", "Ruvio"),
+    ("Ruvio Hult", "cross", "red", 3, "colour_variant", "Ruvio"),
+    ("Ruvio Obel", "circle", "yellow", 10, "shape_variant", "Ruvio"),
+    ("Olvane", "circle", "cyan", 1, "control", None),
+    ("Havrik", "square", "yellow", 3, "control", None),
+    ("Nembo", "triangle", "red", 10, "control", None),
+    ("Dremla", "cross", "green", 3, "control", None),
+    ("Brantu", "circle", "magenta", 40, "medium", None),
+    ("Grindal", "square", "blue", 30, "medium", None),
+    ("Tovik", "triangle", "yellow", 20, "medium", None),
+    ("Amblin", "cross", "cyan", 15, "medium", None),
+)
+
+
+def families_products() -> list[Product]:
+    """The 20 products of the ``families`` catalogue, each family's head followed by its colour and
+    shape variant, then the controls and the medium sellers.
+
+    Heads (200, 150, 120, 100 photos): red circle Vexo, green square Pellum, blue triangle Pirko,
+    yellow cross Ruvio. Each has a colour variant (same shape) and a shape variant (same colour)
+    named "<head> <word>", of 1, 3 or 10 photos. Controls (1, 3, 10, 3) and medium sellers
+    (40, 30, 20, 15) have unrelated names, so no caption neighbour shares their look by name.
+    The 20 looks are distinct; counts are fixed, not drawn.
+    """
+    return [
+        Product(name, Individual(shape, colour), count, role, family)
+        for name, shape, colour, count, role, family in _FAMILIES
+    ]
+
+
+def catalogue_looks(kind: CatalogueKind) -> dict[str, Individual]:
+    """Product name -> look of every product of catalogue ``kind``, in the catalogue's row order."""
+    if kind == "zipf":
+        return {individual.name: individual for individual in all_individuals()}
+    if kind == "families":
+        return {product.name: product.look for product in families_products()}
+    raise ValueError(f"unknown catalogue {kind!r}; expected one of {CATALOGUES}")
+
+
+def catalogue_of(names: list[str]) -> CatalogueKind | None:
+    """The first catalogue of CATALOGUES that sells every one of ``names``; None if none does.
+
+    Names shared by both catalogues mean the same look in both, so a request of shared names alone
+    is read as ``zipf``: it only decides what an off-request look is called.
+    """
+    wanted = set(names)
+    return next((kind for kind in CATALOGUES if wanted <= catalogue_looks(kind).keys()), None)
+
+
+def individual_named(name: str) -> Individual | None:
+    """The look sold under product ``name`` in any catalogue; None if no demo product has that name."""
+    for kind in CATALOGUES:
+        look = catalogue_looks(kind).get(name)
+        if look is not None:
+            return look
+    return None
 
 
 @dataclass(frozen=True)
@@ -155,6 +251,7 @@ SCALE_RANGE = (0.25, 0.37)  # circumradius; the shape always stays inside the im
 ROTATION_RANGE = (-15.0, 15.0)  # degrees
 _SIZE_CUTS = (0.29, 0.33)  # small | medium | large
 _POSITION_CUTS = (0.37 + 0.26 / 3, 0.37 + 2 * 0.26 / 3)  # the centre range in thirds
+_HOLDOUT_TRIES = 1000  # draws allowed per held-out photo to find a combination not yet taken
 
 
 def sample_instance(rng: np.random.Generator, variation: Variation) -> Instance:
@@ -175,20 +272,43 @@ def sample_instance(rng: np.random.Generator, variation: Variation) -> Instance:
     return Instance(float(cx), float(cy), float(scale), float(rotation), background)
 
 
-def describe(instance: Instance, subject: str, phrasing: int) -> str:
-    """A caption naming ``subject`` and this instance's size, position and background.
+def caption_attributes(instance: Instance) -> tuple[str, str, str]:
+    """The words a caption uses for this instance: (size word, position phrase, background name).
 
     size: scale below 0.29 small, below 0.33 medium, else large; position: the centre's cell of a
-    3x3 grid over CENTRE_RANGE^2 (cut in thirds); ``phrasing`` indexes ``_PHRASINGS``. Rotation is
-    not described: it is the variation a caption leaves open. E.g.
-    ``describe(inst, "Vexo logo", 0) == "the Vexo logo, small, in the upper left, on a dark navy background"``.
+    3x3 grid over CENTRE_RANGE^2 (cut in thirds), e.g. ``in the upper left``; background: the
+    BACKGROUNDS key. Rotation has no word: it is the variation a caption leaves open.
     """
     size = _SIZE_WORDS[sum(instance.scale >= c for c in _SIZE_CUTS)]
     row = sum(instance.cy >= c for c in _POSITION_CUTS)
     col = sum(instance.cx >= c for c in _POSITION_CUTS)
-    return _PHRASINGS[phrasing].format(
-        subject=subject, size=size, position=_POSITION_WORDS[row, col], background=instance.background
-    )
+    return size, _POSITION_WORDS[row, col], instance.background
+
+
+def describe(instance: Instance, subject: str, phrasing: int) -> str:
+    """A caption naming ``subject`` and this instance's ``caption_attributes``.
+
+    ``phrasing`` indexes ``_PHRASINGS``. E.g.
+    ``describe(inst, "Vexo logo", 0) == "the Vexo logo, small, in the upper left, on a dark navy background"``.
+    """
+    size, position, background = caption_attributes(instance)
+    return _PHRASINGS[phrasing].format(subject=subject, size=size, position=position, background=background)
+
+
+def shape_area(shape: str) -> float:
+    """Area of ``shape`` at circumradius 1, as ``_coverage`` draws it: circle pi, square 2,
+    triangle 3 sqrt(3) / 4, cross (8 w - 4 w^2) / (1 + w^2) with w = arm half-width / half-length."""
+    if shape == "circle":
+        return math.pi
+    if shape == "square":
+        return 2.0
+    if shape == "triangle":
+        return 3.0 * math.sqrt(3.0) / 4.0
+    if shape == "cross":
+        w = _CROSS_HALF_WIDTH
+        # two 2l x 2wl arms overlapping in a 2wl square, with l^2 = 1 / (1 + w^2)
+        return (8.0 * w - 4.0 * w**2) / (1.0 + w**2)
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
 def _coverage(shape: str, instance: Instance, size: int) -> np.ndarray:
@@ -271,14 +391,28 @@ def _csv_bytes(header: list[str], rows: list[list[str]]) -> bytes:
     return buffer.getvalue().encode("utf-8")
 
 
-def image_caption(individual: Individual, instance: Instance, mode: CaptionMode, rng: np.random.Generator) -> str:
-    """The catalogue caption of one image: the individual's own (``individual``), or ``describe`` in a
+def image_caption(
+    individual: Individual | Product, instance: Instance, mode: CaptionMode, rng: np.random.Generator
+) -> str:
+    """The catalogue caption of one image: the product's own (``individual``), or ``describe`` in a
     phrasing drawn from ``rng`` (``per-image``)."""
     if mode == "individual":
         return individual.caption
     if mode != "per-image":
         raise ValueError(f"unknown caption mode {mode!r}; expected one of {CAPTION_MODES}")
     return describe(instance, individual.subject, int(rng.integers(len(_PHRASINGS))))
+
+
+def _novel_instance(rng: np.random.Generator, taken: set[tuple[str, str, str]], name: str) -> Instance:
+    """A ``full`` instance whose ``caption_attributes`` are not in ``taken`` (which then holds them);
+    RuntimeError after _HOLDOUT_TRIES draws."""
+    for _ in range(_HOLDOUT_TRIES):
+        instance = sample_instance(rng, "full")
+        words = caption_attributes(instance)
+        if words not in taken:
+            taken.add(words)
+            return instance
+    raise RuntimeError(f"no new (size, position, background) for {name!r} in {_HOLDOUT_TRIES} draws")
 
 
 def generate_longtail(
@@ -289,65 +423,110 @@ def generate_longtail(
     alpha: float = 1.3,
     min_count: int = 2,
     captions: CaptionMode = "per-image",
+    holdout: int = 4,
+    catalogue: CatalogueKind = "zipf",
 ) -> dict:
-    """Write a long-tailed caption–image folder of the 24 individuals, with its ground truth.
+    """Write a long-tailed caption–image folder of a demo catalogue, with its ground truth.
 
-    A seeded permutation ranks the individuals; rank r gets ``longtail_counts(...)[r - 1]``
-    images, each of an independent ``full`` instance. ``captions``: ``per-image`` describes each
-    image (``describe``: the product name plus its size, position and background, in one of three
-    phrasings); ``individual`` gives every image of an individual the same caption ("the Vexo logo").
+    ``catalogue``: ``zipf``, the 24 individuals, where a seeded permutation ranks them and rank r
+    gets ``longtail_counts(len, max_count, alpha, min_count)[r - 1]`` training photos; or
+    ``families`` (``families_products``: fixed counts; max_count, alpha and min_count are not used).
+    Each training photo is an independent ``full`` instance. ``captions``: ``per-image`` describes
+    each image (``describe``: the product name plus its size, position and background, in one of
+    three phrasings); ``individual`` gives every image of a product the same caption ("the Vexo logo").
+
+    Every product also gets ``holdout`` held-out photos, drawn after all training photos from their
+    own generator (``default_rng([seed, 1])``), so the training rows and images do not depend on
+    ``holdout``: each shows the product in a (size, position, background) combination that none of
+    its training photos and none of its other held-out photos has, captioned in the same mode.
+    ValueError if a product's training photos leave fewer than ``holdout`` combinations unseen.
+
     Files (each written atomically; existing files of the same name are replaced, others are left alone):
 
-    - ``images/<name>_<nnnn>.png``: RGB uint8 [size, size, 3], e.g. ``images/vexo_0003.png``;
+    - ``images/<slug>_<nnnn>.png`` (training) and ``images/<slug>_h<nnn>.png`` (held out): RGB uint8
+      [size, size, 3], e.g. ``images/vexo_0003.png``, ``images/vexo-gesh_h002.png``;
     - ``captions.csv``: image (path relative to ``out_dir``), caption, individual (the product
-      name: the unit of the long tail, of the buckets and of gRecall), shape, colour;
-    - ``attributes.csv``: image, individual, shape, colour, cx, cy, scale, rotation, background.
+      name: the unit of the long tail, of the buckets and of gRecall), shape, colour, split
+      (``train`` or ``holdout``);
+    - ``attributes.csv``: image, individual, shape, colour, cx, cy, scale, rotation, background, split.
 
-    Rows are in the order of ``all_individuals()``, then by image number. The same arguments give
-    byte-identical files. Ranks are assigned without regard to the individuals' looks, so a rare
-    individual's captions have neighbours of its own (other attributes, same name) and of other
-    individuals (same attributes): the situation PoGDiff is built for.
+    Rows: the training photos in catalogue order (``all_individuals()`` for zipf), then by image
+    number; then the held-out photos in the same order. The same arguments give byte-identical
+    files. In ``zipf`` ranks are assigned without regard to the looks, so a rare individual's
+    captions have neighbours of its own (other attributes, same name) and of other individuals
+    (same attributes): the situation PoGDiff is built for.
 
-    Returns ``{"images": N, "individuals": 24, "captions": distinct captions, "counts": {name: count}}``.
+    Returns ``{"images": training photos, "holdout": held-out photos, "individuals": products,
+    "captions": distinct training captions, "counts": {name: training photos}}``.
     """
     if captions not in CAPTION_MODES:
         raise ValueError(f"unknown caption mode {captions!r}; expected one of {CAPTION_MODES}")
-    individuals = all_individuals()
-    counts = longtail_counts(len(individuals), max_count, alpha, min_count)
+    if catalogue not in CATALOGUES:
+        raise ValueError(f"unknown catalogue {catalogue!r}; expected one of {CATALOGUES}")
+    if holdout < 0:
+        raise ValueError(f"holdout must be >= 0, got {holdout}")
     rng = np.random.default_rng(seed)
-    rank = rng.permutation(len(individuals))  # individual i gets rank rank[i] + 1
-    images_dir = Path(out_dir) / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
+    if catalogue == "zipf":
+        individuals = all_individuals()
+        counts = longtail_counts(len(individuals), max_count, alpha, min_count)
+        rank = rng.permutation(len(individuals))  # individual i gets rank rank[i] + 1
+        products = [Product(ind.name, ind, counts[int(rank[i])]) for i, ind in enumerate(individuals)]
+    else:
+        products = families_products()
+    (Path(out_dir) / "images").mkdir(parents=True, exist_ok=True)
     caption_rows: list[list[str]] = []
     attribute_rows: list[list[str]] = []
-    summary: dict[str, int] = {}
-    for i, individual in enumerate(individuals):
-        count = counts[int(rank[i])]
-        summary[individual.name] = count
-        for k in range(count):
+
+    def write(product: Product, instance: Instance, name: str, caption: str, split: Split) -> None:
+        look = product.look
+        write_bytes_atomic(Path(out_dir) / name, _png_bytes(render(look, instance, size)))
+        caption_rows.append([name, caption, product.name, look.shape, look.colour, split])
+        attribute_rows.append(
+            [name, product.name, look.shape, look.colour]
+            + [f"{v:.6f}" for v in (instance.cx, instance.cy, instance.scale, instance.rotation)]
+            + [instance.background, split]
+        )
+
+    seen: dict[str, set[tuple[str, str, str]]] = {}
+    for product in products:
+        seen[product.name] = set()
+        for k in range(product.count):
             instance = sample_instance(rng, "full")
-            caption = image_caption(individual, instance, captions, rng)
-            name = f"images/{individual.slug}_{k:04d}.png"
-            write_bytes_atomic(Path(out_dir) / name, _png_bytes(render(individual, instance, size)))
-            caption_rows.append([name, caption, individual.name, individual.shape, individual.colour])
-            attribute_rows.append(
-                [name, individual.name, individual.shape, individual.colour]
-                + [f"{v:.6f}" for v in (instance.cx, instance.cy, instance.scale, instance.rotation)]
-                + [instance.background]
+            caption = image_caption(product, instance, captions, rng)
+            seen[product.name].add(caption_attributes(instance))
+            write(product, instance, f"images/{product.slug}_{k:04d}.png", caption, "train")
+    n_train = len(caption_rows)
+    combinations = len(_SIZE_WORDS) * len(_POSITION_WORDS) * len(BACKGROUNDS)
+    held_rng = np.random.default_rng([seed, 1])
+    for product in products:
+        taken = seen[product.name]
+        if combinations - len(taken) < holdout:
+            raise ValueError(
+                f"{product.name!r}: its {product.count} training photos leave {combinations - len(taken)} "
+                f"(size, position, background) combinations unseen, fewer than holdout={holdout}"
             )
+        for k in range(holdout):
+            instance = _novel_instance(held_rng, taken, product.name)
+            caption = image_caption(product, instance, captions, held_rng)
+            write(product, instance, f"images/{product.slug}_h{k:03d}.png", caption, "holdout")
     write_bytes_atomic(
         Path(out_dir) / CAPTIONS_FILE,
-        _csv_bytes(["image", "caption", "individual", "shape", "colour"], caption_rows),
+        _csv_bytes(["image", "caption", "individual", "shape", "colour", "split"], caption_rows),
     )
     write_bytes_atomic(
         Path(out_dir) / "attributes.csv",
         _csv_bytes(
-            ["image", "individual", "shape", "colour", "cx", "cy", "scale", "rotation", "background"],
+            ["image", "individual", "shape", "colour", "cx", "cy", "scale", "rotation", "background", "split"],
             attribute_rows,
         ),
     )
-    distinct = len({row[1] for row in caption_rows})
-    return {"images": len(caption_rows), "individuals": len(individuals), "captions": distinct, "counts": summary}
+    return {
+        "images": n_train,
+        "holdout": len(caption_rows) - n_train,
+        "individuals": len(products),
+        "captions": len({row[1] for row in caption_rows[:n_train]}),
+        "counts": {product.name: product.count for product in products},
+    }
 
 
 def balanced_draw(n: int, seed: int, size: int = 32, variation: Variation = "full") -> tuple[np.ndarray, list[str]]:

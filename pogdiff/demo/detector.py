@@ -1,18 +1,33 @@
-"""The demo domain's detector: reads the individual (shape and colour) back off an image.
+"""The demo domain's detector: reads the individual (shape and colour) back off an image, and the
+size, position and background a caption would give it.
 
 So the identity of generated demo images is scored exactly, not by a learned judge: ``judge`` is
-what callers evaluating demo data pass to ``pogdiff.evaluation.evaluate``. Calibrated on clean
-renders of ``pogdiff.demo.catalogue``; numpy and scipy only.
+what callers evaluating demo data pass to ``pogdiff.evaluation.evaluate``; ``attributes`` reads
+whether an image shows what its prompt asked for. Calibrated on clean renders of
+``pogdiff.demo.catalogue``; numpy and scipy only.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 
 import numpy as np
 from scipy import ndimage
 
-from pogdiff.demo.catalogue import COLOURS, SHAPES, Individual, individual_named, render, sample_instance
+from pogdiff.demo.catalogue import (
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    Individual,
+    Instance,
+    caption_attributes,
+    catalogue_looks,
+    catalogue_of,
+    render,
+    sample_instance,
+    shape_area,
+)
 
 _MIN_SIZE = 16  # the smallest size calibrated and tested; there a small triangle's side is 6 pixels
 _MASK_THRESHOLD = 64.0  # RGB distance from the background: > 5 sigma-12 noise, < 1/2 the least contrast
@@ -108,8 +123,8 @@ def _shape_features(alpha: np.ndarray) -> np.ndarray:
 
 
 def _analyse(images: np.ndarray) -> list[tuple[str, np.ndarray] | None]:
-    """Colour and shape descriptors [3] of the shape in each image uint8 [N, H, W, 3], or None
-    where there is no single shape of a demo colour."""
+    """Colour and coverage map float [H, W] (the blend t of each pixel, 0 off the shape) of the
+    shape in each image uint8 [N, H, W, 3], or None where there is no single shape of a demo colour."""
     n, h, w, _ = images.shape
     pixels = images.astype(np.float64)
     bg = _border_median(images)
@@ -133,7 +148,7 @@ def _analyse(images: np.ndarray) -> list[tuple[str, np.ndarray] | None]:
         t, _ = _blend(pixels[i][support], bg[i], np.asarray(COLOURS[colour], np.float64))
         alpha = np.zeros((h, w))
         alpha[support] = t
-        out.append((colour, _shape_features(alpha)))
+        out.append((colour, alpha))
     return out
 
 
@@ -159,9 +174,37 @@ def _calibration(size: int) -> tuple[np.ndarray, np.ndarray]:
         found = _analyse(renders)
         if any(f is None for f in found):
             raise RuntimeError(f"calibration renders of {shape!r} at size {size} were not detected")
-        centroids.append(np.mean([f[1] for f in found], axis=0))
+        centroids.append(np.mean([_shape_features(f[1]) for f in found], axis=0))
     centroids_array = np.array(centroids)
     return centroids_array, centroids_array.std(axis=0)
+
+
+def _validate(images: np.ndarray) -> None:
+    """ValueError unless ``images`` is uint8 [N, H, W=H, 3] with H >= _MIN_SIZE."""
+    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"images must be [N, H, W=H, 3], got {images.shape}")
+    if images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8, got {images.dtype}")
+    if images.shape[1] < _MIN_SIZE:
+        raise ValueError(f"images must be at least {_MIN_SIZE} pixels wide, got {images.shape[1]}")
+
+
+def _read(images: np.ndarray) -> Iterator[tuple[Individual, np.ndarray] | None]:
+    """Per image of a validated uint8 [N, H, W, 3] batch, in order: the individual and its coverage
+    map float [H, W], or None. Chunked, so only one chunk's maps are alive at a time."""
+    centroids, scale = _calibration(images.shape[1])
+    for start in range(0, len(images), _CHUNK):
+        for found in _analyse(images[start : start + _CHUNK]):
+            if found is None:
+                yield None
+                continue
+            colour, alpha = found
+            distance = np.linalg.norm((_shape_features(alpha) - centroids) / scale, axis=1)
+            nearest, second = np.argsort(distance)[:2]
+            if distance[nearest] > _MAX_AMBIGUITY * distance[second]:
+                yield None
+            else:
+                yield Individual(SHAPES[int(nearest)], colour), alpha
 
 
 def detect(images: np.ndarray) -> list[Individual | None]:
@@ -176,35 +219,54 @@ def detect(images: np.ndarray) -> list[Individual | None]:
     Where it cannot tell, e.g. 16-pixel images blurred by a 1-pixel Gaussian, it abstains (None)
     rather than name a wrong shape.
     """
-    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
-        raise ValueError(f"images must be [N, H, W=H, 3], got {images.shape}")
-    if images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8, got {images.dtype}")
-    if images.shape[1] < _MIN_SIZE:
-        raise ValueError(f"images must be at least {_MIN_SIZE} pixels wide, got {images.shape[1]}")
-    centroids, scale = _calibration(images.shape[1])
-    results: list[Individual | None] = []
-    for start in range(0, len(images), _CHUNK):
-        for found in _analyse(images[start : start + _CHUNK]):
-            if found is None:
-                results.append(None)
-                continue
-            colour, features = found
-            distance = np.linalg.norm((features - centroids) / scale, axis=1)
-            nearest, second = np.argsort(distance)[:2]
-            if distance[nearest] > _MAX_AMBIGUITY * distance[second]:
-                results.append(None)
-            else:
-                results.append(Individual(SHAPES[int(nearest)], colour))
-    return results
+    _validate(images)
+    return [None if found is None else found[0] for found in _read(images)]
+
+
+def attributes(images: np.ndarray) -> list[tuple[str, str, str] | None]:
+    """Read (size word, position phrase, background name) off each image, in ``caption_attributes``'
+    words: uint8 [N, H, W=H, 3] with H >= 16 -> N results, None where ``detect`` finds no individual.
+
+    background: the BACKGROUNDS entry nearest (RGB) to the border median; position: the cell of the
+    coverage-weighted centroid, in image-side units, which is the shape's centre for all four shapes;
+    size: the circumradius that gives the shape's coverage area, sqrt(area / ``shape_area(shape)``).
+    position and size are cut where captions cut them (``caption_attributes`` of the estimate). On
+    3000 clean 16-pixel renders the background is read right for all, position and size for 99.4%:
+    the circumradius comes within ~0.001 of the truth (std, image-side units), so what is misread
+    lies within a few thousandths of a cut, where 16 pixels cannot tell.
+    """
+    _validate(images)
+    side = images.shape[1]
+    names = list(BACKGROUNDS)
+    palette = np.array(list(BACKGROUNDS.values()), dtype=np.float64)
+    bg = _border_median(images)
+    nearest_bg = np.linalg.norm(bg[:, None, :] - palette[None], axis=-1).argmin(axis=1)
+    centres = (np.arange(side) + 0.5) / side  # pixel centres in image-side units
+    out: list[tuple[str, str, str] | None] = []
+    for i, found in enumerate(_read(images)):
+        if found is None:
+            out.append(None)
+            continue
+        individual, alpha = found
+        mass = alpha.sum()
+        cx = float(alpha.sum(axis=0) @ centres / mass)
+        cy = float(alpha.sum(axis=1) @ centres / mass)
+        radius = float(np.sqrt(mass / side**2 / shape_area(individual.shape)))
+        out.append(caption_attributes(Instance(cx, cy, radius, 0.0, names[int(nearest_bg[i])])))
+    return out
 
 
 def judge(images: np.ndarray, individuals: list[str]) -> list[str | None] | None:
-    """The demo's exact judge: the name of the individual detected on each image (None: none is).
+    """The demo's exact judge: the name of the product detected on each image (None: none is).
 
     images uint8 ``[G, H, W, 3]`` (H >= 16); individuals: the name each image was generated for.
-    Returns None when some name is not a demo individual (no exact judge exists for that data).
+    The names say which catalogue is judged (``catalogue_of``), and a detected look is named as that
+    catalogue sells it: a blue circle is "Vexo Gesh" for a families request, "Quorra" for a zipf one,
+    and None where the catalogue sells no such look. Returns None when the names are not all of one
+    demo catalogue (no exact judge exists for that data).
     """
-    if any(individual_named(n) is None for n in individuals):
+    kind = catalogue_of(individuals)
+    if kind is None:
         return None
-    return [None if f is None else f.name for f in detect(images)]
+    name_of = {look: name for name, look in catalogue_looks(kind).items()}
+    return [None if f is None else name_of.get(f) for f in detect(images)]

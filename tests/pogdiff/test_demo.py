@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 from collections import Counter
 from pathlib import Path
 
@@ -22,14 +24,16 @@ from pogdiff.demo.catalogue import (
     Instance,
     all_individuals,
     balanced_draw,
+    caption_attributes,
     describe,
     generate_longtail,
     individual_named,
     longtail_counts,
     render,
     sample_instance,
+    shape_area,
 )
-from pogdiff.demo.detector import detect
+from pogdiff.demo.detector import attributes, detect, judge
 
 
 def _random_renders(n: int, size: int, seed: int) -> tuple[np.ndarray, list[Individual]]:
@@ -84,6 +88,10 @@ def test_describe_names_size_position_and_background() -> None:
     for (cx, cy, scale), words in cases:
         caption = describe(Instance(cx, cy, scale, 0.0, "black"), "Vexo logo", 0)
         assert caption == f"the Vexo logo, {words}, on a black background"
+    assert caption_attributes(instance) == ("small", "in the upper left", "dark navy")
+    # the cuts: 0.29 and 0.33 for the size, the centre range in thirds for the position
+    assert caption_attributes(Instance(0.37 + 0.26 / 3, 0.5, 0.29, 0.0, "black"))[:2] == ("medium", "in the centre")
+    assert caption_attributes(Instance(0.45, 0.63, 0.33, 0.0, "black"))[:2] == ("large", "in the lower left")
 
 
 def test_sample_instance() -> None:
@@ -123,6 +131,12 @@ def test_cross_and_square_cover_different_areas() -> None:
     area = {s: (render(Individual(s, "red"), canonical, 64)[..., 0] > 115).mean() for s in SHAPES}
     # circle pi r^2, square 2 r^2, cross ~1.65 r^2, triangle ~1.30 r^2 with r = 0.28
     assert area["circle"] > area["square"] > area["cross"] > area["triangle"]
+    # shape_area is the drawn area: mean coverage of a 256-pixel render, to 0.05% (turned, so that
+    # no edge lies along the sub-pixel grid; upright, the cross's straight edges are off by 0.5%)
+    turned = Instance(0.5, 0.5, 0.28, 7.0, "black")
+    for shape in SHAPES:
+        drawn = render(Individual(shape, "red"), turned, 256)[..., 0].astype(float).mean() / COLOURS["red"][0]
+        assert drawn == pytest.approx(shape_area(shape) * 0.28**2, rel=5e-4), shape
 
 
 def test_detect_clean_renders() -> None:
@@ -192,16 +206,22 @@ def _read_png(path: Path) -> np.ndarray:
 def test_generate_longtail(tmp_path: Path) -> None:
     summary = generate_longtail(tmp_path / "a", seed=5, size=32)
     expected = longtail_counts()
-    rows = _read_csv(tmp_path / "a" / "captions.csv")
-    assert list(rows[0]) == ["image", "caption", "individual", "shape", "colour"]
+    all_rows = _read_csv(tmp_path / "a" / "captions.csv")
+    assert list(all_rows[0]) == ["image", "caption", "individual", "shape", "colour", "split"]
+    rows = [row for row in all_rows if row["split"] == "train"]
+    assert all_rows[: len(rows)] == rows  # training rows first, then the held-out ones
     assert len(rows) == summary["images"] == sum(expected)
+    assert len(all_rows) - len(rows) == summary["holdout"] == 4 * 24
     assert summary["individuals"] == 24
     per_individual = Counter(row["individual"] for row in rows)
     assert sorted(per_individual.values()) == sorted(expected)
     assert per_individual == summary["counts"]
-    truth = _read_csv(tmp_path / "a" / "attributes.csv")
-    assert list(truth[0]) == ["image", "individual", "shape", "colour", "cx", "cy", "scale", "rotation", "background"]
-    assert [t["image"] for t in truth] == [row["image"] for row in rows]
+    all_truth = _read_csv(tmp_path / "a" / "attributes.csv")
+    assert list(all_truth[0]) == [
+        "image", "individual", "shape", "colour", "cx", "cy", "scale", "rotation", "background", "split"
+    ]
+    assert [(t["image"], t["split"]) for t in all_truth] == [(row["image"], row["split"]) for row in all_rows]
+    truth = all_truth[: len(rows)]
     for row, t in zip(rows, truth, strict=True):
         individual = individual_named(row["individual"])
         assert individual == Individual(row["shape"], row["colour"]) == Individual(t["shape"], t["colour"])
@@ -218,30 +238,131 @@ def test_generate_longtail(tmp_path: Path) -> None:
     assert summary["captions"] == len({r["caption"] for r in rows}) > 10 * 24
     assert not list((tmp_path / "a").rglob("*.tmp"))
 
-    images = np.stack([_read_png(tmp_path / "a" / t["image"]) for t in truth])
-    assert images.shape == (len(truth), 32, 32, 3)
-    expected_individuals = [Individual(t["shape"], t["colour"]) for t in truth]
+    images = np.stack([_read_png(tmp_path / "a" / t["image"]) for t in all_truth])
+    assert images.shape == (len(all_truth), 32, 32, 3)
+    expected_individuals = [Individual(t["shape"], t["colour"]) for t in all_truth]
     agree = np.mean([f == e for f, e in zip(detect(images), expected_individuals, strict=True)])
     assert agree >= 0.99, f"detect agrees with the ground-truth table on {agree:.4f} of the images"
 
     generate_longtail(tmp_path / "b", seed=5, size=32)
     generate_longtail(tmp_path / "c", seed=6, size=32)
-    same = ["captions.csv", "attributes.csv"] + [rows[k]["image"] for k in (0, 100, len(rows) - 1)]
+    same = ["captions.csv", "attributes.csv"] + [all_rows[k]["image"] for k in (0, 100, len(rows) - 1, len(rows), -1)]
     for name in same:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert (tmp_path / "a" / "captions.csv").read_bytes() != (tmp_path / "c" / "captions.csv").read_bytes()
     assert (tmp_path / "a" / "attributes.csv").read_bytes() != (tmp_path / "c" / "attributes.csv").read_bytes()
-    first = rows[0]["image"]
-    assert (tmp_path / "a" / first).read_bytes() != (tmp_path / "c" / first).read_bytes()
+    for k in (0, len(rows)):
+        first = all_rows[k]["image"]
+        assert (tmp_path / "a" / first).read_bytes() != (tmp_path / "c" / first).read_bytes()
 
 
 def test_generate_longtail_one_caption_per_individual(tmp_path: Path) -> None:
     summary = generate_longtail(tmp_path, seed=5, size=16, max_count=12, captions="individual")
     rows = _read_csv(tmp_path / "captions.csv")
     assert summary["captions"] == summary["individuals"] == 24
+    assert {row["split"] for row in rows} == {"train", "holdout"}
     assert all(row["caption"] == individual_named(row["individual"]).caption for row in rows)
     with pytest.raises(ValueError, match="caption mode"):
         generate_longtail(tmp_path / "x", captions="per-caption")  # type: ignore[arg-type]
+
+
+def _training_digest(folder: Path) -> str:
+    """sha256 of the training rows of both tables without the split column, as the files were
+    written before they had one, and of the training images' pixels."""
+    digest = hashlib.sha256()
+    for name in ("captions.csv", "attributes.csv"):
+        with (folder / name).open(newline="") as f:
+            table = list(csv.reader(f))
+        assert table[0][-1] == "split"
+        kept = [table[0][:-1]] + [row[:-1] for row in table[1:] if row[-1] == "train"]
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows(kept)
+        digest.update(buffer.getvalue().encode("utf-8"))
+        if name == "captions.csv":
+            for row in kept[1:]:
+                digest.update(_read_png(folder / row[0]).tobytes())
+    return digest.hexdigest()
+
+
+def test_held_out_photos_leave_the_training_rows_as_they_were(tmp_path: Path) -> None:
+    summary = generate_longtail(tmp_path / "none", seed=0, holdout=0)
+    generate_longtail(tmp_path / "four", seed=0, holdout=4)
+    # the demo data of seed 0 (size 16, per-image captions) as generated before held-out photos existed
+    assert _training_digest(tmp_path / "none") == "ff847fdc7c90c42d8a98d594555bdcce0f71a465e3023c17471ff3d5e3cb9f3f"
+    none = (tmp_path / "none" / "captions.csv").read_bytes()
+    four = (tmp_path / "four" / "captions.csv").read_bytes()
+    assert four.startswith(none) and len(four.splitlines()) == len(none.splitlines()) + 4 * 24
+    assert (tmp_path / "four" / "attributes.csv").read_bytes().startswith((tmp_path / "none" / "attributes.csv").read_bytes())
+    rows = _read_csv(tmp_path / "none" / "captions.csv")
+    assert len(rows) == summary["images"] and summary["holdout"] == 0 and {r["split"] for r in rows} == {"train"}
+    for row in rows:
+        assert (tmp_path / "none" / row["image"]).read_bytes() == (tmp_path / "four" / row["image"]).read_bytes()
+    assert not list((tmp_path / "none" / "images").glob("*_h*.png"))
+
+
+def test_held_out_photos_show_combinations_never_trained_on(tmp_path: Path) -> None:
+    summary = generate_longtail(tmp_path, seed=3, size=16, holdout=6)
+    rows, truth = _read_csv(tmp_path / "captions.csv"), _read_csv(tmp_path / "attributes.csv")
+    held: dict[str, list[tuple[str, str, str]]] = {n: [] for n in summary["counts"]}
+    trained: dict[str, set[tuple[str, str, str]]] = {n: set() for n in summary["counts"]}
+    for row, t in zip(rows, truth, strict=True):
+        instance = Instance(float(t["cx"]), float(t["cy"]), float(t["scale"]), float(t["rotation"]), t["background"])
+        words = caption_attributes(instance)
+        individual = individual_named(row["individual"])
+        # held-out captions are in the training rows' mode and describe their own photo
+        assert row["caption"] in {describe(instance, individual.subject, k) for k in range(3)}
+        if row["split"] == "holdout":
+            k = len(held[row["individual"]])
+            assert row["image"] == f"images/{individual.slug}_h{k:03d}.png"
+            held[row["individual"]].append(words)
+        else:
+            trained[row["individual"]].add(words)
+    assert summary["holdout"] == 6 * 24 and all(len(h) == 6 for h in held.values())
+    for name, words in held.items():
+        assert len(set(words)) == len(words), name
+        assert not set(words) & trained[name], name
+    # the most-photographed individual (200 photos) still has combinations left, but not 100 of them
+    with pytest.raises(ValueError, match="combinations unseen"):
+        generate_longtail(tmp_path / "many", seed=3, size=16, holdout=100)
+    with pytest.raises(ValueError, match="holdout"):
+        generate_longtail(tmp_path / "negative", holdout=-1)
+
+
+def test_judge_names_the_look_as_the_requested_catalogue_sells_it() -> None:
+    instance = Instance(0.5, 0.5, 0.31, 0.0, "black")
+    looks = [Individual("circle", "blue"), Individual("circle", "red"), Individual("circle", "green")]
+    images = np.stack([render(look, instance, 16) for look in looks])
+    assert judge(images, ["Quorra", "Vexo", "Talbrin"]) == ["Quorra", "Vexo", "Talbrin"]
+    # families: the blue circle is Vexo's colour variant; no families product is a green circle
+    assert judge(images, ["Vexo Gesh", "Vexo", "Vexo"]) == ["Vexo Gesh", "Vexo", None]
+    # names both catalogues sell are read as zipf's
+    assert judge(images, ["Vexo", "Vexo", "Vexo"]) == ["Quorra", "Vexo", "Talbrin"]
+    assert judge(images, ["Vexo Gesh", "Quorra", "Vexo"]) is None  # one name from each catalogue
+    assert judge(images, ["Vexo", "Vexo", "nobody"]) is None
+
+
+def test_attributes_are_read_as_captions_give_them() -> None:
+    rng = np.random.default_rng(11)
+    individuals = all_individuals()
+    truth, images = [], []
+    for _ in range(300):
+        instance = sample_instance(rng, "full")
+        images.append(render(individuals[int(rng.integers(len(individuals)))], instance, 16))
+        truth.append(caption_attributes(instance))
+    found = attributes(np.stack(images))
+    assert None not in found
+    right = np.array([[f[k] == t[k] for k in range(3)] for f, t in zip(found, truth, strict=True)]).mean(axis=0)
+    # measured on these 300: size 0.990, position 0.997, background 1.000 (3000 renders: 0.994, 0.994, 1.000);
+    # what is misread lies within a few thousandths of a size or position cut
+    assert right[0] >= 0.98 and right[1] >= 0.99 and right[2] >= 0.99, f"size, position, background: {right}"
+    canonical = render(Individual("cross", "cyan"), sample_instance(rng, "canonical"), 32)
+    corner = render(Individual("triangle", "red"), Instance(0.39, 0.61, 0.36, 10.0, "dark olive"), 32)
+    blank = np.zeros((32, 32, 3), dtype=np.uint8)
+    assert attributes(np.stack([canonical, corner, blank])) == [
+        ("medium", "in the centre", "black"), ("large", "in the lower left", "dark olive"), None
+    ]
+    with pytest.raises(ValueError, match="uint8"):
+        attributes(np.zeros((1, 16, 16, 3), dtype=np.float32))
 
 
 def test_balanced_draw() -> None:
