@@ -36,7 +36,7 @@ from bench.knn_graph import clustered
 from bench.sdfolder import SD15_UNET, sd_folder
 from bench.step_overhead import DENSE, interleaved, step_variants
 from pogdiff.config import PoGConfig, TrainConfig
-from pogdiff.demo import catalogue, train_set
+from pogdiff.demo import folder, train_set
 from pogdiff.neighbours import exact_graph
 from pogdiff.pipelines.sd import StableDiffusionPipeline
 from pogdiff.trainer import TrainData, train
@@ -67,7 +67,7 @@ def step_overhead(tmp: Path, steps: int = 10, rounds: int = 2, unet: dict = SD15
     variants' steps interleaved round by round as in ``bench.step_overhead`` (so a drift of the GPU's clocks
     or a neighbour's load falls on all three alike), and the ratios of the medians to vanilla."""
     base = sd_folder(tmp / "sd-steps", image_size=image_size, unet=unet, text_hidden=text_hidden)  # latents: image_size / 2
-    data = train_set.train_data(catalogue.longtail_counts(), size=image_size, k=5)
+    data = train_set.train_data(folder.longtail_counts(), size=image_size, k=5)
     timed = interleaved(lambda: StableDiffusionPipeline.from_pretrained(base), data, step_variants(data, 0.3), steps, rounds, batch,
                         str(tmp / "steps"), mixed_precision)
     seconds = timed["seconds_per_step"]

@@ -34,7 +34,7 @@ from scipy.stats import mannwhitneyu
 
 from bench.longtail import load_prepared
 from pogdiff.config import IndexConfig, PoGConfig
-from pogdiff.demo import catalogue
+from pogdiff.demo import catalogue, folder
 from pogdiff.neighbours import similarity_threshold
 from tasks.config import RetrainConfig
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="similarity-") as tmp:
         for captions in args.captions:
             source = Path(tmp) / f"demo-{captions}"
-            catalogue.generate_longtail(source, seed=0, captions=captions)
+            folder.generate_longtail(source, seed=0, captions=captions)
             home = Path(tmp) / f"home-{captions}"
             settings = Settings(home=home)
             parquet.ingest(source, settings.dataset_uri, RetrainConfig().ingest, workers=1)

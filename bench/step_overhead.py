@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from pogdiff.config import PoGConfig, TrainConfig
-from pogdiff.demo import catalogue, train_set
+from pogdiff.demo import folder, train_set
 from pogdiff.neighbours import draw_borrowing, similarity_threshold
 from pogdiff.phases import PhaseTimer
 from pogdiff.pipelines.base import TextToImagePipeline
@@ -66,7 +66,7 @@ DENSE = PoGConfig(method="pogdiff", lam=10.0, a=0.0, psi_threshold=0.0, similari
 
 
 def _data(size: int) -> TrainData:
-    return train_set.train_data(catalogue.longtail_counts(), size=size, k=5)
+    return train_set.train_data(folder.longtail_counts(), size=size, k=5)
 
 
 def threshold_for_share(data: TrainData, pog: PoGConfig, share: float, draws: int = 20_000) -> float:

@@ -99,7 +99,7 @@ def _report(result: RetrainResult, settings: Settings, started: float) -> None:
 
 
 def cmd_demo(args, settings: Settings) -> int:
-    from pogdiff.demo import catalogue as demo
+    from pogdiff.demo import folder
 
     config = load_config(args.config)
     if args.data:  # the user's own copy: used as it is, never generated over
@@ -107,8 +107,8 @@ def cmd_demo(args, settings: Settings) -> int:
     else:
         # one folder per caption mode, so switching modes never reuses the other mode's captions
         source = Path(settings.data_root) / ("demo-catalogue" if args.captions == "per-image" else f"demo-catalogue-{args.captions}")
-        if not (source / demo.CAPTIONS_FILE).exists():
-            summary = demo.generate_longtail(source, seed=args.seed, captions=args.captions)
+        if not (source / folder.CAPTIONS_FILE).exists():
+            summary = folder.generate_longtail(source, seed=args.seed, captions=args.captions)
             print(f"generated the demo data set: {summary['images']} images of {summary['individuals']} individuals "
                   f"({summary['captions']} distinct captions) in {source}")
     print(f"source: {source}")
@@ -175,9 +175,9 @@ def cmd_evaluate(args, settings: Settings) -> int:
 
 
 def cmd_demo_data(args, settings: Settings) -> int:
-    from pogdiff.demo import catalogue as demo
+    from pogdiff.demo import folder
 
-    summary = demo.generate_longtail(Path(args.out), seed=args.seed, captions=args.captions)
+    summary = folder.generate_longtail(Path(args.out), seed=args.seed, captions=args.captions)
     print(f"wrote {summary['images']} images of {summary['individuals']} individuals "
           f"({summary['captions']} distinct captions) to {args.out}")
     return 0

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from faultkit import EXPERIMENT, MODEL_NAME
 
-from pogdiff.demo import catalogue
+from pogdiff.demo import folder
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 
 
@@ -17,7 +17,7 @@ def tiny(tmp_path_factory, tiny_spec):
     a moment, a training long enough to write several checkpoints."""
     root = tmp_path_factory.mktemp("faults-data")
     source = root / "source"
-    summary = catalogue.generate_longtail(source, seed=7, size=64, max_count=40, alpha=1.0, min_count=2, captions="individual")
+    summary = folder.generate_longtail(source, seed=7, size=64, max_count=40, alpha=1.0, min_count=2, captions="individual")
     PixelDiffusionPipeline.new(tiny_spec, seed=0).save_pretrained(root / "base")
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump({

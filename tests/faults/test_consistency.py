@@ -12,7 +12,7 @@ import torch
 from faultkit import record
 
 from pogdiff.config import IndexConfig, PoGConfig, TrainConfig
-from pogdiff.demo import catalogue, train_set
+from pogdiff.demo import folder, train_set
 from pogdiff.index import image_extractor
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from pogdiff.trainer import train
@@ -39,8 +39,8 @@ def _load(settings, version=None):
 @pytest.fixture
 def two_sources(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
-    catalogue.generate_longtail(first, seed=3, size=16, max_count=6, alpha=1.0, min_count=1)
-    catalogue.generate_longtail(second, seed=4, size=16, max_count=6, alpha=1.0, min_count=1)
+    folder.generate_longtail(first, seed=3, size=16, max_count=6, alpha=1.0, min_count=1)
+    folder.generate_longtail(second, seed=4, size=16, max_count=6, alpha=1.0, min_count=1)
     return first, second
 
 

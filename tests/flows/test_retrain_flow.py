@@ -14,7 +14,7 @@ from prefect import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.sorting import ArtifactSort
 
-from pogdiff.demo import catalogue
+from pogdiff.demo import folder
 from pogdiff.glossary import glossary
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from storage import dataset
@@ -33,7 +33,7 @@ UI = "http://mlflow.test:5000"  # the MLflow UI address links are made of (nothi
 def setup(tmp_path_factory, tiny_spec):
     root = tmp_path_factory.mktemp("e2e")
     source = root / "source"
-    summary = catalogue.generate_longtail(source, seed=3, size=16, max_count=8, alpha=1.0, min_count=1)
+    summary = folder.generate_longtail(source, seed=3, size=16, max_count=8, alpha=1.0, min_count=1)
     base = root / "base"
     PixelDiffusionPipeline.new(tiny_spec, seed=0).save_pretrained(base)
     config = parse_config({

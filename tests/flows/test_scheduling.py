@@ -25,7 +25,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from localserver import seed_mlflow_store, wait_for
 
-from pogdiff.demo import catalogue
+from pogdiff.demo import folder
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 
 pytestmark = pytest.mark.slow  # servers, processes or whole flows: see pyproject's marker
@@ -83,11 +83,11 @@ def side_by_side(tmp_path_factory, tiny_spec, prefect_api):
     PixelDiffusionPipeline.new(tiny_spec, seed=0).save_pretrained(root / "base")
     # the worker's home: the deployments' default source (demo-catalogue under data/) and a config named by the trigger
     worker_home = root / "worker-home"
-    catalogue.generate_longtail(worker_home / "data" / "demo-catalogue", seed=5, size=16, max_count=6, alpha=1.0, min_count=1)
+    folder.generate_longtail(worker_home / "data" / "demo-catalogue", seed=5, size=16, max_count=6, alpha=1.0, min_count=1)
     (worker_home / "configs").mkdir()
     (worker_home / "configs" / "nightly.yaml").write_text(yaml.safe_dump(tiny_config(root / "base", "nightly")))
     # serve's: a source and a config file given on its command line
-    catalogue.generate_longtail(root / "source", seed=5, size=16, max_count=6, alpha=1.0, min_count=1)
+    folder.generate_longtail(root / "source", seed=5, size=16, max_count=6, alpha=1.0, min_count=1)
     (root / "tiny.yaml").write_text(yaml.safe_dump(tiny_config(root / "base", "served")))
 
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("POGDIFF_", "PREFECT_API_URL", "PREFECT_UI_URL", "MLFLOW_TRACKING"))}

@@ -14,7 +14,7 @@ from prefect_dask import DaskTaskRunner
 
 from flows.runners import task_runner
 from pogdiff import knn
-from pogdiff.demo import catalogue
+from pogdiff.demo import folder
 from pogdiff.index import CaptionGraph, with_graph
 from pogdiff.text import load_text_encoder
 from storage import ann_index, vectors
@@ -41,7 +41,7 @@ def test_runner_follows_settings(tmp_path):
 @pytest.mark.slow
 def test_embedding_shards_run_on_dask_workers(prefect_server, dask_address, tmp_path, monkeypatch):
     source = tmp_path / "source"
-    catalogue.generate_longtail(source, seed=2, size=16, max_count=4, alpha=1.0, min_count=1, captions="individual")  # 24 captions
+    folder.generate_longtail(source, seed=2, size=16, max_count=4, alpha=1.0, min_count=1, captions="individual")  # 24 captions
     monkeypatch.setenv("POGDIFF_HOME", str(tmp_path / "home"))
     from flows.ingest import ingest_source
 

@@ -26,14 +26,13 @@ from pogdiff.demo.catalogue import (
     balanced_draw,
     caption_attributes,
     describe,
-    generate_longtail,
     individual_named,
-    longtail_counts,
     render,
     sample_instance,
     shape_area,
 )
 from pogdiff.demo.detector import attributes, detect, judge
+from pogdiff.demo.folder import generate_longtail, longtail_counts
 
 
 def _random_renders(n: int, size: int, seed: int) -> tuple[np.ndarray, list[Individual]]:

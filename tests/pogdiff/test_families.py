@@ -26,10 +26,10 @@ from pogdiff.demo.catalogue import (
     catalogue_of,
     describe,
     families_products,
-    generate_longtail,
     individual_named,
 )
 from pogdiff.demo.detector import judge
+from pogdiff.demo.folder import generate_longtail
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:

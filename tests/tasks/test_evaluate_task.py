@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pogdiff.config import EvaluateConfig, parse_config
-from pogdiff.demo import catalogue
+from pogdiff.demo import folder
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from storage import parquet
 from storage.config import IngestConfig
@@ -28,7 +28,7 @@ def stores(tmp_path_factory, tiny_spec):
     settings = load_settings(home=root / "home")
     source = root / "source"
     # 24 individuals with 8, 4, 3, 2, 2 and 19 x 1 images (38), each image with its own caption
-    summary = catalogue.generate_longtail(source, seed=3, size=16, max_count=8, alpha=1.0, min_count=1)
+    summary = folder.generate_longtail(source, seed=3, size=16, max_count=8, alpha=1.0, min_count=1)
     parquet.ingest(source, settings.dataset_uri, IngestConfig(), workers=1)
     model_dir = root / "model"
     PixelDiffusionPipeline.new(tiny_spec, seed=0).save_pretrained(model_dir)
