@@ -28,10 +28,15 @@ borrows, above 1 by a small batch's fixed costs.
 
 The variants' steps are interleaved: each round builds a fresh model per variant and takes one step
 of each in turn (the order rotated by round), so a drift of the machine's speed (other processes, a
-virtual machine's host) falls on all three alike. Run one after another, each variant in its own
+virtual machine's host) falls on all of them alike. Run one after another, each variant in its own
 window of about 10 s, the same code gave dense ratios from 1.22 to 1.40 and sparse from 1.03 to 1.13
 on a shared 2-core machine. The trainer keeps the memory a CPU step frees in the heap
 (``pogdiff.allocator``), so no variant's time depends on the heap the others left.
+
+A fourth training, ``vanilla_<sampling>`` (``--sampling``, default ``repeats``), is plain fine-tuning with
+exposure balancing (``train.sampling``, pogdiff/sampling.py): ``sampling_ratio`` is its step time over
+vanilla's. Balancing changes only which rows a batch draws (an inverse-CDF search of one uniform per
+row instead of ``randint``), so its limit is 1.
 
 ``--quick`` is a smoke run (no ratios, no goal): tiny model, 4 timed steps, batch 16, one round
 (checks that the bench runs; its figures are not the goal's).
@@ -49,7 +54,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from pogdiff.config import PoGConfig, TrainConfig
+from pogdiff.config import PoGConfig, Sampling, TrainConfig
 from pogdiff.demo import folder, train_set
 from pogdiff.neighbours import draw_borrowing, similarity_threshold
 from pogdiff.phases import PhaseTimer
@@ -94,15 +99,18 @@ def step_variants(data: TrainData, borrow_share: float) -> dict[str, PoGConfig]:
 
 
 def interleaved_round(make_pipe: Callable[[], TextToImagePipeline], data: TrainData, variants: dict[str, PoGConfig], steps: int,
-                      batch: int, tmp: str, mixed_precision: str = "no") -> dict[str, tuple[float, float, dict[str, float]]]:
+                      batch: int, tmp: str, mixed_precision: str = "no",
+                      sampling: dict[str, Sampling] | None = None) -> dict[str, tuple[float, float, dict[str, float]]]:
     """One round: a fresh model per variant (``make_pipe()``), one step of each in turn (in ``variants``' order),
     ``WARM_UP`` untimed steps then ``steps`` timed ones. Per variant: the median seconds per timed step, the mean
     share of samples that borrowed, and the mean seconds per timed step of each phase (``PHASES`` and ``other``:
     they add up to the mean step time). On CUDA the device is synchronised around each step, so its clock
-    holds that step's kernels and no other's."""
+    holds that step's kernels and no other's. ``sampling``: a variant's ``train.sampling`` (default uniform)."""
+    sampling = sampling or {}
     timers = {n: PhaseTimer() for n in variants}
     step = {n: stepper(make_pipe(), data, TrainConfig(steps=steps + WARM_UP, batch_size=batch, checkpoint_every=10**9,
-                                                      mixed_precision=mixed_precision, pog=pog), f"{tmp}/{n}", timers[n])
+                                                      mixed_precision=mixed_precision, sampling=sampling.get(n, "uniform"), pog=pog),
+                         f"{tmp}/{n}", timers[n])
             for n, pog in variants.items()}
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     seconds: dict[str, list[float]] = {n: [] for n in variants}
@@ -128,7 +136,7 @@ def interleaved_round(make_pipe: Callable[[], TextToImagePipeline], data: TrainD
 
 
 def interleaved(make_pipe: Callable[[], TextToImagePipeline], data: TrainData, variants: dict[str, PoGConfig], steps: int,
-                rounds: int, batch: int, tmp: str, mixed_precision: str = "no") -> dict:
+                rounds: int, batch: int, tmp: str, mixed_precision: str = "no", sampling: dict[str, Sampling] | None = None) -> dict:
     """``rounds`` interleaved rounds (``interleaved_round``), the variants' order rotated by round. Returns
     ``seconds_per_step`` (per variant, the median over rounds of the rounds' medians),
     ``seconds_per_step_by_round``, ``seconds_per_step_by_phase`` (means over rounds) and ``borrow_share``
@@ -140,7 +148,7 @@ def interleaved(make_pipe: Callable[[], TextToImagePipeline], data: TrainData, v
     for r in range(rounds):
         order = {n: variants[n] for n in names[r % len(names):] + names[: r % len(names)]}
         for name, (seconds, shares[name], split) in interleaved_round(make_pipe, data, order, steps, batch, f"{tmp}/{r}",
-                                                                      mixed_precision).items():
+                                                                      mixed_precision, sampling).items():
             times[name].append(seconds)
             phases[name].append(split)
     return {"seconds_per_step": {n: float(np.median(times[n])) for n in names},
@@ -153,20 +161,24 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="smoke run: tiny model, 4 timed steps, batch 16; no ratios or goal")
     p.add_argument("--steps", type=int, default=40)
-    # each round interleaves the three variants' steps in a rotated order; the ratios use the medians over rounds
+    # each round interleaves the variants' steps in a rotated order; the ratios use the medians over rounds
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--spec", choices=["default", "tiny"], default="default")
     p.add_argument("--borrow-share", type=float, default=GOALS["borrow_share"])
+    p.add_argument("--sampling", choices=("repeats", "sqrt"), default="repeats", help="the exposure balancing timed against vanilla")
     args = p.parse_args()
     if args.quick:
         args.steps, args.batch, args.spec, args.rounds = 4, 16, "tiny", 1
     spec = UNetSpec() if args.spec == "default" else UNetSpec(image_size=16, block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=4)
     data = _data(spec.image_size)
     variants = step_variants(data, args.borrow_share)
+    balanced = f"vanilla_{args.sampling}"
+    variants[balanced] = variants["vanilla"]
     with tempfile.TemporaryDirectory() as tmp:
-        timed = interleaved(lambda: PixelDiffusionPipeline.new(spec, seed=0), data, variants, args.steps, args.rounds, args.batch, tmp)
-    vanilla, dense, sparse = (timed["seconds_per_step"][n] for n in variants)
+        timed = interleaved(lambda: PixelDiffusionPipeline.new(spec, seed=0), data, variants, args.steps, args.rounds, args.batch, tmp,
+                            sampling={balanced: args.sampling})
+    vanilla, dense, sparse, sampled = (timed["seconds_per_step"][n] for n in variants)
     shares, by_phase = timed["borrow_share"], timed["seconds_per_step_by_phase"]
     doc = {
         "bench": "step_overhead",
@@ -177,17 +189,17 @@ def main() -> None:
         "borrow_share": shares["pogdiff_sparse"],
         "dense_borrow_share": shares["pogdiff_dense"],
         "sparse_psi_threshold": variants["pogdiff_sparse"].psi_threshold,
-        "seconds_per_step": {"vanilla": vanilla, "pogdiff_dense": dense, "pogdiff_sparse": sparse},
+        "seconds_per_step": {"vanilla": vanilla, "pogdiff_dense": dense, "pogdiff_sparse": sparse, balanced: sampled},
         "seconds_per_step_by_round": timed["seconds_per_step_by_round"],
         "seconds_per_step_by_phase": by_phase,
         "neighbour_row_cost": {n: by_phase[n]["nb_forward"] / (shares[n] * args.batch) / (by_phase[n]["forward"] / args.batch)
                                for n in ("pogdiff_dense", "pogdiff_sparse")},
     }
     if not args.quick:  # 4 steps of a tiny model in one round: ratios of noise (0.28 and 5.07 were seen)
-        doc |= {"dense_ratio": dense / vanilla, "sparse_ratio": sparse / vanilla,
+        doc |= {"dense_ratio": dense / vanilla, "sparse_ratio": sparse / vanilla, "sampling_ratio": sampled / vanilla,
                 "goal": {"dense_ratio_max": GOALS["dense_ratio"], "sparse_ratio_max": GOALS["sparse_ratio"],
                          "at_borrow_share": GOALS["borrow_share"]},
-                "limit": LIMITS}
+                "limit": {**LIMITS, "sampling_ratio": 1.0}}
     print(json.dumps(doc, indent=2))
 
 
