@@ -4,35 +4,47 @@ The unit of the long tail is the *individual* (a product, a person), not the cap
 describes every image of an individual in its own words, so captions are nearly unique while the
 individual recurs. Counts, buckets, gRecall, accuracy and the grids are therefore per individual;
 data without an individual column fall back to one individual per distinct caption.
+
+Prompting only with training captions rewards copying: a model that reproduces its training photos
+scores full marks. Held-out photos (never trained on) are the other half of the evaluation: their
+captions ask for an individual in attributes it was never photographed in, and the held-out metrics
+say whether the images show it, show what was asked, or reproduce a training photo instead.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from pogdiff.config import EvaluateConfig
-from pogdiff.features import make_extractor
+from pogdiff.features import FeatureExtractor, make_extractor
 from pogdiff.glossary import frechet_metric
 from pogdiff.metrics import (
-    BUCKETS,
+    COPY_QUANTILE,
     FRECHET_MIN_SAMPLES,
+    Attributes,
     assign_buckets,
+    bucket_frechet,
     bucket_means,
+    copies_by_attributes,
+    copy_threshold,
+    faithful,
     feature_similarity,
-    frechet_distance,
     grecall,
     grecall_normalised,
     nearest_group,
+    own_nearest_similarity,
     per_group_mean,
     separability,
 )
+from pogdiff.realset import RealSet
 
-GroupedBy = Literal["individual", "caption"]
+# Added to cfg.seed for the held-out prompts' images, so their noise is not that of the images
+# generated for training captions (the pipelines seed image n from (seed, n)).
+HOLDOUT_SEED_OFFSET = 7919
 
 
 class ImageGenerator(Protocol):
@@ -64,88 +76,15 @@ class Judge(Protocol):
     def __call__(self, images: np.ndarray, individuals: list[str]) -> list[str | None] | None: ...
 
 
-@dataclass(frozen=True)
-class RealSet:
-    """The training images that generated ones are compared with, and who each one shows.
+class AttributeReader(Protocol):
+    """What an image shows, read off it (e.g. ``pogdiff.demo.detector.attributes`` on demo data:
+    ``(size word, position phrase, background)``).
 
-    images uint8 ``[R, H, W, 3]``; captions ``[R]``; group int ``[R]``, image r shows individual
-    ``names[group[r]]`` (``C`` distinct names, each with at least one image); grouped_by says whether
-    the names come from an individual column or are the distinct captions themselves.
+    Given uint8 ``[N, H, W, 3]`` images, returns per image a tuple of attribute values, comparable
+    with ``==`` across images, or None where the image cannot be read.
     """
 
-    images: np.ndarray
-    captions: list[str]
-    group: np.ndarray
-    names: list[str]
-    grouped_by: GroupedBy = "individual"
-
-    def __post_init__(self) -> None:
-        if len(self.images) == 0:
-            raise ValueError("evaluation needs at least one real image")
-        if self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
-            raise ValueError(f"real images must be uint8 [R, H, W, 3], got {self.images.dtype} {self.images.shape}")
-        if not len(self.images) == len(self.captions) == len(self.group):
-            raise ValueError(f"{len(self.images)} real images, {len(self.captions)} captions and "
-                             f"{len(self.group)} group ids: one of each per image")
-        if len(set(self.names)) != len(self.names):
-            raise ValueError("individual names must be distinct")
-        group = np.asarray(self.group)
-        if not np.issubdtype(group.dtype, np.integer) or group.min() < 0 or group.max() >= len(self.names):
-            raise ValueError(f"group ids must be integers in 0..{len(self.names) - 1} (indices into names)")
-        object.__setattr__(self, "group", group.astype(np.int64))
-        empty = np.flatnonzero(np.bincount(group, minlength=len(self.names)) == 0)
-        if len(empty):
-            raise ValueError(f"individual {self.names[empty[0]]!r} has no real images")
-        if self.grouped_by not in ("individual", "caption"):
-            raise ValueError(f"grouped_by must be 'individual' or 'caption', got {self.grouped_by!r}")
-
-    @property
-    def counts(self) -> np.ndarray:
-        """|T_i|: training images per individual, int ``[C]``."""
-        return np.bincount(self.group, minlength=len(self.names))
-
-
-def group_by_metadata(images: np.ndarray, captions: list[str], metadata: list[str], column: str | None) -> RealSet:
-    """A ``RealSet`` grouped by ``metadata[r][column]``, or by caption where no image names one.
-
-    metadata: per image, a JSON object (the dataset's ``metadata`` column). With ``column`` set and
-    a non-empty string or integer value under it in every image's metadata, the groups are those
-    values (``grouped_by="individual"``); with ``column`` None or under no image at all, each
-    distinct caption is its own group (``grouped_by="caption"``). Names are sorted. Raises
-    ``ValueError`` when only some images name an individual (which group would the others join?)
-    or when a metadata entry is not a JSON object.
-    """
-    if len(metadata) != len(captions):
-        raise ValueError(f"{len(captions)} captions but {len(metadata)} metadata entries")
-    keys: list[str] = list(captions)
-    grouped_by: GroupedBy = "caption"
-    if column is not None:
-        values = [_individual(m, column, r) for r, m in enumerate(metadata)]
-        named = [v for v in values if v is not None]
-        if named and len(named) < len(values):
-            missing = values.index(None)
-            raise ValueError(f"metadata key {column!r} is missing or empty for {len(values) - len(named)} of "
-                             f"{len(values)} images (e.g. image {missing}, caption {captions[missing]!r})")
-        if named:
-            keys, grouped_by = named, "individual"
-    names = sorted(set(keys))
-    index = {n: i for i, n in enumerate(names)}
-    return RealSet(images, list(captions), np.array([index[k] for k in keys], np.int64), names, grouped_by)
-
-
-def _individual(metadata: str, column: str, row: int) -> str | None:
-    try:
-        obj = json.loads(metadata)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"metadata of image {row} is not JSON: {err}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"metadata of image {row} must be a JSON object, got {type(obj).__name__}")
-    value = obj.get(column)
-    if value is None or value == "":
-        return None
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ValueError(f"metadata key {column!r} of image {row} must be a string or an integer, got {value!r}")
-    return str(value)
+    def __call__(self, images: np.ndarray) -> list[Attributes | None]: ...
 
 
 def images_per_individual(counts: np.ndarray, cfg: EvaluateConfig) -> np.ndarray:
@@ -172,11 +111,17 @@ class EvalResult:
     """What one evaluation measured and generated.
 
     metrics: ``{"<bucket>/<metric>": value}``; per_individual: one row per individual (individual,
-    count = |T_i|, bucket, images = N_i, distinct_captions, then each metric or None); samples[i]:
+    count = |T_i|, bucket, images = N_i, distinct_captions, then each metric or None; with held-out
+    photos also holdout_count = |H_i|, holdout_images = M_i and the held-out metrics); samples[i]:
     uint8 ``[N_i, H, W, 3]``; prompts[i]: the N_i captions they were generated from; sources[i]: int
     ``[N_i]``, the real image (row of ``RealSet.images``) whose caption prompted sample j. info: what
-    the numbers were computed from (grouping, gate, extractor, N, seed, ...) and, per bucket, the
-    image counts behind its Fréchet distance or why it was left out.
+    the numbers were computed from (grouping, gate, extractor, N, seed, copy test, ...) and, per
+    bucket, the image counts behind its Fréchet distance or why it was left out.
+
+    The held-out prompts' images, empty lists without held-out photos, else one entry per
+    individual as above (empty where it has no held-out photo): holdout_samples[i] uint8
+    ``[M_i, H, W, 3]``, holdout_prompts[i] their M_i captions, holdout_sources[i] int ``[M_i]``, the
+    held-out photo (row of the held-out ``RealSet.images``) whose caption prompted image j.
     """
 
     metrics: dict[str, float]
@@ -185,40 +130,9 @@ class EvalResult:
     prompts: list[list[str]]
     sources: list[np.ndarray]
     info: dict[str, str | int | float] = field(default_factory=dict)
-
-
-def bucket_frechet(
-    real_features: torch.Tensor,
-    real_ids: torch.Tensor,
-    gen_features: torch.Tensor,
-    gen_ids: torch.Tensor,
-    buckets: list[str],
-    name: str,
-) -> tuple[dict[str, float], dict[str, str]]:
-    """Fréchet distance per bucket and overall: generated vs real images of the bucket's individuals,
-    pooled (overall: every individual's images in one set, not a mean of the buckets).
-
-    Features ``[R, F]`` / ``[G, F]`` with individual ids ``[R]`` / ``[G]``; ``buckets[c]`` is
-    individual c's bucket; ``name`` is the metric's name (``glossary.frechet_metric``). Returns
-    ``({"<bucket>/<name>": d2}, {"<name>.<bucket>": note})``: a bucket with fewer than
-    ``FRECHET_MIN_SAMPLES`` images on either side gets no value (not NaN), and its note says why.
-    """
-    b = np.array(buckets)
-    metrics: dict[str, float] = {}
-    notes: dict[str, str] = {}
-    for group in (*BUCKETS, "overall"):
-        members = torch.from_numpy(np.flatnonzero(np.ones(len(b), bool) if group == "overall" else b == group))
-        if len(members) == 0:
-            continue
-        r = real_features[torch.isin(real_ids, members)]
-        g = gen_features[torch.isin(gen_ids, members)]
-        counts = f"{len(g)} generated vs {len(r)} real images"
-        if min(len(r), len(g)) < FRECHET_MIN_SAMPLES:
-            notes[f"{name}.{group}"] = f"left out: {counts}, fewer than FRECHET_MIN_SAMPLES={FRECHET_MIN_SAMPLES}"
-            continue
-        metrics[f"{group}/{name}"] = frechet_distance(g, r)
-        notes[f"{name}.{group}"] = counts
-    return metrics, notes
+    holdout_samples: list[np.ndarray] = field(default_factory=list)
+    holdout_prompts: list[list[str]] = field(default_factory=list)
+    holdout_sources: list[np.ndarray] = field(default_factory=list)
 
 
 def _gate_metric_note(counts: np.ndarray, n: np.ndarray, buckets: list[str]) -> str:
@@ -235,7 +149,8 @@ def _gate_metric_note(counts: np.ndarray, n: np.ndarray, buckets: list[str]) -> 
     return f"{head}; every few individual has N_i >= |T_i|, so there raw == normalised"
 
 
-def evaluate(pipe: ImageGenerator, real: RealSet, cfg: EvaluateConfig, judge: Judge | None = None) -> EvalResult:
+def evaluate(pipe: ImageGenerator, real: RealSet, cfg: EvaluateConfig, judge: Judge | None = None,
+             holdout: RealSet | None = None, attributes: AttributeReader | None = None) -> EvalResult:
     """Generate N_i images per individual and compute the metrics of DESIGN §6 per individual and bucket.
 
     N_i = max(N_min, min(|T_i|, N_max)) (``images_per_individual``), prompted with captions of the
@@ -248,6 +163,15 @@ def evaluate(pipe: ImageGenerator, real: RealSet, cfg: EvaluateConfig, judge: Ju
     (always the nearest-individual test), ``similarity`` and ``frechet_<feature>`` (``glossary.frechet_metric``),
     and overall ``separability``. Every metric is defined in ``pogdiff.glossary``. Same inputs and seed give the
     same numbers and images.
+
+    ``holdout``: held-out photos (never trained on), grouped under the same individual names as
+    ``real`` (each of its individuals must be one of ``real``'s). Each individual i with |H_i|
+    held-out photos also gets M_i = max(N_min, |H_i|) images prompted with its held-out captions
+    (``draw_sources`` over H_i, seeded with cfg.seed + ``HOLDOUT_SEED_OFFSET``), in one more
+    ``generate`` call, scored per bucket (still by |T_i|) and overall as macro means over the
+    individuals with held-out photos: ``holdout_accuracy``, ``holdout_grecall``, ``copy_rate`` and,
+    with an ``attributes`` reader, ``prompt_fidelity`` (``_held_out``). Without ``holdout`` nothing
+    changes: the same images, numbers and keys.
     """
     counts = real.counts
     n = images_per_individual(counts, cfg)
@@ -314,7 +238,123 @@ def evaluate(pipe: ImageGenerator, real: RealSet, cfg: EvaluateConfig, judge: Ju
         **frechet_notes,
     }
     metrics = {**bucket_means(per_individual, buckets), **distances, "overall/separability": separability(gen_ids.numpy(), shown)}
-    edges = np.concatenate([[0], np.cumsum(n)]).tolist()
-    spans = list(zip(edges[:-1], edges[1:]))
-    return EvalResult(metrics, rows, [samples[a:b] for a, b in spans], [prompts[a:b] for a, b in spans], sources, info)
+    result = EvalResult(metrics, rows, _spans(samples, n), _spans(prompts, n), sources, info)
+    if holdout is None:
+        return result
+    held = _held_out(pipe, real, holdout, cfg, judge, attributes, extractor, real_f, real_t)
+    for i, row in enumerate(rows):
+        row |= {"holdout_count": int(held.counts[i]), "holdout_images": int(held.n[i]),
+                **{k: None if np.isnan(v[i]) else float(v[i]) for k, v in held.per_individual.items()}}
+    result.metrics |= bucket_means(held.per_individual, buckets)
+    result.info |= held.info
+    result.holdout_samples, result.holdout_prompts = _spans(held.samples, held.n), _spans(held.prompts, held.n)
+    result.holdout_sources = held.sources
+    return result
+
+
+def _spans(flat, n: np.ndarray) -> list:
+    """``flat`` (individual-major, n[i] items of individual i) cut into one slice per individual."""
+    edges = np.concatenate([[0], np.cumsum(n)]).astype(int).tolist()
+    return [flat[a:b] for a, b in zip(edges[:-1], edges[1:])]
+
+
+@dataclass(frozen=True)
+class _HeldOut:
+    """The held-out half of an evaluation: counts = |H_i| ``[C]``; n = M_i ``[C]``; per_individual:
+    metric -> ``[C]`` (NaN without held-out photos); samples uint8 ``[sum M_i, H, W, 3]`` and prompts
+    individual-major; sources[i] ``[M_i]`` rows of the held-out images; info."""
+
+    counts: np.ndarray
+    n: np.ndarray
+    per_individual: dict[str, np.ndarray]
+    samples: np.ndarray
+    prompts: list[str]
+    sources: list[np.ndarray]
+    info: dict[str, str | int | float]
+
+
+def _held_out(pipe: ImageGenerator, real: RealSet, holdout: RealSet, cfg: EvaluateConfig, judge: Judge | None,
+              attributes: AttributeReader | None, extractor: FeatureExtractor, real_f: torch.Tensor, real_t: torch.Tensor) -> _HeldOut:
+    """Generate from the held-out captions and score the images (``evaluate``), per individual i:
+
+    - holdout_accuracy_i: share of its M_i images that pass the gate (the judge, as for training
+      prompts, else the nearest training image belongs to i);
+    - holdout_grecall_i: gRecall with T_i = H_i: |{h in H_i : h is the nearest H_i photo of an
+      accepted image}| / |H_i|;
+    - prompt_fidelity_i (``attributes`` given and reading at least one held-out photo; otherwise it is
+      not reported and the copy test is the feature one): share of images g with a(g) = a(h_g), h_g the held-out
+      photo whose caption prompted g and a the attributes read (an unreadable g is not faithful);
+    - copy_rate_i: share of images that reproduce one of its training photos instead of the prompt.
+      With ``attributes``: a(g) != a(h_g) and a(g) = a(x) for a training photo x of i. Without:
+      s(g) = max_{x in T_i} cos(g, x) > tau, tau the ``COPY_QUANTILE`` quantile of s(h) over all
+      held-out photos h (each against its own individual's training photos), so an honest new photo
+      of the individual counts as a copy 5 % of the time.
+    """
+    index = {name: i for i, name in enumerate(real.names)}
+    unknown = [name for name in holdout.names if name not in index]
+    if unknown:
+        raise ValueError(f"held-out individual {unknown[0]!r} has no training images, so it has no bucket; "
+                         "leave its held-out photos out")
+    if holdout.grouped_by != real.grouped_by:
+        raise ValueError(f"the held-out photos are grouped by {holdout.grouped_by}, the training images by {real.grouped_by}")
+    if holdout.images.shape[1:] != real.images.shape[1:]:
+        raise ValueError(f"held-out images are {holdout.images.shape[1:]}, training images {real.images.shape[1:]}: "
+                         "decode both at the same size")
+    c = len(real.names)
+    group = np.array([index[holdout.names[g]] for g in holdout.group], np.int64)  # individual of each held-out photo
+    counts = np.bincount(group, minlength=c)
+    n = np.where(counts > 0, np.maximum(cfg.min_images_per_individual, counts), 0)
+    seed = cfg.seed + HOLDOUT_SEED_OFFSET
+    sources = [draw_sources(np.flatnonzero(group == i), int(n[i]), seed, i) if n[i] else np.zeros(0, np.int64)
+               for i in range(c)]
+    flat = np.concatenate(sources)
+    prompts = [holdout.captions[r] for r in flat]
+    samples = pipe.generate(prompts, num_images_per_prompt=1, seed=seed, guidance_scale=cfg.guidance_scale,
+                            num_inference_steps=cfg.num_inference_steps, batch_size=cfg.batch_size)
+    if len(samples) != len(prompts):
+        raise ValueError(f"the pipeline returned {len(samples)} images for {len(prompts)} held-out prompts")
+    gen_ids = torch.from_numpy(np.repeat(np.arange(c), n))
+    hold_f, gen_f = extractor(holdout.images), extractor(samples)
+    hold_t = torch.from_numpy(group)
+
+    wanted = [real.names[i] for i in gen_ids.tolist()]
+    judged = judge(samples, wanted) if cfg.gate == "judge" and judge is not None else None
+    if judged is not None:
+        ok = torch.tensor([j == w for j, w in zip(judged, wanted)], dtype=torch.bool)
+    else:
+        ok = nearest_group(real_f, real_t, gen_f) == gen_ids
+    per_individual = {
+        "holdout_accuracy": per_group_mean(ok.float(), gen_ids, c),
+        "holdout_grecall": grecall(hold_f, hold_t, gen_f, gen_ids, c, gen_ok=ok),
+    }
+    info: dict[str, str | int | float] = {
+        "holdout_individuals": int((counts > 0).sum()),
+        "holdout_photos": len(holdout.images),
+        "holdout_generated_images": len(prompts),
+        "holdout_seed": seed,
+        "holdout_gate": "judge" if judged is not None else "nearest",
+    }
+    photo_read = attributes(holdout.images) if attributes is not None else None
+    if photo_read is not None and all(a is None for a in photo_read):
+        # a reader that reads none of the held-out photos cannot say what their captions asked for
+        # (e.g. the demo's detector on other data): no prompt fidelity, and the feature copy test
+        info["attribute_reader"] = "reads none of the held-out photos: not used"
+        photo_read = None
+    if photo_read is not None:
+        read, asked = attributes(samples), [photo_read[r] for r in flat]
+        own = np.flatnonzero(counts[real.group] > 0)  # training photos of the individuals with held-out photos
+        seen: list[set] = [set() for _ in range(c)]
+        for r, a in zip(own, attributes(real.images[own])):
+            if a is not None:
+                seen[real.group[r]].add(a)
+        per_individual["prompt_fidelity"] = per_group_mean(torch.from_numpy(faithful(read, asked)), gen_ids, c)
+        copies = torch.from_numpy(copies_by_attributes(read, asked, [seen[i] for i in gen_ids.tolist()]))
+        info |= {"copy_test": "attributes", "holdout_unreadable_photos": sum(a is None for a in photo_read),
+                 "holdout_unreadable_images": sum(a is None for a in read)}
+    else:
+        tau = copy_threshold(hold_f, hold_t, real_f, real_t)
+        copies = own_nearest_similarity(gen_f, gen_ids, real_f, real_t) > tau
+        info |= {"copy_test": "feature similarity", "copy_quantile": COPY_QUANTILE, "copy_threshold": tau}
+    per_individual["copy_rate"] = per_group_mean(copies.float(), gen_ids, c)
+    return _HeldOut(counts, n, per_individual, samples, prompts, sources, info)
 

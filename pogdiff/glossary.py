@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-__all__ = ["BUCKETS", "FRECHET_PREFIX", "GROUPS", "OVERALL_VS_BUCKETS", "OVERALL_VS_BUCKETS_SHORT", "MetricInfo", "describe", "evaluated_metrics", "frechet_metric", "glossary",
+__all__ = ["BUCKETS", "FRECHET_PREFIX", "GROUPS", "HOLDOUT_METRICS", "OVERALL_VS_BUCKETS", "OVERALL_VS_BUCKETS_SHORT", "MetricInfo", "describe", "evaluated_metrics", "frechet_metric", "glossary",
            "glossary_json", "glossary_list", "glossary_markdown", "is_known", "lower_is_better", "rank"]
 
 Bucket = Literal["many", "medium", "few"]
@@ -60,14 +60,35 @@ _FIXED = (
                "shows: 1 = every individual told apart, 0 = the caption conditioning has collapsed",
                "overall only: computed once over all generated images"),
 )
+# Reported only when the data has held-out photos (prompt_fidelity only with an attribute reader too).
+_HELD_OUT_MEAN = ("mean over the bucket's individuals that have held-out photos (buckets by training count); overall: "
+                  "mean over all individuals with held-out photos")
+_HOLDOUT = (
+    MetricInfo("holdout_accuracy", "higher",
+               "share of the images generated from an individual's held-out captions (photos never trained on) that "
+               "show it, by the same test as accuracy", _HELD_OUT_MEAN),
+    MetricInfo("holdout_grecall", "higher",
+               "gRecall against the held-out photos: share of an individual's held-out photos that are the nearest "
+               "held-out photo of one of its accepted images generated from held-out captions", _HELD_OUT_MEAN),
+    MetricInfo("prompt_fidelity", "higher",
+               "share of the images generated from held-out captions whose attributes, read off the image (the demo's "
+               "detector), equal those read off the held-out photo whose caption prompted it", _HELD_OUT_MEAN),
+    MetricInfo("copy_rate", "lower",
+               "share of the images generated from held-out captions that reproduce one of the individual's training "
+               "photos instead of the prompt: read attributes that differ from the prompt photo's and equal a training "
+               "photo's, or without an attribute reader a cosine to the nearest own training photo above the 95th "
+               "percentile of the held-out photos' own (the run's info says which)", _HELD_OUT_MEAN),
+)
+HOLDOUT_METRICS = tuple(m.name for m in _HOLDOUT)
 # Runs logged before the Fréchet distance was named after its feature still hold it as ``fid``; the
 # entry lets `pogdiff compare` and `pogdiff models` read those runs the right way round.
 _LEGACY = MetricInfo("fid", "lower",
                      "runs logged before the rename only: the Fréchet distance in that run's evaluate.feature_extractor "
                      "space (now frechet_<feature>), not Inception FID", _POOLED)
-_BY_NAME = {m.name: m for m in (*_FIXED, _LEGACY)}
+_BY_NAME = {m.name: m for m in (*_FIXED, *_HOLDOUT, _LEGACY)}
 # display order; the Fréchet distances (one name per feature) stand where FRECHET_PREFIX does
-_ORDER = ("grecall", "grecall_norm", "accuracy", "nearest_accuracy", "similarity", FRECHET_PREFIX, "fid", "separability")
+_ORDER = ("grecall", "grecall_norm", "accuracy", "nearest_accuracy", "similarity", FRECHET_PREFIX, "fid", "separability",
+          *HOLDOUT_METRICS)
 _FEATURES = {
     "pixels": "the image area-downsampled to {size}x{size} pixels, centred and L2-normalised",
     "dinov2": "a DINOv2 model's pooled CLS token",
@@ -124,13 +145,16 @@ def describe(name: str) -> MetricInfo:
     info = _BY_NAME.get(name) or (_frechet(name) if name.startswith(FRECHET_PREFIX) else None)
     if info is None:
         raise KeyError(f"no metric {name!r} in the glossary (pogdiff/glossary.py); known: "
-                       f"{', '.join([m.name for m in _FIXED] + [FRECHET_PREFIX + '<feature>'])}")
+                       f"{', '.join([m.name for m in (*_FIXED, *_HOLDOUT)] + [FRECHET_PREFIX + '<feature>'])}")
     return info
 
 
-def evaluated_metrics(extractor: str, size: int | None = None) -> tuple[str, ...]:
-    """The metric names an evaluation with this feature extractor (and pixel size) reports, in display order."""
-    return tuple(sorted([m.name for m in _FIXED] + [frechet_metric(extractor, size)], key=rank))
+def evaluated_metrics(extractor: str, size: int | None = None, holdout: bool = False) -> tuple[str, ...]:
+    """The metric names an evaluation with this feature extractor (and pixel size) reports, in display
+    order; with ``holdout``, also those it reports on data with held-out photos (``prompt_fidelity``
+    needs an attribute reader as well)."""
+    held_out = list(HOLDOUT_METRICS) if holdout else []
+    return tuple(sorted([m.name for m in _FIXED] + [frechet_metric(extractor, size)] + held_out, key=rank))
 
 
 def is_known(name: str) -> bool:

@@ -18,6 +18,17 @@ Identity accuracy_i = share of G_i whose nearest real image belongs to i (the ne
 when a judge decides the gate instead, the share the judge accepts is reported beside it.
 Feature similarity_i = mean cos(g, x) over G_i x T_i (the DINO-score analogue).
 
+Held-out prompts. For group i with held-out photos H_i (never trained on) and M_i images G_i
+generated from their captions, image g prompted by the caption of photo h_g:
+  holdout_grecall_i = gRecall_i with T_i replaced by H_i;
+  prompt_fidelity_i = |{g : a(g) = a(h_g)}| / M_i, a(.) the attributes an attribute reader reads
+                      off an image (an unreadable g is not faithful);
+  copy_rate_i       = |{g : g reproduces a training photo of i instead of the prompt}| / M_i, where
+                      "reproduces" is a(g) != a(h_g) and a(g) in {a(x) : x in T_i} with a reader, or,
+                      without one, s(g) > tau with s(y) = max_{x in T_i} cos(y, x) and tau the
+                      COPY_QUANTILE quantile of s(h) over all held-out photos h (each against its own
+                      group's training photos): a new photo of i scores as a copy 5 % of the time.
+
 Fréchet distance (the formula of FID, in the configured extractor's feature space, not Inception's;
 reported as ``frechet_<feature>``, see ``pogdiff.glossary``):
   d^2 = |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a^{1/2} S_b S_a^{1/2})^{1/2}).
@@ -36,6 +47,12 @@ from pogdiff.glossary import BUCKETS, GROUPS, Bucket, rank  # the bucket names l
 # ~10 rows it is so noisy that the distance says more about which images were drawn than about the
 # model. Its bias still falls only as 1/N, so distances are comparable at equal N and extractor only.
 FRECHET_MIN_SAMPLES = 10
+
+# The quantile of real held-out photos' similarity to their own group's nearest training photo above
+# which a generated image counts as a copy (feature test): 5 % of honest new photos exceed it.
+COPY_QUANTILE = 0.95
+
+Attributes = tuple[str, ...]  # what an attribute reader reads off one image, comparable with ==
 
 
 def nearest_group(real_features: torch.Tensor, real_ids: torch.Tensor, gen_features: torch.Tensor) -> torch.Tensor:
@@ -100,6 +117,44 @@ def grecall_normalised(grecall_values: np.ndarray, real_counts: np.ndarray, gen_
     out = raw.copy()
     out[capped] = np.rint(raw[capped] * real[capped]) / gen[capped]
     return out
+
+
+def faithful(read: list[Attributes | None], asked: list[Attributes | None]) -> np.ndarray:
+    """``[G]`` bool: image g shows what its prompt asked for, read[g] == asked[g] (None, unreadable,
+    is never faithful). read: the attributes read off the generated images; asked: those read off
+    the photo whose caption prompted each one."""
+    if len(read) != len(asked):
+        raise ValueError(f"{len(read)} read attribute tuples for {len(asked)} prompts")
+    return np.array([r is not None and r == a for r, a in zip(read, asked)], bool)
+
+
+def copies_by_attributes(read: list[Attributes | None], asked: list[Attributes | None],
+                         training: list[set[Attributes]]) -> np.ndarray:
+    """``[G]`` bool: image g shows one of its group's training photos instead of its prompt: read[g]
+    is readable, differs from asked[g] and is in training[g], the attributes read off the training
+    photos of g's group."""
+    if not len(read) == len(asked) == len(training):
+        raise ValueError(f"{len(read)} read, {len(asked)} asked and {len(training)} training attribute sets: one of each per image")
+    return np.array([r is not None and r != a and r in t for r, a, t in zip(read, asked, training)], bool)
+
+
+def own_nearest_similarity(features: torch.Tensor, ids: torch.Tensor, real_features: torch.Tensor,
+                           real_ids: torch.Tensor) -> torch.Tensor:
+    """``[G]``: s(y) = max_{x in T_ids[g]} cos(y, x), the cosine of each of ``features`` ``[G, F]`` to the
+    nearest real image ``[R, F]`` of its own group (``ids`` ``[G]``, ``real_ids`` ``[R]``); -inf for a
+    group without real images."""
+    sims = features @ real_features.T
+    return sims.masked_fill(ids[:, None] != real_ids[None, :], float("-inf")).max(1).values
+
+
+def copy_threshold(holdout_features: torch.Tensor, holdout_ids: torch.Tensor, real_features: torch.Tensor,
+                   real_ids: torch.Tensor, quantile: float = COPY_QUANTILE) -> float:
+    """tau: the ``quantile`` (linear interpolation) of s(h) (``own_nearest_similarity``) over the
+    held-out photos ``[H, F]`` of groups ``[H]``, each against its own group's real (training) images."""
+    s = own_nearest_similarity(holdout_features, holdout_ids, real_features, real_ids).double().numpy()
+    if len(s) == 0 or not np.isfinite(s).all():
+        raise ValueError("the copy threshold needs held-out photos of groups that have training images")
+    return float(np.quantile(s, quantile))
 
 
 def per_group_mean(values: torch.Tensor, ids: torch.Tensor, num_groups: int) -> np.ndarray:
@@ -219,3 +274,37 @@ def frechet_distance(features_a, features_b, min_samples: int = FRECHET_MIN_SAMP
     cross = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
     d2 = float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * cross)
     return max(d2, 0.0)
+
+
+def bucket_frechet(
+    real_features: torch.Tensor,
+    real_ids: torch.Tensor,
+    gen_features: torch.Tensor,
+    gen_ids: torch.Tensor,
+    buckets: list[str],
+    name: str,
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Fréchet distance per bucket and overall: generated vs real images of the bucket's individuals,
+    pooled (overall: every individual's images in one set, not a mean of the buckets).
+
+    Features ``[R, F]`` / ``[G, F]`` with individual ids ``[R]`` / ``[G]``; ``buckets[c]`` is
+    individual c's bucket; ``name`` is the metric's name (``glossary.frechet_metric``). Returns
+    ``({"<bucket>/<name>": d2}, {"<name>.<bucket>": note})``: a bucket with fewer than
+    ``FRECHET_MIN_SAMPLES`` images on either side gets no value (not NaN), and its note says why.
+    """
+    b = np.array(buckets)
+    metrics: dict[str, float] = {}
+    notes: dict[str, str] = {}
+    for group in (*BUCKETS, "overall"):
+        members = torch.from_numpy(np.flatnonzero(np.ones(len(b), bool) if group == "overall" else b == group))
+        if len(members) == 0:
+            continue
+        r = real_features[torch.isin(real_ids, members)]
+        g = gen_features[torch.isin(gen_ids, members)]
+        counts = f"{len(g)} generated vs {len(r)} real images"
+        if min(len(r), len(g)) < FRECHET_MIN_SAMPLES:
+            notes[f"{name}.{group}"] = f"left out: {counts}, fewer than FRECHET_MIN_SAMPLES={FRECHET_MIN_SAMPLES}"
+            continue
+        metrics[f"{group}/{name}"] = frechet_distance(g, r)
+        notes[f"{name}.{group}"] = counts
+    return metrics, notes

@@ -21,6 +21,9 @@ class IngestConfig(StageConfig):
     captions_file: str = "captions.csv"  # csv or jsonl, relative to the source folder
     image_column: str = "image"  # captions-file path column; Parquet bytes/struct/path column
     caption_column: str = "caption"  # also the caption key of a WebDataset sample's .json member
+    # train | holdout per row (a missing column or an empty value: train); also a key of a WebDataset
+    # sample's .json member or a member of its own (key.split). Held-out rows never train.
+    split_column: str = "split"
     allowed_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
     min_side: int = Field(8, ge=1)  # pixels; smaller images are rejected
     max_pixels: int = Field(64_000_000, ge=1)  # decompression-bomb guard, checked before decoding

@@ -9,6 +9,15 @@ Layout of a dataset (a directory)::
     dataset/.lock                                 held by an ingest or a snapshot pin (POSIX ``flock``)
 
 Readers only look at ``part-*.parquet``, so a part being written (a temporary name) is never seen.
+
+**Splits.** Each row is a training photo or a held-out one (``split``: ``train`` | ``holdout``).
+The split is a column of its own rather than a key of ``metadata``: it decides what may ever be
+trained on, so readers select on it with a Parquet predicate (``read_images(split=...)``) instead
+of parsing every row's JSON, and no other source column can be mistaken for it. Part files are immutable (snapshot manifests list
+them), so datasets written before the column existed are not rewritten: their parts lack it, it
+reads as null, and null reads as ``train``. A row's split never changes: its id is fixed by its
+bytes and caption, and the ingest quarantines the same image in the other split
+(``Reason.SPLIT_CONFLICT``).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pogdiff.atomic import write_atomic
+from storage.items import SPLITS, Split
 
 try:  # POSIX only; elsewhere ingests into one dataset must not run concurrently
     import fcntl
@@ -36,6 +46,7 @@ __all__ = [
     "DATASET_SCHEMA",
     "QUARANTINE_SCHEMA",
     "caption_counts",
+    "holdout_ids",
     "pin_snapshot",
     "read_images",
     "read_manifest",
@@ -58,6 +69,8 @@ DATASET_SCHEMA = pa.schema(
         pa.field("metadata", pa.string(), nullable=False),  # JSON object of the extra columns
         pa.field("ingested_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("batch_id", pa.string(), nullable=False),
+        # train | holdout; null only in parts written before the column existed, and read as train
+        pa.field("split", pa.string(), nullable=True),
     ]
 )
 
@@ -100,24 +113,40 @@ def part_files(dataset: Path, sub: str) -> list[Path]:
     return sorted(directory.glob(PART_GLOB)) if directory.is_dir() else []
 
 
-def read_parts(files: list[Path], schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
-    """``files`` as one table of ``schema`` (``columns`` of it); an empty table when there are none."""
+def split_filter(split: Split | None) -> pc.Expression | None:
+    """The Parquet predicate selecting the rows of ``split`` (None: every row); a null split, from a
+    part written before the column existed, is ``train``."""
+    if split is None:
+        return None
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)} or None, got '{split}'")
+    if split == "train":
+        return pc.field("split").is_null() | (pc.field("split") == "train")
+    return pc.field("split") == split
+
+
+def read_parts(files: list[Path], schema: pa.Schema, columns: list[str] | None = None,
+               split: Split | None = None) -> pa.Table:
+    """``files`` as one table of ``schema`` (``columns`` of it), only the rows of ``split`` when
+    given; an empty table when there are none."""
     if columns is not None:
         unknown = [c for c in columns if c not in schema.names]
         if unknown:
             raise ValueError(f"unknown column(s) {unknown}; the schema has {schema.names}")
+    predicate = split_filter(split)
     if not files:
         table = schema.empty_table()
         return table.select(columns) if columns is not None else table
     data = pads.dataset([str(f) for f in files], schema=schema, format="parquet")
-    return data.to_table(columns=columns)
+    return data.to_table(columns=columns, filter=predicate)
 
 
-def iter_batches(files: list[Path], schema: pa.Schema, columns: list[str]) -> Iterator[pa.RecordBatch]:
-    """``columns`` of ``files`` in batches of 256 rows (bounded memory)."""
+def iter_batches(files: list[Path], schema: pa.Schema, columns: list[str], split: Split | None = None) -> Iterator[pa.RecordBatch]:
+    """``columns`` of ``files`` (the rows of ``split`` when given) in batches of 256 rows (bounded memory)."""
+    predicate = split_filter(split)
     if files:
         data = pads.dataset([str(f) for f in files], schema=schema, format="parquet")
-        yield from data.to_batches(columns=columns, batch_size=256)
+        yield from data.to_batches(columns=columns, filter=predicate, batch_size=256)
 
 
 def snapshot_files(dataset: Path, snapshot: str | None) -> list[Path]:
@@ -133,13 +162,19 @@ def snapshot_files(dataset: Path, snapshot: str | None) -> list[Path]:
     return files
 
 
-def read_images(dataset: Path, columns: list[str] | None = None, snapshot: str | None = None) -> pa.Table:
-    """All accepted image rows (DATASET_SCHEMA, or ``columns`` of it), sorted by id: of ``snapshot``
-    (a pinned snapshot id, read from its manifest) or, by default, of the dataset as it is now."""
+def read_images(dataset: Path, columns: list[str] | None = None, snapshot: str | None = None,
+                split: Split | None = None) -> pa.Table:
+    """The accepted image rows (DATASET_SCHEMA, or ``columns`` of it), sorted by id: of ``snapshot``
+    (a pinned snapshot id, read from its manifest) or, by default, of the dataset as it is now; of
+    one ``split`` (``train`` or ``holdout``) or, by default, all of them. A ``split`` column read
+    from parts written before it existed holds ``train``, never null."""
     files = snapshot_files(dataset, snapshot)
     wanted = list(DATASET_SCHEMA.names) if columns is None else list(columns)
     read = wanted if "id" in wanted else [*wanted, "id"]
-    table = read_parts(files, DATASET_SCHEMA, read).sort_by("id")
+    table = read_parts(files, DATASET_SCHEMA, read, split).sort_by("id")
+    if "split" in wanted:
+        at = table.schema.get_field_index("split")
+        table = table.set_column(at, table.schema.field(at), pc.fill_null(table.column(at), "train"))
     return table.select(wanted)
 
 
@@ -150,24 +185,31 @@ def read_quarantine(dataset: Path) -> pa.Table:
 
 
 def snapshot_id(dataset: Path) -> str:
-    """Content id of the accepted rows: sha256 over the sorted row ids (each followed by a newline),
-    first 16 hex digits; ``"empty"`` when there are no rows. Independent of part files and batches."""
+    """Content id of the accepted rows: sha256 over the sorted row ids, each followed by ``" holdout"``
+    if the row is held out and by a newline, first 16 hex digits; ``"empty"`` when there are no rows.
+    Independent of part files and batches; a dataset without held-out rows keeps the id it had before
+    splits existed."""
     return snapshot_summary(dataset)[0]
 
 
 def snapshot_summary(dataset: Path) -> tuple[str, int]:
-    """``(snapshot_id, rows)`` from one read of the id column."""
-    ids = read_parts(part_files(dataset, IMAGES_DIR), DATASET_SCHEMA, ["id"]).column("id").to_pylist()
-    return snapshot_of(ids), len(ids)
+    """``(snapshot_id, rows)`` from one read of the id and split columns."""
+    table = read_parts(part_files(dataset, IMAGES_DIR), DATASET_SCHEMA, ["id", "split"])
+    return snapshot_of(table.column("id").to_pylist(), holdout_ids(table)), table.num_rows
 
 
-def snapshot_of(ids: list[str]) -> str:
-    """The snapshot id of the rows ``ids`` (see :func:`snapshot_id`)."""
+def holdout_ids(table: pa.Table) -> set[str]:
+    """The ids of the held-out rows of ``table`` (its ``id`` and ``split`` columns)."""
+    return set(table.filter(pc.equal(table.column("split"), "holdout")).column("id").to_pylist())
+
+
+def snapshot_of(ids: list[str], holdout: set[str] | frozenset[str] = frozenset()) -> str:
+    """The snapshot id of the rows ``ids``, of which ``holdout`` are held out (see :func:`snapshot_id`)."""
     if not ids:
         return "empty"
     digest = hashlib.sha256()
     for row_id in sorted(ids):
-        digest.update(row_id.encode("ascii") + b"\n")
+        digest.update(row_id.encode("ascii") + (b" holdout\n" if row_id in holdout else b"\n"))
     return digest.hexdigest()[:16]
 
 
@@ -178,14 +220,19 @@ def pin_snapshot(dataset: Path) -> tuple[str, int]:
     dataset = Path(dataset)
     part_files(dataset, IMAGES_DIR)  # a missing dataset is one clear error
     with locked(dataset):
-        snapshot, rows = snapshot_summary(dataset)
-        write_manifest(dataset, snapshot, rows, "pinned")
-    return snapshot, rows
+        table = read_parts(part_files(dataset, IMAGES_DIR), DATASET_SCHEMA, ["id", "split"])
+        held = holdout_ids(table)
+        snapshot = snapshot_of(table.column("id").to_pylist(), held)
+        write_manifest(dataset, snapshot, table.num_rows, "pinned", len(held))
+    return snapshot, table.num_rows
 
 
 def caption_counts(dataset: Path, snapshot: str | None = None) -> dict[str, int]:
-    """Training images per caption (of ``snapshot``, default the dataset now), keys in sorted order."""
-    captions = read_parts(snapshot_files(dataset, snapshot), DATASET_SCHEMA, ["caption"]).column("caption")
+    """Training images per caption (of ``snapshot``, default the dataset now), keys in sorted order.
+
+    Held-out rows are not counted, so the caption index built from these counts never holds a
+    held-out caption: it is never a neighbour and never adds to a density."""
+    captions = read_parts(snapshot_files(dataset, snapshot), DATASET_SCHEMA, ["caption"], "train").column("caption")
     if len(captions) == 0:
         return {}
     counts = pc.value_counts(captions).to_pylist()
@@ -197,8 +244,9 @@ def manifest_path(dataset: Path, snapshot: str) -> Path:
     return dataset / SNAPSHOTS_DIR / f"{snapshot}.json"
 
 
-def write_manifest(dataset: Path, snapshot: str, rows: int, batch_id: str) -> str:
-    """Record which part files make up ``snapshot`` (written once; a re-run finds it in place)."""
+def write_manifest(dataset: Path, snapshot: str, rows: int, batch_id: str, holdout_rows: int = 0) -> str:
+    """Record which part files make up ``snapshot`` and how many of its ``rows`` are held out
+    (written once; a re-run finds it in place)."""
     if snapshot == "empty":
         return ""
     path = manifest_path(dataset, snapshot)
@@ -210,7 +258,9 @@ def write_manifest(dataset: Path, snapshot: str, rows: int, batch_id: str) -> st
         manifest = {
             "snapshot_id": snapshot,
             "rows": rows,
-            "content_hash": "sha256 over the sorted row ids, first 16 hex digits (= snapshot_id)",
+            "holdout_rows": holdout_rows,
+            "content_hash": "sha256 over the sorted row ids, each followed by ' holdout' if held out and a newline, "
+                            "first 16 hex digits (= snapshot_id)",
             "files": files,
             "batch_id": batch_id,
             "created_at": datetime.now(timezone.utc).isoformat(),
@@ -222,7 +272,8 @@ def write_manifest(dataset: Path, snapshot: str, rows: int, batch_id: str) -> st
 
 
 def read_manifest(dataset: Path, snapshot: str) -> dict:
-    """The manifest of ``snapshot``: ``{snapshot_id, rows, files: [{path, rows, bytes}], batch_id, created_at}``."""
+    """The manifest of ``snapshot``: ``{snapshot_id, rows, holdout_rows, files: [{path, rows, bytes}], batch_id,
+    created_at}`` (``holdout_rows`` absent from manifests written before splits existed)."""
     path = manifest_path(Path(dataset), snapshot)
     if not path.exists():
         raise FileNotFoundError(f"no manifest for snapshot {snapshot} in {dataset}")

@@ -13,15 +13,20 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, Literal, get_args
 
 from storage.config import IngestConfig
 
-__all__ = ["Item", "Reason", "SourceError", "one_line", "path_item", "printable", "text_item", "unsafe_key"]
+__all__ = ["SPLITS", "Item", "Reason", "SourceError", "Split", "one_line", "path_item", "printable", "text_item", "unsafe_key"]
 
 BAD_UTF8 = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of invalid bytes
 _SEPARATORS = re.compile(r"[\\/]")
 _DRIVE = re.compile(r"^[A-Za-z]:")
+
+# Which photos train and which are held out for evaluation: a held-out photo never enters training
+# (neither as a training image nor as a caption of the index) and is only ever a prompt and a reference.
+Split = Literal["train", "holdout"]
+SPLITS: tuple[Split, ...] = get_args(Split)
 
 
 class SourceError(Exception):
@@ -45,6 +50,8 @@ class Reason(StrEnum):
     TOO_LARGE = "too_large"  # more bytes than max_image_bytes / max_member_bytes, never read
     DUPLICATE = "duplicate"
     SAME_IMAGE_OTHER_CAPTION = "same_image_other_caption"
+    INVALID_SPLIT = "invalid_split"  # a split value other than train, holdout or empty
+    SPLIT_CONFLICT = "split_conflict"  # the same image bytes already accepted in the other split
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,8 @@ class Item:
 
     key: str
     caption: str = ""
-    metadata: str = "{}"  # JSON object
+    metadata: str = "{}"  # JSON object of the extra columns (the split column is not one of them)
+    split: Split = "train"
     path: str | None = None
     data: bytes | None = None
     root: str = ""
@@ -89,8 +97,19 @@ def unsafe_key(key: str) -> bool:
     return ".." in _SEPARATORS.split(key)
 
 
+def _split(value: Any) -> Split | None:
+    """The split a source value names (no value or an empty string: ``train``), or None if it names none."""
+    if value is None or value == "":
+        return "train"
+    return value if isinstance(value, str) and value in SPLITS else None
+
+
 def text_item(key: str, caption: Any, extra: dict[str, Any], where: str, cfg: IngestConfig, **image: Any) -> Item:
-    """Text-level validation of one input (UTF-8, caption); ``image`` holds path/data/root."""
+    """Text-level validation of one input (UTF-8, split, caption); ``image`` holds path/data/root.
+
+    ``extra`` holds the source's other columns; ``extra[cfg.split_column]`` becomes the item's split
+    (exactly ``train`` or ``holdout``; absent or empty: ``train``) and the rest its metadata.
+    """
     if has_bad_utf8([key, caption, extra]):
         shown = printable(json.dumps([caption, extra], ensure_ascii=False))
         return Item(
@@ -98,6 +117,16 @@ def text_item(key: str, caption: Any, extra: dict[str, Any], where: str, cfg: In
             reason=Reason.INVALID_UTF8,
             message=f"{where}: not valid UTF-8 (bad bytes as \\xNN): {one_line(shown)[:200]}",
         )
+    value = extra.get(cfg.split_column)
+    split = _split(value)
+    if split is None:
+        shown = f"'{value}'" if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+        return Item(
+            key,
+            reason=Reason.INVALID_SPLIT,
+            message=f"{where}: {cfg.split_column} must be 'train' or 'holdout', got {one_line(shown)[:200]}",
+        )
+    extra = {k: v for k, v in extra.items() if k != cfg.split_column}
     if caption is not None and not isinstance(caption, str):
         return Item(
             key,
@@ -117,7 +146,7 @@ def text_item(key: str, caption: Any, extra: dict[str, Any], where: str, cfg: In
             )
         caption = caption[: cfg.max_caption_chars].rstrip()
     metadata = json.dumps(extra, ensure_ascii=False, sort_keys=True, default=str)
-    return Item(key, caption=caption, metadata=metadata, **image)
+    return Item(key, caption=caption, metadata=metadata, split=split, **image)
 
 
 def path_item(key: str, rel: Any, caption: Any, extra: dict, where: str, root: Path, cfg: IngestConfig) -> Item:

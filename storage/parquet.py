@@ -12,6 +12,10 @@ Guarantees:
 * **Idempotent.** A row's id is a content hash of the original image bytes and the caption, so
   ingesting the same source twice writes no new image rows; quarantine rows are keyed by
   ``(source, key, reason)`` and are written once.
+* **Held-out photos stay held out.** A source's split column marks rows ``train`` or ``holdout``
+  (:mod:`storage.items`). An image whose bytes are already accepted in the other split (in the
+  dataset or earlier in this run) is quarantined (``split_conflict``): the same photo trained on
+  and held out would score memory as generalisation.
 * **Atomic.** Each part file is written under a temporary name in the same directory, fsynced and
   moved into place with ``os.replace``; readers only look at ``part-*.parquet``, so a crash never
   exposes a partial file, only complete parts. A crashed ingest is finished by running it again.
@@ -51,6 +55,7 @@ from storage.dataset import (
     QUARANTINE_DIR,
     QUARANTINE_SCHEMA,
     SNAPSHOTS_DIR,
+    holdout_ids,
     iter_batches,
     locked,
     part_files,
@@ -58,7 +63,7 @@ from storage.dataset import (
     snapshot_of,
     write_manifest,
 )
-from storage.items import Item, Reason
+from storage.items import Item, Reason, Split
 from storage.sources import open_source
 from storage.validate import Checked, check_many, init_worker, own_pixel_limit
 
@@ -162,9 +167,47 @@ def _image_table(rows: list[Checked], source: str, now: datetime, batch_id: str)
             "metadata": [r.item.metadata for r in rows],
             "ingested_at": [now] * len(rows),
             "batch_id": [batch_id] * len(rows),
+            "split": [r.item.split for r in rows],
         },
         schema=DATASET_SCHEMA,
     )
+
+
+def _stored_ids(files: list[Path]) -> tuple[set[str], set[str]]:
+    """The ids of the rows in ``files``, and those of its held-out rows."""
+    table = read_parts(files, DATASET_SCHEMA, ["id", "split"])
+    return set(table.column("id").to_pylist()), holdout_ids(table)
+
+
+class _SplitOwners:
+    """Which accepted row holds each image (by the sha256 of its original bytes) in each split, to
+    keep one photo out of both. The held-out rows of the dataset are read up front (few); the
+    training rows, every other row, only when the first held-out input needs them, so a source
+    without held-out photos never reads them. Rows accepted by this run are added as they are."""
+
+    def __init__(self, files: list[Path]):
+        self._files = files
+        self._stored: dict[Split, dict[str, str] | None] = {"holdout": self._read("holdout"), "train": None}
+        self._added: dict[Split, dict[str, str]] = {"holdout": {}, "train": {}}
+
+    def _read(self, split: Split) -> dict[str, str]:
+        owners: dict[str, str] = {}
+        for batch in iter_batches(self._files, DATASET_SCHEMA, ["id", "image_sha256"], split):
+            for row_id, digest in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                owners.setdefault(digest, row_id)
+        return owners
+
+    def other(self, digest: str, split: Split) -> tuple[Split, str] | None:
+        """``(the other split, row id)`` when the image ``digest`` is accepted there already, else None."""
+        other: Split = "train" if split == "holdout" else "holdout"
+        stored = self._stored[other]
+        if stored is None:
+            stored = self._stored[other] = self._read(other)
+        row_id = stored.get(digest) or self._added[other].get(digest)
+        return None if row_id is None else (other, row_id)
+
+    def add(self, digest: str, row_id: str, split: Split) -> None:
+        self._added[split].setdefault(digest, row_id)
 
 
 def _quarantine_table(rejects: list[tuple[str, str, str]], source: str, now: datetime, batch_id: str) -> pa.Table:
@@ -222,7 +265,8 @@ def ingest(
                 for stale in directory.glob(f".*{TMP_SUFFIX}"):
                     stale.unlink(missing_ok=True)
             image_files = part_files(dataset, IMAGES_DIR)
-            existing = set(read_parts(image_files, DATASET_SCHEMA, ["id"]).column("id").to_pylist())
+            existing, held_out = _stored_ids(image_files)
+            splits = _SplitOwners(image_files)
             quarantine = read_parts(part_files(dataset, QUARANTINE_DIR), QUARANTINE_SCHEMA, ["source", "key", "reason"])
             recorded = set(zip(*(quarantine.column(c).to_pylist() for c in ("source", "key", "reason"))))
             owner: dict[str, str] = {}  # image sha256 -> id of the accepted row; only for the reject policy
@@ -253,6 +297,13 @@ def ingest(
                     result = next(checked)
                     if result.reason is not None:
                         reject(item.key, result.reason, result.message)
+                    elif (clash := splits.other(result.image_sha256, item.split)) is not None:
+                        reject(
+                            item.key,
+                            Reason.SPLIT_CONFLICT,
+                            f"{item.key}: marked {item.split}, but the same image is already accepted as "
+                            f"{clash[0]} (row id {clash[1]}); a photo is either trained on or held out, never both",
+                        )
                     elif result.id in seen:
                         reject(item.key, Reason.DUPLICATE, f"{item.key}: same image and caption as '{seen[result.id]}'")
                     elif result.id in existing:
@@ -268,6 +319,9 @@ def ingest(
                     else:
                         seen[result.id] = item.key
                         owner.setdefault(result.image_sha256, result.id)
+                        splits.add(result.image_sha256, result.id, item.split)
+                        if item.split == "holdout":
+                            held_out.add(result.id)
                         new_rows.append(result)
                 if new_rows:
                     table = _image_table(new_rows, source_name, now, batch_id)
@@ -291,8 +345,8 @@ def ingest(
                     commit(*in_flight.popleft())
             while in_flight:
                 commit(*in_flight.popleft())
-            snapshot = snapshot_of(list(existing))
-            manifest = write_manifest(dataset, snapshot, len(existing), batch_id)
+            snapshot = snapshot_of(list(existing), held_out)
+            manifest = write_manifest(dataset, snapshot, len(existing), batch_id, len(held_out))
 
     return IngestReport(
         accepted=accepted,

@@ -27,7 +27,7 @@ from tasks.retry import IO_RETRIES
 
 
 def plan_shards(settings: Settings, cfg: IndexConfig, snapshot: str | None = None) -> list[dict[str, str]]:
-    """The captions of the dataset (at ``snapshot``, default now) with no vector under this embedder
+    """The training captions of the dataset (at ``snapshot``, default now) with no vector under this embedder
     yet, as shards (id -> caption) of at most ``cfg.embed_shard_size``; empty when every caption is
     embedded already."""
     known = vectors.known_vectors(settings.lancedb_uri, make_embedder(cfg).key)
@@ -39,8 +39,9 @@ def plan_shards(settings: Settings, cfg: IndexConfig, snapshot: str | None = Non
 def build_caption_index(settings: Settings, cfg: IndexConfig, progress: bool = False,
                         precomputed: dict[str, np.ndarray] | None = None, snapshot: str | None = None) -> CaptionIndexReport:
     """Embed only captions not yet in LanceDB under this embedder, then refresh neighbours and density
-    over the captions of ``snapshot`` (default: the dataset now), and delete captions no longer in the
-    dataset from the table. ``version`` in the result is the table version whose rows for those
+    over the training captions of ``snapshot`` (default: the dataset now; ``dataset.caption_counts``:
+    a held-out caption is never a neighbour and never adds to a density), and delete captions no
+    longer among them from the table. ``version`` in the result is the table version whose rows for those
     captions are exactly this graph.
 
     Up to ``cfg.ann_threshold`` captions the graph is exact, updated from the stored exact graph when
@@ -100,12 +101,12 @@ def _ann_graph(uri: str, graph: CaptionGraph, previous: CaptionGraph | None, cfg
 
 
 def build_image_features(settings: Settings, cfg: IndexConfig, snapshot: str | None = None) -> ImageFeatureReport:
-    """Compute the psi image feature once per image of ``snapshot`` (default: the dataset now);
-    images already featurised are skipped."""
+    """Compute the psi image feature once per training image of ``snapshot`` (default: the dataset
+    now; held-out images never enter psi); images already featurised are skipped."""
     extractor = image_extractor(cfg)
     name = extractor.name
     done = vectors.known_feature_ids(settings.lancedb_uri, name)
-    table = dataset.read_images(settings.dataset_uri, columns=["id", "image"], snapshot=snapshot)
+    table = dataset.read_images(settings.dataset_uri, columns=["id", "image"], snapshot=snapshot, split="train")
     ids = table.column("id").to_pylist()
     new = [i for i, image_id in enumerate(ids) if image_id not in done]
     blobs = table.column("image").take(pa.array(new, pa.int64())).to_pylist()

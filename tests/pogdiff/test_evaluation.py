@@ -10,16 +10,12 @@ from PIL import Image
 
 from pogdiff.config import ConfigError, EvaluateConfig, parse_config
 from pogdiff.demo import catalogue, detector
-from pogdiff.evaluation import (
-    RealSet,
-    evaluate,
-    group_by_metadata,
-    images_per_individual,
-)
+from pogdiff.evaluation import HOLDOUT_SEED_OFFSET, evaluate, images_per_individual
 from pogdiff.glossary import evaluated_metrics
 from pogdiff.metrics import FRECHET_MIN_SAMPLES
 from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 from pogdiff.plots import grecall_scatter, metric_bars, save_png
+from pogdiff.realset import RealSet, group_by_metadata
 
 SIZE = 16
 # six demo individuals with 12, 12, 5, 5, 2, 2 training images, each image with its own catalogue caption
@@ -307,3 +303,174 @@ def test_plots_write_pngs(tmp_path):
         metric_bars({"train/loss": 0.1})
     with pytest.raises(ValueError, match="at least one row"):
         grecall_scatter([{"count": 1, "bucket": "few", "grecall": None}])
+
+
+# Held-out prompts, on hand-made 8x8 images. An image's pixel [0, 0, 0] is its code: the attribute
+# reader and the judge below read that code alone, so every verdict is fixed in advance.
+HELD_SIZE = 8
+
+
+LOOKS_LIKE = {14: 10}  # held-out photo 14 is training photo 10 but for its code: 10 is 14's nearest neighbour
+
+
+def _coded(code: int) -> np.ndarray:
+    image = np.random.default_rng(LOOKS_LIKE.get(code, code)).integers(0, 256, (HELD_SIZE, HELD_SIZE, 3), dtype=np.uint8)
+    image[0, 0, 0] = code
+    return image
+
+
+def _stack(codes) -> np.ndarray:
+    return np.stack([_coded(c) for c in codes])
+
+
+# code -> (individual shown, attributes read); code 99 is unreadable to both
+CODES = {10: ("Avo", ("small", "top left", "white")), 11: ("Avo", ("large", "centre", "white")),
+         12: ("Avo", ("small", "centre", "black")), 13: ("Avo", ("large", "top left", "black")),
+         14: ("Avo", ("medium", "centre", "white")),
+         20: ("Bix", ("small", "top left", "white")), 21: ("Bix", ("large", "centre", "black")),
+         22: ("Bix", ("medium", "bottom right", "white")), 23: ("Bix", ("large", "top left", "white")),
+         30: ("Cor", ("small", "centre", "white")), 31: ("Cor", ("large", "centre", "white"))}
+
+
+def read_attributes(images: np.ndarray) -> list[tuple[str, ...] | None]:
+    return [CODES[c][1] if (c := int(im[0, 0, 0])) in CODES else None for im in images]
+
+
+def judge_by_code(images: np.ndarray, individuals: list[str]) -> list[str | None]:
+    return [CODES[c][0] if (c := int(im[0, 0, 0])) in CODES else None for im in images]
+
+
+class ChosenGenerator:
+    """Answers every prompt with the image chosen for it (``answers[prompt]``: codes, cycled per
+    call); records each call."""
+
+    def __init__(self, answers: dict[str, list[int]], images=_stack):
+        self.answers, self.images, self.image_size = answers, images, HELD_SIZE
+        self.calls: list[dict] = []
+
+    def generate(self, prompts, num_images_per_prompt, seed, guidance_scale, num_inference_steps, batch_size):
+        self.calls.append({"prompts": list(prompts), "seed": seed})
+        asked: Counter = Counter()
+        codes = []
+        for p in prompts:
+            codes.append(self.answers[p][asked[p] % len(self.answers[p])])
+            asked[p] += 1
+        return self.images(codes)
+
+
+# Avo: 3 training photos (many), 2 held out; Bix: 2 training photos (few), 2 held out; Cor: 2 training, none held out
+TRAIN_CODES = [10, 11, 12, 20, 21, 30, 31]
+HELD_CODES = [13, 14, 22, 23]
+
+
+def _held_cfg(**over) -> EvaluateConfig:
+    base = {"min_images_per_individual": 2, "max_images_per_individual": 4, "num_inference_steps": 1,
+            "feature_size": HELD_SIZE, "gate": "judge", "buckets": {"many_above": 2, "few_below": 3}}
+    return parse_config({**base, **over}, EvaluateConfig)
+
+
+def _sets(train_codes=TRAIN_CODES, held_codes=HELD_CODES, images=_stack) -> tuple[RealSet, RealSet]:
+    def real(codes, kind):
+        names = sorted({CODES[c][0] for c in codes})
+        return RealSet(images(codes), [f"{CODES[c][0]} {kind} {c}" for c in codes],
+                       np.array([names.index(CODES[c][0]) for c in codes]), names)
+    return real(train_codes, "photo"), real(held_codes, "held-out photo")
+
+
+def test_held_out_prompts_score_accuracy_coverage_fidelity_and_copies_exactly():
+    real, holdout = _sets()
+    answers = {c: [int(c.rsplit(" ", 1)[1])] for c in real.captions}  # training captions: their own photo
+    answers |= {"Avo held-out photo 13": [13],  # shows the prompt
+                "Avo held-out photo 14": [10],  # reproduces training photo 10 instead of the prompt
+                "Bix held-out photo 22": [22],
+                "Bix held-out photo 23": [99]}  # shows nothing: unreadable, rejected by the judge
+    gen = ChosenGenerator(answers)
+    cfg = _held_cfg()
+    result = evaluate(gen, real, cfg, judge=judge_by_code, holdout=holdout, attributes=read_attributes)
+
+    # one extra generate call, over the held-out captions, with noise of its own
+    assert len(gen.calls) == 2 and gen.calls[1]["seed"] == cfg.seed + HOLDOUT_SEED_OFFSET != gen.calls[0]["seed"]
+    assert Counter(gen.calls[1]["prompts"]) == Counter(holdout.captions)  # M_i = max(2, |H_i|) = 2: each caption once
+    m = result.metrics
+    # Avo (many): both images show Avo; 13 covers photo 13 and 10 covers 14 (LOOKS_LIKE); 13 shows
+    # what was asked, 10 a training photo's attributes
+    # Bix (few): 22 accepted and faithful, 99 rejected and unreadable: half of everything, no copy
+    assert m["many/holdout_accuracy"] == 1.0 and m["few/holdout_accuracy"] == 0.5 and m["overall/holdout_accuracy"] == 0.75
+    assert m["many/holdout_grecall"] == 1.0 and m["few/holdout_grecall"] == 0.5
+    assert m["many/prompt_fidelity"] == 0.5 and m["few/prompt_fidelity"] == 0.5
+    assert m["many/copy_rate"] == 0.5 and m["few/copy_rate"] == 0.0 and m["overall/copy_rate"] == 0.25
+    assert "medium/copy_rate" not in m  # Cor has no held-out photos: no value, not 0
+    assert result.info["copy_test"] == "attributes" and result.info["holdout_gate"] == "judge"
+    assert (result.info["holdout_photos"], result.info["holdout_generated_images"], result.info["holdout_individuals"]) == (4, 4, 2)
+    assert (result.info["holdout_unreadable_photos"], result.info["holdout_unreadable_images"]) == (0, 1)
+    held_names = {k.split("/")[1] for k in m} - {k.split("/")[1] for k in evaluate(ChosenGenerator(answers), real, cfg).metrics}
+    assert held_names == {"holdout_accuracy", "holdout_grecall", "prompt_fidelity", "copy_rate"}
+    assert held_names <= set(evaluated_metrics("pixels", HELD_SIZE, holdout=True))  # every one in the glossary
+
+    rows = {r["individual"]: r for r in result.per_individual}
+    assert {k: rows["Bix"][k] for k in ("count", "bucket", "holdout_count", "holdout_images", "holdout_accuracy",
+                                        "holdout_grecall", "prompt_fidelity", "copy_rate")} == {
+        "count": 2, "bucket": "few", "holdout_count": 2, "holdout_images": 2, "holdout_accuracy": 0.5,
+        "holdout_grecall": 0.5, "prompt_fidelity": 0.5, "copy_rate": 0.0}
+    assert (rows["Cor"]["holdout_count"], rows["Cor"]["holdout_images"], rows["Cor"]["copy_rate"]) == (0, 0, None)
+    # the held-out samples, prompts and sources, one entry per individual as the training ones
+    avo = real.names.index("Avo")
+    assert [len(s) for s in result.holdout_samples] == [2, 2, 0]
+    assert sorted(result.holdout_prompts[avo]) == ["Avo held-out photo 13", "Avo held-out photo 14"]
+    for i in range(3):
+        assert [holdout.captions[r] for r in result.holdout_sources[i]] == result.holdout_prompts[i]
+        codes = [answers[p][0] for p in result.holdout_prompts[i]]
+        assert result.holdout_samples[i].shape == (len(codes), HELD_SIZE, HELD_SIZE, 3)
+        assert [int(im[0, 0, 0]) for im in result.holdout_samples[i]] == codes
+
+
+def test_the_copy_test_without_an_attribute_reader_uses_a_threshold_from_real_held_out_photos():
+    # zero-mean orthogonal +-1 patterns: an image 128 + 15 (a P1 + b P2 + c P3) has the feature
+    # (a, b, c) / |(a, b, c)| in their basis, so every cosine below is known exactly
+    rows, cols = np.indices((HELD_SIZE, HELD_SIZE))
+    patterns = np.stack([(-1) ** cols, (-1) ** rows, (-1) ** (rows // 2)])
+    mix = {10: (1, 0, 0), 20: (0, 0, 1),  # Avo's and Bix's training photos
+           13: (3, 4, 0), 14: (4, 3, 0), 22: (0, 1, 1),  # held out: cosines 0.6, 0.8, 1/sqrt(2) to their own training photo
+           11: (0, 1, 0)}  # a generated image that resembles no one's training photo (cosine 0)
+
+    def images(codes):
+        planes = [128 + 15 * np.tensordot(mix[c], patterns, axes=1) for c in codes]
+        return np.repeat(np.stack(planes)[..., None], 3, axis=3).astype(np.uint8)
+
+    real, holdout = _sets([10, 20], [13, 14, 22], images)
+    answers = {"Avo photo 10": [10], "Bix photo 20": [20],
+               "Avo held-out photo 13": [10], "Avo held-out photo 14": [13],  # a copy of photo 10 (cosine 1), an honest new photo
+               "Bix held-out photo 22": [11, 11]}
+    cfg = _held_cfg(gate="nearest")
+    tau = float(np.quantile([0.6, 0.8, 1 / np.sqrt(2)], 0.95))  # 0.7907: 5 % of real new photos would exceed it
+    for reader in (None, lambda ims: [None] * len(ims)):  # a reader that reads none of the photos is no reader
+        result = evaluate(ChosenGenerator(answers, images), real, cfg, holdout=holdout, attributes=reader)
+        assert result.info["copy_test"] == "feature similarity" and result.info["copy_threshold"] == pytest.approx(tau)
+        # Avo: the copy of photo 10 (cosine 1 > tau), photo 13 (0.6) is not; Bix: cosine 0, never
+        assert result.metrics["overall/copy_rate"] == 0.25
+        assert {r["individual"]: r["copy_rate"] for r in result.per_individual} == {"Avo": 0.5, "Bix": 0.0}
+        assert not any(k.endswith("/prompt_fidelity") for k in result.metrics)
+    assert result.info["attribute_reader"] == "reads none of the held-out photos: not used"
+
+
+def test_without_held_out_photos_nothing_changes_and_mismatched_held_out_sets_are_named():
+    real, holdout = _sets()
+    answers = {c: [int(c.rsplit(" ", 1)[1])] for c in real.captions + holdout.captions}
+    plain = evaluate(ChosenGenerator(answers), real, _held_cfg(), judge=judge_by_code)
+    with_held = evaluate(ChosenGenerator(answers), real, _held_cfg(), judge=judge_by_code, holdout=holdout,
+                         attributes=read_attributes)
+    # the training half is the same evaluation: same prompts, images and numbers
+    assert with_held.prompts == plain.prompts and all(np.array_equal(a, b) for a, b in zip(with_held.samples, plain.samples))
+    assert {k: v for k, v in with_held.metrics.items() if k in plain.metrics} == plain.metrics
+    assert plain.holdout_samples == plain.holdout_prompts == plain.holdout_sources == []
+    assert all("holdout_count" not in r for r in plain.per_individual) and "copy_test" not in plain.info
+    # a perfect generaliser: every held-out caption gets a new photo showing what it asks for
+    assert with_held.metrics["overall/prompt_fidelity"] == with_held.metrics["overall/holdout_grecall"] == 1.0
+    assert with_held.metrics["overall/copy_rate"] == 0.0
+
+    orphan = RealSet(_stack([13, 40]), ["Avo held-out photo 13", "Dax held-out photo 40"], np.array([0, 1]), ["Avo", "Dax"])
+    with pytest.raises(ValueError, match="held-out individual 'Dax' has no training images, so it has no bucket"):
+        evaluate(ChosenGenerator(answers), real, _held_cfg(), holdout=orphan)
+    by_caption = RealSet(holdout.images, holdout.captions, holdout.group, holdout.names, grouped_by="caption")
+    with pytest.raises(ValueError, match="held-out photos are grouped by caption, the training images by individual"):
+        evaluate(ChosenGenerator(answers), real, _held_cfg(), holdout=by_caption)

@@ -19,8 +19,10 @@ from pogdiff.glossary import (
 )
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-# what the README's "Metrics glossary" shows: the default evaluation's metrics and the other Fréchet features
-README_METRICS = (*evaluated_metrics("pixels", 16), "frechet_dinov2", "frechet_clip")
+# what the README's "Metrics glossary" shows: the default evaluation's metrics (held-out ones included) and the
+# other Fréchet features
+README_METRICS = (*evaluated_metrics("pixels", 16, holdout=True), "frechet_dinov2", "frechet_clip")
+HELD_OUT = ("holdout_accuracy", "holdout_grecall", "prompt_fidelity", "copy_rate")
 
 
 def test_the_frechet_distance_is_named_after_its_feature():
@@ -39,7 +41,7 @@ def test_every_metric_has_a_definition_and_a_direction():
     for name in README_METRICS:
         info = describe(name)
         assert info.definition and "\n" not in info.definition and info.aggregation
-        assert lower_is_better(name) == name.startswith("frechet_")
+        assert lower_is_better(name) == (name.startswith("frechet_") or name == "copy_rate")
     assert lower_is_better("fid")  # runs logged before the rename still read the right way round
     assert not lower_is_better("zeta")  # unknown: higher, as before the glossary
     with pytest.raises(KeyError, match="no metric 'zeta' in the glossary"):
@@ -47,6 +49,14 @@ def test_every_metric_has_a_definition_and_a_direction():
     with pytest.raises(KeyError, match="frechet_nonsense"):
         describe("frechet_nonsense")
     assert sorted(["separability", "zeta", "frechet_clip", "grecall"], key=rank) == ["grecall", "frechet_clip", "separability", "zeta"]
+
+
+def test_held_out_metrics_are_named_only_where_the_evaluation_has_held_out_photos():
+    plain, held = evaluated_metrics("pixels", 16), evaluated_metrics("pixels", 16, holdout=True)
+    assert not set(HELD_OUT) & set(plain)
+    assert held == (*plain, *HELD_OUT)  # after the training-prompt metrics, in this order
+    assert describe("copy_rate").direction == "lower" and "95th percentile" in describe("copy_rate").definition
+    assert all("held-out photos" in describe(m).aggregation for m in HELD_OUT)
 
 
 def test_the_glossary_of_a_run_in_json_and_markdown():

@@ -9,12 +9,16 @@ from pogdiff.metrics import (
     FRECHET_MIN_SAMPLES,
     assign_buckets,
     bucket_means,
+    copies_by_attributes,
+    copy_threshold,
+    faithful,
     feature_similarity,
     frechet_distance,
     grecall,
     grecall_normalised,
     metric_names,
     nearest_group_gate,
+    own_nearest_similarity,
     per_group_mean,
 )
 
@@ -220,3 +224,32 @@ def test_separability_is_normalised_mutual_information():
     h_p, h_a = np.log(3), np.log(3) - 2 / 3 * np.log(2)
     assert separability(prompted, np.array([0, 0, 0, 0, 2, 2])) == pytest.approx(2 * h_a / (h_p + h_a))
     assert np.isnan(separability(np.zeros(4), np.arange(4)))  # one prompted individual: undefined
+
+
+def test_prompt_fidelity_and_attribute_copies_per_image():
+    small, large, dark = ("small", "white"), ("large", "white"), ("small", "black")
+    asked = [small, large, large, dark, None]
+    read = [small, small, None, small, None]
+    # 0 shows what was asked; 1 shows a training photo's attributes instead; 2 and 4 are unreadable;
+    # 3 shows other attributes, but none of a training photo of its individual (trained on large only)
+    assert faithful(read, asked).tolist() == [True, False, False, False, False]
+    training = [{small}, {small}, {small}, {large}, {small}]
+    assert copies_by_attributes(read, asked, training).tolist() == [False, True, False, False, False]
+    with pytest.raises(ValueError, match="2 read attribute tuples for 1 prompts"):
+        faithful(read[:2], asked[:1])
+    with pytest.raises(ValueError, match="one of each per image"):
+        copies_by_attributes(read, asked, training[:4])
+
+
+def test_copy_threshold_is_a_quantile_of_held_out_photos_similarity_to_their_own_training_photos():
+    # group 0 trained on axes 0 and 1, group 1 on axis 3
+    held = _unit([[0.6, 0, 0.8, 0], [0, 0.8, 0.6, 0], [1, 0, 0, 1], [0, 0, 1, 0]])
+    held_ids = torch.tensor([0, 0, 1, 1])
+    s = own_nearest_similarity(held, held_ids, REAL[[0, 1, 3]], torch.tensor([0, 0, 1]))
+    # each against its own group only: the third photo is as near group 0's axis 0 as group 1's axis 3
+    assert s.tolist() == pytest.approx([0.6, 0.8, 2 ** -0.5, 0.0])
+    assert copy_threshold(held, held_ids, REAL[[0, 1, 3]], torch.tensor([0, 0, 1])) == pytest.approx(
+        float(np.quantile([0.6, 0.8, 2 ** -0.5, 0.0], 0.95)))
+    assert copy_threshold(held, held_ids, REAL[[0, 1, 3]], torch.tensor([0, 0, 1]), quantile=0.5) == pytest.approx(0.65355, abs=1e-5)
+    with pytest.raises(ValueError, match="held-out photos of groups that have training images"):
+        copy_threshold(held, torch.tensor([0, 0, 1, 2]), REAL[[0, 1, 3]], torch.tensor([0, 0, 1]))

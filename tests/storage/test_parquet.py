@@ -61,7 +61,7 @@ def make_source(tmp_path: Path, n: int = 3, name: str = "src") -> Path:
     for i in range(n):
         fmt, ext = ("PNG", "png") if i % 2 == 0 else ("JPEG", "jpg")
         (src / "img" / f"{i}.{ext}").write_bytes(image_bytes(fmt, colour=i + 1))
-        rows.append({"image": f"img/{i}.{ext}", "caption": f"  caption {i}  ", "split": f"s{i}"})
+        rows.append({"image": f"img/{i}.{ext}", "caption": f"  caption {i}  ", "shard": f"s{i}"})
     write_csv(src, rows)
     return src
 
@@ -116,7 +116,7 @@ def test_metadata_json_keeps_extra_columns(tmp_path: Path) -> None:
     table = read_images(ds, columns=["key", "metadata"])
     assert table.column_names == ["key", "metadata"]
     meta = {k: json.loads(m) for k, m in zip(table.column("key").to_pylist(), table.column("metadata").to_pylist())}
-    assert meta == {"img/0.png": {"split": "s0"}, "img/1.jpg": {"split": "s1"}}
+    assert meta == {"img/0.png": {"shard": "s0"}, "img/1.jpg": {"shard": "s1"}}
 
 
 def test_rerun_is_idempotent(tmp_path: Path) -> None:
