@@ -110,7 +110,7 @@ def cmd_demo(args, settings: Settings) -> int:
         if not (source / folder.CAPTIONS_FILE).exists():
             summary = folder.generate_longtail(source, seed=args.seed, captions=args.captions)
             print(f"generated the demo data set: {summary['images']} images of {summary['individuals']} individuals "
-                  f"({summary['captions']} distinct captions) in {source}")
+                  f"({summary['captions']} distinct captions) and {summary['holdout']} held-out photos in {source}")
     print(f"source: {source}")
     settings, prefect_ui = demo_ui_urls(settings)
     started = time.time()
@@ -177,9 +177,10 @@ def cmd_evaluate(args, settings: Settings) -> int:
 def cmd_demo_data(args, settings: Settings) -> int:
     from pogdiff.demo import folder
 
-    summary = folder.generate_longtail(Path(args.out), seed=args.seed, captions=args.captions)
+    summary = folder.generate_longtail(Path(args.out), seed=args.seed, captions=args.captions, holdout=args.holdout,
+                                       catalogue=args.catalogue)
     print(f"wrote {summary['images']} images of {summary['individuals']} individuals "
-          f"({summary['captions']} distinct captions) to {args.out}")
+          f"({summary['captions']} distinct captions) and {summary['holdout']} held-out photos to {args.out}")
     return 0
 
 
@@ -210,6 +211,12 @@ def demo_caption_modes() -> tuple[str, ...]:
     from pogdiff.demo.catalogue import CAPTION_MODES
 
     return CAPTION_MODES
+
+
+def demo_catalogues() -> tuple[str, ...]:
+    from pogdiff.demo.catalogue import CATALOGUES
+
+    return CATALOGUES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--captions", choices=demo_caption_modes(), default="per-image",
                    help="per-image: each caption names the individual and describes its image; individual: one caption per individual")
+    g.add_argument("--catalogue", choices=demo_catalogues(), default="zipf",
+                   help="zipf: 24 products, 200 down to 3 photos; families: rare variants of best sellers, named after them, beside rare controls")
+    g.add_argument("--holdout", type=int, default=4, help="held-out photos per product (split column 'holdout'; never trained on)")
     g.set_defaults(func=cmd_demo_data)
 
     b = sub.add_parser("base", help="the embedded base model")

@@ -99,7 +99,7 @@ def _explain(args, settings) -> dict:
         reach = [h for h in hits if 1 - h["similarity"] < KERNEL_CUTOFF * cfg.density_bandwidth]
         rho = sum(h["count"] * float(np.exp(-(1 - h["similarity"]) ** 2 / (2 * cfg.density_bandwidth**2))) for h in reach)
         own = {"in_dataset": False, "count": 0, "density": rho, "source": f"nearest {len(hits)} stored captions"}
-    images = dataset.read_images(settings.dataset_uri, columns=["id", "caption"])
+    images = dataset.read_images(settings.dataset_uri, columns=["id", "caption"], split="train")  # held-out photos have no psi feature
     images_of: dict[str, list[str]] = {}
     image_ids, image_caps = images.column("id").to_pylist(), images.column("caption").to_pylist()
     for image_id, caption in zip(image_ids, image_caps):

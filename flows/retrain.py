@@ -32,7 +32,7 @@ def retrain(source: str, config: str | RetrainConfig = RetrainConfig(), override
     label_flow_run({"model": config.registry.model_name, "snapshot": data.snapshot_id, "method": config.train.pog.method})
     run_id = open_run(settings, config, data)
     try:
-        model_dir = train_model(settings, config.train, config.index, run_id, data)
+        model_dir = train_model(settings, config.train, config.index, run_id, data, config.evaluate)
         metrics = evaluate_model(settings, config.evaluate, model_dir, run_id, data.snapshot_id)
         decision = register_model(settings, config.registry, model_dir, run_id, metrics)
     except TrainingTimeLimit:

@@ -26,6 +26,7 @@ from tasks.tune import (
     record_reference,
     record_trial,
     reference_of,
+    reference_runs,
     run_trial,
     study_dir,
     tune_key,
@@ -45,9 +46,11 @@ def tune(source: str, config: RetrainConfig = RetrainConfig()) -> TuneResult:
     parent = open_parent_run(settings, config, key, data.snapshot_id)
     tc = config.tune
     try:
+        # The reference on each of its seeds (the first is the seed every trial trains on): their spread is the noise.
+        seeds = [config.train.seed + i for i in range(tc.reference_seeds)]
+        for seed in seeds[len(reference_runs(study)):]:
+            record_reference(study, run_trial(settings, config, data, REFERENCE, -1, parent, str(folder), seed), seed)
         reference = reference_of(study)
-        if reference is None:
-            reference = record_reference(study, run_trial(settings, config, data, REFERENCE, -1, parent, str(folder)))
         out_of_time = False
         while (left := tc.trials - len(finished_trials(study))) > 0:
             if tc.time_limit_minutes is not None and time.monotonic() - started > 60 * tc.time_limit_minutes:

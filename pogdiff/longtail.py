@@ -1,4 +1,4 @@
-"""The long-tail comparison's arithmetic: seed aggregation, the goal test, the results table, and
+"""The long-tail comparison's arithmetic: seed aggregation, the goal checks, the results tables, and
 the diagnostics that say whether PoGDiff can borrow at all on a data set (psi per bucket, s_img
 between caption pairs).
 
@@ -47,39 +47,6 @@ def _stat(agg: Aggregate, method: str, bucket: str, metric: str) -> dict | None:
     return agg.get(method, {}).get(bucket, {}).get(metric)
 
 
-def goal_check(
-    agg: Aggregate,
-    method: str = "pogdiff",
-    baselines: tuple[str, ...] = ("vanilla", "cbdm"),
-    metrics: tuple[str, ...] = ("grecall", "accuracy"),
-    few: str = "few",
-    many: str = "many",
-) -> dict:
-    """The issue's goal, per baseline and metric (higher is better for both default metrics).
-
-    few:  mean_m - mean_base > max(std_m, std_base)     (above the baseline by more than the seed std)
-    many: mean_m - mean_base >= -max(std_m, std_base)   (not worse by more than one std)
-
-    The larger of the two standard deviations is used, so the test is not passed by a method whose
-    own seeds happen to agree. Returns ``{"checks": [...], "met": bool}``; a missing value fails its check.
-    """
-    checks = []
-    for base in baselines:
-        for metric in metrics:
-            sign = -1.0 if lower_is_better(metric) else 1.0
-            for bucket, kind in ((few, "above"), (many, "not_worse")):
-                m, b = _stat(agg, method, bucket, metric), _stat(agg, base, bucket, metric)
-                row = {"bucket": bucket, "metric": metric, "baseline": base, "test": kind}
-                if m is None or b is None:
-                    checks.append({**row, "passed": False, "note": "missing value"})
-                    continue
-                diff = sign * (m["mean"] - b["mean"])
-                margin = max(m["std"], b["std"])
-                passed = diff > margin if kind == "above" else diff >= -margin
-                checks.append({**row, "difference": diff, "margin": margin, "passed": bool(passed)})
-    return {"checks": checks, "met": all(c["passed"] for c in checks)}
-
-
 def no_harm_check(agg: Aggregate, method: str, baseline: str, buckets: tuple[str, ...], metrics: tuple[str, ...]) -> dict:
     """Not worse than ``baseline`` by more than one seed std on each bucket x metric:
     sign * (mean_m - mean_base) >= -max(std_m, std_base). Returns ``{"checks": [...], "met": bool}``;
@@ -96,6 +63,77 @@ def no_harm_check(agg: Aggregate, method: str, baseline: str, buckets: tuple[str
             margin = max(m["std"], b["std"])
             checks.append({**row, "difference": diff, "margin": margin, "passed": bool(diff >= -margin)})
     return {"checks": checks, "met": all(c["passed"] for c in checks)}
+
+
+def claim_check(
+    agg: Aggregate,
+    method: str,
+    baseline: str,
+    controls: tuple[str, ...],
+    metrics: tuple[str, ...] = ("holdout_accuracy", "holdout_grecall"),
+    copy_metric: str | None = "copy_rate",
+    few: str = "few",
+    many: str = "many",
+    head_max_drop: float = 0.03,
+) -> dict:
+    """Does ``method`` beat ``baseline`` where it claims to, without paying for it elsewhere?
+
+    gain:    mean_m - mean_b > max(std_m, std_b) on ``few`` for at least one of ``metrics``
+    copy:    copy_m - copy_b <= max(std_m, std_b) on ``few``  (not more copying, beyond the seed noise)
+    head:    acc_b - acc_m <= head_max_drop on ``many`` accuracy
+    control: for each control c, mean_m - mean_c > max(std_m, std_c) on a metric where the gain held
+             (the control does not match the method, so the neighbour is what helped)
+
+    Returns ``{"checks": [...], "met": bool}``: every check passes; a missing value fails its check.
+    """
+    checks: list[dict] = []
+
+    def diff(a: str, b: str, bucket: str, metric: str, what: str, test) -> dict:
+        m, o = _stat(agg, a, bucket, metric), _stat(agg, b, bucket, metric)
+        row = {"what": what, "method": a, "against": b, "bucket": bucket, "metric": metric}
+        if m is None or o is None:
+            return {**row, "passed": False, "note": "missing value"}
+        d, margin = m["mean"] - o["mean"], max(m["std"], o["std"])
+        return {**row, "difference": d, "margin": margin, "passed": bool(test(d, margin))}
+
+    gains = [diff(method, baseline, few, name, f"gain {few}/{name}", lambda d, m: d > m) for name in metrics]
+    won = [g["metric"] for g in gains if g["passed"]]
+    checks.append({**_best(gains), "what": "gain", "passed": bool(won), "parts": gains})
+    if copy_metric is not None:
+        checks.append(diff(method, baseline, few, copy_metric, f"copy {few}/{copy_metric}", lambda d, m: d <= m))
+    checks.append(diff(method, baseline, many, "accuracy", f"head {many}/accuracy", lambda d, m: d >= -head_max_drop))
+    for control in controls:
+        parts = [diff(method, control, few, name, f"{control} below on {few}/{name}", lambda d, m: d > m) for name in won or metrics]
+        checks.append({**_best(parts), "what": f"control {control}", "passed": any(p["passed"] for p in parts), "parts": parts})
+    return {"checks": checks, "met": all(c["passed"] for c in checks)}
+
+
+def _best(parts: list[dict]) -> dict:
+    """The part that came nearest to passing (its difference furthest above its margin); {} when none has values."""
+    return max((p for p in parts if "difference" in p), key=lambda p: p["difference"] - p["margin"], default={})
+
+
+def role_table(per_seed: dict[str, list[list[dict]]], role_of: dict[str, str], metrics: tuple[str, ...], bucket: str = "few") -> str:
+    """Markdown: per method and role (e.g. a families catalogue's colour variants, shape variants,
+    controls), each metric's mean over the role's ``bucket`` individuals, then mean ± std over seeds.
+
+    per_seed: method -> one list per seed of ``EvalResult.per_individual`` rows; role_of: individual
+    name -> role. Roles appear in the order first met; individuals without a role are left out.
+    """
+    roles = list(dict.fromkeys(role_of[r["individual"]] for rows in per_seed.values() for seed in rows for r in seed
+                               if r["bucket"] == bucket and r["individual"] in role_of))
+    out = []
+    for method, seeds in per_seed.items():
+        for role in roles:
+            cells = []
+            for name in metrics:
+                values = [float(np.mean(v)) for seed in seeds
+                          if (v := [r[name] for r in seed if r["bucket"] == bucket and role_of.get(r["individual"]) == role
+                                    and r.get(name) is not None])]
+                cells.append(_cell({"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+                                   if values else None))
+            out.append([method, role, *cells])
+    return "\n".join(markdown(["method", "role", *(f"{n} {'↓' if lower_is_better(n) else '↑'}" for n in metrics)], out)) + "\n"
 
 
 def competence_check(agg: Aggregate, method: str = "vanilla") -> dict:

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pogdiff.config import TrainConfig
+from pogdiff.config import BucketConfig, TrainConfig
+from pogdiff.metrics import assign_buckets
 from pogdiff.neighbours import NeighbourGraph
 from pogdiff.sampling import Exposure
 
@@ -47,3 +48,19 @@ class TrainData:
     def exposure(self, cfg: TrainConfig) -> Exposure:
         """How ``cfg.sampling`` weighs the images (``pogdiff.sampling``)."""
         return Exposure.of(self.groups, cfg.sampling, cfg.max_repeats, cfg.repeat_threshold)
+
+    def exposure_summary(self, cfg: TrainConfig, buckets: BucketConfig) -> dict[str, float]:
+        """The exposure ``cfg`` gives each bucket of individuals over the whole run (``Exposure.summary`` over
+        steps x batch x accumulation draws), buckets by each individual's image count as evaluation buckets them."""
+        counts = torch.bincount(self.groups).numpy()
+        draws = cfg.steps * cfg.batch_size * cfg.gradient_accumulation_steps
+        return self.exposure(cfg).summary(draws, assign_buckets(counts, buckets.many_above, buckets.few_below))
+
+
+def individual_ids(names: list[str] | None) -> torch.Tensor | None:
+    """``TrainData.individual_of`` from each image's individual name ``[N]``: ids in sorted name order, int64
+    ``[N]``; None (balance per caption) where the data names no individuals."""
+    if names is None:
+        return None
+    index = {n: i for i, n in enumerate(sorted(set(names)))}
+    return torch.tensor([index[n] for n in names], dtype=torch.long)

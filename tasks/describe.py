@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 PREFECT_FLOW_RUN_URL_TAG = "prefect_flow_run_url"  # the flow run in the Prefect UI (when its address is known)
 GLOSSARY_ARTIFACT = "metrics_glossary"  # .json and .md at the root of every evaluated run's artifacts
+EXPOSURE_TAG = "exposure"  # the train task's tag on the run: its sampling mode and the views per image it gave each bucket
 
 
 def log_glossary(metrics: dict[str, float]) -> None:
@@ -50,8 +51,8 @@ def _location_link(location: str | Path) -> str | None:
 
 def run_facts(run_id: str) -> dict:
     """What a description of ``run_id`` says about it, read back from the run: ``run_id``, ``name``,
-    ``model``, ``method``, ``base_model``, ``snapshot``, ``commit``, ``flow_run`` (id), ``flow_run_url``
-    and ``inputs`` (``lineage.Input`` list)."""
+    ``model``, ``method``, ``base_model``, ``snapshot``, ``commit``, ``flow_run`` (id), ``flow_run_url``,
+    ``exposure`` (the train task's ``EXPOSURE_TAG``, None before training) and ``inputs`` (``lineage.Input`` list)."""
     tags, params = runs.run_tags(run_id), runs.run_params(run_id)
     return {
         "run_id": run_id,
@@ -63,6 +64,7 @@ def run_facts(run_id: str) -> dict:
         "commit": tags.get("mlflow.source.git.commit"),
         "flow_run": tags.get("prefect_flow_run_id", "none"),
         "flow_run_url": tags.get(PREFECT_FLOW_RUN_URL_TAG),
+        "exposure": tags.get(EXPOSURE_TAG),
         "inputs": lineage.run_inputs(run_id),
     }
 
@@ -72,8 +74,9 @@ def _summary(facts: dict) -> str:
     flow_run = f"`{facts['flow_run']}`"
     flow = "outside Prefect" if facts["flow_run"] == "none" else f"by Prefect flow run {_link(flow_run, facts['flow_run_url'])}"
     commit = f" at commit `{facts['commit'][:12]}`" if facts["commit"] else ""
+    exposure = f" Exposure: {facts['exposure']}." if facts.get("exposure") else ""
     return (f"Method `{facts['method']}` fine-tuned from `{facts['base_model']}` on dataset snapshot `{facts['snapshot']}`"
-            f"{f' ({rows} rows)' if rows is not None else ''}, {flow}{commit}.")
+            f"{f' ({rows} rows)' if rows is not None else ''}, {flow}{commit}.{exposure}")
 
 
 def _data(facts: dict, dataset_uri: Path) -> list[str]:

@@ -19,17 +19,19 @@ import yaml
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from pogdiff.config import IndexConfig, TrainConfig
+from pogdiff.config import EvaluateConfig, IndexConfig, TrainConfig
 from pogdiff.index import image_extractor
 from pogdiff.neighbours import NeighbourGraph
 from pogdiff.pipelines.base import TextToImagePipeline, to_tensor
 from pogdiff.pipelines.loader import load_pipeline
 from pogdiff.process import child_env
+from pogdiff.train_data import individual_ids
 from pogdiff.trainer import TrainData, train
 from storage.mlflow import connection, runs
 from storage.mlflow.metric_sink import MetricSink, MetricsNotWritten
 from storage.settings import Settings
 from storage.training_set import DataVersion, load_training_set
+from tasks.describe import EXPOSURE_TAG
 from tasks.train_cli import METRICS_FILE, RESULT_FILE, write_train_data
 
 # Exit statuses of tasks.train_cli, as errors a reviewer can act on.
@@ -57,11 +59,12 @@ class _Progress:
 
 
 def training_data(settings: Settings, index_cfg: IndexConfig, base_model: str, pipe: TextToImagePipeline,
-                  version: DataVersion | None = None) -> TrainData:
-    """The indexed training set at ``version`` (default: as stored now) at ``pipe``'s image size;
-    ``pipe`` is ``base_model`` freshly loaded."""
+                  version: DataVersion | None = None, individual_column: str | None = "individual") -> TrainData:
+    """The indexed training set at ``version`` (default: as stored now) at ``pipe``'s image size, with each
+    image's individual (``metadata[individual_column]``, the unit ``train.sampling`` balances); ``pipe`` is
+    ``base_model`` freshly loaded."""
     extractor = image_extractor(index_cfg, loaded={base_model: pipe}).name
-    stored = load_training_set(settings.dataset_uri, settings.lancedb_uri, extractor, pipe.image_size, version)
+    stored = load_training_set(settings.dataset_uri, settings.lancedb_uri, extractor, pipe.image_size, version, individual_column)
     graph = NeighbourGraph.build(
         torch.from_numpy(stored.caption_of),
         torch.from_numpy(stored.nb_index),
@@ -69,7 +72,7 @@ def training_data(settings: Settings, index_cfg: IndexConfig, base_model: str, p
         torch.from_numpy(stored.density),
         torch.from_numpy(stored.features),
     )
-    return TrainData(to_tensor(stored.images), stored.captions, graph)
+    return TrainData(to_tensor(stored.images), stored.captions, graph, individual_ids(stored.individuals))
 
 
 def launch_ddp(data: TrainData, cfg: TrainConfig, out: Path, on_step) -> dict:
@@ -132,17 +135,27 @@ def launch_failure(log: Path, processes: int, status: int) -> str:
 
 # Never cached or retried by Prefect: a retry would restart a long job; resume comes from checkpoints.
 @task(name="train")
-def train_model(settings: Settings, cfg: TrainConfig, index_cfg: IndexConfig, run_id: str, version: DataVersion) -> str:
-    """Fine-tune on the data at ``version`` (the run's recorded lineage); returns the model folder's path."""
+def train_model(settings: Settings, cfg: TrainConfig, index_cfg: IndexConfig, run_id: str, version: DataVersion,
+                evaluate_cfg: EvaluateConfig = EvaluateConfig()) -> str:
+    """Fine-tune on the data at ``version`` (the run's recorded lineage); returns the model folder's path.
+
+    ``evaluate_cfg`` names the individual column (the unit ``train.sampling`` balances) and the buckets the
+    run's exposure is reported in: ``exposure/<bucket>/{views_per_image,share,repeat_factor}`` metrics and an
+    ``exposure`` tag the run description quotes."""
     log = get_run_logger()
     pipe = load_pipeline(cfg.base_model)  # pixel or Stable Diffusion, by the folder's layout
-    data = training_data(settings, index_cfg, cfg.base_model, pipe, version)
+    data = training_data(settings, index_cfg, cfg.base_model, pipe, version, evaluate_cfg.individual_column)
     log.info("train: %d images of snapshot %s (captions table v%d, image features v%d)", len(data.images),
              version.snapshot_id, version.captions_version, version.features_version)
+    exposure = data.exposure_summary(cfg, evaluate_cfg.buckets)
+    views = ", ".join(f"{k.split('/')[0]} {v:.1f}" for k, v in exposure.items() if k.endswith("/views_per_image"))
+    log.info("train: sampling %s, expected views per training image: %s", cfg.sampling, views)
     connection.use(settings)
     out = run_dir(settings, run_id)
     sink = MetricSink(run_id)
+    runs.set_tags(run_id, {EXPOSURE_TAG: f"{cfg.sampling} sampling; expected views per training image: {views}"})
     with runs.resume(run_id):  # the active run: MLflow's system metrics sample while training runs
+        runs.log_metrics({f"exposure/{k}": v for k, v in exposure.items()})
         try:
             progress = _Progress(cfg.steps, log, sink)
             if cfg.num_processes == 1:

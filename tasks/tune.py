@@ -27,6 +27,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import MissingContextError
 
 from pogdiff.atomic import write_text_atomic
+from pogdiff.config import EvaluateConfig
 from pogdiff.demo import detector
 from pogdiff.evaluation import evaluate
 from pogdiff.pipelines.loader import load_pipeline
@@ -39,13 +40,14 @@ from pogdiff.tune import (
     TrialResult,
     feasible,
     sampler_value,
+    score,
     trial_pog,
     trial_train,
     trials_table,
 )
 from storage.mlflow import connection, runs
 from storage.settings import Settings
-from storage.training_set import DataVersion, load_real_set
+from storage.training_set import DataVersion, load_holdout_set, load_real_set
 from tasks.config import RetrainConfig
 from tasks.describe import log_glossary
 from tasks.results import TrialRun
@@ -105,14 +107,26 @@ def finished_trials(study: optuna.Study) -> list[TrialResult]:
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
 
 
+def reference_runs(study: optuna.Study) -> list[dict]:
+    """The reference's finished seeds, in the order they ran: ``{"seed", "knobs", "metrics", "run_id"}`` each.
+    A study written before the reference had seeds holds one mapping: its single run (seed unrecorded)."""
+    done = study.user_attrs.get(REFERENCE_ATTR, [])
+    return [{"seed": None, **done}] if isinstance(done, dict) else list(done)
+
+
 def reference_of(study: optuna.Study) -> TrialResult | None:
-    ref = study.user_attrs.get(REFERENCE_ATTR)
-    return None if ref is None else TrialResult(-1, ref["knobs"], ref["metrics"])
+    """The reference as a trial: its first seed's knobs and metrics (what the searched trials pair with),
+    and every finished seed's score; None before the first seed finished."""
+    done = reference_runs(study)
+    if not done:
+        return None
+    return TrialResult(-1, done[0]["knobs"], done[0]["metrics"], tuple(score(r["metrics"]) for r in done))
 
 
-def record_reference(study: optuna.Study, done: TrialRun) -> TrialResult:
-    """Keep the lam = 0 trial's result in the study (it is not a sampled trial)."""
-    study.set_user_attr(REFERENCE_ATTR, {"knobs": done.knobs, "metrics": done.metrics, "run_id": done.run_id})
+def record_reference(study: optuna.Study, done: TrialRun, seed: int) -> TrialResult:
+    """Keep one seed of the lam = 0 reference in the study (it is not a sampled trial); a rerun skips it."""
+    row = {"seed": seed, "knobs": done.knobs, "metrics": done.metrics, "run_id": done.run_id}
+    study.set_user_attr(REFERENCE_ATTR, [*reference_runs(study), row])
     return reference_of(study)
 
 
@@ -146,30 +160,39 @@ def open_parent_run(settings: Settings, config: RetrainConfig, key: str, snapsho
 # Never retried by Prefect: a trial is minutes of training; a crashed tune resumes from its finished trials.
 @task(name="tune-trial")
 def run_trial(settings: Settings, config: RetrainConfig, data: DataVersion, knobs: dict[str, Any], number: int,
-              parent_run_id: str, folder: str) -> TrialRun:
-    """Fine-tune a fresh copy of the base with the trial's knobs (``pogdiff.tune.trial_train``), evaluate
-    it on the validation draw (``tune.eval_seed``) and log both into a child run of ``parent_run_id``.
+              parent_run_id: str, folder: str, seed: int | None = None) -> TrialRun:
+    """Fine-tune a fresh copy of the base with the trial's knobs (``pogdiff.tune.trial_train``) on training
+    seed ``seed`` (default ``train.seed``), evaluate it on the validation draw (``tune.eval_seed``, at least
+    ``tune.validation_images_per_individual`` images each) and log both into a child run of ``parent_run_id``.
 
     Returns its ``TrialRun`` (number, knobs, metrics, child run, seconds); the trial's model is not kept.
     """
     log = _logger()
     started = time.perf_counter()
-    cfg = trial_train(config.train, config.tune, knobs)
+    cfg = trial_train(config.train, config.tune, knobs, seed)
     pipe = load_pipeline(cfg.base_model)
-    train_set = training_data(settings, config.index, cfg.base_model, pipe, data)
-    real = load_real_set(settings.dataset_uri, pipe.image_size, config.evaluate.individual_column, data.snapshot_id)
-    eval_cfg = config.evaluate.model_copy(update={"seed": config.tune.eval_seed})
-    out = Path(folder) / ("reference" if number < 0 else f"trial-{number:03d}")
+    column = config.evaluate.individual_column
+    train_set = training_data(settings, config.index, cfg.base_model, pipe, data, column)
+    real = load_real_set(settings.dataset_uri, pipe.image_size, column, data.snapshot_id)
+    # The tune's source is its validation draw: scoring on its held-out photos never sees the data a
+    # retrain reports on, and keeps copying the rare training photos from winning (pogdiff/tune.py).
+    holdout = load_holdout_set(settings.dataset_uri, pipe.image_size, column, data.snapshot_id)
+    eval_cfg = validation_evaluate(config)
+    label = "reference" if number < 0 else f"trial-{number:03d}"
+    out = Path(folder) / (label if seed is None else f"{label}-seed{seed}")
     connection.use(settings)
-    name = "reference (lam 0)" if number < 0 else f"trial {number}"
+    name = ("reference (lam 0)" if number < 0 else f"trial {number}") + ("" if seed is None else f", seed {seed}")
     child = runs.start(experiment_of(config), run_name=name,
                            tags={"mlflow.parentRunId": parent_run_id, "tune_trial": str(number)})
     try:
         with runs.resume(child):
-            runs.log_config({"knobs": knobs, "method": cfg.pog.method, "steps": cfg.steps, "eval_seed": eval_cfg.seed})
+            runs.log_config({"knobs": knobs, "method": cfg.pog.method, "sampling": cfg.sampling, "steps": cfg.steps,
+                             "seed": cfg.seed, "eval_seed": eval_cfg.seed,
+                             "eval_min_images_per_individual": eval_cfg.min_images_per_individual})
             train(pipe, train_set, cfg, out, on_step=lambda step, m: runs.log_metrics({f"train/{k}": v for k, v in m.items()}, step=step),
                   resume=False)
-            result = evaluate(pipe, real, eval_cfg, judge=detector.judge)  # as the evaluate task judges
+            result = evaluate(pipe, real, eval_cfg, judge=detector.judge, holdout=holdout,
+                              attributes=detector.attributes)  # as the evaluate task judges
             runs.log_metrics(result.metrics)
             log_glossary(result.metrics)
     except BaseException:
@@ -178,15 +201,25 @@ def run_trial(settings: Settings, config: RetrainConfig, data: DataVersion, knob
     runs.end(child, "FINISHED")
     shutil.rmtree(out, ignore_errors=True)
     seconds = time.perf_counter() - started
-    log.info("tune: %s %s: few gRecall %.3f, few accuracy %.3f, many accuracy %.3f (%.0f s)", name, knobs,
-             result.metrics.get("few/grecall", float("nan")), result.metrics.get("few/accuracy", float("nan")),
-             result.metrics.get("many/accuracy", float("nan")), seconds)
+    log.info("tune: %s %s: score %.3f (few accuracy %.3f, held out %.3f), many accuracy %.3f (%.0f s)", name, knobs,
+             score(result.metrics), result.metrics.get("few/accuracy", float("nan")),
+             result.metrics.get("few/holdout_accuracy", float("nan")), result.metrics.get("many/accuracy", float("nan")), seconds)
     return TrialRun(number=number, knobs=knobs, metrics=result.metrics, run_id=child, seconds=seconds)
 
 
+def validation_evaluate(config: RetrainConfig) -> EvaluateConfig:
+    """The evaluate section of a validation draw: ``tune.eval_seed`` (never the reported scores' seed), and
+    at least ``tune.validation_images_per_individual`` images per individual."""
+    ev = config.evaluate
+    n_min = max(ev.min_images_per_individual, config.tune.validation_images_per_individual)
+    return ev.model_copy(update={"seed": config.tune.eval_seed, "min_images_per_individual": n_min,
+                                 "max_images_per_individual": max(ev.max_images_per_individual, n_min)})
+
+
 def tuned_config(config: RetrainConfig, knobs: Mapping[str, Any]) -> RetrainConfig:
-    """``config`` with the chosen objective in ``train.pog`` (its own step budget, not the trials')."""
-    return config.model_copy(update={"train": config.train.model_copy(update={"pog": trial_pog(config.train.pog, knobs)})})
+    """``config`` with the chosen objective and sampling in ``train`` (its own step budget and seed, not the trials')."""
+    chosen = trial_train(config.train, config.tune, knobs)
+    return config.model_copy(update={"train": chosen.model_copy(update={"steps": config.train.steps, "seed": config.train.seed})})
 
 
 @task(name="publish-tune")
@@ -195,7 +228,8 @@ def publish_result(settings: Settings, config: RetrainConfig, parent_run_id: str
     """Write the chosen retrain config (``<folder>/tuned.yaml``), and give the parent run the trials table,
     plot and config, and the flow run the table as a Prefect artifact. Returns (config path, table)."""
     head_max_drop = config.tune.head_max_drop
-    what = "plain fine-tuning (lam = 0): no borrowing beat it" if chosen.number < 0 else f"trial {chosen.number}"
+    what = ("plain fine-tuning (lam = 0, uniform sampling): no trial beat it by more than the noise" if chosen.number < 0
+            else f"trial {chosen.number}")
     text = (f"# Written by `pogdiff tune`: the retrain config with the chosen psi knobs ({what}; validation score "
             f"{chosen.score:.3f}).\n" + yaml.safe_dump(tuned_config(config, chosen.knobs).model_dump(mode="json", exclude={"tune"}),
                                                         sort_keys=False))
@@ -210,8 +244,9 @@ def publish_result(settings: Settings, config: RetrainConfig, parent_run_id: str
         save_png(tune_trials(reference.score, points, f"{len(trials)} trials; chosen: {'lam = 0' if chosen.number < 0 else what}"),
                  out / "trials.png")
         runs.log_artifacts(out, "tune")
-        runs.log_metrics({"tune/reference_score": reference.score, "tune/chosen_score": chosen.score,
-                              "tune/chosen_lam": float(chosen.knobs["lam"]), "tune/trials": float(len(trials))})
+        runs.log_metrics({"tune/reference_score": reference.score, "tune/reference_noise": reference.noise,
+                          "tune/chosen_score": chosen.score, "tune/chosen_lam": float(chosen.knobs["lam"]),
+                          "tune/trials": float(len(trials))})
     runs.set_tags(parent_run_id, {"tune.chosen": "reference" if chosen.number < 0 else str(chosen.number)})
     try:
         create_markdown_artifact(key="tune-trials", markdown=f"# pogdiff tune: chosen {what}\n\n{table}",

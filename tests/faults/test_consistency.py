@@ -39,8 +39,8 @@ def _load(settings, version=None):
 @pytest.fixture
 def two_sources(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
-    folder.generate_longtail(first, seed=3, size=16, max_count=6, alpha=1.0, min_count=1)
-    folder.generate_longtail(second, seed=4, size=16, max_count=6, alpha=1.0, min_count=1)
+    folder.generate_longtail(first, seed=3, size=16, max_count=6, alpha=1.0, min_count=1, holdout=0)
+    folder.generate_longtail(second, seed=4, size=16, max_count=6, alpha=1.0, min_count=1, holdout=0)
     return first, second
 
 

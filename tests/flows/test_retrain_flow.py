@@ -142,13 +142,14 @@ def test_retrain_flow_end_to_end(prefect_server, setup, monkeypatch):
     # ingest: every row of the captions file landed in Parquet, nothing quarantined
     with open(source / "captions.csv", newline="") as f:
         n_rows = sum(1 for _ in csv.DictReader(f))
-    assert first.ingest.report.accepted == n_rows == summary["images"]
+    assert first.ingest.report.accepted == n_rows == summary["images"] + summary["holdout"]  # held-out photos are rows too
     assert dataset.read_images(home / "dataset", columns=["id"]).num_rows == n_rows
     assert dataset.read_quarantine(home / "dataset").num_rows == 0
 
-    # index: every distinct caption (one per image, mostly) has a vector, k neighbours and a density
+    # index: every distinct training caption (one per image, mostly) has a vector, k neighbours and a density;
+    # held-out captions are never indexed (they are never a neighbour y', never counted in a density)
     with open(source / "captions.csv", newline="") as f:
-        distinct = {row["caption"] for row in csv.DictReader(f)}
+        distinct = {row["caption"] for row in csv.DictReader(f) if row["split"] == "train"}
     caps = lancedb.connect(str(home / "lancedb")).open_table("captions").to_arrow()
     assert caps.num_rows == len(distinct) == first.captions.report.embedded == summary["captions"]
     assert len(distinct) > summary["individuals"]
@@ -156,7 +157,7 @@ def test_retrain_flow_end_to_end(prefect_server, setup, monkeypatch):
     for row in caps.to_pylist():
         assert len(row["neighbour_ids"]) == K and set(row["neighbour_ids"]) <= ids - {row["caption_id"]}
         assert row["density"] >= row["count"] > 0
-    assert first.images.report.computed == n_rows
+    assert first.images.report.computed == summary["images"]  # psi's image feature: training photos only
     assert _task_names(state).count("embed-shard") == -(-len(distinct) // 10)  # mapped over the flow's task runner
 
     # MLflow: a finished run with per-bucket metrics and per-step losses; a version with an alias
