@@ -210,8 +210,11 @@ def run_one(prep: Prepared, cfg: TrainConfig, eval_cfg: EvaluateConfig, work: Pa
     train(pipe, prep.data, cfg, work, on_step=on_step, resume=False)
     trained = time.perf_counter() - started
     ev = evaluate(pipe, prep.real, eval_cfg, judge=detector.judge, holdout=prep.holdout, attributes=detector.attributes)
+    for row, share in zip(ev.per_individual, neighbour_leakage(ev)):
+        row["neighbour_leakage"] = share
     if grid is not None and prep.holdout is not None:
-        write_bytes_atomic(grid, holdout_grid(prep.holdout, ev, f"held-out prompts, {cfg.pog.method}, sampling {cfg.sampling}"))
+        write_bytes_atomic(grid, holdout_grid(prep.holdout, ev, f"held-out prompts: {grid.stem.rsplit('-', 1)[0]} "
+                                                                f"({cfg.pog.method}, lam {cfg.pog.lam:g}, sampling {cfg.sampling})"))
     exposure = prep.data.exposure_summary(cfg, eval_cfg.buckets)
     return {
         "seed": cfg.seed,
@@ -224,6 +227,22 @@ def run_one(prep: Prepared, cfg: TrainConfig, eval_cfg: EvaluateConfig, work: Pa
         "psi_active_share": float(np.mean(active)),
         "gate": ev.info["gate"],
     }
+
+
+def neighbour_leakage(ev) -> list[float | None]:
+    """Per individual of ``ev``: the share of its held-out-prompted images that show its family's best
+    seller instead of it (a families variant drawn as the product it is named after: what borrowing from
+    the neighbour risks); None for a product that is no variant, or without held-out images."""
+    family = {p.name: p.family for p in catalogue.families_products() if p.family not in (None, p.name)}
+    out: list[float | None] = []
+    for row, samples in zip(ev.per_individual, ev.holdout_samples):
+        name = row["individual"]
+        if name not in family or len(samples) == 0:
+            out.append(None)
+            continue
+        shown = detector.judge(samples, [name] * len(samples))
+        out.append(None if shown is None else float(np.mean([s == family[name] for s in shown])))
+    return out
 
 
 def holdout_grid(holdout: RealSet, ev, title: str, rows: int = 12) -> bytes:
@@ -667,7 +686,8 @@ def main(argv: list[str] | None = None) -> int:
         if VARIANTS[variant].catalogue == "families":
             role_of = {p.name: p.role for p in catalogue.families_products()}
             roles = role_table({m: [r["per_individual"] for r in rs] for m, rs in rows.items()}, role_of,
-                               ("holdout_accuracy", "accuracy", "copy_rate"), bucket="few")
+                               ("holdout_accuracy", "accuracy", "copy_rate", "neighbour_leakage"), bucket="few",
+                               lower_better=frozenset({"neighbour_leakage"}))
         variants[variant] = {
             "data": {"source": prep.source, "images": int(len(prep.real.images)),
                      "holdout": 0 if prep.holdout is None else int(len(prep.holdout.images)), "grouped_by": prep.real.grouped_by,

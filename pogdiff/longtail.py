@@ -113,12 +113,14 @@ def _best(parts: list[dict]) -> dict:
     return max((p for p in parts if "difference" in p), key=lambda p: p["difference"] - p["margin"], default={})
 
 
-def role_table(per_seed: dict[str, list[list[dict]]], role_of: dict[str, str], metrics: tuple[str, ...], bucket: str = "few") -> str:
+def role_table(per_seed: dict[str, list[list[dict]]], role_of: dict[str, str], metrics: tuple[str, ...], bucket: str = "few",
+               lower_better: frozenset[str] = frozenset()) -> str:
     """Markdown: per method and role (e.g. a families catalogue's colour variants, shape variants,
     controls), each metric's mean over the role's ``bucket`` individuals, then mean ± std over seeds.
 
     per_seed: method -> one list per seed of ``EvalResult.per_individual`` rows; role_of: individual
     name -> role. Roles appear in the order first met; individuals without a role are left out.
+    ``lower_better``: metrics outside the glossary (a benchmark's diagnostics) where lower is better.
     """
     roles = list(dict.fromkeys(role_of[r["individual"]] for rows in per_seed.values() for seed in rows for r in seed
                                if r["bucket"] == bucket and r["individual"] in role_of))
@@ -133,7 +135,8 @@ def role_table(per_seed: dict[str, list[list[dict]]], role_of: dict[str, str], m
                 cells.append(_cell({"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
                                    if values else None))
             out.append([method, role, *cells])
-    return "\n".join(markdown(["method", "role", *(f"{n} {'↓' if lower_is_better(n) else '↑'}" for n in metrics)], out)) + "\n"
+    arrows = [f"{n} {'↓' if lower_is_better(n) or n in lower_better else '↑'}" for n in metrics]
+    return "\n".join(markdown(["method", "role", *arrows], out)) + "\n"
 
 
 def competence_check(agg: Aggregate, method: str = "vanilla") -> dict:
