@@ -98,3 +98,17 @@ def test_the_demo_links_point_where_its_printed_ui_commands_serve(tmp_path, monk
     monkeypatch.setenv("POGDIFF_PREFECT_API_URL", "http://prefect.example.org:4200/api")
     settings, prefect_ui = demo_ui_urls(load_settings())
     assert (settings.mlflow_ui_url, prefect_ui) == ("https://mlflow.example.org", None)
+
+
+def test_demo_data_writes_the_families_catalogue_with_held_out_photos(pogdiff, tmp_path):
+    import csv
+
+    out = pogdiff("demo-data", str(tmp_path / "families"), "--catalogue", "families", "--holdout", "2", home=tmp_path / "home")
+    assert out.returncode == 0, out.output
+    with open(tmp_path / "families" / "captions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    held = [r for r in rows if r["split"] == "holdout"]
+    assert len(held) == 2 * 20 and len(rows) - len(held) == 733  # 20 products; 2 held-out photos each
+    assert {"Vexo", "Vexo Gesh", "Nembo"} <= {r["individual"] for r in rows}
+    assert out.stdout.strip() == f"wrote 733 images of 20 individuals ({len({r['caption'] for r in rows if r['split'] == 'train'})} " \
+                                 f"distinct captions) and 40 held-out photos to {tmp_path / 'families'}"
