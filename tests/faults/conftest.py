@@ -17,7 +17,8 @@ def tiny(tmp_path_factory, tiny_spec):
     a moment, a training long enough to write several checkpoints."""
     root = tmp_path_factory.mktemp("faults-data")
     source = root / "source"
-    summary = folder.generate_longtail(source, seed=7, size=64, max_count=40, alpha=1.0, min_count=2, captions="individual")
+    # no held-out photos: the fault tests count the images a source holds against what every stage kept
+    summary = folder.generate_longtail(source, seed=7, size=64, max_count=40, alpha=1.0, min_count=2, captions="individual", holdout=0)
     PixelDiffusionPipeline.new(tiny_spec, seed=0).save_pretrained(root / "base")
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump({

@@ -168,8 +168,13 @@ def _filters(tree: ast.AST) -> list[tuple[int, ast.AST, ast.FunctionDef | None]]
     return out
 
 
+# Builders of pyarrow compute Expressions (pc.field comparisons): a filter made of them holds no SQL text.
+EXPRESSION_BUILDERS = ("split_filter",)
+
+
 def _quoted(expr: ast.AST, fn: ast.FunctionDef) -> bool:
-    """A constant, a call of ``quote_sql``, an f-string of those, or a name assigned from one."""
+    """A constant, a call of ``quote_sql`` or of an ``EXPRESSION_BUILDERS`` function, an f-string of
+    those, or a name assigned from one."""
     if isinstance(expr, ast.Constant):
         return True
     if isinstance(expr, ast.JoinedStr):
@@ -177,9 +182,9 @@ def _quoted(expr: ast.AST, fn: ast.FunctionDef) -> bool:
     if isinstance(expr, ast.Name):
         sources = [a.value for a in ast.walk(fn) if isinstance(a, ast.Assign) and any(
             isinstance(t, ast.Name) and t.id == expr.id for t in a.targets)]
-        return bool(sources) and all(any(_name(c.func).endswith("quote_sql") for c in ast.walk(s) if isinstance(c, ast.Call))
-                                     for s in sources)
-    return isinstance(expr, ast.Call) and _name(expr.func).endswith("quote_sql")
+        return bool(sources) and all(any(_name(c.func).endswith(("quote_sql", *EXPRESSION_BUILDERS)) for c in ast.walk(s)
+                                         if isinstance(c, ast.Call)) for s in sources)
+    return isinstance(expr, ast.Call) and _name(expr.func).endswith(("quote_sql", *EXPRESSION_BUILDERS))
 
 
 def test_lancedb_filters_quote_every_value():
