@@ -426,7 +426,9 @@ def validate(bench: Bench, variant: str) -> dict:
             log(f"{variant}: validation {method} {knobs}: score {score(row['metrics']):.3f} (reference {reference.score:.3f})")
         return TrialResult(number, knobs, row["metrics"])
 
-    cbdm = [run("cbdm", i, {"cbdm_tau": tau}, config.train.model_copy(update={"pog": PoGConfig(method="cbdm", cbdm_tau=tau)}))
+    # CBDM as published: uniform sampling, whatever the config's recipe balances (as its test runs)
+    cbdm = [run("cbdm", i, {"cbdm_tau": tau},
+                config.train.model_copy(update={"sampling": "uniform", "pog": PoGConfig(method="cbdm", cbdm_tau=tau)}))
             for i, tau in enumerate(bench.taus)]
     sweep = None
     if chosen.number >= 0 and chosen.knobs["lam"] == 0 and chosen.knobs.get("sampling", "uniform") != "uniform":
