@@ -54,7 +54,6 @@ class Exposure:
     (sums to 1); cdf ``[N]`` their running sum, which the trainer searches to draw rows.
     """
 
-    sampling: Sampling
     group_of: torch.Tensor
     factors: torch.Tensor
     probabilities: torch.Tensor
@@ -68,7 +67,7 @@ class Exposure:
         factors = repeat_factors(counts, sampling, max_repeats, threshold)
         weight = factors[group_of]
         p = weight / weight.sum()
-        return cls(sampling, group_of, factors, p, torch.cumsum(p, 0))
+        return cls(group_of, factors, p, torch.cumsum(p, 0))
 
     def draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """``n`` image rows ``[n]`` drawn i.i.d. from p: inverse-CDF of one uniform each (O(n log N), not
