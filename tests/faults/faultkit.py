@@ -3,7 +3,7 @@ that can be SIGKILLed as a group (the retrain and any child it started), as a ma
 
 Every fault test records what it tried and what it saw through ``record``; with
 ``POGDIFF_FAULT_RESULTS=FILE`` set the rows are appended to FILE as JSON lines and
-``python -m tests.faults.report FILE`` renders the README's "Reliability" table from them.
+``python -m tests.faults.report FILE`` renders the fault table of docs/reliability.md from them.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Render the README's "Reliability" table from the rows the fault tests recorded.
+"""Render the fault table of the Reliability page (docs/reliability.md, "The faults tried") from the rows
+the fault tests recorded.
 
     POGDIFF_FAULT_RESULTS=faults.jsonl pytest tests/faults
     python -m tests.faults.report faults.jsonl        # markdown table on stdout

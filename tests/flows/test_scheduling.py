@@ -1,6 +1,6 @@
 """Both scheduling paths side by side on the session's real `prefect server start` process.
 
-The README's work-pool runbook, its command blocks run as written by bash (only the server address
+The work-pool runbook of docs/scheduling.md, its command blocks run as written by bash (only the server address
 differs): `prefect work-pool create`, `prefect deploy --all` from the repository's prefect.yaml, a real
 `prefect worker start --pool local` process and a run triggered with a config file reference, which
 completes and registers a model version. Beside it `pogdiff serve`: its runs complete and never train at
@@ -31,16 +31,17 @@ from pogdiff.pipelines.pixel import PixelDiffusionPipeline
 pytestmark = pytest.mark.slow  # servers, processes or whole flows: see pyproject's marker
 
 ROOT = Path(__file__).resolve().parents[2]
-README_API = "http://127.0.0.1:4200/api"  # the server address the README's blocks use
+RUNBOOK_PAGE = ROOT / "docs" / "scheduling.md"  # the documentation page that holds the runbook
+RUNBOOK_API = "http://127.0.0.1:4200/api"  # the server address the runbook's blocks use
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 WORK_POOL_DEPLOYMENTS = ("retrain/retrain-nightly", "ingest/ingest-hourly", "evaluate/evaluate-champion")
 
 
 def runbook(name: str, api: str) -> str:
-    """The README's ``<!-- runbook: NAME -->`` block, pointed at ``api``."""
-    blocks = dict(re.findall(r"<!-- runbook: (\w+) -->\n```\n(.*?)```\n<!-- /runbook -->", (ROOT / "README.md").read_text(), re.S))
-    assert name in blocks and README_API in blocks[name], f"README has no runbook block {name!r} on {README_API}"
-    return blocks[name].replace(README_API, api)
+    """The runbook page's ``<!-- runbook: NAME -->`` block, pointed at ``api``."""
+    blocks = dict(re.findall(r"<!-- runbook: (\w+) -->\n```\n(.*?)```\n<!-- /runbook -->", RUNBOOK_PAGE.read_text(), re.S))
+    assert name in blocks and RUNBOOK_API in blocks[name], f"{RUNBOOK_PAGE.name} has no runbook block {name!r} on {RUNBOOK_API}"
+    return blocks[name].replace(RUNBOOK_API, api)
 
 
 def tiny_config(base: Path, name: str) -> dict:

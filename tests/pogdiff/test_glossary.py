@@ -1,8 +1,7 @@
-"""The metrics glossary: names that say what they measure, one definition and direction per metric,
-and the README's glossary written from it."""
+"""The metrics glossary: names that say what they measure, one definition and direction per metric.
+The documentation's glossary page is written from it (tests/test_docs.py keeps the two equal)."""
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -18,10 +17,9 @@ from pogdiff.glossary import (
     rank,
 )
 
-README = Path(__file__).resolve().parents[2] / "README.md"
-# what the README's "Metrics glossary" shows: the default evaluation's metrics (held-out ones included) and the
-# other Fréchet features
-README_METRICS = (*evaluated_metrics("pixels", 16, holdout=True), "frechet_dinov2", "frechet_clip")
+# what the glossary page (docs/evaluation.md) shows: the default evaluation's metrics (held-out ones included)
+# and the other Fréchet features
+GLOSSARY_METRICS = (*evaluated_metrics("pixels", 16, holdout=True), "frechet_dinov2", "frechet_clip")
 HELD_OUT = ("holdout_accuracy", "holdout_grecall", "prompt_fidelity", "copy_rate")
 
 
@@ -38,7 +36,7 @@ def test_the_frechet_distance_is_named_after_its_feature():
 
 
 def test_every_metric_has_a_definition_and_a_direction():
-    for name in README_METRICS:
+    for name in GLOSSARY_METRICS:
         info = describe(name)
         assert info.definition and "\n" not in info.definition and info.aggregation
         assert lower_is_better(name) == (name.startswith("frechet_") or name == "copy_rate")
@@ -72,7 +70,3 @@ def test_the_glossary_of_a_run_in_json_and_markdown():
     rows = [line for line in md.splitlines() if line.startswith("| `")]
     assert len(rows) == 3 and all(line.count(" | ") == 3 for line in rows)  # |T_i| is escaped, not a cell border
     assert "- `frechet_pixels16` (lower is better): Fréchet distance" in glossary_list(keys)
-
-
-def test_the_readme_glossary_is_the_librarys():
-    assert glossary_markdown(README_METRICS) in README.read_text(encoding="utf-8")
