@@ -15,8 +15,9 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pogdiff.config import ConfigError
-from storage.links import redact_text, redact_uri
+from flows.cli_args import Parser, at_least, command, existing_file, existing_folder, existing_path, output_file, output_folder
+from flows.cli_errors import debug_requested, quiet_prefect, quiet_stores, report
+from storage.links import redact_uri
 from storage.settings import REPO_ROOT, Settings, load_settings
 from tasks.config import RetrainConfig, load_config
 
@@ -65,6 +66,8 @@ def _run_retrain(source: Path, config: RetrainConfig, settings: Settings, prefec
     from prefect.settings import PREFECT_UI_URL, temporary_settings
 
     from flows.retrain import retrain
+
+    quiet_prefect()
 
     # a setting, not an environment variable: Prefect reads those once, when it is first imported
     with temporary_settings({PREFECT_UI_URL: prefect_ui}) if prefect_ui and not PREFECT_UI_URL.value() else nullcontext():
@@ -144,6 +147,8 @@ def cmd_tune(args, settings: Settings) -> int:
     check_source(Path(args.source), config.ingest)
     from flows.tune import tune
 
+    quiet_prefect()
+
     started = time.time()
     result = tune(str(Path(args.source).absolute()), config)
     chosen = result.chosen
@@ -160,13 +165,16 @@ def cmd_tune(args, settings: Settings) -> int:
 
 
 def cmd_evaluate(args, settings: Settings) -> int:
-    from flows.evaluate import evaluate_registered
-
+    from storage.mlflow import connection
     from storage.mlflow.references import resolve_run
 
     started = time.time()
     config = load_config(args.config or DEMO_CONFIG)
+    connection.connect(settings)  # a server that does not answer: one line, within the settings' timeout
     resolve_run(settings.mlflow_tracking_uri, args.model, config.registry.model_name)  # a bad reference: one line, no flow run
+    from flows.evaluate import evaluate_registered
+
+    quiet_prefect()
     result = evaluate_registered(args.model, config)
     print(f"\nevaluated {result.model} version {result.version} in {time.time() - started:.0f} s "
           f"(MLflow run {result.run_id})")
@@ -219,49 +227,71 @@ def demo_catalogues() -> tuple[str, ...]:
     return CATALOGUES
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pogdiff", description="PoGDiff fine-tuning pipeline")
-    sub = p.add_subparsers(dest="command", required=True)
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
-    d = sub.add_parser("demo", help="generate the demo long-tailed data (if missing) and run the retrain flow on it")
-    d.add_argument("--config", default=str(DEMO_CONFIG), help="retrain config YAML (default: configs/demo.yaml)")
-    d.add_argument("--data", help="use this demo data folder as it is (default: <data_root>/demo-catalogue[-individual], generated if missing)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the demo data generator")
+    try:
+        return version("pogdiff-pipeline")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+CONFIG_BUILTIN = "retrain config YAML (default: the built-in defaults, which register the model as pogdiff-demo)"
+CONFIG_DEMO = "retrain config YAML (default: configs/demo.yaml)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="pogdiff", description="PoGDiff fine-tuning pipeline: ingest captioned images, index their captions, "
+               "fine-tune, evaluate per frequency bucket, register and promote in MLflow.",
+               epilog="`pogdiff COMMAND --help` shows a command's options and an example.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    p.add_argument("--debug", action="store_true", help="print the traceback of a failure (also POGDIFF_DEBUG=1)")
+    p.add_argument("--verbose", action="store_true", help="let third-party INFO logs (MLflow, HTTP clients) through")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = command(sub, "demo", "generate the demo long-tailed data (if missing) and run the retrain flow on it", "pogdiff demo")
+    d.add_argument("--config", type=existing_file, default=str(DEMO_CONFIG), help=CONFIG_DEMO)
+    d.add_argument("--data", type=existing_folder,
+                   help="use this demo data folder as it is (default: <data_root>/demo-catalogue[-individual], generated if missing)")
+    d.add_argument("--seed", type=at_least(0), default=0, help="seed of the demo data generator (default: 0)")
     d.add_argument("--captions", choices=demo_caption_modes(), default="per-image",
                    help="per-image: each caption describes its image; individual: one caption per individual")
     d.set_defaults(func=cmd_demo)
 
-    r = sub.add_parser("retrain", help="run the retrain flow on a source folder (images + captions file)")
-    r.add_argument("source")
-    r.add_argument("--config", help="retrain config YAML (default: built-in defaults)")
+    r = command(sub, "retrain", "run the retrain flow on a source: ingest, index, fine-tune, evaluate, register",
+                "pogdiff retrain ./catalogue --config configs/demo.yaml")
+    r.add_argument("source", type=existing_path, help="a folder with a captions file, a .parquet file or folder of them, a .tar shard or folder of them")
+    r.add_argument("--config", type=existing_file, help=CONFIG_BUILTIN)
     r.set_defaults(func=cmd_retrain)
 
-    t = sub.add_parser("tune", help="calibrate PoGDiff's psi on a source: short fine-tunes scored on a validation draw")
-    t.add_argument("source")
-    t.add_argument("--config", help="retrain config YAML whose psi knobs to tune (its tune section sets the budget)")
-    t.add_argument("--out", help="also write the chosen retrain config here")
+    t = command(sub, "tune", "calibrate PoGDiff's psi and the sampling on a source: short fine-tunes scored on a validation draw",
+                "pogdiff tune ./catalogue --config configs/demo.yaml --out configs/tuned.yaml")
+    t.add_argument("source", type=existing_path, help="the source to tune on (as for retrain)")
+    t.add_argument("--config", type=existing_file, help="retrain config YAML whose knobs to tune; its tune section sets the budget "
+                   "(default: the built-in defaults)")
+    t.add_argument("--out", type=output_file, help="also write the chosen retrain config to this file")
     t.set_defaults(func=cmd_tune)
 
-    e = sub.add_parser("evaluate", help="evaluate a registered version (default: the champion) on the current data")
-    e.add_argument("model", nargs="?", default="champion", help="alias, version, name@alias or name/version")
-    e.add_argument("--config", help="retrain config YAML (its registry and evaluate sections; default: configs/demo.yaml)")
+    e = command(sub, "evaluate", "evaluate a registered version (default: the champion) on the current data", "pogdiff evaluate challenger")
+    e.add_argument("model", nargs="?", default="champion", help="champion, challenger, a version number, NAME@alias or NAME/version")
+    e.add_argument("--config", type=existing_file, help="retrain config YAML: its registry and evaluate sections (default: configs/demo.yaml)")
     e.set_defaults(func=cmd_evaluate)
 
-    g = sub.add_parser("demo-data", help="write the demo long-tailed data set to a folder")
-    g.add_argument("out")
-    g.add_argument("--seed", type=int, default=0)
+    g = command(sub, "demo-data", "write the demo long-tailed data set to a folder", "pogdiff demo-data ./families --catalogue families")
+    g.add_argument("out", type=output_folder, help="folder to write the images and captions.csv into (created if missing)")
+    g.add_argument("--seed", type=at_least(0), default=0, help="seed of the generator (default: 0)")
     g.add_argument("--captions", choices=demo_caption_modes(), default="per-image",
                    help="per-image: each caption names the individual and describes its image; individual: one caption per individual")
     g.add_argument("--catalogue", choices=demo_catalogues(), default="zipf",
                    help="zipf: 24 products, 200 down to 3 photos; families: rare variants of best sellers, named after them, beside rare controls")
-    g.add_argument("--holdout", type=int, default=4, help="held-out photos per product (split column 'holdout'; never trained on)")
+    g.add_argument("--holdout", type=at_least(0), default=4, help="held-out photos per product (split column 'holdout'; never trained on)")
     g.set_defaults(func=cmd_demo_data)
 
-    b = sub.add_parser("base", help="the embedded base model")
-    bsub = b.add_subparsers(dest="base_command", required=True)
-    bb = bsub.add_parser("build", help="pretrain the base model with the fixed recipe (pogdiff/base.py)")
-    bb.add_argument("--out", help="where to write the model (default: the packaged builtin:logos16)")
-    bb.add_argument("--steps", type=int, help="override the recipe's steps (for a quick look)")
+    b = command(sub, "base", "the embedded base model", "pogdiff base build --steps 100 --out /tmp/base")
+    bsub = b.add_subparsers(dest="base_command", required=True, metavar="ACTION", help="build: pretrain it anew")
+    bb = command(bsub, "build", "pretrain the base model with the fixed recipe (pogdiff/base.py)", "pogdiff base build")
+    bb.add_argument("--out", type=output_folder, help="where to write the model (default: the packaged builtin:logos16)")
+    bb.add_argument("--steps", type=at_least(1), help="override the recipe's steps (for a quick look)")
     bb.set_defaults(func=cmd_base_build)
     from flows import cli_compare, cli_index, cli_ingest, cli_models, cli_serve
 
@@ -272,16 +302,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from storage.errors import RunNotFound
-    from storage.items import SourceError
-
+    debug = debug_requested(args.debug)
+    if debug:
+        os.environ["POGDIFF_DEBUG"] = "1"  # for the flows' log handlers (quiet_prefect) and subprocesses
+    quiet_stores(args.verbose)
+    settings = None
     try:
         settings = load_settings()
         _prepare_env(settings)
         return args.func(args, settings)
-    except (SourceError, ConfigError, FileNotFoundError, ConnectionError, RunNotFound) as err:
-        print(f"error: {redact_text(str(err))}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - every failure ends as one line (report says which kind)
+        return report(err, debug, settings.mlflow_tracking_uri if settings else None)
 
 
 if __name__ == "__main__":

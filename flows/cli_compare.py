@@ -12,7 +12,6 @@ import json
 import sys
 
 from storage.config import RegisterConfig
-from storage.links import redact_text
 from storage.settings import Settings
 
 
@@ -27,15 +26,13 @@ def _label(r) -> str:
 def cmd_compare(args, settings: Settings) -> int:
     from pogdiff.compare_page import comparison_rows, direction
     from pogdiff.tables import MISSING, columns, fmt
-    from storage.errors import RunNotFound
     from storage.mlflow.references import resolve_run
 
-    try:
-        a = resolve_run(settings.mlflow_tracking_uri, args.a, args.model)
-        b = resolve_run(settings.mlflow_tracking_uri, args.b, args.model)
-    except RunNotFound as err:
-        print(f"error: {redact_text(str(err))}", file=sys.stderr)
-        return 2
+    from storage.mlflow import connection
+
+    connection.connect(settings)
+    a = resolve_run(settings.mlflow_tracking_uri, args.a, args.model)
+    b = resolve_run(settings.mlflow_tracking_uri, args.b, args.model)
     rows = comparison_rows(a.metrics, b.metrics)
     if args.html:
         from pogdiff.atomic import write_text_atomic
@@ -62,12 +59,15 @@ def cmd_compare(args, settings: Settings) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    c = sub.add_parser("compare", help="compare two evaluated models: bucket x metric table with deltas")
-    c.add_argument("a", help="run id, alias (champion, challenger), name@alias or name/version")
+    from flows.cli_args import command, output_file
+
+    c = command(sub, "compare", "compare two evaluated models: bucket x metric table with deltas",
+                "pogdiff compare champion challenger --html review.html")
+    c.add_argument("a", help="run id, alias (champion, challenger), version number, name@alias or name/version")
     c.add_argument("b", help="the same kinds of reference; deltas are B - A")
     c.add_argument("--model", default=RegisterConfig().model_name,
                    help="registered model a bare alias refers to (default: %(default)s)")
     c.add_argument("--json", action="store_true", help="print the table as JSON")
-    c.add_argument("--html", metavar="OUT", help="also write one self-contained HTML page (table with deltas and "
+    c.add_argument("--html", metavar="OUT", type=output_file, help="also write one self-contained HTML page (table with deltas and "
                    "directions, both models' sample grids side by side per bucket) to OUT")
     c.set_defaults(func=cmd_compare)

@@ -9,6 +9,8 @@ mean clipped cosine over all image pairs of the two captions, and psi at that va
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 from tasks.config import load_config
 
@@ -22,8 +24,9 @@ def cmd_index(args, settings) -> int:
     from storage.items import SourceError
     from tasks.index import build_caption_index, build_image_features
 
+    started = time.perf_counter()
     cfg = _index_config(args.config)
-    if not dataset.caption_counts(settings.dataset_uri):
+    if not Path(settings.dataset_uri).is_dir() or not dataset.caption_counts(settings.dataset_uri):
         raise SourceError(f"dataset {settings.dataset_uri} has no images; run `pogdiff ingest SOURCE` first")
     caps = build_caption_index(settings, cfg, progress=not args.json)
     imgs = build_image_features(settings, cfg)
@@ -33,14 +36,14 @@ def cmd_index(args, settings) -> int:
                           "images": imgs.model_dump(mode="json", exclude={"snapshot_id"})}))
         return 0
     ann = "yes" if caps.ann_index else f"no (created above {cfg.ann_threshold} captions)"
-    print(f"captions: {caps.captions} — embedded {caps.embedded}, skipped {caps.reused} "
+    print(f"captions: {caps.captions} — embedded {caps.embedded}, reused {caps.reused} "
           f"(already embedded by {caps.embedder})")
     print(f"graph:    {caps.mode} top-{caps.k}, {caps.edges} edges, {caps.recomputed} rows recomputed, "
           f"{caps.patched} patched ({caps.graph_update}); density bandwidth {cfg.density_bandwidth}")
     print(f"lancedb:  table 'captions' version {caps.version}, {caps.written} rows written, {caps.deleted} deleted; "
           f"ANN index: {ann}")
     print(f"images:   {imgs.computed} features computed, {imgs.reused} reused ({imgs.extractor})")
-    print(f"done in {caps.seconds:.1f} s")
+    print(f"done in {time.perf_counter() - started:.1f} s (captions {caps.seconds:.1f} s)")
     return 0
 
 
@@ -82,6 +85,11 @@ def _explain(args, settings) -> dict:
     cid = caption_id(args.caption)
     k = args.k or cfg.k
     if cid in row:
+        if k > cfg.k:
+            from pogdiff.config import ConfigError
+
+            raise ConfigError(f"-k {k}: the index keeps {cfg.k} neighbours per caption (index.k); "
+                              "build it with a larger index.k to see more")
         i = row[cid]
         nb = [(j, float(s)) for j, s in zip(table.column("neighbour_ids")[i].as_py(), table.column("neighbour_sims")[i].as_py())
               if j][:k]
@@ -161,14 +169,18 @@ def cmd_neighbours(args, settings) -> int:
 
 
 def add_commands(sub) -> None:
-    i = sub.add_parser("index", help="embed new captions, refresh the neighbour graph and image features of the current dataset")
-    i.add_argument("--config", help="retrain config YAML whose 'index' section applies")
+    from flows.cli_args import at_least, command, existing_file
+
+    i = command(sub, "index", "embed new captions, refresh the neighbour graph and image features of the current dataset",
+                "pogdiff index --config configs/demo.yaml")
+    i.add_argument("--config", type=existing_file, help="retrain config YAML whose 'index' section applies (default: the built-in defaults)")
     i.add_argument("--json", action="store_true", help="print the report as JSON (no progress bar)")
     i.set_defaults(func=cmd_index)
 
-    n = sub.add_parser("neighbours", help="a caption's neighbours, their similarities and densities, and the psi each would get")
+    n = command(sub, "neighbours", "a caption's neighbours, their similarities and densities, and the psi each would get",
+                'pogdiff neighbours "Vexo Azure, a small blue star" -k 5')
     n.add_argument("caption", help="caption text (need not be in the dataset)")
-    n.add_argument("--config", help="retrain config YAML ('index' and 'train.pog' sections apply)")
-    n.add_argument("-k", type=int, help="how many neighbours to show (default and, for a caption in the dataset, at most: the index's k)")
+    n.add_argument("--config", type=existing_file, help="retrain config YAML: 'index' and 'train.pog' sections (default: the built-in defaults)")
+    n.add_argument("-k", type=at_least(1), help="how many neighbours to show (default and, for a caption in the dataset, at most: the index's k)")
     n.add_argument("--json", action="store_true", help="print as JSON")
     n.set_defaults(func=cmd_neighbours)

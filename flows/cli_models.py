@@ -7,7 +7,6 @@ import json
 import sys
 
 from storage.config import RegisterConfig
-from storage.links import redact_text
 from storage.settings import Settings
 from tasks.config import load_config
 
@@ -18,23 +17,18 @@ def _registry(args) -> tuple[str, RegisterConfig]:
     return args.model or cfg.model_name, cfg
 
 
-def _fail(err: Exception) -> int:
-    print(f"error: {redact_text(str(err))}", file=sys.stderr)
-    return 2
-
-
 def cmd_models(args, settings: Settings) -> int:
     from pogdiff.tables import MISSING, columns, fmt
     from storage.mlflow import connection, registry
 
     name, cfg = _registry(args)
-    connection.use(settings)
-    try:
-        versions = registry.list_versions(name)
-    except (LookupError, ValueError) as err:
-        return _fail(err)
+    connection.connect(settings)
+    versions = registry.list_versions(name)
     if args.json:
-        print(json.dumps({"model": name, "versions": versions}, indent=2))
+        print(json.dumps([{"model": name, **v} for v in versions], indent=2))
+        return 0
+    if not versions:
+        print(f"{name}: no versions yet (`pogdiff demo` or `pogdiff retrain SOURCE` registers the first)")
         return 0
     keys = [k for k in (cfg.gate.metric, cfg.gate.guard_metric) if k]
     widths = [8, 22, 10, 10, *[-max(14, len(k) + 2) for k in keys], 0]  # a long key still leaves a gap
@@ -61,12 +55,12 @@ def _user() -> str | None:
 def cmd_promote(args, settings: Settings) -> int:
     from storage.mlflow import connection, registry
 
-    name, _ = _registry(args)
-    connection.use(settings)
-    try:
-        decision = registry.promote_manually(name, args.version, _user(), args.reason)
-    except (LookupError, ValueError) as err:
-        return _fail(err)
+    from storage.mlflow.references import resolve_version
+
+    default, _ = _registry(args)
+    connection.connect(settings)
+    name, version = resolve_version(args.version, default)
+    decision = registry.promote_manually(name, version, _user(), args.reason)
     if decision.champion_before == decision.version:
         print(f"{name} version {decision.version} is already champion; nothing changed")
     else:
@@ -81,15 +75,19 @@ def cmd_promote(args, settings: Settings) -> int:
 
 
 def add_commands(sub) -> None:
-    m = sub.add_parser("models", help="list the registered versions with aliases, gate decisions and key metrics")
+    from flows.cli_args import command, existing_file
+
+    config_help = "retrain config YAML whose 'registry' section applies (default: the built-in defaults, model pogdiff-demo)"
+    m = command(sub, "models", "list the registered versions with aliases, gate decisions and key metrics", "pogdiff models --json")
     m.add_argument("--model", help="registered model name (default: the config's registry.model_name)")
-    m.add_argument("--config", help="retrain config YAML whose 'registry' section applies (default: built-in defaults)")
-    m.add_argument("--json", action="store_true", help="print the versions as JSON")
+    m.add_argument("--config", type=existing_file, help=config_help)
+    m.add_argument("--json", action="store_true", help="print the versions as a JSON list (an empty registry: [])")
     m.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("promote", help="make VERSION the champion by hand (recorded as a manual promotion)")
-    p.add_argument("version")
+    p = command(sub, "promote", "make a version the champion by hand (recorded as a manual promotion)",
+                'pogdiff promote challenger --reason "better on the rare products, checked by eye"')
+    p.add_argument("version", help="a version number, challenger, champion, NAME@alias or NAME/version")
     p.add_argument("--reason", help="why (stored on the version as promotion_reason)")
     p.add_argument("--model", help="registered model name (default: the config's registry.model_name)")
-    p.add_argument("--config", help="retrain config YAML whose 'registry' section applies (default: built-in defaults)")
+    p.add_argument("--config", type=existing_file, help=config_help)
     p.set_defaults(func=cmd_promote)

@@ -44,7 +44,7 @@ def cmd_serve(args, settings) -> int:
     known = {s.name for s in specs}
     unknown = sorted(set(args.deployment or []) - known)
     if unknown:
-        raise FileNotFoundError(f"no deployment named {', '.join(unknown)} in prefect.yaml (have: {', '.join(sorted(known))})")
+        raise LookupError(f"no deployment named {', '.join(unknown)} in prefect.yaml (have: {', '.join(sorted(known))})")
     chosen = [s for s in specs if s.name in args.deployment] if args.deployment else specs
     config = None
     if args.config:
@@ -68,9 +68,12 @@ def cmd_serve(args, settings) -> int:
 
 
 def add_commands(sub) -> None:
-    s = sub.add_parser("serve", help="serve the prefect.yaml deployments with their schedules (no work pool needed)")
+    from flows.cli_args import at_least, command, existing_file, existing_path
+
+    s = command(sub, "serve", "serve the prefect.yaml deployments with their schedules (no work pool needed)",
+                "PREFECT_API_URL=http://127.0.0.1:4200/api pogdiff serve --deployment retrain-nightly")
     s.add_argument("--deployment", action="append", help="serve only this deployment (repeatable; default: all in prefect.yaml)")
-    s.add_argument("--source", help="the source folder the deployments ingest (overrides prefect.yaml)")
-    s.add_argument("--config", help="retrain config YAML (overrides prefect.yaml's `config` of every deployment)")
-    s.add_argument("--limit", type=int, default=None, help="at most this many runs at once in this process")
+    s.add_argument("--source", type=existing_path, help="the source the deployments ingest (overrides prefect.yaml)")
+    s.add_argument("--config", type=existing_file, help="retrain config YAML (overrides prefect.yaml's `config` of every deployment)")
+    s.add_argument("--limit", type=at_least(1), default=None, help="at most this many runs at once in this process (default: no limit)")
     s.set_defaults(func=cmd_serve)

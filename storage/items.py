@@ -70,8 +70,13 @@ class Item:
     message: str = ""
 
 
+# a Python object's repr inside a library's message ("cannot identify image file <_io.BytesIO object at 0x7f…>")
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
 def one_line(text: object) -> str:
-    return " ".join(str(text).split())
+    """``text`` on one line, without any Python object's repr in it."""
+    return " ".join(_OBJECT_REPR.sub("", str(text)).split())
 
 
 def printable(text: str) -> str:

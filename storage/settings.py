@@ -14,17 +14,21 @@ import os
 import warnings
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, YamlConfigSettingsSource
 
 from pogdiff.config import ConfigError
+from storage.links import has_scheme, redact_uri
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SETTINGS_FILE_VAR = "POGDIFF_SETTINGS_FILE"
 # The Prefect API's variable before PREFECT_API_URL named it for both scheduling paths: still read, with a warning.
 DEPRECATED_API_VAR = "POGDIFF_PREFECT_API_URL"
+# what MLflow's tracking and registry stores accept (a "+driver" suffix, postgresql+psycopg2, is allowed)
+TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc")
 
 
 class _SettingsFile(YamlConfigSettingsSource):
@@ -87,6 +91,12 @@ class Settings(BaseSettings):
     # First retry delay of the IO tasks (ingest, snapshot, MLflow run and registry calls), doubling per
     # retry (3 retries, +-50% jitter): the default rides out a store restarting within about 15 s.
     io_retry_delay_s: float = Field(2.0, gt=0)
+    # How long a command waits for the MLflow tracking server's first answer before saying it is
+    # unreachable, and how often MLflow's own HTTP client retries a request (MLflow's defaults, 7
+    # retries with doubling backoff, keep a command waiting minutes on a server that is down).
+    # MLFLOW_HTTP_REQUEST_MAX_RETRIES / MLFLOW_HTTP_REQUEST_TIMEOUT in the environment win.
+    store_timeout_s: float = Field(10.0, gt=0)
+    store_retries: int = Field(3, ge=0)
 
     @field_validator("home")
     @classmethod
@@ -113,6 +123,28 @@ class Settings(BaseSettings):
             "prefect_home": lambda: home / "prefect",
             "configs_dir": lambda: home / "configs",
         }[info.field_name]()
+
+    @field_validator("home", "data_root", "dataset_uri", "runs_dir", "prefect_home", "configs_dir", "lancedb_uri")
+    @classmethod
+    def _not_a_file(cls, value: Any) -> Any:
+        if value and not has_scheme(value) and Path(value).is_file():
+            raise ValueError(f"{value} is a file, not a folder")
+        return value
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _tracking_scheme(cls, uri: str | None) -> str | None:
+        scheme = urlsplit(uri).scheme.split("+")[0].lower() if uri and has_scheme(uri) else ""
+        if scheme and scheme not in TRACKING_SCHEMES:
+            raise ValueError(f"{redact_uri(uri)} is not an MLflow tracking URI: give sqlite:///FILE, postgresql://HOST/DB, "
+                             "mysql://HOST/DB, http(s)://HOST:PORT or a local folder")
+        if scheme == "sqlite":  # MLflow creates the database's folder: a file in its way fails deep inside it
+            for parent in Path(uri.split(":///", 1)[-1].split("?", 1)[0]).parents:  # sqlite:///rel, sqlite:////abs
+                if parent.exists():
+                    if not parent.is_dir():
+                        raise ValueError(f"{uri}: {parent} is a file, not a folder")
+                    break
+        return uri
 
     def source_path(self, source: str | Path) -> Path:
         """Where a flow's ``source`` is: an absolute path as it is, a relative one under ``data_root``

@@ -92,7 +92,16 @@ def detect_kind(source: Path, cfg: IngestConfig) -> Kind:
         return "parquet"
     if _files(source, ".tar"):
         return "webdataset"
-    raise SourceError(f"captions file not found: {source / cfg.captions_file} (and no *.parquet or *.tar files in {source})")
+    raise SourceError(f"captions file not found: {source / cfg.captions_file} (and no *.parquet or *.tar files in {source}){_captions_hint(source, cfg)}")
+
+
+def _captions_hint(source: Path, cfg: IngestConfig) -> str:
+    """What to do about a missing captions file: name another one that is there, else the setting."""
+    others = sorted(p.name for p in source.glob("*") if p.suffix.lower() in (".csv", ".jsonl") and p.name != cfg.captions_file) \
+        if source.is_dir() else []
+    if others:
+        return f"; found {others[0]}: set ingest.captions_file: {others[0]} in the config"
+    return "; a folder source needs a captions file (.csv or .jsonl, named by ingest.captions_file)"
 
 
 @contextmanager
@@ -107,7 +116,7 @@ def open_source(source: Path, cfg: IngestConfig, batch_rows: int = 256) -> Itera
             raise SourceError(f"source is not a folder: {source}")
         path = captions_path(source, cfg)
         if not path.exists():
-            raise SourceError(f"captions file not found: {path}")
+            raise SourceError(f"captions file not found: {path}{_captions_hint(source, cfg)}")
         try:
             handle = open(path, "rb")  # noqa: SIM115 - closed below
         except OSError as err:

@@ -21,6 +21,7 @@ from pogdiff.graph_update import update_graph
 from pogdiff.index import CaptionGraph, caption_id, embed_caption_counts, image_extractor, image_features, needs_ann, neighbours_of
 from storage import ann_index, dataset, vectors
 from storage.images import decode_images
+from storage.items import SourceError
 from storage.settings import Settings
 from tasks.results import CaptionIndexReport, ImageFeatureReport
 from tasks.retry import IO_RETRIES
@@ -54,6 +55,10 @@ def build_caption_index(settings: Settings, cfg: IndexConfig, progress: bool = F
     ``precomputed`` (caption id -> vector, e.g. from ``embed_shard`` tasks) counts as embedded by this run.
     """
     started = time.perf_counter()
+    counts = dataset.caption_counts(settings.dataset_uri, snapshot)
+    if not counts:  # bad input, not a store hiccup: SourceError is never retried (tasks/retry.py)
+        raise SourceError(f"the dataset {settings.dataset_uri} has no training images: every input was rejected or held out "
+                          "(`pogdiff quarantine` lists why)")
     uri = settings.lancedb_uri
     embedder = make_embedder(cfg)
     precomputed = precomputed or {}
@@ -62,7 +67,7 @@ def build_caption_index(settings: Settings, cfg: IndexConfig, progress: bool = F
     previous = vectors.read_caption_graph(uri, embedder.key, cfg)
     stored = dict(zip(previous.ids, previous.vectors)) if previous is not None else vectors.known_vectors(uri, embedder.key)
     known = {**stored, **precomputed}
-    graph = embed_caption_counts(dataset.caption_counts(settings.dataset_uri, snapshot), known, cfg, embedder, progress)
+    graph = embed_caption_counts(counts, known, cfg, embedder, progress)
     if precomputed:
         fresh = len(precomputed.keys() & set(graph.ids))
         graph = replace(graph, embedded=graph.embedded + fresh, reused=graph.reused - fresh)

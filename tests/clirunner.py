@@ -9,6 +9,8 @@ subprocess tests that remain are the ones about processes (kills, launchers, a f
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -30,13 +32,25 @@ class Result:
         return self.stdout + self.stderr
 
 
-def run_cli(args: list[str], capfd, **env: str) -> Result:
+class CommandTimeout(BaseException):
+    """The alarm of ``run_cli(timeout=...)``: a BaseException, so the command's own error handling cannot take it for a failure."""
+
+
+def _alarm(signum, frame):
+    raise CommandTimeout
+
+
+def run_cli(args: list[str], capfd, timeout: float | None = None, **env: str) -> Result:
     """Run ``pogdiff ARGS`` with ``env`` on top of the test's environment (minus its pipeline
     settings); os.environ is restored afterwards, whatever the command set. Prefect reads its
-    settings once per process, so a ``PREFECT_API_URL`` is applied as a temporary setting."""
+    settings once per process, so a ``PREFECT_API_URL`` is applied as a temporary setting.
+    ``timeout``: stop the command after that many seconds (exit status 124, like timeout(1))."""
     from flows.cli import main
 
     saved = dict(os.environ)
+    if timeout is not None:
+        previous = signal.signal(signal.SIGALRM, _alarm)
+        signal.setitimer(signal.ITIMER_REAL, timeout)
     capfd.readouterr()  # what the test printed before is not the command's output
     try:
         for key in [k for k in os.environ if k.startswith(_OWN)]:
@@ -51,7 +65,13 @@ def run_cli(args: list[str], capfd, **env: str) -> Result:
             except Exception:  # what the interpreter does with an error main() lets through
                 traceback.print_exc()
                 code = 1
+            except CommandTimeout:
+                print(f"pogdiff {' '.join(args)}: stopped after {timeout} s", file=sys.stderr)
+                code = 124
     finally:
+        if timeout is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
         os.environ.clear()
         os.environ.update(saved)
     out, err = capfd.readouterr()

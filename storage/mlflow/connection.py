@@ -78,6 +78,16 @@ def use(settings: Settings) -> None:
     configure(uri, root)
 
 
+def connect(settings: Settings) -> None:
+    """``use(settings)``, MLflow's HTTP retries bounded by ``settings.store_retries`` (unless
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES is set), and the tracking server's health checked within
+    ``settings.store_timeout_s``: for the commands, so a server that is down is one line naming it
+    in seconds, not minutes of MLflow's own retries ending in a traceback."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(settings.store_retries))
+    use(settings)
+    check_server(settings.store_timeout_s)
+
+
 def _in_place(given: str, pointed: str) -> bool:
     if mlflow.get_tracking_uri() != pointed or mlflow.get_registry_uri() != pointed:
         return False

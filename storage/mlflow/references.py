@@ -6,7 +6,7 @@ reference is one of
 
 - an MLflow run id (32 hex characters);
 - ``name@alias`` or ``name/version`` (a ``models:/`` prefix is allowed), e.g. ``pogdiff-demo@champion``;
-- a bare alias such as ``champion`` or ``challenger``, looked up on ``default_model``.
+- a bare alias such as ``champion`` or ``challenger``, or a bare version number, on ``default_model``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from storage.errors import RunNotFound
-from storage.mlflow.registry import model_version
+from storage.mlflow.registry import is_missing, model_version
 from storage.mlflow.runs import is_run_id
 
 
@@ -35,11 +35,52 @@ class ResolvedRun:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _named_version(client: MlflowClient, ref: str, name: str, alias: str | None, version: str | None):
+def parse_reference(ref: str, default_model: str) -> tuple[str, str | None, str | None]:
+    """``(model name, version, alias)`` of a model reference: ``7``, ``champion``, ``NAME@alias``,
+    ``NAME/7`` (a ``models:/`` prefix is allowed); a bare number or alias is on ``default_model``.
+    Raises ``RunNotFound`` for an empty reference or a version that is not a number."""
+    ref = ref.strip()
+    if not ref:
+        raise RunNotFound("empty reference: give a run id, an alias (champion), name@alias or name/version")
+    body = ref.removeprefix("models:/")
+    if "@" in body:
+        name, alias = body.rsplit("@", 1)
+        return name, None, alias
+    if "/" in body:
+        name, number = body.rsplit("/", 1)
+        if not number.isdigit():
+            raise RunNotFound(f"cannot resolve {ref!r}: the version after '/' must be a number")
+        return name, number, None
+    return (default_model, body, None) if body.isdigit() else (default_model, None, body)
+
+
+def _missing(client: MlflowClient, name: str, version: str | None, alias: str | None, err: MlflowException) -> str | None:
+    """What does not exist, in the words every command uses; ``None`` when all of it exists (then
+    ``err``, the lookup's failure, was something else)."""
     try:
-        return model_version(client, name, version, alias)
+        model = client.get_registered_model(name)
+    except MlflowException as lookup:
+        if not is_missing(lookup):
+            raise
+        return f"no registered model named {name!r}"
+    if alias is not None:
+        return None if alias in model.aliases else f"registered model {name!r} has no alias {alias!r}"
+    return f"registered model {name!r} has no version {version!r}" if is_missing(err) else None
+
+
+def resolve_version(ref: str, default_model: str, client: MlflowClient | None = None):
+    """``(model name, version)`` that a model reference (see ``parse_reference``) names in the
+    registry; ``RunNotFound`` naming the missing model, version or alias."""
+    client = client or MlflowClient()
+    name, version, alias = parse_reference(ref, default_model)
+    try:
+        mv = model_version(client, name, version, alias)
     except MlflowException as err:
-        raise RunNotFound(f"cannot resolve {ref!r}: {err.message}") from None
+        missing = _missing(client, name, version, alias, err)
+        if missing is None:
+            raise
+        raise RunNotFound(f"cannot resolve {ref.strip()!r}: {missing}") from None
+    return name, str(mv.version)
 
 
 def resolve_run(tracking_uri: str, ref: str, default_model: str) -> ResolvedRun:
@@ -49,28 +90,16 @@ def resolve_run(tracking_uri: str, ref: str, default_model: str) -> ResolvedRun:
     when the model version was not logged from a run.
     """
     ref = ref.strip()
-    if not ref:
-        raise RunNotFound("empty reference: give a run id, an alias (champion), name@alias or name/version")
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    body = ref.removeprefix("models:/")
     model = version = None
-    if body == ref and is_run_id(ref):
+    if is_run_id(ref):
         run_id = ref
     else:
-        if "@" in body:
-            name, alias = body.rsplit("@", 1)
-            mv = _named_version(client, ref, name, alias, None)
-        elif "/" in body:
-            name, number = body.rsplit("/", 1)
-            if not number.isdigit():
-                raise RunNotFound(f"cannot resolve {ref!r}: the version after '/' must be a number")
-            mv = _named_version(client, ref, name, None, number)
-        else:
-            name = default_model
-            mv = _named_version(client, ref, name, body, None)
+        name, number = resolve_version(ref, default_model, client)
+        mv = model_version(client, name, number)
         if not mv.run_id:
             raise RunNotFound(f"{ref!r} is {name} version {mv.version}, which was not logged from a run")
-        run_id, model, version = mv.run_id, name, str(mv.version)
+        run_id, model, version = mv.run_id, name, number
     try:
         run = client.get_run(run_id)
     except MlflowException as err:

@@ -26,7 +26,7 @@ CHALLENGER = "challenger"
 MANUAL_USER_UNKNOWN = "unknown"
 
 
-def _is_missing(err: MlflowException) -> bool:
+def is_missing(err: MlflowException) -> bool:
     return err.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
 
 
@@ -43,7 +43,7 @@ def _require_version(client: MlflowClient, model_name: str, version: str) -> Non
     try:
         model_version(client, model_name, version)
     except MlflowException as err:
-        if _is_missing(err):
+        if is_missing(err):
             raise LookupError(f"registered model {model_name!r} has no version {version!r}") from None
         raise
 
@@ -63,7 +63,7 @@ def champion(model_name: str) -> tuple[str, dict[str, float]] | None:
     try:
         model = client.get_registered_model(model_name)
     except MlflowException as err:
-        if _is_missing(err):
+        if is_missing(err):
             return None
         raise
     version = model.aliases.get(CHAMPION)
@@ -208,14 +208,14 @@ def list_versions(model_name: str) -> list[dict[str, Any]]:
     ``gate`` (``decision`` and ``reason``, ``None`` when the gate never ran), ``promoted_by``
     (``gate`` | ``manual`` | ``None``), ``promoted_by_user``, ``promoted_at``, ``weights``
     (``full`` | ``lora``) and ``metrics`` (the run's evaluation metrics ``<bucket>/<metric>``).
-    An unknown model raises ``LookupError``.
+    An unknown model has no versions: ``[]``.
     """
     client = MlflowClient()
     try:
         model = client.get_registered_model(model_name)
     except MlflowException as err:
-        if _is_missing(err):
-            raise LookupError(f"no registered model named {model_name!r}") from None
+        if is_missing(err):
+            return []
         raise
     # search results may come without aliases; the registered model carries them all
     aliases: dict[str, list[str]] = {}

@@ -17,7 +17,8 @@ def test_missing_source_folder_is_one_line(pogdiff, tmp_path):
     missing = tmp_path / "no-such-folder"
     out = pogdiff("demo", "--data", str(missing), home=tmp_path / "home")
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [f"error: source folder not found: {missing}"]
+    assert out.stderr.strip().splitlines() == [f"error: pogdiff demo: argument --data: folder not found: {missing} "
+                                               "(see `pogdiff demo --help`)"]
     assert "Traceback" not in out.stdout + out.stderr
 
 
@@ -79,7 +80,8 @@ def test_ingest_prints_a_report_table_and_bad_sources_are_one_line(pogdiff, tmp_
     assert {"accepted │ 3", "unchanged │ 0", "rejected: not_an_image │ 1"} <= rows
     missing = pogdiff("ingest", str(tmp_path / "nowhere"), home=tmp_path / "home")
     assert missing.returncode == 2
-    assert missing.stderr.strip().splitlines() == [f"error: source folder not found: {tmp_path / 'nowhere'}"]
+    assert missing.stderr.strip().splitlines() == [f"error: pogdiff ingest: argument source: no such file or folder: "
+                                                   f"{tmp_path / 'nowhere'} (see `pogdiff ingest --help`)"]
 
 
 def test_the_demo_links_point_where_its_printed_ui_commands_serve(tmp_path, monkeypatch):

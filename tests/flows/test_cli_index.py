@@ -52,7 +52,7 @@ def test_index_then_neighbours_explain_the_weight(pogdiff, tmp_path):
 
     out = pogdiff("index", home=home)
     assert out.returncode == 0, out.stderr
-    assert "captions: 5 — embedded 5, skipped 0" in out.stdout
+    assert "captions: 5 — embedded 5, reused 0" in out.stdout
     assert "exact top-5" in out.stdout and "5 rows recomputed" in out.stdout and "13 features computed" in out.stdout
     again = pogdiff("index", "--json", home=home)
     report = json.loads(again.stdout)

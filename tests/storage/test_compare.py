@@ -67,9 +67,10 @@ def test_references_resolve_to_runs_and_latest_metrics(store):
 @pytest.mark.parametrize(
     ("ref", "message"),
     [
-        ("retired", "'retired'.*alias retired not found"),
-        ("no-such@champion", "'no-such@champion'.*no-such"),
-        (f"{MODEL}/9", "version=9"),
+        ("retired", f"^cannot resolve 'retired': registered model '{MODEL}' has no alias 'retired'$"),
+        ("no-such@champion", "^cannot resolve 'no-such@champion': no registered model named 'no-such'$"),
+        (f"{MODEL}/9", f"^cannot resolve '{MODEL}/9': registered model '{MODEL}' has no version '9'$"),
+        ("9", f"^cannot resolve '9': registered model '{MODEL}' has no version '9'$"),
         (f"{MODEL}/latest", "must be a number"),
         (f"{MODEL}/3", "version 3, which was not logged from a run"),
         ("0" * 32, "Run with id=0{32} not found"),
@@ -109,7 +110,7 @@ def test_compare_command_prints_table_and_json(pogdiff, store):
 
     bad = pogdiff("compare", "champion", "retired", "--model", MODEL, store=store)
     assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines() == ["error: cannot resolve 'retired': Registered model alias retired not found."]
+    assert bad.stderr.strip().splitlines() == [f"error: cannot resolve 'retired': registered model '{MODEL}' has no alias 'retired'"]
 
 
 def test_compare_html_is_one_page_with_both_grids_inline(pogdiff, store, tmp_path):

@@ -226,9 +226,8 @@ def test_lifecycle_two_retrains_then_models_json(pogdiff, home):
 
     out = pogdiff(home, "models", "--json", "--model", name)
     assert out.returncode == 0, out.stderr
-    listed = json.loads(out.stdout)
-    assert listed["model"] == name
-    versions = listed["versions"]
+    versions = json.loads(out.stdout)
+    assert {v["model"] for v in versions} == {name}
     assert [(v["version"], v["aliases"], v["gate"]["decision"]) for v in versions] == [
         ("2", ["challenger"], "rejected"),
         ("1", ["champion"], "promoted"),
@@ -301,9 +300,18 @@ def test_promote_by_hand_is_recorded(pogdiff, home):
     assert again.returncode == 0 and "already champion; nothing changed" in again.stdout
 
     for args, message in (
-        (("promote", "9", "--model", name), f"error: registered model {name!r} has no version '9'"),
-        (("models", "--model", "no-such-model"), "error: no registered model named 'no-such-model'"),
+        (("promote", "9", "--model", name), f"error: cannot resolve '9': registered model {name!r} has no version '9'"),
+        (("promote", "retired", "--model", name), f"error: cannot resolve 'retired': registered model {name!r} has no alias 'retired'"),
+        (("promote", "champion", "--model", "no-such-model"), "error: cannot resolve 'champion': no registered model named 'no-such-model'"),
     ):
         bad = pogdiff(home, *args)
         assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [message]
     assert math.isclose(registry.champion(name)[1][FEW], 0.4)
+
+    # aliases and NAME@alias name versions too: the rejected third version is the challenger
+    assert not retrain(home, cfg, m(0.3, 20.0)).promoted
+    by_alias = pogdiff(home, "promote", "challenger", "--model", name, "--reason", "x")
+    assert by_alias.returncode == 0, by_alias.stderr
+    assert by_alias.stdout.strip() == f"{name} version 3 -> champion (promoted by hand; champion before: v2): x"
+    assert pogdiff(home, "promote", f"{name}@champion", "--model", "other").stdout.strip() == \
+        f"{name} version 3 is already champion; nothing changed"
