@@ -301,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
     args = build_parser().parse_args(argv)
+    args.started = started  # a command's "done in" counts its imports and set-up too
     debug = debug_requested(args.debug)
     if debug:
         os.environ["POGDIFF_DEBUG"] = "1"  # for the flows' log handlers (quiet_prefect) and subprocesses

@@ -24,7 +24,6 @@ def cmd_index(args, settings) -> int:
     from storage.items import SourceError
     from tasks.index import build_caption_index, build_image_features
 
-    started = time.perf_counter()
     cfg = _index_config(args.config)
     if not Path(settings.dataset_uri).is_dir() or not dataset.caption_counts(settings.dataset_uri):
         raise SourceError(f"dataset {settings.dataset_uri} has no images; run `pogdiff ingest SOURCE` first")
@@ -43,7 +42,7 @@ def cmd_index(args, settings) -> int:
     print(f"lancedb:  table 'captions' version {caps.version}, {caps.written} rows written, {caps.deleted} deleted; "
           f"ANN index: {ann}")
     print(f"images:   {imgs.computed} features computed, {imgs.reused} reused ({imgs.extractor})")
-    print(f"done in {time.perf_counter() - started:.1f} s (captions {caps.seconds:.1f} s)")
+    print(f"done in {time.perf_counter() - args.started:.1f} s (embedding and graph {caps.seconds:.1f} s)")
     return 0
 
 
