@@ -159,13 +159,23 @@ def _artifact_location(experiment: str) -> str | None:
     return (Path(_artifact_root).expanduser().resolve() / folder).as_uri()
 
 
+# MLflow 3's UI opens an experiment on the view its kind names; without the tag it may guess the GenAI
+# view (traces, token usage), empty here. This is the model-training kind: it opens on the runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def experiment_id(name: str) -> str:
-    """Id of experiment ``name``, created (with its artifact location) when missing."""
+    """Id of experiment ``name``, created (with its artifact location and the model-training kind)
+    when missing; an existing experiment without the kind gets it."""
     client = MlflowClient()
     exp = client.get_experiment_by_name(name)
+    if exp is not None and exp.lifecycle_stage == "active" and exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     if exp is None:
         try:
-            return client.create_experiment(name, artifact_location=_artifact_location(name))
+            return client.create_experiment(name, artifact_location=_artifact_location(name),
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException as err:
             # another process created it between the lookup and the create
             if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):

@@ -72,6 +72,14 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
+def test_an_experiment_made_elsewhere_gets_the_model_training_kind(store):
+    exp = unique("older")
+    MlflowClient().create_experiment(exp)
+    with runs.run(exp):
+        pass
+    assert MlflowClient().get_experiment_by_name(exp).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_run_finishes_and_fails(store):
     exp = unique("exp")
     with runs.run(exp, run_name="ok", tags={"flow_run": "abc"}) as run_id:
@@ -80,8 +88,10 @@ def test_run_finishes_and_fails(store):
     assert run.info.status == "FINISHED"
     assert run.info.run_name == "ok" and run.data.tags["flow_run"] == "abc"
     # the experiment's artifacts live under the configured root, never in ./mlruns
-    artifact_location = MlflowClient().get_experiment_by_name(exp).artifact_location
-    assert artifact_location == (Path(store["root"]) / "artifacts" / exp).as_uri()
+    experiment = MlflowClient().get_experiment_by_name(exp)
+    assert experiment.artifact_location == (Path(store["root"]) / "artifacts" / exp).as_uri()
+    # it opens on its runs in MLflow's UI, not the GenAI view (traces, token usage)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
     with pytest.raises(RuntimeError, match="boom"):
         with runs.run(exp) as failed_id:
