@@ -48,14 +48,14 @@ def _prepare_env(settings: Settings) -> None:
     Path(settings.prefect_home).mkdir(parents=True, exist_ok=True)
 
 
-def print_comparison(metrics: dict[str, float], previous: dict[str, float], label: str = "champion") -> None:
-    """Bucket x metric table: the new model beside the previous champion (or another reference)."""
-    from pogdiff.tables import bucket_pairs, columns, fmt
+def print_comparison(metrics: dict[str, float], previous: dict[str, float], label: str) -> None:
+    """The metric x bucket table (pogdiff.tables.bucket_columns): each cell the new value and its
+    delta against ``previous``, whose values follow in a ``↳ label`` row; fits 100 columns."""
+    from pogdiff.tables import bucket_columns, columns
 
-    names = sorted({k.split("/", 1)[1] for k in metrics if "/" in k})
-    widths = [9, max([len(m) for m in names] + [6]) + 2, -8, -13]
-    rows = [(bucket, name, fmt(value), fmt(old)) for bucket, name, value, old in bucket_pairs(metrics, previous)]
-    print("\n" + "\n".join(columns([("bucket", "metric", "new", label), *rows], widths)))
+    head, rows = bucket_columns(metrics, previous, label)
+    width = max([len(r[0]) for r in rows] + [6]) + 2
+    print("\n" + "\n".join(columns([head, *rows], [width, *[-17] * (len(head) - 1)])))
 
 
 def _run_retrain(source: Path, config: RetrainConfig, settings: Settings, prefect_ui: str | None = None) -> RetrainResult:
@@ -89,9 +89,12 @@ def _report(result: RetrainResult, settings: Settings, started: float) -> None:
     else:
         print(f"  index:    {cap.embedded} captions embedded, {cap.captions - cap.embedded} reused; "
               f"{img.computed} image features computed")
-    print(f"  mlflow:   run {result.run_id}, {dec.model_name} version {dec.version} "
-          f"-> {'champion' if dec.promoted else 'challenger'} ({dec.reason})")
-    print_comparison(result.metrics, dec.champion_metrics)
+    print(f"  mlflow:   run {result.run_id}, {dec.model_name} version {dec.version}")
+    from tasks.describe import gate_sentence
+    from tasks.report import champion_label
+
+    print_comparison(result.metrics, dec.champion_metrics, champion_label(dec))
+    print(f"\ngate: {gate_sentence(dec).replace('`', '')}")
     home = settings.home
     print("\nOpen the MLflow UI on this data:")
     print(f"  .venv/bin/mlflow ui --backend-store-uri {redact_uri(settings.mlflow_tracking_uri)} --port 5000"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-__all__ = ["MISSING", "bucket_pairs", "columns", "fmt", "markdown"]
+__all__ = ["MISSING", "bucket_columns", "bucket_pairs", "columns", "fmt", "markdown"]
 
 MISSING = "—"  # an absent value (no metric, no alias, no reference run)
 
@@ -38,3 +38,23 @@ def bucket_pairs(metrics: Mapping[str, float], before: Mapping[str, float]) -> l
     names = sorted({k.split("/", 1)[1] for k in metrics if "/" in k}, key=rank)
     return [(bucket, name, metrics[key], before.get(key))
             for bucket in GROUPS for name in names if (key := f"{bucket}/{name}") in metrics]
+
+
+def bucket_columns(metrics: Mapping[str, float], before: Mapping[str, float], before_label: str) -> tuple[list[str], list[list[str]]]:
+    """A reviewer's table of ``"<bucket>/<metric>"`` values: ``(head, rows)`` with one column per
+    bucket (GROUPS order) and, per metric (glossary order), a row ``"name ↑"`` (↓ where lower is
+    better) whose cells are ``value (delta)`` against ``before``, then, when ``before`` has any of
+    its values, a row ``"↳ <before_label>"`` with those. Render with ``markdown`` or ``columns``."""
+    from pogdiff.glossary import GROUPS, lower_is_better
+
+    pairs = bucket_pairs(metrics, before)
+    buckets = [b for b in GROUPS if any(p[0] == b for p in pairs)]
+    cells = {(bucket, name): (value, old) for bucket, name, value, old in pairs}
+    rows = []
+    for name in dict.fromkeys(p[1] for p in pairs):
+        got = [cells.get((b, name), (None, None)) for b in buckets]
+        rows.append([f"{name} {'↓' if lower_is_better(name) else '↑'}",
+                     *(fmt(v) if old is None or v is None else f"{fmt(v)} ({fmt(v - old, '+.3f')})" for v, old in got)])
+        if any(old is not None for _, old in got):
+            rows.append([f"↳ {before_label}", *(fmt(old) for _, old in got)])
+    return ["metric", *buckets], rows

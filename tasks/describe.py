@@ -21,7 +21,7 @@ from storage.dataset import manifest_path
 from storage.links import has_scheme
 from storage.mlflow import connection, descriptions, lineage, runs
 from storage.settings import Settings
-from tasks.report import bucket_table, mlflow_links
+from tasks.report import bucket_table, champion_label, mlflow_links
 from tasks.retry import IO_RETRIES
 
 if TYPE_CHECKING:
@@ -104,11 +104,9 @@ def gate_sentence(decision: Registration) -> str:
 
 
 def _outcome(decision: Registration, metrics: dict[str, float], links: dict[str, str | None]) -> list[str]:
-    before = decision.champion_before
-    against = f"champion v{before}" if before and before != decision.version else "champion before"
     compare = f" {_link('Compare the runs in MLflow.', links['compare'])}" if links.get("compare") else ""
     return [f"**Gate decision.** {gate_sentence(decision)}{compare}", "",
-            *bucket_table(metrics, decision.champion_metrics, f"version {decision.version}", against)]
+            *bucket_table(metrics, decision.champion_metrics, champion_label(decision))]
 
 
 def run_text(facts: dict, dataset_uri: Path, decision: Registration | None = None, metrics: dict[str, float] | None = None,

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from pogdiff.glossary import glossary_list, lower_is_better
-from pogdiff.tables import bucket_pairs, fmt, markdown
+from pogdiff.glossary import glossary_list
+from pogdiff.tables import bucket_columns, markdown
 from storage.mlflow import connection, descriptions, ui
 from storage.settings import Settings
 
@@ -18,12 +18,18 @@ if TYPE_CHECKING:
     from tasks.results import FetchedModel, Registration
 
 
-def bucket_table(metrics: dict[str, float], before: dict[str, float], new_label: str, before_label: str) -> list[str]:
-    """Markdown lines: bucket, metric with its better direction (↑ higher, ↓ lower), the two values, delta."""
-    rows = [(bucket, f"{name} {'↓' if lower_is_better(name) else '↑'}", fmt(value), fmt(old),
-             fmt(None if old is None else value - old, "+.3f"))
-            for bucket, name, value, old in bucket_pairs(metrics, before)]
-    return markdown(["bucket", "metric", new_label, before_label, "delta"], rows, [False, False, True, True, True])
+def bucket_table(metrics: dict[str, float], before: dict[str, float], before_label: str) -> list[str]:
+    """Markdown lines of ``pogdiff.tables.bucket_columns``: a metric per row (↑ higher is better, ↓
+    lower), a bucket per column, each cell the value and its delta against ``before``, whose own
+    values follow in a ``↳ before_label`` row."""
+    head, rows = bucket_columns(metrics, before, before_label)
+    return markdown(head, rows, [False, *[True] * (len(head) - 1)])
+
+
+def champion_label(decision: Registration) -> str:
+    """What the comparison row of a retrain's table is: the champion the new version was gated against."""
+    before = decision.champion_before
+    return f"champion v{before}" if before and before != decision.version else "champion before"
 
 
 def mlflow_links(ui_url: str | None, decision: Registration) -> dict[str, str | None]:
@@ -64,7 +70,7 @@ def render_report(metrics: dict[str, float], decision: Registration, links: dict
         "",
         _links(decision, links),
         "",
-        *bucket_table(metrics, decision.champion_metrics, "new", "champion before"),
+        *bucket_table(metrics, decision.champion_metrics, champion_label(decision)),
         "",
         f"Dataset snapshot `{snapshot_id}`.",
         "",
@@ -81,7 +87,7 @@ def render_evaluation(metrics: dict[str, float], target: FetchedModel, at_traini
     lines = [
         f"## Evaluation: {target.model} version {target.version}",
         "",
-        *bucket_table(metrics, at_training, "now", "at training"),
+        *bucket_table(metrics, at_training, "at training"),
         "",
         _footer(snapshot_id, run_id, link),
         "",

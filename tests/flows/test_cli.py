@@ -114,3 +114,20 @@ def test_demo_data_writes_the_families_catalogue_with_held_out_photos(pogdiff, t
     assert {"Vexo", "Vexo Gesh", "Nembo"} <= {r["individual"] for r in rows}
     assert out.stdout.strip() == f"wrote 733 images of 20 individuals ({len({r['caption'] for r in rows if r['split'] == 'train'})} " \
                                  f"distinct captions) and 40 held-out photos to {tmp_path / 'families'}"
+
+
+def test_the_end_of_run_table_is_metric_rows_by_bucket_columns_within_100_columns(capsys):
+    from flows.cli import print_comparison
+    from pogdiff.glossary import GROUPS
+
+    names = ("grecall", "accuracy", "holdout_accuracy", "copy_rate", "frechet_pixels16")
+    new = {f"{b}/{n}": 100.5 + i if n == "frechet_pixels16" else 0.5 + i / 100 for i, b in enumerate(GROUPS) for n in names}
+    before = {k: v - 0.25 for k, v in new.items() if not k.startswith("few/")}  # the champion had no few bucket
+    print_comparison(new, before, "champion v12")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert max(len(line) for line in lines) <= 100
+    assert lines[0].split() == ["metric", *GROUPS]
+    grecall = lines.index(next(line for line in lines if line.startswith("grecall ↑")))
+    assert lines[grecall].split() == ["grecall", "↑", "0.500", "(+0.250)", "0.510", "(+0.250)", "0.520", "0.530", "(+0.250)"]
+    assert lines[grecall + 1].split() == ["↳", "champion", "v12", "0.250", "0.260", "—", "0.280"]
+    assert any(line.startswith("copy_rate ↓") for line in lines)

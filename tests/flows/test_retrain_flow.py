@@ -108,10 +108,11 @@ def _check_reviewer_records(client, run, flow_state, first: RetrainResult, home,
     note = tags["mlflow.note.content"]
     assert f"Registered as [e2e-model version 1]({version_link})." in note and first_version in note
     assert f"dataset snapshot `{snapshot}` ({first.snapshot.rows} rows), by Prefect flow run [`{flow_run_id}`]({flow_url})" in note
-    assert "| few | grecall ↑ |" in note and "- `frechet_pixels16` (lower is better)" in note
+    assert "| metric | many | medium | few | overall |" in note and "| grecall ↑ |" in note
+    assert "- `frechet_pixels16` (lower is better)" in note
     text = v1.description
     assert text.startswith("### e2e-model version 1") and first_version in text and f"[`{run.info.run_name}`]({run_link})" in text
-    assert f"by Prefect flow run [`{flow_run_id}`]({flow_url})" in text and "| overall | frechet_pixels16 ↓ |" in text
+    assert f"by Prefect flow run [`{flow_run_id}`]({flow_url})" in text and "| frechet_pixels16 ↓ |" in text
     manifest = (home / "dataset" / "snapshots" / f"{snapshot}.json").as_uri()
     assert f"[its manifest]({manifest})" in text
     for name, _ in inputs:  # each input with its row count
@@ -198,7 +199,7 @@ def test_retrain_flow_end_to_end(prefect_server, setup, monkeypatch):
     v2 = client.get_model_version("e2e-model", "2").description
     assert ("Promoted to `champion` over version 1: the gate passed" in v2
             or "Stays `challenger`; version 1 remains `champion` because the gate failed" in v2), v2
-    assert "| version 2 | champion v1 | delta |" in v2 and "Compare the runs in MLflow." in v2
+    assert "| metric | many | medium | few | overall |" in v2 and "| ↳ champion v1 |" in v2 and "Compare the runs in MLflow." in v2
     compare = f"{UI}/#/compare-runs?runs=%5B%22{second.run_id}%22%2C%20%22{first.run_id}%22%5D"
     assert f"[this run beside champion v1's]({compare}" in _artifact(state, "retrain-report").data
     assert client.get_model_version("e2e-model", "1").description.startswith("### e2e-model version 1")
@@ -228,8 +229,8 @@ def test_retrain_flow_end_to_end(prefect_server, setup, monkeypatch):
     assert "e2e-model v1: at training (A) and on today&#x27;s data (B)" in page and first.run_id in page
     assert page.count('src="data:image/png;base64,') == 6  # many, medium and few, A beside B
     report = _artifact(state, "evaluation-report")
-    assert report is not None and "| overall | grecall ↑ |" in report.data and "at training" in report.data
+    assert report is not None and "| grecall ↑ |" in report.data and "| ↳ at training |" in report.data
     # the reviewer who opens the evaluation run in MLflow reads the same table as its description
     described = client.get_run(evaluation.run_id).data.tags["mlflow.note.content"]
-    assert described.startswith("## Evaluation: e2e-model version 1") and "| overall | grecall ↑ |" in described
+    assert described.startswith("## Evaluation: e2e-model version 1") and "| grecall ↑ |" in described and "| ↳ at training |" in described
     assert "compare.html" in described

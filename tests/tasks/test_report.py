@@ -35,16 +35,18 @@ def test_report_has_the_bucket_table_with_deltas_and_the_decision():
     md = render_report({**metrics, "overall/frechet_pixels16": 12.0}, decision, LINKS, "snap1")
     assert "## Retrain: m version 3" in md
     assert "stays `challenger`" in md and "few/grecall 0.5 not > 0.6" in md
-    # each metric with its better direction, and what it means below the table
-    assert "| few | grecall ↑ | 0.500 | 0.600 | -0.100 |" in md
-    assert "| many | grecall ↑ | 0.700 | 0.650 | +0.050 |" in md
-    assert "| few | accuracy ↑ | 0.900 | — | — |" in md
-    assert "| overall | frechet_pixels16 ↓ | 12.000 | — | — |" in md
+    # a row per metric with its better direction, a column per bucket, each cell the value and its delta
+    # against the champion, whose values follow in their own row; what each metric means below the table
+    assert "| metric | many | few | overall |" in md
+    assert "| grecall ↑ | 0.700 (+0.050) | 0.500 (-0.100) | 0.600 |" in md
+    assert "| ↳ champion v2 | 0.650 | 0.600 | — |" in md
+    assert "| accuracy ↑ | — | 0.900 | — |" in md
+    assert "| frechet_pixels16 ↓ | — | — | 12.000 |" in md
     assert "- `frechet_pixels16` (lower is better): Fréchet distance" in md and "Why overall differs" in md
     assert ("[run `run123`](http://mlflow:5000/#/experiments/1/runs/run123) · [m version 3](http://mlflow:5000/#/models/m/versions/3)"
             " · [this run beside champion v2's](http://mlflow:5000/#/compare-runs?runs=x)") in md and "`snap1`" in md
-    rows = [line for line in md.splitlines() if line.startswith("| ") and "bucket" not in line]
-    assert [r.split("|")[1].strip() for r in rows] == ["many", "few", "few", "overall", "overall"]  # bucket order
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "| metric |" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["grecall ↑", "↳ champion v2", "accuracy ↑", "frechet_pixels16 ↓"]
     # without a UI address: the ids, and how to get links
     plain = render_report(metrics, decision, dict.fromkeys(LINKS), "snap1")
     assert "run `run123` · m version 3 (set POGDIFF_MLFLOW_UI_URL for links)" in plain and "](" not in plain
