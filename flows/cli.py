@@ -97,8 +97,12 @@ def _report(result: RetrainResult, settings: Settings, started: float) -> None:
     print(f"\ngate: {gate_sentence(dec).replace('`', '')}")
     home = settings.home
     print("\nOpen the MLflow UI on this data:")
+    from storage.mlflow import connection, ui
+
+    connection.use(settings)
+    page = ui.run_link(settings.mlflow_ui_url, result.run_id)  # the model-training view of the run, not GenAI's
     print(f"  .venv/bin/mlflow ui --backend-store-uri {redact_uri(settings.mlflow_tracking_uri)} --port 5000"
-          + (f"   -> {redact_uri(settings.mlflow_ui_url)}" if settings.mlflow_ui_url else ""))
+          + (f"\n  then open {page}" if page else ""))
     print("Open the Prefect UI on this data:")
     print(f"  PREFECT_HOME={home / 'prefect'} .venv/bin/prefect server start"
           + ("" if settings.prefect_api_url else f"   -> {DEMO_PREFECT_UI}"))

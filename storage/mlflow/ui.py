@@ -16,18 +16,31 @@ from mlflow.tracking import MlflowClient
 from storage.links import redact_uri
 
 
+# MLflow 3's UI shows an experiment and its runs in the view this query parameter names, else in the
+# one the browser last used, GenAI (traces, token usage) on a first visit; the experiment's
+# mlflow.experimentKind tag is not consulted while the UI has its GenAI / Model training switch.
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
 def _page(ui_url: str, route: str) -> str:
     parts = urlsplit(redact_uri(ui_url))
     return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/", fragment=route))
 
 
 def run_link(ui_url: str | None, run_id: str) -> str | None:
-    """``<ui>/#/experiments/<experiment id>/runs/<run id>``. Needs the tracking URI configured
+    """``<ui>/#/experiments/<experiment id>/runs/<run id>?workflowType=machine_learning``. Needs the tracking URI configured
     (``connection.use``): the experiment id comes from the store."""
     if not ui_url:
         return None
     experiment = MlflowClient().get_run(run_id).info.experiment_id
-    return _page(ui_url, f"/experiments/{experiment}/runs/{run_id}")
+    return _page(ui_url, f"/experiments/{experiment}/runs/{run_id}?{TRAINING_VIEW}")
+
+
+def experiment_link(ui_url: str | None, experiment_id: str) -> str | None:
+    """``<ui>/#/experiments/<id>?workflowType=machine_learning``: the runs table."""
+    if not ui_url:
+        return None
+    return _page(ui_url, f"/experiments/{experiment_id}?{TRAINING_VIEW}")
 
 
 def version_link(ui_url: str | None, model_name: str, version: str) -> str | None:

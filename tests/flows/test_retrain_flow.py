@@ -103,7 +103,7 @@ def _check_reviewer_records(client, run, flow_state, first: RetrainResult, home,
 
     # descriptions: the run, the experiment, the registered model and the version
     version_link = f"{UI}/#/models/e2e-model/versions/1"
-    run_link = f"{UI}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    run_link = f"{UI}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
     first_version = "First version: promoted to `champion` because there was no champion to compare with"
     note = tags["mlflow.note.content"]
     assert f"Registered as [e2e-model version 1]({version_link})." in note and first_version in note

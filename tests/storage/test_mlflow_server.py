@@ -92,6 +92,32 @@ def test_register_promote_and_load_over_http(server, tmp_path, tiny_spec):
 
 
 @pytest.mark.skipif(missing() is not None, reason=str(missing()))
+def test_the_experiment_opens_on_its_runs_and_the_version_on_its_bucket_table(server, tmp_path):
+    """The pages a reviewer opens from our links, in the real UI: the experiment on its runs table
+    (the model-training view, not the GenAI one of traces), the version with its description's table
+    of metric rows by bucket columns."""
+    from storage.mlflow import descriptions, ui
+    from tasks.report import bucket_table
+
+    connection.configure(server["url"])
+    name = f"browser-{uuid.uuid4().hex[:6]}"
+    with runs.run(name) as run_id:
+        runs.log_metrics({"few/grecall": 0.5, "many/grecall": 0.7})
+    client = MlflowClient()
+    client.create_registered_model(name)
+    client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id)
+    table = bucket_table({"few/grecall": 0.5, "many/grecall": 0.7}, {"few/grecall": 0.4}, "champion v0")
+    descriptions.describe_version(name, "1", "\n".join([f"### {name} version 1", "", *table]))
+
+    experiment = dump_dom(ui.experiment_link(server["url"], client.get_run(run_id).info.experiment_id))
+    assert 'data-testid="sort-header-Run Name">Run Name<' in experiment and ">Created<" in experiment, experiment[-3000:]
+    selected = re.findall(r'<a [^>]*aria-current="page"[^>]*>(?:<span[^>]*>.*?</span>)?([^<]+)</a>', experiment)
+    assert selected == ["Runs"], selected  # the side navigation's open page: the runs, not Traces or an Overview of traces
+    version = dump_dom(ui.version_link(server["url"], name, "1"))
+    assert all(f"<th>{h}</th>" in version for h in ("metric", "many", "few")), version[-3000:]
+    assert "<td>grecall ↑</td>" in version and "<td>0.500 (+0.100)</td>" in version
+
+
 def test_a_reviewer_sees_the_description_and_the_grid_in_the_browser(server, tmp_path):
     """The MLflow UI itself (a React app, served by the real server) in headless Chromium: the run
     page renders the run's markdown description, the artifact page shows the grid picture."""

@@ -100,7 +100,7 @@ def test_the_published_report_links_the_run_version_and_compare_view(two_runs):
     links = dict(re.findall(r"\[([^\]]+)\]\((https://[^)]+)\)", artifact.data))
     assert "s3cret-pw" not in artifact.data and "t0k3n" not in artifact.data
     base = "https://***@mlflow.example.org/?token=***#"
-    assert links[f"run `{new_run}`"] == f"{base}/experiments/{experiment}/runs/{new_run}"
+    assert links[f"run `{new_run}`"] == f"{base}/experiments/{experiment}/runs/{new_run}?workflowType=machine_learning"
     assert links["report model version 2"] == f"{base}/models/report%20model/versions/2"
     compare = urlsplit(links["this run beside champion v1's"].split("#", 1)[1])
     assert compare.path == "/compare-runs"
