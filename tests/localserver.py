@@ -65,30 +65,35 @@ def healthy(url: str) -> bool:
 
 
 def start_mlflow_server(root: Path, port: int, auth: tuple[str, str] | None = None,
-                        backend_store_uri: str | None = None, host: str = "127.0.0.1") -> subprocess.Popen:
+                        backend_store_uri: str | None = None, host: str = "127.0.0.1",
+                        artifacts_destination: str | None = None, auth_settings: dict[str, str] | None = None,
+                        env: dict[str, str] | None = None) -> subprocess.Popen:
     """A real ``mlflow server`` on ``host``:``port`` (a loopback address), SQLite backend and proxied
     artifacts under ``root`` (restartable on the same store), in its own process group; not waited for.
     ``backend_store_uri`` serves an existing store instead (e.g. the demo's ``sqlite:///var/mlflow.db``,
     whose runs keep their own artifact locations).
 
     With ``auth=(user, password)`` it runs MLflow's basic-auth app (``--app-name basic-auth``): every
-    request but ``/health`` needs those credentials (the user is the admin), others get 401."""
+    request but ``/health`` needs those credentials (the user is the admin), others get 401.
+    ``auth_settings`` replace keys of its ``[mlflow]`` section (e.g. ``database_uri`` of a PostgreSQL
+    user store). ``artifacts_destination`` (e.g. ``s3://bucket/mlflow``) replaces ``root``/artifacts,
+    and ``env`` is added to the server's environment (its S3 endpoint and keys, ``PGPASSWORD``)."""
     mlflow_exe = Path(sys.executable).parent / "mlflow"
     if backend_store_uri is None:
         seed_mlflow_store(root / "mlflow.db")
     log = open(root / "server.log", "a")  # noqa: SIM115 - the server writes it for its whole life
     # No job runner: MLflow 3 starts four huey consumer processes per server for its GenAI jobs, none
     # of which the pipeline uses (a minute of CPU across the suite's servers on 2 cores).
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
     app = []
     if auth is not None:
         ini = root / "basic_auth.ini"
         # the credential check cache spares a PBKDF2 hash per request (one worker: never stale)
-        ini.write_text("[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
-                       f"database_uri = sqlite:///{root / 'auth.db'}\n"
-                       f"admin_username = {auth[0]}\nadmin_password = {auth[1]}\n"
-                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-                       "auth_cache_ttl_seconds = 600\n")
+        keys = {"default_permission": "NO_PERMISSIONS", "database_uri": f"sqlite:///{root / 'auth.db'}",
+                "admin_username": auth[0], "admin_password": auth[1],
+                "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
+                "auth_cache_ttl_seconds": "600", **(auth_settings or {})}
+        ini.write_text("[mlflow]\n" + "".join(f"{key} = {value}\n" for key, value in keys.items()))
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
         env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = os.urandom(16).hex()  # the auth app's CSRF key (required)
         app = ["--app-name", "basic-auth"]
@@ -97,7 +102,7 @@ def start_mlflow_server(root: Path, port: int, auth: tuple[str, str] | None = No
     return subprocess.Popen(
         [str(mlflow_exe), "server", *app, "--host", host, "--port", str(port), "--workers", "1",
          "--backend-store-uri", backend_store_uri or f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts"],
+         "--artifacts-destination", artifacts_destination or str(root / "artifacts"), "--serve-artifacts"],
         cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
     )
 
@@ -116,6 +121,19 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def start_prefect_server(root: Path, port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A real ``prefect server start`` on 127.0.0.1:``port``, its home and ``server.log`` in ``root``
+    (SQLite there unless ``env`` names another database), no UI, in its own process group; not
+    waited for. ``env`` is added to its environment (e.g. ``PREFECT_SERVER_API_AUTH_STRING``)."""
+    env = {**os.environ, "PREFECT_HOME": str(root), "PREFECT_UI_ENABLED": "false", "OMP_NUM_THREADS": "1",
+           # a run held back by a deployment's concurrency limit retries after 2 s, not 30 (tests/flows/test_scheduling.py)
+           "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2", **(env or {})}
+    env.pop("PREFECT_API_URL", None)
+    log = open(root / "server.log", "w")  # noqa: SIM115 - the server writes it for its whole life
+    return subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def shared_prefect_server(shared: Path) -> str:
     """The API URL of the one real ``prefect server start`` of a pytest session, started by whichever
     of its processes (pytest-xdist workers) asks first; ``shared`` is a folder all of them see. The
@@ -126,13 +144,7 @@ def shared_prefect_server(shared: Path) -> str:
         if not info.exists():
             root.mkdir()
             port = free_port()
-            env = {**os.environ, "PREFECT_HOME": str(root), "PREFECT_UI_ENABLED": "false", "OMP_NUM_THREADS": "1",
-                   # a run held back by a deployment's concurrency limit retries after 2 s, not 30 (tests/flows/test_scheduling.py)
-                   "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2"}
-            env.pop("PREFECT_API_URL", None)
-            log = open(root / "server.log", "w")  # noqa: SIM115 - the server writes it for the whole session
-            server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                      env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            server = start_prefect_server(root, port)
             _STARTED[server.pid] = server
             info.write_text(json.dumps({"api": f"http://127.0.0.1:{port}/api", "pid": server.pid}))
     server = json.loads(info.read_text())
