@@ -6,8 +6,8 @@
 
 torch is installed first, pinned, so a CPU-only machine never pulls a multi-GB CUDA build; on a GPU
 machine install the CUDA build of the same version into .venv first (see README). ``test`` also
-installs Debian's chromium for the browser check when it is missing and apt-get can (as root), and
-runs pytest on one worker per core (pytest-xdist).
+installs Debian's chromium for the browser check and Debian's postgresql for the team stack's test
+when they are missing and apt-get can (as root), and runs pytest on one worker per core (pytest-xdist).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ TORCH = "torch==2.13.0"
 UV = "uv==0.13.9"
 MAX_TEST_WORKERS = 4  # each worker holds its own torch, MLflow and Prefect in memory
 CHROMIUM = "/usr/bin/chromium"  # Debian's package, what tests/browser.py runs
+POSTGRES_BIN = "/usr/lib/postgresql"  # Debian's server programs, <version>/bin (not on PATH), what tests/team/stack.py runs
 
 
 def ensure_env() -> None:
@@ -51,20 +52,39 @@ def ensure_env() -> None:
     STAMP.write_text(key)
 
 
+def _can_apt_install() -> bool:
+    return bool(shutil.which("apt-get")) and hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def _apt_install(package: str, skipped: str) -> None:
+    """``apt-get install`` Debian's ``package``; when that fails, say so and that ``skipped`` will be."""
+    print(f"installing {package} for {skipped} (apt-get) ...", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "--no-install-recommends", package]):
+        done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            print(f"could not install {package} ({' '.join(cmd)}: exit {done.returncode}); {skipped} "
+                  f"will be skipped:\n{done.stderr.strip()[-2000:]}", flush=True)
+            return
+
+
 def ensure_browser() -> None:
     """Install Debian's chromium for the browser check (tests/browser.py) where that is possible:
     Linux with apt-get, as root. Elsewhere, or when the install fails, the check is skipped and
     pytest's summary says why; the rest of the suite does not need a browser."""
-    if Path(CHROMIUM).exists() or not shutil.which("apt-get") or not hasattr(os, "geteuid") or os.geteuid() != 0:
+    if Path(CHROMIUM).exists() or not _can_apt_install():
         return
-    print("installing chromium for the browser check (apt-get) ...", flush=True)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]):
-        done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if done.returncode != 0:
-            print(f"could not install chromium ({' '.join(cmd)}: exit {done.returncode}); the browser check "
-                  f"will be skipped:\n{done.stderr.strip()[-2000:]}", flush=True)
-            return
+    _apt_install("chromium", "the browser check")
+
+
+def ensure_postgres() -> None:
+    """Install Debian's PostgreSQL server for the team stack's test (tests/team/stack.py runs initdb,
+    postgres and psql from it, on loopback, as an unprivileged account) where that is possible: Linux
+    with apt-get, as root. Elsewhere, or when the install fails, the team stack's test is skipped and
+    pytest's summary says why."""
+    if shutil.which("initdb") or any(Path(POSTGRES_BIN).glob("*/bin/initdb")) or not _can_apt_install():
+        return
+    _apt_install("postgresql", "the team stack's test")
 
 
 def parallel_options(args: list[str], env: dict[str, str]) -> list[str]:
@@ -89,6 +109,7 @@ def main(argv: list[str]) -> int:
         cmd = [str(PY), "-m", "flows.cli", "demo", *argv[1:]]
     else:
         ensure_browser()
+        ensure_postgres()
         cmd = [str(PY), "-m", "pytest", *argv[1:], *parallel_options(argv[1:], env)]
     return subprocess.run(cmd, cwd=ROOT, env=env).returncode
 
