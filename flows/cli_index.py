@@ -58,13 +58,25 @@ def _pair_similarities(feats, images_of: dict[str, list[str]], a: str, b: str):
     return torch.from_numpy(np.clip(np.stack(fa) @ np.stack(fb).T, 0.0, 1.0)).float().flatten()
 
 
+def _feature_name(cfg, uri: str) -> str:
+    """The configured image feature's name, from what the index stored when exactly one stored feature
+    is of the configured kind; only otherwise is the extractor built (for ``unet`` that loads the base
+    model, just to hash its weights into the name)."""
+    from pogdiff.index import image_extractor
+    from storage import vectors
+
+    kind = cfg.image_feature if cfg.image_feature != "pixels" else f"pixels{cfg.image_feature_size}"
+    stored = [n for n in vectors.stored_extractors(uri) if n == kind or n.startswith(f"{kind}:")]
+    return stored[0] if len(stored) == 1 else image_extractor(cfg).name
+
+
 def _explain(args, settings) -> dict:
     import numpy as np
     import pyarrow.compute as pc
     import torch
 
     from pogdiff.embedders import make_embedder
-    from pogdiff.index import caption_id, image_extractor
+    from pogdiff.index import caption_id
     from pogdiff.neighbours import DUPLICATE_COS, KERNEL_CUTOFF, psi_weight, similarity_threshold, thresholded
     from storage import dataset, vectors
     from storage.items import SourceError
@@ -111,7 +123,7 @@ def _explain(args, settings) -> dict:
     image_ids, image_caps = images.column("id").to_pylist(), images.column("caption").to_pylist()
     for image_id, caption in zip(image_ids, image_caps):
         images_of.setdefault(caption_id(caption), []).append(image_id)
-    extractor = image_extractor(cfg).name
+    extractor = _feature_name(cfg, settings.lancedb_uri)
     feats = vectors.read_image_features(settings.lancedb_uri, extractor)
     ratio = own["density"] / mean_rho if mean_rho > 0 else float("nan")
     featured = [n for n, i in enumerate(image_ids) if i in feats]

@@ -327,6 +327,14 @@ def search_captions(uri: str, vector: np.ndarray, limit: int, cfg: IndexConfig) 
     return sorted(out, key=lambda r: -r["similarity"])
 
 
+def stored_extractors(uri: str) -> set[str]:
+    """The names of the feature extractors whose image features the table holds."""
+    table = open_table(connect(uri), IMAGE_FEATURES)
+    if table is None:
+        return set()
+    return set(pc.unique(table.to_arrow().column("extractor")).to_pylist())
+
+
 def known_feature_ids(uri: str, extractor: str) -> set[str]:
     table = open_table(connect(uri), IMAGE_FEATURES)
     if table is None:

@@ -44,7 +44,7 @@ def _source(folder: Path) -> Path:
     return folder
 
 
-def test_index_then_neighbours_explain_the_weight(pogdiff, tmp_path):
+def test_index_then_neighbours_explain_the_weight(pogdiff, tmp_path, monkeypatch):
     home = tmp_path / "home"
     src = tmp_path / "src"
     src.mkdir()
@@ -61,6 +61,12 @@ def test_index_then_neighbours_explain_the_weight(pogdiff, tmp_path):
     assert (report["captions"]["recomputed"], report["captions"]["deleted"]) == (0, 0)
     assert report["images"]["computed"] == 0
 
+    from pogdiff.pipelines import loader
+
+    def no_base(*args, **kwargs):
+        raise AssertionError("neighbours loaded the base model")
+
+    monkeypatch.setattr(loader, "load_pipeline", no_base)  # its feature's name is in the index
     shown = pogdiff("neighbours", "a small red circle", "-k", "2", home=home)
     assert shown.returncode == 0, shown.stderr
     assert "1 training image;" in shown.stdout and "mean of clip(cos, 0, 1)" in shown.stdout
@@ -83,6 +89,8 @@ def test_index_then_neighbours_explain_the_weight(pogdiff, tmp_path):
 
     unseen = json.loads(pogdiff("neighbours", "a large red circle", "--json", home=home).stdout)
     assert not unseen["in_dataset"] and unseen["count"] == 0
+
+    monkeypatch.undo()  # index computes features again below: that needs the base
 
     # above ann_threshold the graph is ANN and its faiss index is stored next to the table; the next run
     # with a new caption updates both: only the new row is searched, the rows it reaches are patched
