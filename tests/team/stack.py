@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import configparser
 import contextlib
-import grp
 import json
 import os
 import pwd
@@ -25,7 +24,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
