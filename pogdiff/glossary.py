@@ -1,6 +1,7 @@
 """What every evaluation metric means: one line of definition, which direction is better, and how a
 bucket's and the overall value are formed. The one place the project says it; the MLflow glossary
-artifact, the version descriptions, the reports and the README table are written from it.
+artifact, the version descriptions, the reports and the docs' glossary (docs/evaluation.md) are
+written from it.
 
 Metric names say what they measure. The Fréchet distance is named after the features it is
 computed on (``frechet_pixels16``, ``frechet_dinov2``, ``frechet_clip``): ``fid`` would claim

@@ -45,7 +45,7 @@ class IngestConfig(StageConfig):
 
 
 class GateConfig(StageConfig):
-    """Promotion gate, against the current champion's run metrics (README "Model lifecycle").
+    """Promotion gate, against the current champion's run metrics (docs/lifecycle.md).
 
     Promote when  gain(metric) >= min_improvement  and  worsening(guard_metric) <= allowed  and
     champion head_metric - new head_metric <= head_max_drop, where gain/worsening are signed by each
