@@ -5,7 +5,7 @@
     python3 run.py test [pytest options]
 
 torch is installed first, pinned, so a CPU-only machine never pulls a multi-GB CUDA build; on a GPU
-machine install the CUDA build of the same version into .venv first (see README). ``test`` also
+machine install the CUDA build of the same version into .venv first (docs/getting-started.md). ``test`` also
 installs Debian's chromium for the browser check and Debian's postgresql for the team stack's test
 when they are missing and apt-get can (as root), and runs pytest on one worker per core (pytest-xdist).
 """
