@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 from tasks.config import load_config
 
@@ -25,7 +24,7 @@ def cmd_index(args, settings) -> int:
     from tasks.index import build_caption_index, build_image_features
 
     cfg = _index_config(args.config)
-    if not Path(settings.dataset_uri).is_dir() or not dataset.caption_counts(settings.dataset_uri):
+    if not dataset.exists(settings.dataset_uri) or not dataset.caption_counts(settings.dataset_uri):
         raise SourceError(f"dataset {settings.dataset_uri} has no images; run `pogdiff ingest SOURCE` first")
     caps = build_caption_index(settings, cfg, progress=not args.json)
     imgs = build_image_features(settings, cfg)

@@ -9,7 +9,7 @@ from pathlib import Path
 from tasks.config import load_config
 
 
-def _print_table(report, dataset: Path) -> None:
+def _print_table(report, dataset: str | Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -38,7 +38,7 @@ def cmd_ingest(args, settings) -> int:
     cfg = load_config(args.config).ingest
     if args.kind:
         cfg = cfg.model_copy(update={"source_kind": args.kind})
-    dataset = Path(settings.dataset_uri)
+    dataset = settings.dataset_uri
     stderr = Console(stderr=True)
     columns = (SpinnerColumn(), TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=stderr, disable=not stderr.is_terminal, transient=args.json) as progress:
@@ -59,7 +59,7 @@ def cmd_quarantine(args, settings) -> int:
     from pogdiff.tables import columns
     from storage.dataset import read_quarantine
 
-    table = read_quarantine(Path(settings.dataset_uri))
+    table = read_quarantine(settings.dataset_uri)
     rows = table.to_pylist()
     if args.reason:
         rows = [r for r in rows if r["reason"] in args.reason]

@@ -11,7 +11,10 @@ import os
 import uuid
 from pathlib import Path
 
+from botocore.exceptions import ClientError
+
 from storage.links import has_scheme
+from storage.location import Location, is_s3, s3_client
 
 GENERATION_FILE = ".pogdiff-generation"
 
@@ -45,12 +48,15 @@ def source_fingerprint(source: str | Path) -> str:
 
 
 def store_generation(location: str | Path) -> str:
-    """A random id stored inside a local store directory, created on first use.
+    """A random id stored inside a store, a local directory or an S3 prefix (the object
+    ``<prefix>/.pogdiff-generation``), created on first use.
 
-    Deleting or replacing the store directory gives a new id, so results cached for the old store
-    are never reused for the new one. Stores behind a URI scheme (``s3://…``) are identified by
-    their URI.
+    Deleting or replacing the store (the directory, or the bucket or prefix) gives a new id, so
+    results cached for the old store are never reused for the new one. Stores behind other URI
+    schemes are identified by their URI.
     """
+    if is_s3(location):
+        return _s3_generation(Location.of(location))
     if has_scheme(location):
         return "uri:" + str(location)
     folder = Path(location)
@@ -69,3 +75,20 @@ def store_generation(location: str | Path) -> str:
     finally:
         tmp.unlink()
     return marker.read_text(encoding="ascii").strip()
+
+
+def _s3_generation(store: Location) -> str:
+    bucket, key = store.bucket_key(store.path(GENERATION_FILE))
+    client = s3_client()
+    read = lambda: client.get_object(Bucket=bucket, Key=key)["Body"].read().decode("ascii").strip()  # noqa: E731
+    try:
+        return read()
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") != "NoSuchKey":
+            raise
+    try:  # If-None-Match: the first writer's id wins, a concurrent one is refused (412) and reads it
+        client.put_object(Bucket=bucket, Key=key, Body=uuid.uuid4().hex.encode("ascii"), IfNoneMatch="*")
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "ConditionalRequestConflict"):
+            raise
+    return read()

@@ -16,16 +16,18 @@ Guarantees:
   (:mod:`storage.items`). An image whose bytes are already accepted in the other split (in the
   dataset or earlier in this run) is quarantined (``split_conflict``): the same photo trained on
   and held out would score memory as generalisation.
-* **Atomic.** Each part file is written under a temporary name in the same directory, fsynced and
-  moved into place with ``os.replace``; readers only look at ``part-*.parquet``, so a crash never
-  exposes a partial file, only complete parts. A crashed ingest is finished by running it again.
+* **Atomic.** Each part file is written whole (:class:`~storage.location.Location`): locally under a
+  temporary name in the same directory, fsynced and moved into place with ``os.replace``; on S3 by
+  one PUT of the whole object to its final key. Readers only look at ``part-*.parquet``, so a crash
+  never exposes a partial file, only complete parts. A crashed ingest is finished by running it again.
 * **Bounded memory.** The source is streamed ``chunk_rows`` inputs at a time, fewer when their image
   bytes reach workers x ``max_image_bytes``; at most two chunks are in flight (one being checked by
   the pool while the previous one is written). No image or tar member above its byte cap is read.
 
-One ingest at a time holds an exclusive lock on ``dataset/.lock`` (POSIX ``flock``; released by the
-OS if the process dies), so concurrent ingests into the same dataset are serialised, not
-interleaved: the second sees every id the first wrote, and no id is written twice.
+One ingest at a time holds the dataset's exclusive lock, ``dataset/.lock`` (locally POSIX ``flock``,
+released by the OS if the process dies; on S3 an expiring lease, :mod:`storage.dataset`), so
+concurrent ingests into the same dataset are serialised, not interleaved: the second sees every id
+the first wrote, and no id is written twice.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
-from pogdiff.atomic import TMP_SUFFIX, write_atomic
+from pogdiff.atomic import TMP_SUFFIX
 from storage.config import IngestConfig
 from storage.dataset import (
     DATASET_SCHEMA,
@@ -55,6 +57,8 @@ from storage.dataset import (
     QUARANTINE_DIR,
     QUARANTINE_SCHEMA,
     SNAPSHOTS_DIR,
+    Where,
+    create,
     holdout_ids,
     iter_batches,
     locked,
@@ -64,6 +68,7 @@ from storage.dataset import (
     write_manifest,
 )
 from storage.items import Item, Reason, Split
+from storage.location import Location
 from storage.sources import open_source
 from storage.validate import Checked, check_many, init_worker, own_pixel_limit
 
@@ -109,18 +114,18 @@ def _chunk(items: Iterator[Item], rows: int, max_bytes: int) -> list[Item]:
     return chunk
 
 
-def _write_table(table: pa.Table, final: Path) -> None:
+def _write_table(dataset: Location, table: pa.Table, final: str) -> None:
     # The image column holds PNG/WebP bytes already: compressing it again costs time and saves nothing.
     compression = {name: "none" if name == "image" else "snappy" for name in table.column_names}
     other = [name for name in table.column_names if name != "image"]
-    write_atomic(final, lambda f: pq.write_table(table, f, compression=compression, use_dictionary=other))
+    dataset.write(final, lambda f: pq.write_table(table, f, compression=compression, use_dictionary=other))
 
 
-def _next_part(directory: Path, batch_id: str) -> int:
-    """First free part number for ``batch_id``: a re-used batch id never overwrites a part."""
+def _next_part(dataset: Location, sub: str, batch_id: str) -> int:
+    """First free part number for ``batch_id`` in ``sub``: a re-used batch id never overwrites a part."""
     used = [-1]
-    for path in directory.glob(f"part-{batch_id}-*.parquet"):
-        tail = path.stem[len(f"part-{batch_id}-") :]
+    for path in dataset.list(sub, f"part-{batch_id}-*.parquet"):
+        tail = path.rsplit("/", 1)[-1][len(f"part-{batch_id}-") : -len(".parquet")]
         if tail.isdigit():
             used.append(int(tail))
     return max(used) + 1
@@ -173,9 +178,9 @@ def _image_table(rows: list[Checked], source: str, now: datetime, batch_id: str)
     )
 
 
-def _stored_ids(files: list[Path]) -> tuple[set[str], set[str]]:
+def _stored_ids(dataset: Location, files: list[str]) -> tuple[set[str], set[str]]:
     """The ids of the rows in ``files``, and those of its held-out rows."""
-    table = read_parts(files, DATASET_SCHEMA, ["id", "split"])
+    table = read_parts(dataset, files, DATASET_SCHEMA, ["id", "split"])
     return set(table.column("id").to_pylist()), holdout_ids(table)
 
 
@@ -185,14 +190,14 @@ class _SplitOwners:
     training rows, every other row, only when the first held-out input needs them, so a source
     without held-out photos never reads them. Rows accepted by this run are added as they are."""
 
-    def __init__(self, files: list[Path]):
-        self._files = files
+    def __init__(self, dataset: Location, files: list[str]):
+        self._dataset, self._files = dataset, files
         self._stored: dict[Split, dict[str, str] | None] = {"holdout": self._read("holdout"), "train": None}
         self._added: dict[Split, dict[str, str]] = {"holdout": {}, "train": {}}
 
     def _read(self, split: Split) -> dict[str, str]:
         owners: dict[str, str] = {}
-        for batch in iter_batches(self._files, DATASET_SCHEMA, ["id", "image_sha256"], split):
+        for batch in iter_batches(self._dataset, self._files, DATASET_SCHEMA, ["id", "image_sha256"], split):
             for row_id, digest in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
                 owners.setdefault(digest, row_id)
         return owners
@@ -227,7 +232,7 @@ def _quarantine_table(rejects: list[tuple[str, str, str]], source: str, now: dat
 
 def ingest(
     source: Path,
-    dataset: Path,
+    dataset: Where,
     cfg: IngestConfig,
     batch_id: str | None = None,
     workers: int | None = None,
@@ -243,10 +248,12 @@ def ingest(
     threads (``cfg.parallelism``); each chunk writes at most one image part and one quarantine
     part, atomically. ``on_progress(done, total)`` is called after each chunk.
 
+    ``dataset`` is a local folder or an ``s3://bucket/prefix`` URI (:mod:`storage.location`).
     Raises SourceError (one line naming the folder or file) when the source cannot be read at all;
-    in that case the dataset is not created or changed.
+    in that case the dataset is not created or changed. On S3, LeaseLost when the dataset's lease
+    was lost mid-ingest (the rerun completes the ingest).
     """
-    source, dataset = Path(source), Path(dataset)
+    source, dataset = Path(source), Location.of(dataset)
     batch_id = batch_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
     if not _BATCH_ID.match(batch_id):
         raise ValueError(f"batch_id {batch_id!r} must match {_BATCH_ID.pattern} (it names files)")
@@ -255,26 +262,25 @@ def ingest(
         raise ValueError("workers and chunk_rows must be at least 1")
     source_name = str(source)
     now = datetime.now(timezone.utc)
-    images_dir, quarantine_dir = dataset / IMAGES_DIR, dataset / QUARANTINE_DIR
 
     with open_source(source, cfg, batch_rows=chunk_rows) as stream:  # fails before the dataset is touched
-        for directory in (images_dir, quarantine_dir):
-            directory.mkdir(parents=True, exist_ok=True)
-        with locked(dataset), _pool(cfg, workers) as check:
-            for directory in (images_dir, quarantine_dir, dataset / SNAPSHOTS_DIR):  # left by a crash; never visible
-                for stale in directory.glob(f".*{TMP_SUFFIX}"):
-                    stale.unlink(missing_ok=True)
+        create(dataset)
+        with locked(dataset) as still_held, _pool(cfg, workers) as check:
+            if not dataset.remote:  # left by a crash; never visible (S3 has no temporary objects)
+                for sub in (IMAGES_DIR, QUARANTINE_DIR, SNAPSHOTS_DIR):
+                    for stale in Path(dataset.path(sub)).glob(f".*{TMP_SUFFIX}"):
+                        stale.unlink(missing_ok=True)
             image_files = part_files(dataset, IMAGES_DIR)
-            existing, held_out = _stored_ids(image_files)
-            splits = _SplitOwners(image_files)
-            quarantine = read_parts(part_files(dataset, QUARANTINE_DIR), QUARANTINE_SCHEMA, ["source", "key", "reason"])
+            existing, held_out = _stored_ids(dataset, image_files)
+            splits = _SplitOwners(dataset, image_files)
+            quarantine = read_parts(dataset, part_files(dataset, QUARANTINE_DIR), QUARANTINE_SCHEMA, ["source", "key", "reason"])
             recorded = set(zip(*(quarantine.column(c).to_pylist() for c in ("source", "key", "reason"))))
             owner: dict[str, str] = {}  # image sha256 -> id of the accepted row; only for the reject policy
             if cfg.same_image_other_caption == "reject":
-                for batch in iter_batches(image_files, DATASET_SCHEMA, ["id", "image_sha256"]):
+                for batch in iter_batches(dataset, image_files, DATASET_SCHEMA, ["id", "image_sha256"]):
                     for row_id, digest in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
                         owner.setdefault(digest, row_id)
-            next_image, next_quarantine = _next_part(images_dir, batch_id), _next_part(quarantine_dir, batch_id)
+            next_image, next_quarantine = _next_part(dataset, IMAGES_DIR, batch_id), _next_part(dataset, QUARANTINE_DIR, batch_id)
             seen: dict[str, str] = {}  # id -> key of the input that was ingested (or found unchanged)
             accepted = unchanged = done = 0
             rejected: Counter[str] = Counter()
@@ -323,15 +329,16 @@ def ingest(
                         if item.split == "holdout":
                             held_out.add(result.id)
                         new_rows.append(result)
+                still_held()
                 if new_rows:
                     table = _image_table(new_rows, source_name, now, batch_id)
-                    _write_table(table, images_dir / f"part-{batch_id}-{next_image:05d}.parquet")
+                    _write_table(dataset, table, dataset.path(IMAGES_DIR, f"part-{batch_id}-{next_image:05d}.parquet"))
                     next_image += 1
                     existing.update(r.id for r in new_rows)
                     accepted += len(new_rows)
                 if new_rejects:
                     table = _quarantine_table(new_rejects, source_name, now, batch_id)
-                    _write_table(table, quarantine_dir / f"part-{batch_id}-{next_quarantine:05d}.parquet")
+                    _write_table(dataset, table, dataset.path(QUARANTINE_DIR, f"part-{batch_id}-{next_quarantine:05d}.parquet"))
                     next_quarantine += 1
                 done += len(chunk)
                 if on_progress is not None:
@@ -346,6 +353,7 @@ def ingest(
             while in_flight:
                 commit(*in_flight.popleft())
             snapshot = snapshot_of(list(existing), held_out)
+            still_held()
             manifest = write_manifest(dataset, snapshot, len(existing), batch_id, len(held_out))
 
     return IngestReport(

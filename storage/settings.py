@@ -69,7 +69,7 @@ class Settings(BaseSettings):
 
     home: Path = REPO_ROOT / "var"
     data_root: Path | None = None  # generated / downloaded sources; default <home>/data
-    dataset_uri: Path | None = None  # Parquet dataset; default <home>/dataset
+    dataset_uri: Path | str | None = None  # Parquet dataset: a local folder (a Path) or s3://bucket/prefix; default <home>/dataset
     lancedb_uri: str | None = None  # default <home>/lancedb
     runs_dir: Path | None = None  # training outputs and checkpoints; default <home>/runs
     mlflow_tracking_uri: str | None = None  # default sqlite:///<home>/mlflow.db
@@ -123,6 +123,12 @@ class Settings(BaseSettings):
             "prefect_home": lambda: home / "prefect",
             "configs_dir": lambda: home / "configs",
         }[info.field_name]()
+
+    @field_validator("dataset_uri")
+    @classmethod
+    def _path_or_uri(cls, value: Path | str | None) -> Path | str | None:
+        # a URI stays a string (a Path would fold s3://b/x into s3:/b/x); anything else is a local Path
+        return value if value is None or has_scheme(value) else Path(value)
 
     @field_validator("home", "data_root", "dataset_uri", "runs_dir", "prefect_home", "configs_dir", "lancedb_uri")
     @classmethod

@@ -58,7 +58,7 @@ class StoredTrainingSet:
     individuals: list[str] | None
 
 
-def load_training_set(dataset: Path, lancedb_uri: str, extractor: str, size: int,
+def load_training_set(dataset: str | Path, lancedb_uri: str, extractor: str, size: int,
                       version: DataVersion | None = None, individual_column: str | None = "individual") -> StoredTrainingSet:
     """Read every training image (held-out rows never) with its caption's neighbours, its image
     feature and its individual (``metadata[individual_column]``; ``individuals`` is None when
@@ -99,7 +99,7 @@ def load_training_set(dataset: Path, lancedb_uri: str, extractor: str, size: int
     )
 
 
-def load_real_set(dataset: Path, size: int, individual_column: str | None, snapshot: str | None = None) -> RealSet:
+def load_real_set(dataset: str | Path, size: int, individual_column: str | None, snapshot: str | None = None) -> RealSet:
     """Every training image of ``snapshot`` (default: the dataset now; sorted by id, as
     ``load_training_set``) decoded to uint8 ``[R, size, size, 3]``,
     with its caption and its individual: ``metadata[individual_column]``, or its caption where the
@@ -111,7 +111,7 @@ def load_real_set(dataset: Path, size: int, individual_column: str | None, snaps
     return group_by_metadata(images, table.column("caption").to_pylist(), table.column("metadata").to_pylist(), individual_column)
 
 
-def load_holdout_set(dataset: Path, size: int, individual_column: str | None, snapshot: str | None = None) -> RealSet | None:
+def load_holdout_set(dataset: str | Path, size: int, individual_column: str | None, snapshot: str | None = None) -> RealSet | None:
     """The held-out images of ``snapshot`` (default: the dataset now; sorted by id) decoded to uint8
     ``[H, size, size, 3]``, grouped as ``load_real_set`` groups the training images of the same
     snapshot: by ``metadata[individual_column]`` when the training images name individuals (then

@@ -79,11 +79,11 @@ def _summary(facts: dict) -> str:
             f"{f' ({rows} rows)' if rows is not None else ''}, {flow}{commit}.{exposure}")
 
 
-def _data(facts: dict, dataset_uri: Path) -> list[str]:
+def _data(facts: dict, dataset_uri: str | Path) -> list[str]:
     # the link's text is the location's last part; the whole location is the link
     rows = [(f"`{i.name}`", i.context, MISSING if i.rows is None else str(i.rows),
              _link(f"`{i.source.rstrip('/').rsplit('/', 1)[-1]}`", _location_link(i.source))) for i in facts["inputs"]]
-    manifest = manifest_path(Path(dataset_uri), facts["snapshot"])
+    manifest = manifest_path(dataset_uri, facts["snapshot"])
     return ["#### Data", "", f"Dataset snapshot `{facts['snapshot']}`: {_link('its manifest', _location_link(manifest))} "
             "lists the Parquet files it is made of.", "",
             *markdown(["input", "used for", "rows", "source"], rows, [False, False, True, False])]
@@ -109,7 +109,7 @@ def _outcome(decision: Registration, metrics: dict[str, float], links: dict[str,
             *bucket_table(metrics, decision.champion_metrics, champion_label(decision))]
 
 
-def run_text(facts: dict, dataset_uri: Path, decision: Registration | None = None, metrics: dict[str, float] | None = None,
+def run_text(facts: dict, dataset_uri: str | Path, decision: Registration | None = None, metrics: dict[str, float] | None = None,
              links: dict[str, str | None] | None = None) -> str:
     """The run's description; with the ``decision`` and ``metrics`` once registered, without before."""
     links = links or {}
@@ -121,7 +121,7 @@ def run_text(facts: dict, dataset_uri: Path, decision: Registration | None = Non
                       *_data(facts, dataset_uri), "", *glossary])
 
 
-def version_text(facts: dict, dataset_uri: Path, decision: Registration, metrics: dict[str, float], links: dict[str, str | None]) -> str:
+def version_text(facts: dict, dataset_uri: str | Path, decision: Registration, metrics: dict[str, float], links: dict[str, str | None]) -> str:
     """A version's description: what the gate decided and why, the table against the champion, links,
     the data and the glossary (cut from the end if MLflow's length limit needs it)."""
     return "\n".join([f"### {decision.model_name} version {decision.version}", "",
@@ -178,7 +178,7 @@ def experiment_text(model_name: str) -> str:
 def describe_run(settings: Settings, run_id: str, decision: Registration | None = None, metrics: dict[str, float] | None = None) -> None:
     """Write the run's description from its records (and the decision, once there is one)."""
     links = mlflow_links(settings.mlflow_ui_url, decision) if decision else {}
-    descriptions.set_run_description(run_id, run_text(run_facts(run_id), Path(settings.dataset_uri), decision, metrics, links))
+    descriptions.set_run_description(run_id, run_text(run_facts(run_id), settings.dataset_uri, decision, metrics, links))
 
 
 @task(name="describe", **IO_RETRIES)
@@ -188,7 +188,7 @@ def describe_retrain(settings: Settings, cfg: RegisterConfig, metrics: dict[str,
     connection.use(settings)
     facts = run_facts(decision.run_id)
     links = mlflow_links(settings.mlflow_ui_url, decision)
-    dataset = Path(settings.dataset_uri)
+    dataset = settings.dataset_uri
     descriptions.describe_version(cfg.model_name, decision.version, version_text(facts, dataset, decision, metrics, links))
     descriptions.set_run_description(decision.run_id, run_text(facts, dataset, decision, metrics, links))
     descriptions.describe_model_once(cfg.model_name, model_text(cfg.model_name, cfg.gate))
