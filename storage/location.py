@@ -10,7 +10,8 @@ readers take ``location.fs`` and paths from ``location.path(...)``. Whole files 
   once its PUT has completed, so there are no temporary objects to clean up after a crash.
 
 S3 is reached at the endpoint of ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (unset: AWS
-itself), in ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` (default us-east-1), with the keys of the AWS
+itself), in ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` (unset: the bucket's own region on AWS,
+us-east-1 at another endpoint), with the keys of the AWS
 SDKs' own chain (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, a profile, an instance role).
 A URI never carries them: one with a user, password or query string is refused.
 """
@@ -46,15 +47,15 @@ def _endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-def _region() -> str:
-    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
+def _region() -> str | None:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
 
 
 def s3_client():
     """A boto3 S3 client for the environment's endpoint, region and keys (one per such setting and
     thread-safe, so it is shared)."""
     env = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
-    return _client(_endpoint(), _region(), tuple(os.environ.get(name) for name in env))
+    return _client(_endpoint(), _region() or DEFAULT_REGION, tuple(os.environ.get(name) for name in env))
 
 
 @lru_cache(maxsize=8)
@@ -64,12 +65,17 @@ def _client(endpoint: str | None, region: str, _keys: tuple):  # _keys: a new cl
     return boto3.client("s3", endpoint_url=endpoint, region_name=region)
 
 
-def _s3_filesystem() -> pafs.S3FileSystem:
+@lru_cache(maxsize=64)
+def _bucket_region(bucket: str) -> str:
+    return pafs.resolve_s3_region(bucket)
+
+
+def _s3_filesystem(bucket: str) -> pafs.S3FileSystem:
     endpoint = _endpoint()
-    if endpoint is None:
-        return pafs.S3FileSystem(region=_region())
+    if endpoint is None:  # AWS answers a request in another region than the bucket's with an error
+        return pafs.S3FileSystem(region=_region() or _bucket_region(bucket))
     parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
-    return pafs.S3FileSystem(region=_region(), endpoint_override=parts.netloc, scheme=parts.scheme)
+    return pafs.S3FileSystem(region=_region() or DEFAULT_REGION, endpoint_override=parts.netloc, scheme=parts.scheme)
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,7 @@ class Location:
             raise ValueError(f"{redact_uri(str(where))}: give s3://bucket/prefix; the endpoint and keys come from "
                              "the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
         root = f"{parts.netloc}/{parts.path.strip('/')}".rstrip("/")
-        return cls(str(where).rstrip("/"), _s3_filesystem(), root)
+        return cls(str(where).rstrip("/"), _s3_filesystem(parts.netloc), root)
 
     @property
     def remote(self) -> bool:
