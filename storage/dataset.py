@@ -106,11 +106,11 @@ Where = str | Path | Location  # a local path, an s3://bucket/prefix URI, or its
 
 
 @contextmanager
-def locked(dataset: Location, ttl_s: float = lease.LEASE_TTL_S) -> Iterator[Callable[[], None]]:
+def locked(dataset: Location) -> Iterator[Callable[[], None]]:
     """Hold the dataset's exclusive lock (one ingest or snapshot pin at a time); yields ``check()``,
     which raises LeaseLost once an S3 lease has been lost (see the module's docstring)."""
     if dataset.remote:
-        with lease.hold(*dataset.bucket_key(dataset.path(LOCK)), ttl_s=ttl_s) as held:
+        with lease.hold(*dataset.bucket_key(dataset.path(LOCK))) as held:
             yield held.check
         return
     with open(dataset.path(LOCK), "a+b") as handle:
@@ -257,10 +257,11 @@ def pin_snapshot(dataset: Where) -> tuple[str, int]:
     (the dataset lock), so a snapshot never holds half an ingest."""
     dataset = Location.of(dataset)
     part_files(dataset, IMAGES_DIR)  # a missing dataset is one clear error
-    with locked(dataset):
+    with locked(dataset) as still_held:
         table = read_parts(dataset, part_files(dataset, IMAGES_DIR), DATASET_SCHEMA, ["id", "split"])
         held = holdout_ids(table)
         snapshot = snapshot_of(table.column("id").to_pylist(), held)
+        still_held()
         write_manifest(dataset, snapshot, table.num_rows, "pinned", len(held))
     return snapshot, table.num_rows
 

@@ -20,12 +20,14 @@ Semantics (``hold(bucket, key, ttl_s)``):
   The ingest checks before every write, so a holder that stalled past its ttl stops instead of
   writing beside the next one; only a write already in flight at that moment can still land.
 * **Release.** A DELETE with ``If-Match`` its ETag, on leaving the ``with`` block (a lease already
-  lost is left to its new holder).
+  lost is left to its new holder). If the store cannot be reached then, the lease is left to expire,
+  and the error that ended the block is the one raised.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -41,6 +43,8 @@ from botocore.exceptions import ClientError
 from storage.location import s3_client
 
 __all__ = ["LEASE_TTL_S", "Lease", "LeaseLost", "hold"]
+
+log = logging.getLogger(__name__)
 
 LEASE_TTL_S = 60.0  # how long a crashed holder blocks the next ingest
 _TAKEN = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
@@ -91,9 +95,11 @@ class Lease:
         if self._lost is None:
             try:
                 s3_client().delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
-            except ClientError as err:
-                if _code(err) not in _TAKEN | _GONE:
-                    raise
+            except Exception as err:  # noqa: BLE001 - whatever kept it, the lease expires on its own
+                why = _code(err) if isinstance(err, ClientError) else type(err).__name__
+                if why not in _TAKEN | _GONE:
+                    log.warning("could not release the lease s3://%s/%s (%s); it expires in %.0f s", self.bucket, self.key,
+                                why, self.ttl_s)
 
 
 def _claim(bucket: str, key: str, body: bytes) -> str | None:
