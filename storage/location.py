@@ -23,7 +23,7 @@ import io
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
@@ -80,11 +80,10 @@ def _s3_filesystem(bucket: str) -> pafs.S3FileSystem:
 
 @dataclass(frozen=True)
 class Location:
-    """``uri``: the location as given (in messages); ``fs`` and ``root``: its filesystem and its path
-    there (an absolute local path, or ``bucket/prefix`` without a trailing slash)."""
+    """``uri``: the location as given (in messages); ``root``: its path in ``fs``, its filesystem
+    (an absolute local path, or ``bucket/prefix`` without a trailing slash)."""
 
     uri: str | Path
-    fs: pafs.FileSystem
     root: str
 
     @classmethod
@@ -94,7 +93,7 @@ class Location:
         if isinstance(where, Location):
             return where
         if not has_scheme(where):
-            return cls(Path(where), pafs.LocalFileSystem(), str(Path(where).absolute()))
+            return cls(Path(where), str(Path(where).absolute()))
         parts = urlsplit(str(where))
         if not is_s3(where):
             raise ValueError(f"{redact_uri(str(where))}: only local folders and s3://bucket/prefix are supported here")
@@ -102,11 +101,16 @@ class Location:
             raise ValueError(f"{redact_uri(str(where))}: give s3://bucket/prefix; the endpoint and keys come from "
                              "the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
         root = f"{parts.netloc}/{parts.path.strip('/')}".rstrip("/")
-        return cls(str(where).rstrip("/"), _s3_filesystem(parts.netloc), root)
+        return cls(str(where).rstrip("/"), root)
 
     @property
     def remote(self) -> bool:
         return not isinstance(self.uri, Path)
+
+    @cached_property
+    def fs(self) -> pafs.FileSystem:
+        # made on first use: naming a location (display) must not reach the store
+        return _s3_filesystem(self.bucket_key(self.root)[0]) if self.remote else pafs.LocalFileSystem()
 
     def path(self, *parts: str) -> str:
         """The path of ``parts`` under the root, in ``fs``."""
