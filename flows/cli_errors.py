@@ -38,15 +38,32 @@ def _text(err: BaseException) -> str:
     return redact_text(" ".join(str(text).split()))
 
 
+def _mlflow_denied(text: str) -> str:
+    """What a 403 of MLflow's basic-auth app refused, and the permission that request needs (MLflow's
+    levels: READ reads, EDIT changes, MANAGE also deletes and grants), from the endpoint it names."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    who = f"account {user!r}" if user else "this account"
+    endpoint = re.search(r"endpoint \S*?/mlflow/(\S+?)(?:\?\S*)? failed", text)
+    if endpoint is None:
+        return f"denied {who} permission ({text[:200]}); an MLflow admin grants it"
+    action = endpoint.group(1)
+    verb = action.rsplit("/", 1)[-1]
+    needs = "MANAGE" if "delete" in verb else "READ" if verb.startswith(("get", "search", "list")) else "EDIT"
+    on = ("the registered model" if action.startswith(("registered-models", "model-versions"))
+          else "the experiment" if action.startswith(("experiments", "runs", "logged-models")) else "the resource")
+    return f"denied {who} the permission for {action}: it needs {needs} on {on}; an MLflow admin grants it"
+
+
 def _mlflow_message(err: BaseException, tracking_uri: str | None) -> str:
     text = _text(err)
-    store = redact_uri(tracking_uri) if tracking_uri else "the MLflow tracking store"
+    # the server as storage/mlflow/connection.py names it: its credentials removed, not masked
+    store = redact_uri(tracking_uri, mask=False) if tracking_uri else "the MLflow tracking store"
     if "API request to" in text and ("Max retries exceeded" in text or "Connection refused" in text or "timed out" in text):
         return f"MLflow tracking server {store} is unreachable (set POGDIFF_MLFLOW_TRACKING_URI, or start the server)"
-    if "401" in text or "Unauthorized" in text or "UNAUTHENTICATED" in text:
+    if re.search(r"\b401\b", text) or "Unauthorized" in text or "UNAUTHENTICATED" in text:
         return f"MLflow tracking server {store} refused the credentials (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)"
-    if "PERMISSION_DENIED" in text or "403" in text:
-        return f"MLflow tracking server {store}: permission denied ({text[:200]})"
+    if "PERMISSION_DENIED" in text or re.search(r"\b403\b", text):
+        return f"MLflow tracking server {store} {_mlflow_denied(text)}"
     return f"MLflow ({store}): {text[:300]}"
 
 
@@ -72,6 +89,16 @@ def explain(err: BaseException, tracking_uri: str | None = None) -> str | None:
             return f"{store} is not a database URI SQLAlchemy knows (check POGDIFF_MLFLOW_TRACKING_URI)"
         original = getattr(err, "orig", None)
         return f"cannot open the database {store}: {_text(original) if original else _text(err)[:200]}"
+    response = getattr(err, "response", None)
+    if module.startswith("prefect") and isinstance(getattr(response, "status_code", None), int):
+        # PrefectHTTPStatusError: the Prefect API answered, but not with what was asked
+        url = err.request.url  # the API's address from host and port: never its userinfo
+        port = f":{url.port}" if url.port else ""
+        base = url.path.split("/api/", 1)[0] + "/api" if "/api/" in url.path else ""
+        api = f"{url.scheme}://{url.host}{port}{base}"
+        if response.status_code in (401, 403):
+            return f"Prefect server {api} refused the credentials (PREFECT_API_AUTH_STRING, or PREFECT_API_KEY for Prefect Cloud)"
+        return f"Prefect server {api} answered {response.status_code} {response.reason_phrase} to {err.request.method} {url.path}"
     if module.startswith(("requests", "urllib3", "httpx")):
         return f"cannot reach a store: {_text(err)[:300]}"
     if isinstance(err, (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)):

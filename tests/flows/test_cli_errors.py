@@ -9,6 +9,7 @@ or lack a driver, and names or versions that do not exist.
 import json
 import socket
 import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from clirunner import run_cli
@@ -177,6 +178,70 @@ def test_a_silent_tracking_server_is_one_line_within_its_timeout(capfd, tmp_path
     host = silent_server.rsplit("@", 1)[1]  # the credentials went to MLflow's own variables: the URI shown has none
     assert out.returncode == 2 and lines == [f"error: MLflow tracking server http://{host} is unreachable: timed out"], out.output
     assert SECRET not in out.output
+
+
+@pytest.fixture
+def refusing_prefect_api():
+    """A Prefect API that refuses every request as Prefect's server does a wrong PREFECT_API_AUTH_STRING."""
+    class Refuse(BaseHTTPRequestHandler):
+        def refuse(self):
+            body = b'{"exception_message": "Unauthorized"}'
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = refuse
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/api"
+    server.shutdown()
+    thread.join()
+    server.server_close()
+
+
+def test_a_prefect_server_that_refuses_the_auth_string_is_one_line(capfd, tmp_path, refusing_prefect_api):
+    from prefect.settings import PREFECT_API_AUTH_STRING, temporary_settings
+
+    with temporary_settings({PREFECT_API_AUTH_STRING: f"pogdiff:{SECRET}"}):  # Prefect reads its settings once per process
+        out = run_cli(["serve", "--deployment", "retrain-nightly"], capfd, timeout=CASE_TIMEOUT_S,
+                      POGDIFF_HOME=str(tmp_path / "home"), PREFECT_API_URL=refusing_prefect_api)
+    assert out.returncode == 2 and out.output.strip().splitlines() == [
+        f"error: Prefect server {refusing_prefect_api} refused the credentials (PREFECT_API_AUTH_STRING, or PREFECT_API_KEY for Prefect Cloud)"
+    ], out.output[-3000:]
+    assert SECRET not in out.output
+
+
+def test_an_mlflow_permission_denied_names_the_account_and_the_permission(monkeypatch):
+    """MLflow's basic-auth app answers 403 to an account without the permission (tests/team/test_permissions.py
+    on a real server); the line names the server without its credentials, the account, and what it lacks."""
+    from mlflow.exceptions import MlflowException
+
+    from flows.cli_errors import explain
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "reader")
+    uri = f"http://reader:{SECRET}@mlflow.example:5000"
+
+    def denied(endpoint: str) -> str:
+        return explain(MlflowException(f"API request to endpoint {endpoint} failed with error code 403 != 200. "
+                                       "Response body: 'Permission denied'"), uri)
+
+    assert denied("/api/2.0/mlflow/registered-models/alias") == (
+        "MLflow tracking server http://mlflow.example:5000 denied account 'reader' the permission for "
+        "registered-models/alias: it needs EDIT on the registered model; an MLflow admin grants it")
+    assert "it needs MANAGE on the registered model" in denied("/api/2.0/mlflow/registered-models/delete")
+    assert "runs/log-batch: it needs EDIT on the experiment" in denied("/api/2.0/mlflow/runs/log-batch")
+    assert "it needs READ on the experiment" in denied("/api/2.0/mlflow/experiments/get-by-name?experiment_name=x")
+    # a 401 is refused credentials; a port or id holding the digits 401 is neither
+    assert explain(MlflowException("API request to endpoint /api/2.0/mlflow/runs/get failed with error code 401 != 200"), uri) == \
+        "MLflow tracking server http://mlflow.example:5000 refused the credentials (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)"
+    assert explain(MlflowException("Run 'a4011f' not found"), uri) == "MLflow (http://mlflow.example:5000): Run 'a4011f' not found"
 
 
 def test_an_empty_registry_lists_as_empty(capfd, tmp_path):
