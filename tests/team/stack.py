@@ -11,6 +11,7 @@ are drawn fresh per stack, with the names of deploy/team/.env.example.
 
 from __future__ import annotations
 
+import base64
 import configparser
 import contextlib
 import json
@@ -24,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -283,6 +285,23 @@ class TeamStack:
         for host, address in self.hosts.items():
             text = re.sub(rf"(?<=[/@]){re.escape(host)}(?![\w.-])", address, text)
         return text
+
+    def mlflow_api(self, path: str, body: dict) -> dict:
+        """POST ``body`` to the MLflow server's REST ``path`` as the admin; its JSON answer."""
+        token = base64.b64encode(":".join(self.mlflow_account).encode()).decode()
+        request = urllib.request.Request(f"{self.mlflow_uri}{path}", data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json", "Authorization": f"Basic {token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read() or b"{}")
+
+    def add_mlflow_user(self, username: str, password: str, grants: dict[tuple[str, str], str] | None = None) -> None:
+        """An MLflow account (basic-auth's users/create), with ``grants``: (resource type, id) ->
+        permission, e.g. ``{("experiment", "1"): "READ", ("registered_model", "m"): "READ"}``
+        (MLflow 3's users/permissions/grant)."""
+        self.mlflow_api("/api/2.0/mlflow/users/create", {"username": username, "password": password})
+        for (resource_type, resource_id), permission in (grants or {}).items():
+            self.mlflow_api("/api/3.0/mlflow/users/permissions/grant", {
+                "username": username, "resource_type": resource_type, "resource_id": resource_id, "permission": permission})
 
     def processes(self) -> list[subprocess.Popen]:
         return [*self.servers.values(), self.s3.proc, self.postgres.proc]
