@@ -15,6 +15,9 @@ import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+# Prefect sets its console logging up on first import: here, at collection, on the real stderr. Left to a
+# command's own import it would bind to one test's captured stderr, and log into it after it closed.
+import prefect.main  # noqa: F401
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 # what a test's environment must not leak into a command's (the command's env names its own)

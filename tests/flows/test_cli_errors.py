@@ -139,6 +139,8 @@ CASES = [
     ("settings-home-is-a-file", ["models"], {"POGDIFF_HOME": "{ws}/notes.txt"}, "invalid settings: home (Value error, {ws}/notes.txt is a file, not a folder)"),
     ("settings-task-runner", ["models"], {"POGDIFF_TASK_RUNNER": "spark"}, "invalid settings: task_runner"),
     ("settings-store-timeout", ["models"], {"POGDIFF_STORE_TIMEOUT_S": "0"}, "invalid settings: store_timeout_s"),
+    ("prefect-unreachable", ["serve", "--deployment", "retrain-nightly"], {"PREFECT_API_URL": "http://127.0.0.1:{port}/api"},
+     "Prefect server http://127.0.0.1:{port}/api is unreachable"),
     ("dataset-uri-is-a-file", ["quarantine"], {"POGDIFF_DATASET_URI": "{ws}/notes.txt"},
      "invalid settings: dataset_uri (Value error, {ws}/notes.txt is a file, not a folder)"),
 ]
