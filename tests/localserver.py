@@ -97,8 +97,8 @@ def start_mlflow_server(root: Path, port: int, auth: tuple[str, str] | None = No
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
         env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = os.urandom(16).hex()  # the auth app's CSRF key (required)
         app = ["--app-name", "basic-auth"]
-    if host != "127.0.0.1":  # the server turns away Host headers other than localhost's unless told
-        app += ["--allowed-hosts", f"{host},{host}:{port}"]
+    if host != "127.0.0.1":  # the server turns away Host headers, and the UI's POSTs from origins, other than localhost's unless told
+        app += ["--allowed-hosts", f"{host},{host}:{port}", "--cors-allowed-origins", f"http://{host}:{port}"]
     return subprocess.Popen(
         [str(mlflow_exe), "server", *app, "--host", host, "--port", str(port), "--workers", "1",
          "--backend-store-uri", backend_store_uri or f"sqlite:///{root / 'mlflow.db'}",
