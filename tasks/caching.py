@@ -5,7 +5,8 @@ snapshot, index config, both stores). A retrain over unchanged data therefore sh
 as ``Cached`` and goes straight to training. Training and registration are never cached: each run
 is a new model. ``PREFECT_TASKS_REFRESH_CACHE=true`` forces every cached stage to run again.
 
-Results are persisted as JSON (never pickle) under ``<home>/prefect-results``.
+Results are persisted as JSON (never pickle) under ``<runs_dir>/prefect-results``: beside the runs, on
+the volume workers share (a team's), so a worker on another host finds what another cached.
 """
 
 from __future__ import annotations
@@ -58,10 +59,10 @@ def index_key(context, parameters: dict[str, Any]) -> str:
 
 
 def cached(task, key_fn, settings: Settings):
-    """``task`` with its cache key, persisted JSON results and the result folder under settings."""
+    """``task`` with its cache key, persisted JSON results and the result folder under settings' runs_dir."""
     return task.with_options(
         cache_key_fn=key_fn,
         persist_result=True,
-        result_storage=Path(settings.home) / "prefect-results",
+        result_storage=Path(settings.runs_dir) / "prefect-results",
         result_serializer="json",
     )
