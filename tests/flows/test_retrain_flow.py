@@ -178,7 +178,7 @@ def test_retrain_flow_end_to_end(prefect_server, setup, monkeypatch):
 
     # the run page tells the story: a markdown artifact with the bucket table and the decision
     artifact = _artifact(state, "retrain-report")
-    assert artifact is not None and "| few | grecall ↑ |" in artifact.data and "version 1" in artifact.data
+    assert artifact is not None and "| grecall ↑ |" in artifact.data and "version 1" in artifact.data
     assert first.run_id in artifact.data
     progress = _artifact(state, "training-progress")
     assert progress is not None and float(progress.data) == 100.0

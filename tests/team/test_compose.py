@@ -113,16 +113,17 @@ def test_the_settings_file_names_services_that_listen_there(compose, settings):
     assert _published(compose, "mlflow")[_listens(compose, "mlflow")] == urlsplit(settings.mlflow_ui_url).port
     ui_api = urlsplit(services["prefect"]["environment"]["PREFECT_UI_API_URL"])
     assert _published(compose, "prefect")[_listens(compose, "prefect")] == ui_api.port
-    # one bucket: the LanceDB location, MLflow's artifact destination and the one minio-init creates
+    # one bucket: the dataset and LanceDB locations, MLflow's artifact destination and the one minio-init creates
     bucket = services["minio-init"]["environment"]["S3_BUCKET"]
-    assert urlsplit(settings.lancedb_uri).scheme == "s3" and urlsplit(settings.lancedb_uri).hostname == bucket
+    for uri in (settings.lancedb_uri, str(settings.dataset_uri)):
+        assert urlsplit(uri).scheme == "s3" and urlsplit(uri).hostname == bucket, uri
     assert urlsplit(stack.command_option(compose, "mlflow", "--artifacts-destination")).hostname == bucket
     # shared locations are on the shared volume; the worker mounts it and the settings file where its env says
     worker = services["worker"]
     mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in worker["volumes"]}
     assert mounts[env["POGDIFF_SETTINGS_FILE"]] == "./settings.yaml"
     assert mounts["/data"] in compose["volumes"]
-    for location in (settings.dataset_uri, settings.runs_dir, settings.data_root):
+    for location in (settings.runs_dir, settings.data_root):
         assert Path(location).is_relative_to("/data")
     assert not Path(settings.home).is_relative_to("/data")  # each worker's own
     assert worker["environment"] == env
