@@ -132,9 +132,7 @@ class TrialResult:
         return max(finite) - min(finite) if len(finite) > 1 else 0.0
 
 
-def choose(reference: TrialResult, trials: list[TrialResult], head_max_drop: float) -> TrialResult:
-    """The feasible trial with the highest score among those above the reference's by more than its
-    ``noise``; the reference when none is, and NaN scores never win."""
+def _best(reference: TrialResult, trials: list[TrialResult], head_max_drop: float) -> TrialResult:
     best = reference
     for t in trials:
         s = t.score
@@ -143,6 +141,25 @@ def choose(reference: TrialResult, trials: list[TrialResult], head_max_drop: flo
                 math.isnan(best.score) or s > best.score):
             best = t
     return best
+
+
+def borrows(t: TrialResult) -> bool:
+    return float(t.knobs.get("lam", 0.0)) > 0
+
+
+def choose(reference: TrialResult, trials: list[TrialResult], head_max_drop: float) -> TrialResult:
+    """The feasible trial with the highest score among those above the reference's by more than its
+    ``noise``; the reference when none is, and NaN scores never win. Borrowing must pay for itself
+    as well: a trial with lam > 0 is chosen only when it also beats the best such trial without
+    borrowing (balancing alone) by more than the noise, else that one is. The best of several noisy
+    trials is an optimistic draw; lam = 0 is the simpler model and the fallback."""
+    best = _best(reference, trials, head_max_drop)
+    if best is reference or not borrows(best):
+        return best
+    alone = _best(reference, [t for t in trials if not borrows(t)], head_max_drop)
+    if alone is reference or math.isnan(alone.score) or best.score - alone.score > reference.noise:
+        return best
+    return alone
 
 
 def _cell(v: Any) -> str:
@@ -171,5 +188,6 @@ def trials_table(reference: TrialResult, trials: list[TrialResult], chosen: Tria
     seeds = ", ".join(f"{s:.3f}" for s in reference.seed_scores)
     note = (f"\nNoise: the reference's score over its {len(reference.seed_scores)} training seeds: {seeds}; spread "
             f"{reference.noise:.3f}. A trial (trained on the first seed, scored on the same prompts) is chosen only "
-            f"when its score beats the reference's by more than the spread.\n") if reference.seed_scores else ""
+            f"when its score beats the reference's by more than the spread, and a trial that borrows (lam > 0) only "
+            f"when it also beats the best trial without borrowing by more than the spread.\n") if reference.seed_scores else ""
     return "\n".join(markdown(["trial", *knobs, *metrics, "score", "Δ score", "status"], rows)) + "\n" + note

@@ -28,6 +28,19 @@ def test_a_trial_must_beat_the_reference_by_more_than_its_spread_over_seeds():
     assert "spread 0.060" in table and "+0.050" in table and "within noise" in table and "+0.070" in table
 
 
+def test_borrowing_must_also_beat_balancing_alone_by_more_than_the_noise():
+    reference = TrialResult(-1, {"lam": 0.0}, REF, seed_scores=(0.5, 0.45))  # noise 0.05
+    balanced = _trial(0, 0.70, sampling="repeats", lam=0.0)
+    lucky = _trial(1, 0.74, sampling="sqrt", lam=0.007)  # +0.04 over balancing alone: inside the noise
+    assert choose(reference, [balanced, lucky], 0.03) is balanced
+    pays = _trial(2, 0.76, sampling="sqrt", lam=0.007)  # +0.06: beyond it
+    assert choose(reference, [balanced, lucky, pays], 0.03) is pays
+    # without a balanced trial above the reference, borrowing is judged against the reference alone
+    assert choose(reference, [_trial(3, 0.52, sampling="repeats", lam=0.0), lucky], 0.03) is lucky
+    table = trials_table(reference, [balanced, lucky], balanced, 0.03)
+    assert "beats the best trial without borrowing by more than the spread" in table
+
+
 def test_without_a_second_seed_there_is_no_noise_margin():
     reference = TrialResult(-1, {"lam": 0.0}, REF, seed_scores=(0.5,))
     assert reference.noise == 0.0
