@@ -62,7 +62,9 @@ def s3_client():
 def _client(endpoint: str | None, region: str, _keys: tuple):  # _keys: a new client when the keys change
     import boto3
 
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region)
+    # a session of its own: boto3's default session resolves the keys once per process and keeps them,
+    # so a client made after the keys changed would still sign with the old ones
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region)
 
 
 @lru_cache(maxsize=64)

@@ -325,3 +325,15 @@ def test_quarantine_lists_rejected_inputs_in_words(capfd, tmp_path):
     assert lines[2].startswith("missing_file") and "missing.png" in lines[2]
     none = run_cli(["quarantine", "--reason", "too_small"], capfd, POGDIFF_HOME=home)
     assert none.returncode == 0 and none.stdout.startswith("no rejected inputs matching the filters")
+
+
+def test_an_object_store_refusal_is_one_line_naming_the_store(monkeypatch):
+    from botocore.exceptions import ClientError
+
+    from flows.cli_errors import explain
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
+    err = ClientError({"Error": {"Code": "InvalidAccessKeyId", "Message": "The AWS Access Key Id you provided does not exist"}},
+                      "PutObject")
+    assert explain(err) == ("object store http://minio:9000: An error occurred (InvalidAccessKeyId) when calling the "
+                            "PutObject operation: The AWS Access Key Id you provided does not exist")

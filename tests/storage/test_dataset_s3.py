@@ -234,3 +234,13 @@ def test_s3_uris_carry_no_credentials_or_options():
     assert "secret" not in str(err.value)
     with pytest.raises(ValueError, match="environment"):
         location.Location.of("s3://bucket/dataset?endpoint_override=x")
+
+
+def test_a_client_made_after_the_keys_changed_signs_with_the_new_keys(monkeypatch):
+    from storage.location import s3_client
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # never contacted: clients connect lazily
+    for key in ("AKIAFIRSTKEY", "AKIASECONDKEY"):
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", f"secret-of-{key}")
+        assert s3_client()._request_signer._credentials.access_key == key
