@@ -9,8 +9,9 @@ import stack
 
 @pytest.fixture(scope="module")
 def team_stack(tmp_path_factory):
-    """The native team topology on loopback; skipped, saying why, where PostgreSQL or the S3 server
-    cannot run. Its teardown fails the module's last test if a process of the stack outlives it."""
+    """The native team topology on loopback; skipped, saying why, where PostgreSQL's server cannot
+    run (the S3 server is a pinned dev dependency, never a reason to skip). Its teardown fails the
+    module's last test if a process of the stack outlives it."""
     reason = stack.unavailable()
     if reason:
         pytest.skip(reason)
