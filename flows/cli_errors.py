@@ -100,7 +100,9 @@ def explain(err: BaseException, tracking_uri: str | None = None) -> str | None:
             return f"Prefect server {api} refused the credentials (PREFECT_API_AUTH_STRING, or PREFECT_API_KEY for Prefect Cloud)"
         return f"Prefect server {api} answered {response.status_code} {response.reason_phrase} to {err.request.method} {url.path}"
     if module.startswith(("botocore", "boto3")):  # the object store (S3, MinIO) refused or did not answer
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+        from storage.location import s3_endpoint
+
+        endpoint = s3_endpoint() or "AWS S3"
         return f"object store {redact_uri(endpoint, mask=False)}: {_text(err)[:300]}"
     if module.startswith("httpx") and os.environ.get("PREFECT_API_URL"):  # Prefect's client is the one speaking httpx
         return f"Prefect server {redact_uri(os.environ['PREFECT_API_URL'], mask=False)} is unreachable: {_text(err)[:200]}"

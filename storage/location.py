@@ -43,7 +43,8 @@ def is_s3(where: object) -> bool:
     return has_scheme(str(where)) and urlsplit(str(where)).scheme.lower() == "s3"
 
 
-def _endpoint() -> str | None:
+def s3_endpoint() -> str | None:
+    """The S3 endpoint the environment names (AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL), None for AWS itself."""
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
@@ -55,7 +56,7 @@ def s3_client():
     """A boto3 S3 client for the environment's endpoint, region and keys (one per such setting and
     thread-safe, so it is shared)."""
     env = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
-    return _client(_endpoint(), _region() or DEFAULT_REGION, tuple(os.environ.get(name) for name in env))
+    return _client(s3_endpoint(), _region() or DEFAULT_REGION, tuple(os.environ.get(name) for name in env))
 
 
 @lru_cache(maxsize=8)
@@ -73,7 +74,7 @@ def _bucket_region(bucket: str) -> str:
 
 
 def _s3_filesystem(bucket: str) -> pafs.S3FileSystem:
-    endpoint = _endpoint()
+    endpoint = s3_endpoint()
     if endpoint is None:  # AWS answers a request in another region than the bucket's with an error
         return pafs.S3FileSystem(region=_region() or _bucket_region(bucket))
     parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")

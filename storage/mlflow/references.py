@@ -71,7 +71,12 @@ def _missing(client: MlflowClient, name: str, version: str | None, alias: str | 
 def resolve_version(ref: str, default_model: str, client: MlflowClient | None = None):
     """``(model name, version)`` that a model reference (see ``parse_reference``) names in the
     registry; ``RunNotFound`` naming the missing model, version or alias."""
-    client = client or MlflowClient()
+    name, mv = _model_version(client or MlflowClient(), ref, default_model)
+    return name, str(mv.version)
+
+
+def _model_version(client: MlflowClient, ref: str, default_model: str):
+    """``(model name, its ModelVersion)`` for ``resolve_version``, looked up once."""
     name, version, alias = parse_reference(ref, default_model)
     try:
         mv = model_version(client, name, version, alias)
@@ -80,7 +85,7 @@ def resolve_version(ref: str, default_model: str, client: MlflowClient | None = 
         if missing is None:
             raise
         raise RunNotFound(f"cannot resolve {ref.strip()!r}: {missing}") from None
-    return name, str(mv.version)
+    return name, mv
 
 
 def resolve_run(tracking_uri: str, ref: str, default_model: str) -> ResolvedRun:
@@ -95,8 +100,8 @@ def resolve_run(tracking_uri: str, ref: str, default_model: str) -> ResolvedRun:
     if is_run_id(ref):
         run_id = ref
     else:
-        name, number = resolve_version(ref, default_model, client)
-        mv = model_version(client, name, number)
+        name, mv = _model_version(client, ref, default_model)
+        number = str(mv.version)
         if not mv.run_id:
             raise RunNotFound(f"{ref!r} is {name} version {mv.version}, which was not logged from a run")
         run_id, model, version = mv.run_id, name, number
